@@ -1,0 +1,614 @@
+"""Reading and writing images, dataset discovery, and atomic file writes.
+
+Two raw layouts are read in place:
+
+* **nnU-Net v2**: ``dataset.json`` with ``channel_names``, ``labels`` (name -> int), ``numTraining`` and
+  ``file_ending``; images ``imagesTr/CASE_XXXX<ending>`` (one file per channel), labels
+  ``labelsTr/CASE<ending>``, optional ``imagesTs/``.
+* **Medical Segmentation Decathlon**: ``dataset.json`` with ``modality``, ``labels`` (id -> name) and a
+  ``training`` list of ``{"image", "label"}`` paths; several channels are stored as one 4D NIfTI.
+
+Every image becomes a float32 array ``(C, Z, Y, X)`` in SimpleITK array order; 2D images (PNG, TIFF,
+JPEG, BMP) become ``(C, 1, Y, X)``. The :class:`Geometry` of each file (size, spacing, origin, direction)
+is kept so predictions can be written back with exactly the input's geometry.
+
+Example:
+    >>> spec = load_dataset_spec(Path("Task04_Hippocampus"))  # doctest: +SKIP
+    >>> image, label, geometry = read_case(spec.cases[0])     # doctest: +SKIP
+    >>> image.shape, geometry.spacing_zyx                      # doctest: +SKIP
+    ((1, 36, 50, 35), (1.0, 1.0, 1.0))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+IMAGE_ENDINGS = IMAGE_ENDINGS_3D + IMAGE_ENDINGS_2D
+
+
+class DatasetError(ValueError):
+    """A dataset folder cannot be used; ``problems`` holds one line per problem found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+
+def _temp_path(path: Path) -> Path:
+    """A unique temporary name next to ``path`` that keeps its file ending (SimpleITK needs it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text atomically (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Save one array as ``.npy`` atomically (loadable with ``mmap_mode='r'``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_npz(path: Path, *, compressed: bool = False, **arrays: np.ndarray) -> None:
+    """Save several arrays as ``.npz`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- geometry and image files -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical geometry of an image file, in SimpleITK's (x, y, z) order.
+
+    Attributes:
+        size: Voxels per axis (x, y[, z]).
+        spacing: Voxel spacing in mm (x, y[, z]).
+        origin: Physical position of the first voxel.
+        direction: Row-major direction cosine matrix, flattened.
+        n_components: Channels stored per voxel (3 for RGB), or in a 4th dimension (MSD 4D NIfTI).
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    n_components: int = 1
+
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in array order, always 3 entries (2D images get a z spacing of 999 like nnU-Net)."""
+        s = tuple(float(v) for v in reversed(self.spacing))
+        return s if len(s) == 3 else (999.0, *s)  # type: ignore[return-value]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Array shape (z, y, x), always 3 entries (z = 1 for 2D)."""
+        s = tuple(int(v) for v in reversed(self.size))
+        return s if len(s) == 3 else (1, *s)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "n_components": self.n_components,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(
+            size=tuple(int(v) for v in d["size"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+            n_components=int(d.get("n_components", 1)),
+        )
+
+    def matches(self, other: Geometry, *, spacing_rtol: float = 1e-3, origin_atol_mm: float = 1e-2,
+                direction_atol: float = 1e-3) -> list[str]:
+        """Return the ways ``other`` differs from this geometry (empty when they match within tolerance)."""
+        if self.size != other.size:
+            return [f"size {other.size} != {self.size}"]
+        out = []
+        if not np.allclose(self.spacing, other.spacing, rtol=spacing_rtol, atol=0):
+            out.append(f"spacing {_fmt(other.spacing)} != {_fmt(self.spacing)}")
+        if not np.allclose(self.origin, other.origin, atol=origin_atol_mm, rtol=0):
+            out.append(f"origin {_fmt(other.origin)} != {_fmt(self.origin)}")
+        if not np.allclose(self.direction, other.direction, atol=direction_atol, rtol=0):
+            out.append(f"direction {_fmt(other.direction)} != {_fmt(self.direction)}")
+        return out
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def file_ending(path: Path | str) -> str:
+    """Return the recognised image ending of ``path`` (``.nii.gz`` counts as one), or its suffix."""
+    name = str(path).lower()
+    for ending in IMAGE_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file is missing")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise OSError(f"{path}: cannot read image ({first[:200]})") from None
+
+
+def read_image_file(path: Path, *, spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read one image file as a ``(C, Z, Y, X)`` array and its geometry.
+
+    A 4D file (MSD multi-channel) gives C = its 4th dimension; an RGB file gives C = 3; a 2D file gives
+    Z = 1. The geometry describes the spatial part only.
+
+    Args:
+        path: The file.
+        spacing_2d_mm: Pixel spacing (y, x) to assume for 2D raster files, which carry none (default 1).
+
+    Returns:
+        The array (native dtype, not converted) and the geometry.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        OSError: SimpleITK cannot read it.
+    """
+    path = Path(path)
+    img = _read_sitk(path)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    arr = sitk.GetArrayViewFromImage(img).copy()  # (z, y, x[, comp]) or (t, z, y, x) for 4D
+    dim = img.GetDimension()
+    if ncomp > 1:
+        arr = np.moveaxis(arr, -1, 0)  # (comp, [z,] y, x)
+    else:
+        arr = arr[None] if dim < 4 else arr
+    if dim == 4:
+        size = tuple(img.GetSize()[:3])
+        spacing = tuple(img.GetSpacing()[:3])
+        origin = tuple(img.GetOrigin()[:3])
+        d4 = np.array(img.GetDirection()).reshape(4, 4)
+        direction = tuple(float(v) for v in d4[:3, :3].ravel())
+        n_components = arr.shape[0]
+    else:
+        size = tuple(img.GetSize())
+        spacing = tuple(img.GetSpacing())
+        origin = tuple(img.GetOrigin())
+        direction = tuple(img.GetDirection())
+        n_components = ncomp
+        if dim == 2:
+            arr = arr[:, None]  # (C, 1, Y, X)
+            if spacing_2d_mm is not None and file_ending(path) in IMAGE_ENDINGS_2D:
+                spacing = (float(spacing_2d_mm[1]), float(spacing_2d_mm[0]))
+    geometry = Geometry(
+        size=tuple(int(v) for v in size),
+        spacing=tuple(float(v) for v in spacing),
+        origin=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in direction),
+        n_components=int(n_components),
+    )
+    return arr, geometry
+
+
+def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a label map with exactly ``geometry``'s size, spacing, origin and direction, atomically.
+
+    Args:
+        segmentation: Integer array (Z, Y, X); for a 2D geometry (1, Y, X) or (Y, X).
+        geometry: Geometry of the input image.
+        path: Output file; its ending chooses the format.
+    """
+    write_array(segmentation.astype(np.uint8 if segmentation.max(initial=0) < 256 else np.uint16),
+                geometry, path)
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a scalar array (Z, Y, X) with ``geometry``, atomically."""
+    path = Path(path)
+    arr = np.asarray(array)
+    if geometry.ndim == 2 and arr.ndim == 3:
+        arr = arr[0]
+    expected = tuple(reversed(geometry.size))
+    if arr.shape != expected:
+        raise ValueError(f"{path}: array shape {arr.shape} does not match the geometry's {expected}")
+    img = sitk.GetImageFromArray(arr)
+    if file_ending(path) not in IMAGE_ENDINGS_2D:
+        img.SetSpacing(geometry.spacing)
+        img.SetOrigin(geometry.origin)
+        img.SetDirection(geometry.direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- dataset discovery ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case.
+
+    Attributes:
+        case_id: Case identifier (file name without channel suffix and ending).
+        images: One path per channel file (nnU-Net layout), or a single (possibly 4D) path (MSD).
+        label: Label file, ``None`` for test cases.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What ``dataset.json`` and the folder say about a dataset.
+
+    Attributes:
+        root: Dataset folder.
+        name: Dataset name.
+        layout: ``nnunet`` or ``msd``.
+        channel_names: One name per input channel (e.g. ``("T2",)`` or ``("CT",)``).
+        labels: Label name -> value, background included.
+        file_ending: Image file ending (``.nii.gz`` ...).
+        cases: Training cases.
+        test_cases: Cases of ``imagesTs`` (no labels).
+        spacing_2d_mm: Pixel spacing (y, x) for 2D raster files, from ``dataset.json`` key
+            ``spacing_2d_mm`` (default 1 mm).
+    """
+
+    root: Path
+    name: str
+    layout: str
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    file_ending: str
+    cases: tuple[CaseFiles, ...]
+    test_cases: tuple[CaseFiles, ...] = ()
+    spacing_2d_mm: tuple[float, float] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_2d(self) -> bool:
+        return self.file_ending in IMAGE_ENDINGS_2D
+
+
+def _read_dataset_json(root: Path) -> dict[str, Any]:
+    path = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetError([f"{root}: dataset folder does not exist"])
+    if not path.is_file():
+        raise DatasetError([f"{path}: dataset.json is missing"])
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError([f"{path}: not valid JSON ({e})"]) from None
+    if not isinstance(data, dict):
+        raise DatasetError([f"{path}: expected a JSON object at the top level"])
+    return data
+
+
+def load_dataset_spec(root: Path) -> DatasetSpec:
+    """Read ``dataset.json`` of either layout and list the cases.
+
+    Files are not opened here (see :mod:`automedseg.checks`); a missing file shows up as a path that
+    does not exist.
+
+    Raises:
+        DatasetError: dataset.json is missing, malformed or incomplete (all problems listed).
+    """
+    root = Path(root)
+    data = _read_dataset_json(root)
+    if "channel_names" in data or "file_ending" in data:
+        return _load_nnunet(root, data)
+    if "modality" in data or "training" in data:
+        return _load_msd(root, data)
+    raise DatasetError([
+        f"{root / 'dataset.json'}: neither nnU-Net v2 (channel_names, file_ending) nor MSD (modality, training) format"
+    ])
+
+
+def _spacing_2d(data: dict[str, Any], where: Path, problems: list[str]) -> tuple[float, float] | None:
+    s = data.get("spacing_2d_mm")
+    if s is None:
+        return None
+    if not (isinstance(s, list) and len(s) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in s)):
+        problems.append(f"{where}: spacing_2d_mm must be a list of two positive numbers (y, x)")
+        return None
+    return (float(s[0]), float(s[1]))
+
+
+def _channel_names(raw: Any, key: str, where: Path, problems: list[str]) -> tuple[str, ...]:
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where}: '{key}' must be a non-empty object like {{\"0\": \"CT\"}}")
+        return ()
+    try:
+        items = sorted(((int(k), str(v)) for k, v in raw.items()))
+    except ValueError:
+        problems.append(f"{where}: '{key}' keys must be channel numbers \"0\", \"1\", ...")
+        return ()
+    if [k for k, _ in items] != list(range(len(items))):
+        problems.append(f"{where}: '{key}' keys must be consecutive from 0, got {[k for k, _ in items]}")
+    return tuple(v for _, v in items)
+
+
+def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
+    where = root / "dataset.json"
+    problems: list[str] = []
+    for key in ("channel_names", "labels", "numTraining", "file_ending"):
+        if key not in data:
+            problems.append(f"{where}: required key '{key}' is missing")
+    channels = _channel_names(data.get("channel_names"), "channel_names", where, problems) if "channel_names" in data else ()
+    labels: dict[str, int] = {}
+    raw_labels = data.get("labels")
+    if raw_labels is not None:
+        if not isinstance(raw_labels, dict) or not raw_labels:
+            problems.append(f"{where}: 'labels' must be an object of name -> integer value")
+        else:
+            for name, value in raw_labels.items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    problems.append(
+                        f"{where}: label {name!r} has value {value!r}; only integer labels are supported "
+                        "(region-based training is not)"
+                    )
+                else:
+                    labels[str(name)] = value
+            if labels and 0 not in labels.values():
+                problems.append(f"{where}: 'labels' must declare background as 0")
+    ending = data.get("file_ending")
+    if ending is not None and (not isinstance(ending, str) or not ending.startswith(".")):
+        problems.append(f"{where}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
+        ending = None
+    spacing_2d = _spacing_2d(data, where, problems)
+    if problems:
+        raise DatasetError(problems)
+    assert isinstance(ending, str)
+    n_ch = len(channels)
+
+    def cases_in(images_dir: Path, labels_dir: Path | None) -> list[CaseFiles]:
+        ids: set[str] = set()
+        if labels_dir is not None and labels_dir.is_dir():
+            ids |= {p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending)}
+        if images_dir.is_dir():
+            for p in images_dir.iterdir():
+                if p.name.endswith(ending) and len(p.name) > len(ending) + 5 and p.name[-len(ending) - 5] == "_":
+                    ids.add(p.name[: -len(ending) - 5])
+        out = []
+        for cid in sorted(ids):
+            images = tuple(images_dir / f"{cid}_{c:04d}{ending}" for c in range(n_ch))
+            label = labels_dir / f"{cid}{ending}" if labels_dir is not None else None
+            out.append(CaseFiles(cid, images, label))
+        return out
+
+    cases = cases_in(root / "imagesTr", root / "labelsTr")
+    notes = []
+    if isinstance(data.get("numTraining"), int) and data["numTraining"] != len(cases):
+        notes.append(f"{where}: numTraining is {data['numTraining']} but {len(cases)} training cases were found")
+    tests = cases_in(root / "imagesTs", None)
+    return DatasetSpec(
+        root=root,
+        name=str(data.get("name", root.name)),
+        layout="nnunet",
+        channel_names=channels,
+        labels=labels,
+        file_ending=ending,
+        cases=tuple(cases),
+        test_cases=tuple(tests),
+        spacing_2d_mm=spacing_2d,
+        notes=tuple(notes),
+    )
+
+
+def _case_id_from_path(path: str, ending: str) -> str:
+    name = Path(path).name
+    return name[: -len(ending)] if ending and name.endswith(ending) else Path(path).stem
+
+
+def _load_msd(root: Path, data: dict[str, Any]) -> DatasetSpec:
+    where = root / "dataset.json"
+    problems: list[str] = []
+    for key in ("modality", "labels", "training"):
+        if key not in data:
+            problems.append(f"{where}: required key '{key}' is missing")
+    channels = _channel_names(data.get("modality"), "modality", where, problems) if "modality" in data else ()
+    labels: dict[str, int] = {}
+    raw_labels = data.get("labels")
+    if raw_labels is not None:
+        if not isinstance(raw_labels, dict) or not raw_labels:
+            problems.append(f"{where}: 'labels' must be an object of value -> name")
+        else:
+            for value, name in raw_labels.items():
+                try:
+                    labels[str(name)] = int(value)
+                except ValueError:
+                    problems.append(f"{where}: label key {value!r} is not an integer")
+            if labels and 0 not in labels.values():
+                problems.append(f"{where}: 'labels' must declare background as \"0\"")
+    training = data.get("training")
+    entries: list[tuple[str, str]] = []
+    if training is not None:
+        if not isinstance(training, list):
+            problems.append(f"{where}: 'training' must be a list of {{\"image\", \"label\"}} objects")
+        else:
+            for i, item in enumerate(training):
+                if not (isinstance(item, dict) and isinstance(item.get("image"), str)
+                        and isinstance(item.get("label"), str)):
+                    problems.append(f"{where}: training[{i}] must have string 'image' and 'label' paths")
+                else:
+                    entries.append((item["image"], item["label"]))
+    spacing_2d = _spacing_2d(data, where, problems)
+    if problems:
+        raise DatasetError(problems)
+    ending = file_ending(entries[0][0]) if entries else ".nii.gz"
+    cases = tuple(
+        CaseFiles(_case_id_from_path(img, ending), ((root / img).resolve(),), (root / lab).resolve())
+        for img, lab in entries
+    )
+    seen: set[str] = set()
+    dupes = [c.case_id for c in cases if c.case_id in seen or seen.add(c.case_id)]  # type: ignore[func-returns-value]
+    if dupes:
+        raise DatasetError([f"{where}: case ids listed twice in 'training': {sorted(set(dupes))}"])
+    tests: list[CaseFiles] = []
+    test_entries = data.get("test") if isinstance(data.get("test"), list) else []
+    for t in test_entries:
+        p = t.get("image") if isinstance(t, dict) else t
+        if isinstance(p, str):
+            tests.append(CaseFiles(_case_id_from_path(p, ending), ((root / p).resolve(),), None))
+    if not tests and (root / "imagesTs").is_dir():
+        tests = [
+            CaseFiles(_case_id_from_path(p.name, ending), (p,), None)
+            for p in sorted((root / "imagesTs").iterdir()) if p.name.endswith(ending) and not p.name.startswith(".")
+        ]
+    return DatasetSpec(
+        root=root,
+        name=str(data.get("name", root.name)),
+        layout="msd",
+        channel_names=channels,
+        labels=labels,
+        file_ending=ending,
+        cases=cases,
+        test_cases=tuple(tests),
+        spacing_2d_mm=spacing_2d,
+    )
+
+
+def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | None = None) -> list[CaseFiles]:
+    """Find the cases of a folder of images to predict, in either layout.
+
+    Files named ``CASE_XXXX<ending>`` are grouped by case when ``n_channels`` files exist per case
+    (nnU-Net layout); otherwise every image file is one case (MSD 4D files or single-channel files).
+
+    Raises:
+        DatasetError: The folder does not exist or holds no image files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError([f"{folder}: input folder does not exist"])
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and file_ending(p) in IMAGE_ENDINGS)
+    if not files:
+        raise DatasetError([f"{folder}: no image files ({', '.join(IMAGE_ENDINGS)})"])
+    groups: dict[str, dict[int, Path]] = {}
+    ungrouped: list[Path] = []
+    for p in files:
+        ending = file_ending(p)
+        stem = p.name[: -len(ending)]
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            groups.setdefault(stem[:-5], {})[int(stem[-4:])] = p
+        else:
+            ungrouped.append(p)
+    cases: list[CaseFiles] = []
+    for cid, chans in sorted(groups.items()):
+        if sorted(chans) == list(range(n_channels)):
+            cases.append(CaseFiles(cid, tuple(chans[c] for c in range(n_channels))))
+        else:
+            ungrouped.extend(chans.values())
+    for p in sorted(ungrouped):
+        cases.append(CaseFiles(p.name[: -len(file_ending(p))], (p,)))
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def read_images(case: CaseFiles, *, n_channels: int,
+                spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read all channels of a case into one float32 ``(C, Z, Y, X)`` array.
+
+    Raises:
+        ValueError: Channel count or channel geometries do not match (message names the file).
+    """
+    arrays = []
+    ref: Geometry | None = None
+    for path in case.images:
+        arr, geom = read_image_file(path, spacing_2d_mm=spacing_2d_mm)
+        if ref is None:
+            ref = geom
+        else:
+            diff = ref.matches(geom)
+            if diff:
+                raise ValueError(f"{path}: geometry differs from {case.images[0].name}: {'; '.join(diff)}")
+        arrays.append(arr)
+    assert ref is not None
+    image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+    if image.shape[0] != n_channels:
+        raise ValueError(f"{case.images[0]}: has {image.shape[0]} channel(s), the dataset declares {n_channels}")
+    return image.astype(np.float32, copy=False), ref
+
+
+def read_label(path: Path, *, spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as an integer ``(Z, Y, X)`` array (float-stored integral labels are cast).
+
+    Raises:
+        ValueError: The label is not a scalar image or has non-integral values.
+    """
+    arr, geom = read_image_file(path, spacing_2d_mm=spacing_2d_mm)
+    if arr.shape[0] != 1:
+        raise ValueError(f"{path}: label must be a single-channel image, it has {arr.shape[0]} channels")
+    arr = arr[0]
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"{path}: label has non-integral values")
+    return arr.astype(np.int16 if arr.max(initial=0) > 127 else np.int8, copy=False), geom

@@ -1,0 +1,610 @@
+"""Segmentation metrics in physical units (mm), for binary masks and multi-label maps.
+
+Overlap metrics (Dice, IoU, precision, recall) count voxels. Distance metrics are computed between the
+*surfaces* of the two masks and are given in millimetres:
+
+* **Surface**: the border voxels of a mask, i.e. the mask minus its binary erosion with the
+  *face-connectivity* structuring element (6-neighbourhood in 3D, 4-neighbourhood in 2D). A voxel is a
+  surface voxel when at least one of its face neighbours is background. This is the same set that
+  SimpleITK's ``sitk.LabelContour`` returns with its default ``fullyConnected=False``, except at the image
+  edge: here everything outside the image counts as background (as in MONAI, medpy and DeepMind's
+  surface-distance), so a mask that touches the image edge has a surface there, whereas ITK does not
+  mark image-edge voxels. Zero-padding the images by one voxel makes the two agree exactly.
+* Axes of length 1 are dropped before surfaces are computed, so a 2D slice stored as ``(1, Y, X)`` gives
+  the same distances as the ``(Y, X)`` array (its surface is the in-plane contour, not the whole slice).
+* **Distances** from each surface voxel of one mask to the nearest surface voxel of the other come from
+  :func:`scipy.ndimage.distance_transform_edt` with ``sampling=spacing_mm``. The transforms are computed
+  on the bounding box of both masks, zero-padded by one voxel, which gives exactly the distances of a
+  whole-image transform because every surface voxel lies inside that box.
+* **hd95**: the 95th percentile (``numpy.percentile``, linear interpolation) of the *pooled* symmetric
+  surface distances, i.e. the distances reference->prediction and prediction->reference put into one set
+  (the medpy convention; MONAI/DeepMind take the maximum of the two directed percentiles instead, which
+  is usually equal or larger). **hd** is the maximum of the pooled distances (the Hausdorff distance
+  between the two surfaces).
+* **assd**: the mean of the pooled distances, i.e. ``(sum d(A->B) + sum d(B->A)) / (|dA| + |dB|)``.
+* **nsd**: normalised surface Dice (Nikolov et al., 2021) at ``tolerance_mm``, with every surface voxel
+  weighted equally: ``(#{a: d(a, dB) <= tol} + #{b: d(b, dA) <= tol}) / (|dA| + |dB|)``. A slack of
+  1e-6 mm absorbs floating-point round-off at the tolerance.
+* **Volumes** are voxel counts times the voxel volume (``prod(spacing_mm)``); for 2D images they are areas
+  in mm^2 although the keys say ``mm3``. ``volume_diff_mm3 = V_pred - V_ref`` and
+  ``volume_diff_rel = (V_pred - V_ref) / V_ref``.
+
+Empty-mask conventions (``A`` = reference, ``B`` = prediction):
+
+=========================  ====  ===  =========  ======  ===  ===  ====  ====  ===============
+case                       dice  iou  precision  recall  nsd  hd   hd95  assd  volume_diff_rel
+=========================  ====  ===  =========  ======  ===  ===  ====  ====  ===============
+both empty                 1     1    1          1       1    0    0     0     0
+reference empty, pred not  0     0    0          0       0    NaN  NaN   NaN   NaN
+prediction empty, ref not  0     0    0          0       0    NaN  NaN   NaN   -1
+=========================  ====  ===  =========  ======  ===  ===  ====  ====  ===============
+
+So with exactly one mask empty every overlap metric is 0 (precision with an empty prediction and recall
+with an empty reference are undefined and are *set* to 0, which penalises a missed or hallucinated
+structure), while the distance metrics are NaN because there is no surface to measure to.
+:func:`summarize` ignores NaN values when averaging, and reports how many values each mean is based on.
+
+Example:
+    >>> import numpy as np
+    >>> ref = np.zeros((8, 8), bool); ref[2:6, 2:6] = True
+    >>> m = compute_binary_metrics(ref, ref, spacing_mm=(1.0, 1.0))
+    >>> m["dice"], m["hd95"]
+    (1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+METRIC_NAMES: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95",
+    "hd",
+    "assd",
+    "nsd",
+    "volume_ref_mm3",
+    "volume_pred_mm3",
+    "volume_diff_mm3",
+    "volume_diff_rel",
+)
+"""Keys of the dictionary returned by :func:`compute_binary_metrics`, in order."""
+
+SUPPORTED_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff")
+"""File endings that :func:`evaluate_folders` pairs and reads."""
+
+_NSD_SLACK_MM = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------------------
+
+
+def _as_bool_pair(reference: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(reference).astype(bool, copy=False)
+    pred = np.asarray(prediction).astype(bool, copy=False)
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
+    if ref.ndim not in (2, 3):
+        raise ValueError(f"masks must be 2D or 3D, got {ref.ndim}D with shape {ref.shape}")
+    return ref, pred
+
+
+def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) == 3 and ndim == 2:
+        spacing = spacing[1:]  # (z, y, x) given for a (y, x) image
+    if len(spacing) != ndim:
+        raise ValueError(f"spacing_mm {tuple(spacing_mm)} has {len(spacing)} entries for a {ndim}D mask")
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing_mm must be positive and finite, got {tuple(spacing_mm)}")
+    return spacing
+
+
+# ----------------------------------------------------------------------------------------------------
+# Overlap metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def _counts(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
+    """Return (true positives, reference voxels, prediction voxels)."""
+    tp = int(np.count_nonzero(ref & pred))
+    return tp, int(np.count_nonzero(ref)), int(np.count_nonzero(pred))
+
+
+def _ratio(numerator: int, denominator: int, *, both_empty: bool) -> float:
+    if both_empty:
+        return 1.0
+    if denominator == 0:
+        return 0.0
+    return numerator / denominator
+
+
+def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice coefficient ``2|A&B| / (|A|+|B|)``; 1 when both masks are empty."""
+    ref, pred = _as_bool_pair(reference, prediction)
+    tp, n_ref, n_pred = _counts(ref, pred)
+    return _ratio(2 * tp, n_ref + n_pred, both_empty=n_ref + n_pred == 0)
+
+
+def iou(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Intersection over union (Jaccard) ``|A&B| / |A|B|``; 1 when both masks are empty."""
+    ref, pred = _as_bool_pair(reference, prediction)
+    tp, n_ref, n_pred = _counts(ref, pred)
+    return _ratio(tp, n_ref + n_pred - tp, both_empty=n_ref + n_pred == 0)
+
+
+def precision(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Precision ``|A&B| / |B|``; 1 when both are empty, 0 when only the prediction is empty."""
+    ref, pred = _as_bool_pair(reference, prediction)
+    tp, n_ref, n_pred = _counts(ref, pred)
+    return _ratio(tp, n_pred, both_empty=n_ref + n_pred == 0)
+
+
+def recall(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Recall (sensitivity) ``|A&B| / |A|``; 1 when both are empty, 0 when only the reference is empty."""
+    ref, pred = _as_bool_pair(reference, prediction)
+    tp, n_ref, n_pred = _counts(ref, pred)
+    return _ratio(tp, n_ref, both_empty=n_ref + n_pred == 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Surface distances
+# ----------------------------------------------------------------------------------------------------
+
+
+def _drop_singleton_axes(
+    ref: np.ndarray, pred: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    keep = [axis for axis, size in enumerate(ref.shape) if size > 1]
+    if len(keep) == ref.ndim:
+        return ref, pred, spacing
+    if not keep:  # a single voxel: keep one axis so the arrays stay at least 1D
+        keep = [ref.ndim - 1]
+    shape = tuple(ref.shape[a] for a in keep)
+    return ref.reshape(shape), pred.reshape(shape), tuple(spacing[a] for a in keep)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Border voxels of a zero-padded mask (face connectivity)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def surface_distances(
+    reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) between the surfaces of two binary masks.
+
+    Args:
+        reference: Binary 2D or 3D mask (anything non-zero is foreground).
+        prediction: Binary mask of the same shape.
+        spacing_mm: Voxel spacing in array order, (z, y, x) or (y, x).
+
+    Returns:
+        ``(ref_to_pred, pred_to_ref)``: float64 arrays with, for every surface voxel of the reference
+        (prediction), the distance to the nearest surface voxel of the prediction (reference). Both are
+        empty when either mask is empty.
+    """
+    ref, pred = _as_bool_pair(reference, prediction)
+    spacing = _check_spacing(spacing_mm, ref.ndim)
+    if not ref.any() or not pred.any():
+        return np.zeros(0), np.zeros(0)
+    ref, pred, spacing = _drop_singleton_axes(ref, pred, spacing)
+
+    union = ref | pred
+    box = []
+    for axis in range(union.ndim):
+        other = tuple(a for a in range(union.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(union, axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    ref_box = np.pad(ref[tuple(box)], 1, constant_values=False)
+    pred_box = np.pad(pred[tuple(box)], 1, constant_values=False)
+
+    ref_surface = _surface(ref_box)
+    pred_surface = _surface(pred_box)
+    dist_to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)
+    dist_to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    return (
+        np.asarray(dist_to_pred[ref_surface], dtype=np.float64),
+        np.asarray(dist_to_ref[pred_surface], dtype=np.float64),
+    )
+
+
+def _distance_metrics(
+    ref_to_pred: np.ndarray, pred_to_ref: np.ndarray, *, n_ref: int, n_pred: int, tolerance_mm: float
+) -> dict[str, float]:
+    if n_ref == 0 and n_pred == 0:
+        return {"hd95": 0.0, "hd": 0.0, "assd": 0.0, "nsd": 1.0}
+    if n_ref == 0 or n_pred == 0:
+        return {"hd95": math.nan, "hd": math.nan, "assd": math.nan, "nsd": 0.0}
+    pooled = np.concatenate([ref_to_pred, pred_to_ref])
+    within = np.count_nonzero(pooled <= tolerance_mm + _NSD_SLACK_MM)
+    return {
+        "hd95": float(np.percentile(pooled, 95)),
+        "hd": float(pooled.max()),
+        "assd": float(pooled.mean()),
+        "nsd": within / pooled.size,
+    }
+
+
+def _distance_metric(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing_mm: Sequence[float],
+    tolerance_mm: float,
+    name: str,
+) -> float:
+    ref, pred = _as_bool_pair(reference, prediction)
+    a, b = surface_distances(ref, pred, spacing_mm=spacing_mm)
+    metrics = _distance_metrics(a, b, n_ref=int(ref.any()), n_pred=int(pred.any()), tolerance_mm=tolerance_mm)
+    return metrics[name]
+
+
+def hd95(reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float]) -> float:
+    """95th percentile of the pooled symmetric surface distances in mm (see module docstring)."""
+    return _distance_metric(reference, prediction, spacing_mm, 1.0, "hd95")
+
+
+def hausdorff(reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float]) -> float:
+    """Maximum symmetric surface distance (Hausdorff distance between the surfaces) in mm."""
+    return _distance_metric(reference, prediction, spacing_mm, 1.0, "hd")
+
+
+def assd(reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float]) -> float:
+    """Average symmetric surface distance in mm (see module docstring)."""
+    return _distance_metric(reference, prediction, spacing_mm, 1.0, "assd")
+
+
+def nsd(
+    reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float], tolerance_mm: float = 1.0
+) -> float:
+    """Normalised surface Dice at ``tolerance_mm`` (fraction of surface voxels within tolerance)."""
+    return _distance_metric(reference, prediction, spacing_mm, tolerance_mm, "nsd")
+
+
+def volume_difference(
+    reference: np.ndarray, prediction: np.ndarray, *, spacing_mm: Sequence[float]
+) -> tuple[float, float]:
+    """Volume difference ``V_pred - V_ref``.
+
+    Returns:
+        ``(difference_mm3, relative)``, where ``relative = difference / V_ref`` (0 when both masks are
+        empty, NaN when only the reference is empty).
+    """
+    ref, pred = _as_bool_pair(reference, prediction)
+    spacing = _check_spacing(spacing_mm, ref.ndim)
+    voxel = float(np.prod(spacing))
+    v_ref = np.count_nonzero(ref) * voxel
+    v_pred = np.count_nonzero(pred) * voxel
+    return _volume_terms(v_ref, v_pred)
+
+
+def _volume_terms(v_ref: float, v_pred: float) -> tuple[float, float]:
+    diff = v_pred - v_ref
+    if v_ref > 0:
+        return diff, diff / v_ref
+    return diff, 0.0 if v_pred == 0 else math.nan
+
+
+def compute_binary_metrics(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    *,
+    spacing_mm: Sequence[float],
+    tolerance_mm: float = 1.0,
+) -> dict[str, float]:
+    """All metrics of :data:`METRIC_NAMES` for one pair of binary masks, sharing one distance pass.
+
+    Args:
+        reference: Binary 2D or 3D mask (anything non-zero is foreground).
+        prediction: Binary mask of the same shape.
+        spacing_mm: Voxel spacing in array order, (z, y, x) or (y, x); a 3-tuple is accepted for 2D
+            masks and its first entry ignored.
+        tolerance_mm: Tolerance of the normalised surface Dice.
+
+    Returns:
+        Metric name -> float (NaN where undefined, see the module docstring).
+    """
+    ref, pred = _as_bool_pair(reference, prediction)
+    spacing = _check_spacing(spacing_mm, ref.ndim)
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise ValueError(f"tolerance_mm must be a non-negative number, got {tolerance_mm}")
+    tp, n_ref, n_pred = _counts(ref, pred)
+    both_empty = n_ref + n_pred == 0
+    ref_to_pred, pred_to_ref = surface_distances(ref, pred, spacing_mm=spacing)
+    voxel = float(np.prod(spacing))
+    v_ref, v_pred = n_ref * voxel, n_pred * voxel
+    v_diff, v_rel = _volume_terms(v_ref, v_pred)
+    result = {
+        "dice": _ratio(2 * tp, n_ref + n_pred, both_empty=both_empty),
+        "iou": _ratio(tp, n_ref + n_pred - tp, both_empty=both_empty),
+        "precision": _ratio(tp, n_pred, both_empty=both_empty),
+        "recall": _ratio(tp, n_ref, both_empty=both_empty),
+        **_distance_metrics(ref_to_pred, pred_to_ref, n_ref=n_ref, n_pred=n_pred, tolerance_mm=tolerance_mm),
+        "volume_ref_mm3": v_ref,
+        "volume_pred_mm3": v_pred,
+        "volume_diff_mm3": v_diff,
+        "volume_diff_rel": v_rel,
+    }
+    return {name: float(result[name]) for name in METRIC_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-label cases and summaries
+# ----------------------------------------------------------------------------------------------------
+
+
+def _squeeze_channel(seg: np.ndarray) -> np.ndarray:
+    seg = np.asarray(seg)
+    if seg.ndim == 4 and seg.shape[0] == 1:
+        return seg[0]
+    return seg
+
+
+def compute_case_metrics(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    *,
+    labels: Sequence[int],
+    spacing_mm: Sequence[float],
+    tolerance_mm: float = 1.0,
+) -> dict[int, dict[str, float]]:
+    """Metrics of every label of a multi-label case, each label one-vs-rest.
+
+    Args:
+        reference: Integer label map, (Z, Y, X), (Y, X) or (1, Z, Y, X).
+        prediction: Integer label map of the same shape.
+        labels: Labels to evaluate (a label absent from both maps scores as "both empty").
+        spacing_mm: Voxel spacing in array order, (z, y, x) or (y, x).
+        tolerance_mm: Tolerance of the normalised surface Dice.
+
+    Returns:
+        Label -> metric name -> value.
+    """
+    ref = _squeeze_channel(reference)
+    pred = _squeeze_channel(prediction)
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
+    return {
+        int(label): compute_binary_metrics(
+            ref == label, pred == label, spacing_mm=spacing_mm, tolerance_mm=tolerance_mm
+        )
+        for label in labels
+    }
+
+
+def _nanmean(values: Sequence[float]) -> tuple[float, int]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, 0
+    return float(np.mean(finite)), len(finite)
+
+
+def summarize(per_case: Sequence[Mapping[Any, Mapping[str, float]]]) -> dict[str, Any]:
+    """Average per-case metrics per label and over the foreground labels.
+
+    Args:
+        per_case: One :func:`compute_case_metrics` result per case (label keys may be ``int`` or their
+            string form, as after a JSON round trip; ``None`` counts as NaN).
+
+    Returns:
+        ``{"n_cases": int, "per_label": {label: {metric: mean}}, "n_valid": {label: {metric: count}},
+        "foreground_mean": {metric: mean}}``. Means ignore NaN; ``n_valid`` says how many values each
+        per-label mean is based on. ``foreground_mean`` is the mean over labels other than 0 of the
+        per-label means (NaN means skipped). A mean without any value is NaN.
+    """
+    collected: dict[int, dict[str, list[float]]] = {}
+    metric_order: list[str] = []
+    for case in per_case:
+        for label, metrics in case.items():
+            bucket = collected.setdefault(int(label), {})
+            for name, value in metrics.items():
+                if name not in metric_order:
+                    metric_order.append(name)
+                bucket.setdefault(name, []).append(math.nan if value is None else float(value))
+
+    per_label: dict[int, dict[str, float]] = {}
+    n_valid: dict[int, dict[str, int]] = {}
+    for label in sorted(collected):
+        per_label[label], n_valid[label] = {}, {}
+        for name in metric_order:
+            mean, count = _nanmean(collected[label].get(name, []))
+            per_label[label][name] = mean
+            n_valid[label][name] = count
+
+    foreground = [label for label in per_label if label != 0]
+    foreground_mean = {
+        name: _nanmean([per_label[label][name] for label in foreground])[0] for name in metric_order
+    }
+    return {
+        "n_cases": len(per_case),
+        "per_label": per_label,
+        "n_valid": n_valid,
+        "foreground_mean": foreground_mean,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folder evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _split_ending(name: str) -> tuple[str, str] | None:
+    lower = name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if lower.endswith(ending):
+            return name[: -len(ending)], ending
+    return None
+
+
+def _list_images(folder: Path) -> dict[str, str]:
+    """File name -> case name for the supported images in ``folder`` (sorted by file name)."""
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        split = _split_ending(path.name)
+        if split is not None:
+            found[path.name] = split[0]
+    return found
+
+
+def _read_segmentation(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per pixel; "
+            "segmentations must be single-channel label maps"
+        )
+    array = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{path}: label map has non-integer values")
+        array = array.astype(np.int64)
+    return array, spacing
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def evaluate_folders(
+    reference_dir: Path,
+    prediction_dir: Path,
+    *,
+    labels: Sequence[int] | None = None,
+    tolerance_mm: float = 1.0,
+    output_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate every prediction against the reference file of the same name.
+
+    Files are paired by their full file name (endings: :data:`SUPPORTED_ENDINGS`) and read with
+    SimpleITK; spacing is taken from the reference image (a differing prediction spacing gives a
+    warning). Reference files without a prediction are listed under ``missing_predictions`` and skipped;
+    predictions without a reference are ignored.
+
+    Writes, atomically, to ``output_dir`` (default ``prediction_dir``): ``metrics_per_case.csv`` (one
+    row per case and label), ``metrics_per_case.json`` and ``metrics_summary.json`` (NaN written as
+    ``null`` in JSON and ``nan`` in CSV).
+
+    Args:
+        reference_dir: Folder with the reference label maps.
+        prediction_dir: Folder with the predicted label maps.
+        labels: Labels to evaluate; ``None`` uses every non-zero value found in any reference file.
+        tolerance_mm: Tolerance of the normalised surface Dice.
+        output_dir: Where the result files go.
+
+    Returns:
+        The summary (``labels``, ``tolerance_mm``, ``missing_predictions`` and the keys of
+        :func:`summarize`) plus ``per_case``: a list of ``{"case", "file", "metrics"}`` records.
+
+    Raises:
+        FileNotFoundError: A folder does not exist.
+        ValueError: No reference images, a pair with different shapes, or a non-integer label map.
+    """
+    reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
+    for folder in (reference_dir, prediction_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"not a folder: {folder}")
+    output_dir = prediction_dir if output_dir is None else Path(output_dir)
+
+    references = _list_images(reference_dir)
+    if not references:
+        raise ValueError(f"no images ending in {', '.join(SUPPORTED_ENDINGS)} in {reference_dir}")
+    predictions = _list_images(prediction_dir)
+    paired = [name for name in references if name in predictions]
+    missing = [name for name in references if name not in predictions]
+
+    if labels is None:
+        found: set[int] = set()
+        for name in references:
+            array, _ = _read_segmentation(reference_dir / name)
+            found.update(int(v) for v in np.unique(array))
+        label_list = sorted(found - {0})
+    else:
+        label_list = [int(label) for label in labels]
+
+    per_case: list[dict[str, Any]] = []
+    for name in paired:
+        ref, spacing = _read_segmentation(reference_dir / name)
+        pred, pred_spacing = _read_segmentation(prediction_dir / name)
+        if ref.shape != pred.shape:
+            raise ValueError(
+                f"{name}: reference shape {ref.shape} differs from prediction shape {pred.shape}"
+            )
+        if not np.allclose(spacing, pred_spacing, rtol=1e-3, atol=1e-5):
+            warnings.warn(
+                f"{name}: prediction spacing {pred_spacing} differs from reference spacing {spacing}; "
+                "using the reference spacing",
+                stacklevel=2,
+            )
+        metrics = compute_case_metrics(
+            ref, pred, labels=label_list, spacing_mm=spacing, tolerance_mm=tolerance_mm
+        )
+        per_case.append({"case": references[name], "file": name, "metrics": metrics})
+
+    summary: dict[str, Any] = {
+        "labels": label_list,
+        "tolerance_mm": float(tolerance_mm),
+        "missing_predictions": missing,
+        **summarize([record["metrics"] for record in per_case]),
+    }
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "file", "label", *METRIC_NAMES])
+    for record in per_case:
+        for label, metrics in record["metrics"].items():
+            writer.writerow(
+                [record["case"], record["file"], label, *(repr(metrics[m]) for m in METRIC_NAMES)]
+            )
+    _atomic_write_text(output_dir / "metrics_per_case.csv", buffer.getvalue())
+    _atomic_write_text(
+        output_dir / "metrics_per_case.json",
+        json.dumps(_jsonable(per_case), indent=2, allow_nan=False) + "\n",
+    )
+    _atomic_write_text(
+        output_dir / "metrics_summary.json", json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n"
+    )
+    return {**summary, "per_case": per_case}

@@ -1,0 +1,507 @@
+"""Planning rules: from a fingerprint and a machine to a :class:`~automedseg.plans.Plans`.
+
+nnU-Net v2's experiment planner is the reference for what the data decides: target spacing (median, with
+the anisotropy rule), axis order, patch size, pooling and kernel sizes per axis, feature widths,
+normalisation and resampling. Beyond it, the plan fits **the machine and the time given**: a FLOP model
+of the candidate networks, calibrated by a short timing on the device, chooses width, patch, batch and
+schedule so that one fold fits the training budget (``time_budget_s``). On a GPU with no budget the
+schedule is nnU-Net's (1000 epochs x 250 iterations); on a CPU with no budget it is
+:data:`DEFAULT_CPU_BUDGET_S`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from automedseg import __version__
+from automedseg.plans import (
+    AugmentationPlan,
+    ChannelNormalization,
+    ConfigurationPlan,
+    DeviceProfile,
+    NetworkPlan,
+    Plans,
+    TrainingPlan,
+)
+
+ANISO_THRESHOLD = 3.0
+MIN_FEATURE_MAP = 4
+MAX_FEATURES = {2: 512, 3: 320}
+BASE_FEATURES = 32
+DEFAULT_CPU_BUDGET_S = 30 * 60.0
+GPU_DEFAULT_EPOCHS = 1000
+ITERATIONS_PER_EPOCH_MAX = 250
+MIN_ITERATIONS = 1000  # below this the planner trades width, then batch, then patch for more steps
+DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
+CPU_STEP_OVERHEAD = 1.6  # data loading, optimizer, loss, memory-bound layers over the conv FLOPs (fitted on a 2-core Xeon)
+WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
+CALIBRATION_WIDTHS = (8, 16, 32, 64)
+
+# Nominal profiles for planning a machine that is not this one (plans/ examples, tests).
+NOMINAL_PROFILES: dict[str, DeviceProfile] = {
+    "reference-cpu-2core": DeviceProfile(
+        kind="cpu", name="nominal 2-core AVX-512 CPU", cpu_threads=2, memory_gib=23.0,
+        gflops_by_width=((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0)), measured=False,
+    ),
+    "reference-gpu-24g": DeviceProfile(
+        kind="cuda", name="nominal 24 GiB CUDA GPU", cpu_threads=12, memory_gib=24.0,
+        gflops_by_width=((8, 2000.0), (16, 6000.0), (32, 15000.0), (64, 25000.0)), measured=False,
+    ),
+}
+
+
+# --- device ---------------------------------------------------------------------------------------
+
+
+def _host_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return 8.0
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS,
+                          threads: int | None = None) -> tuple[tuple[int, float], ...]:
+    """Time a 3x3x3 convolution forward+backward at a few widths; a second or two in all.
+
+    Uses bf16 autocast and channels-last on CPU (where supported) and AMP on CUDA, as training does.
+    """
+    import time
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    amp_dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    out = []
+    for w in widths:
+        side = (20, 24, 24) if dev.type == "cpu" else (64, 64, 64)
+        x = torch.randn(2, w, *side, device=dev).to(memory_format=torch.channels_last_3d).requires_grad_(True)
+        conv = torch.nn.Conv3d(w, w, 3, padding=1).to(dev).to(memory_format=torch.channels_last_3d)
+
+        def step() -> None:
+            with torch.autocast(dev.type, dtype=amp_dtype):
+                y = conv(x)
+            y.float().sum().backward()
+
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or (time.perf_counter() - t0 < 0.2 and n < 50):
+            step()
+            n += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / n
+        flops = 3 * 2 * w * w * 27 * 2 * math.prod(side)
+        out.append((int(w), float(f"{flops / seconds / 1e9:.2g}")))
+    return tuple(out)
+
+
+def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceProfile:
+    """Profile this machine's CPU or GPU (a short timing), or return a nominal profile by name.
+
+    Args:
+        kind: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``mps`` or a key of
+            :data:`NOMINAL_PROFILES`.
+        threads: CPU threads for training (default: all cores).
+    """
+    if kind in NOMINAL_PROFILES:
+        return NOMINAL_PROFILES[kind]
+    import os
+
+    import torch
+
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device here; plan with --device reference-gpu-24g instead")
+        props = torch.cuda.get_device_properties(0)
+        return DeviceProfile(
+            kind="cuda", name=props.name, cpu_threads=os.cpu_count() or 1,
+            memory_gib=round(props.total_memory / 2**30, 1), gflops_by_width=calibrate_conv_gflops(device="cuda"),
+        )
+    if kind == "mps":
+        return DeviceProfile(kind="mps", name="Apple MPS", cpu_threads=os.cpu_count() or 1,
+                             memory_gib=_host_memory_gib(), gflops_by_width=((8, 200.0), (64, 2000.0)))
+    if kind != "cpu":
+        raise ValueError(f"unknown device {kind!r}; use cpu, cuda, mps or one of {sorted(NOMINAL_PROFILES)}")
+    n = threads or os.cpu_count() or 1
+    return DeviceProfile(
+        kind="cpu", name=f"{_cpu_name()}, {n} threads", cpu_threads=n,
+        memory_gib=_host_memory_gib(), gflops_by_width=calibrate_conv_gflops(device="cpu", threads=n),
+    )
+
+
+# --- spacing and topology rules ----------------------------------------------------------------------
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Median spacing, with nnU-Net's anisotropy rule for the coarsest axis.
+
+    When the coarsest axis is more than 3x coarser than the others *and* would have 3x fewer voxels, its
+    target is the 10th percentile of its spacings (so thin-slice cases are not downsampled too much).
+
+    Example:
+        >>> sp = np.array([[5.0, 0.8, 0.8], [3.0, 0.8, 0.8], [5.0, 0.8, 0.8]])
+        >>> target_spacing(sp, np.array([[20, 512, 512]] * 3)).round(2).tolist()
+        [3.4, 0.8, 0.8]
+    """
+    target = np.median(spacings, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    resampled = np.median(shapes * spacings / target, axis=0)
+    aniso_spacing = target[worst] > ANISO_THRESHOLD * max(target[others])
+    aniso_voxels = resampled[worst] * ANISO_THRESHOLD < min(resampled[others])
+    if aniso_spacing and aniso_voxels:
+        t = float(np.percentile(spacings[:, worst], 10))
+        if t < max(target[others]):
+            t = max(max(target[others]), t) + 1e-5
+        target[worst] = t
+    return target
+
+
+def pooling_topology(spacing: Sequence[float], patch: Sequence[int], *, max_stages: int = 7
+                     ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Kernel sizes, strides and the patch rounded up to divisibility, following nnU-Net's rules.
+
+    An axis is pooled while its spacing is less than twice the finest current spacing and its size stays
+    at least ``2 * MIN_FEATURE_MAP``; an axis gets 3-wide kernels once its spacing is within 2x of the
+    finest.
+
+    Returns:
+        ``(kernel_sizes, strides, patch)`` with one entry per stage; ``strides[0]`` is all ones.
+
+    Example:
+        >>> k, s, p = pooling_topology([5.0, 1.0, 1.0], [16, 64, 64])
+        >>> k[0], s[1], p
+        ([1, 3, 3], [1, 2, 2], [16, 64, 64])
+    """
+    dims = len(spacing)
+    cur_spacing = list(map(float, spacing))
+    cur_size = list(map(float, patch))
+    kernel = [1] * dims
+    kernels: list[list[int]] = []
+    strides: list[list[int]] = [[1] * dims]
+    while True:
+        finest = min(cur_spacing)
+        for i in range(dims):
+            if cur_spacing[i] / finest < 2:
+                kernel[i] = 3
+        kernels.append(list(kernel))
+        if len(strides) >= max_stages:
+            break
+        pool = [cur_spacing[i] / finest < 2 and cur_size[i] >= 2 * MIN_FEATURE_MAP for i in range(dims)]
+        if not any(pool):
+            break
+        strides.append([2 if p else 1 for p in pool])
+        for i in range(dims):
+            if pool[i]:
+                cur_spacing[i] *= 2
+                cur_size[i] /= 2
+    if len(kernels) < len(strides):  # pragma: no cover - loop appends a kernel per stage
+        kernels.append(list(kernel))
+    divisor = [math.prod(s[i] for s in strides) for i in range(dims)]
+    rounded = [int(math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
+    return kernels, strides, rounded
+
+
+def initial_patch(spacing: Sequence[float], median_shape: Sequence[float], *, dims: int) -> list[int]:
+    """nnU-Net's starting patch: 256^3 (3D) or 2048^2 (2D) voxels shaped by the spacing, clipped to the median."""
+    inv = 1.0 / np.asarray(spacing, dtype=float)
+    budget = 256.0**3 if dims == 3 else 2048.0**2
+    patch = inv * (budget / np.prod(inv)) ** (1.0 / dims)
+    return [int(max(1, round(min(p, m)))) for p, m in zip(patch, median_shape)]
+
+
+def network_for(spacing: Sequence[float], patch: Sequence[int], *, dims: int, base: int,
+                architecture: str = "plain_unet") -> tuple[NetworkPlan, list[int]]:
+    """Network topology for a patch and spacing; returns the network and the divisibility-rounded patch."""
+    kernels, strides, rounded = pooling_topology(spacing, patch)
+    n = len(strides)
+    feats = tuple(min(base * 2**s, MAX_FEATURES[dims] * base // BASE_FEATURES) for s in range(n))
+    enc = tuple(2 for _ in range(n)) if architecture == "plain_unet" else tuple(min(1 + s, 6) for s in range(n))
+    net = NetworkPlan(
+        architecture=architecture,
+        features_per_stage=feats,
+        kernel_sizes=tuple(tuple(k) for k in kernels),
+        strides=tuple(tuple(s) for s in strides),
+        n_conv_per_stage_encoder=enc,
+        n_conv_per_stage_decoder=tuple(2 for _ in range(n - 1)),
+        deep_supervision=True,
+    )
+    return net, rounded
+
+
+def activation_bytes(net: NetworkPlan, patch: Sequence[int], *, batch: int) -> float:
+    """Rough training memory: ~10 float32 activation copies per stage (calibrated on nnU-Net's 8 GB plans)."""
+    total, size = 0.0, np.asarray(patch, dtype=float)
+    for feats, stride in zip(net.features_per_stage, net.strides):
+        size = size / np.asarray(stride)
+        total += feats * float(np.prod(size))
+    return total * 10 * 4 * batch
+
+
+def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
+                 num_classes: int, device: DeviceProfile) -> float:
+    """Cost-model estimate of one training iteration on ``device``."""
+    from automedseg.network import estimate_training_flops
+
+    flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
+                                    patch_size=tuple(patch), dims=dims) * batch
+    overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else 1.15
+    return overhead * flops / (device.gflops_at(net.features_per_stage[0]) * 1e9) + 0.01
+
+
+# --- configurations -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    fingerprint: dict[str, Any]
+    device: DeviceProfile
+    time_budget_s: float | None
+    seed: int
+    in_channels: int
+    num_classes: int
+    normalization: tuple[ChannelNormalization, ...]
+    total_voxels: float
+    architecture: str
+
+
+def _normalization(fingerprint: dict[str, Any]) -> tuple[ChannelNormalization, ...]:
+    out = []
+    for modality, stats in zip(fingerprint["modalities"], fingerprint["dataset"]["intensity"]):
+        if modality == "ct":
+            out.append(ChannelNormalization("ct", clip_low=stats["p00_5"], clip_high=stats["p99_5"],
+                                            mean=stats["mean"], std=max(stats["std"], 1e-8)))
+        elif modality == "rgb":
+            out.append(ChannelNormalization("rgb_to_01"))
+        elif modality == "none":
+            out.append(ChannelNormalization("none"))
+        else:
+            out.append(ChannelNormalization("zscore"))
+    return tuple(out)
+
+
+def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[int, int, float | None, list[str]]:
+    """Epochs and iterations per epoch for a step time; also the budget used and notes."""
+    notes = []
+    budget = ctx.time_budget_s
+    if budget is None and ctx.device.kind == "cpu":
+        budget = DEFAULT_CPU_BUDGET_S
+        notes.append(f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold")
+    if budget is None:
+        return GPU_DEFAULT_EPOCHS, ITERATIONS_PER_EPOCH_MAX, None, notes
+    # 8% goes to per-epoch validation batches and the final sliding-window validation.
+    total = max(20, int(budget * 0.92 / step_s))
+    ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
+    epochs = max(1, total // ipe)
+    return epochs, ipe, budget, notes
+
+
+def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,
+         data_identifier: str) -> ConfigurationPlan:
+    """Choose patch, width and batch for one configuration, then the schedule."""
+    sp = [float(v) for v in (spacing if dims == 3 else spacing[1:])]
+    med = [float(v) for v in (median_shape if dims == 3 else median_shape[1:])]
+    patch = initial_patch(sp, med, dims=dims)
+    limit_bytes = ctx.device.memory_gib * 2**30 * (0.85 if ctx.device.kind != "cpu" else 0.5)
+    notes: list[str] = []
+    budget = ctx.time_budget_s
+    if budget is None and ctx.device.kind == "cpu":
+        budget = DEFAULT_CPU_BUDGET_S
+    min_iters = MIN_ITERATIONS
+    while True:
+        net, rounded = network_for(sp, patch, dims=dims, base=BASE_FEATURES, architecture=ctx.architecture)
+        bs_cap = max(2, int(round(DATASET_COVERAGE_CAP * ctx.total_voxels / math.prod(rounded))))
+        choice = None
+        for base in WIDTH_CANDIDATES:
+            net, rounded = network_for(sp, patch, dims=dims, base=base, architecture=ctx.architecture)
+            if activation_bytes(net, rounded, batch=2) > limit_bytes:
+                continue
+            if budget is None:  # GPU without budget: nnU-Net widths, batch by memory
+                choice = (net, rounded, 2)
+                break
+            t = step_seconds(net, rounded, batch=2, dims=dims, in_channels=ctx.in_channels,
+                             num_classes=ctx.num_classes, device=ctx.device)
+            if budget / t >= min_iters:
+                choice = (net, rounded, 2)
+                break
+        shrinkable = any(p > 2 * MIN_FEATURE_MAP * 2 for p in patch)
+        if choice is not None or not shrinkable:
+            break
+        axis = int(np.argmax(np.asarray(patch) / np.asarray(med)))
+        patch[axis] = max(MIN_FEATURE_MAP * 2, int(patch[axis] * 0.8))
+        notes.append("patch reduced to fit the time budget")
+    if choice is None:
+        net, rounded = network_for(sp, patch, dims=dims, base=WIDTH_CANDIDATES[-1], architecture=ctx.architecture)
+        choice = (net, rounded, 2)
+        notes.append(f"the budget allows fewer than {min_iters} iterations even for the smallest network")
+    net, rounded, batch = choice
+    # Grow the batch while memory, dataset coverage and the iteration floor allow.
+    while batch < bs_cap:
+        nb = batch + 1
+        if activation_bytes(net, rounded, batch=nb) > limit_bytes:
+            break
+        if budget is not None:
+            t = step_seconds(net, rounded, batch=nb, dims=dims, in_channels=ctx.in_channels,
+                             num_classes=ctx.num_classes, device=ctx.device)
+            if budget / t < min_iters:
+                break
+        batch = nb
+    step_s = step_seconds(net, rounded, batch=batch, dims=dims, in_channels=ctx.in_channels,
+                          num_classes=ctx.num_classes, device=ctx.device)
+    epochs, ipe, used_budget, sched_notes = _schedule(step_s, ctx, dims=dims)
+    notes += sched_notes
+    fold_s = step_s * epochs * ipe
+    notes.append(
+        f"width {net.features_per_stage[0]}, batch {batch}, patch {rounded}: "
+        f"~{step_s:.2f} s/iteration, {epochs} x {ipe} iterations, ~{fold_s / 60:.0f} min per fold on {ctx.device.name}"
+    )
+    aniso_patch = dims == 3 and max(rounded) / rounded[0] > ANISO_THRESHOLD
+    mirror = tuple(range(dims))
+    aug = AugmentationPlan(
+        rotation_range_rad=(-math.pi, math.pi) if dims == 2 else (-0.5236, 0.5236),
+        mirror_axes=mirror,
+        do_dummy_2d=aniso_patch,
+    )
+    workers = 1 if ctx.device.kind == "cpu" else max(1, min(12, ctx.device.cpu_threads - 1))
+    training = TrainingPlan(
+        epochs=epochs,
+        iterations_per_epoch=ipe,
+        val_iterations=max(5, min(50, ipe // 5)),
+        num_workers=workers,
+        seed=ctx.seed,
+        time_budget_s=used_budget,
+        estimated_seconds_per_iteration=round(step_s, 4),
+        estimated_fold_seconds=round(fold_s, 1),
+    )
+    sep_z = bool(max(spacing) / min(spacing) > ANISO_THRESHOLD) if dims == 3 or spacing[0] < 999 else False
+    return ConfigurationPlan(
+        name=name,
+        data_identifier=data_identifier,
+        dims=dims,
+        spacing_mm=tuple(float(f"{v:.6g}") for v in spacing),  # type: ignore[arg-type]
+        patch_size=tuple(rounded),
+        batch_size=batch,
+        median_shape=tuple(int(round(v)) for v in median_shape),  # type: ignore[arg-type]
+        normalization=ctx.normalization,
+        image_order=3,
+        label_order=1,
+        separate_z=sep_z,
+        out_of_plane_order=0,
+        network=net,
+        augmentation=aug,
+        training=training,
+        notes=tuple(notes),
+    )
+
+
+def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_budget_s: float | None = None,
+                 seed: int = 12345, configurations: Sequence[str] | None = None,
+                 architecture: str = "plain_unet") -> Plans:
+    """Derive all configurations for a fingerprinted dataset.
+
+    Args:
+        fingerprint: Output of :func:`automedseg.fingerprint.compute_fingerprint`.
+        device: The machine to plan for (:func:`measure_device`).
+        time_budget_s: Wall-clock training budget per fold in seconds (``None``: rule default).
+        seed: Seed recorded in the training plans.
+        configurations: Subset of ``2d``, ``3d_fullres``, ``3d_lowres`` to plan (default: all that apply).
+        architecture: ``plain_unet`` or ``residual_unet``.
+    """
+    cases = fingerprint["cases"]
+    spacings = np.array([c["spacing_mm"] for c in cases], dtype=float)
+    shapes = np.array([c["shape_after_crop"] for c in cases], dtype=float)
+    is_2d = bool(fingerprint["is_2d"])
+    if is_2d:
+        fullres = np.median(spacings, axis=0)
+        transpose = (0, 1, 2)
+    else:
+        fullres = target_spacing(spacings, shapes)
+        worst = int(np.argmax(fullres))
+        transpose = (worst, *[i for i in range(3) if i != worst])
+    tf = list(transpose)
+    sp_t = fullres[tf]
+    new_shapes = (shapes * spacings / fullres)[:, tf]
+    median_shape = np.median(new_shapes, axis=0)
+    labels = {str(k): int(v) for k, v in fingerprint["labels"].items()}
+    ctx = _Context(
+        fingerprint=fingerprint, device=device, time_budget_s=time_budget_s, seed=seed,
+        in_channels=len(fingerprint["channel_names"]), num_classes=max(labels.values()) + 1,
+        normalization=_normalization(fingerprint),
+        total_voxels=float(np.prod(new_shapes, axis=1).sum()), architecture=architecture,
+    )
+    wanted = set(configurations) if configurations else {"2d", "3d_fullres", "3d_lowres"}
+    configs: dict[str, ConfigurationPlan] = {}
+    if "2d" in wanted:
+        configs["2d"] = _fit(ctx, name="2d", spacing=sp_t, median_shape=median_shape, dims=2,
+                             data_identifier="fullres")
+    if not is_2d and wanted & {"3d_fullres", "3d_lowres"}:
+        full = _fit(ctx, name="3d_fullres", spacing=sp_t, median_shape=median_shape, dims=3,
+                    data_identifier="fullres")
+        if "3d_fullres" in wanted:
+            configs["3d_fullres"] = full
+        if "3d_lowres" in wanted:
+            low = _lowres(ctx, full, sp_t, median_shape, spacings, shapes, fullres, tf)
+            if low is not None:
+                configs["3d_lowres"] = low
+    return Plans(
+        dataset_name=str(fingerprint["dataset_name"]),
+        channel_names=tuple(fingerprint["channel_names"]),
+        labels=labels,
+        transpose_forward=transpose,  # type: ignore[arg-type]
+        original_median_spacing_mm=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
+        original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
+        device=device,
+        configurations=configs,
+        planner_version=__version__,
+    )
+
+
+def _lowres(ctx: _Context, full: ConfigurationPlan, sp_t: np.ndarray, median_shape: np.ndarray,
+            spacings: np.ndarray, shapes: np.ndarray, fullres: np.ndarray, tf: list[int]) -> ConfigurationPlan | None:
+    """A low-resolution configuration when the full-resolution patch covers under a quarter of the image."""
+    coverage = math.prod(full.patch_size) / float(np.prod(median_shape))
+    if coverage >= 0.25:
+        return None
+    spacing = np.array(sp_t, dtype=float)
+    for _ in range(200):
+        # Coarsen the finest axes first, towards isotropy, then all together.
+        finest = spacing.min()
+        grow = spacing < 2 * finest
+        spacing = np.where(grow, spacing * 1.03, spacing)
+        med = np.median((shapes * spacings)[:, tf] / spacing, axis=0)
+        if math.prod(full.patch_size) / float(np.prod(med)) >= 0.25:
+            break
+    med = np.median((shapes * spacings)[:, tf] / spacing, axis=0)
+    if np.prod(med) * 2 > np.prod(median_shape):  # lowres would be barely smaller: skip like nnU-Net
+        pass
+    return _fit(ctx, name="3d_lowres", spacing=spacing, median_shape=med, dims=3,
+                data_identifier="lowres_" + "x".join(f"{v:.3g}" for v in spacing))

@@ -1,0 +1,448 @@
+"""Plans: the frozen, versioned, JSON-only description of how a dataset is trained.
+
+A plan is derived by :mod:`automedseg.planning` from a fingerprint and read by every later stage
+(preprocessing, training, inference). It holds only JSON types, so a person can read and edit
+``plans.json``; loading validates every field and names the one that is wrong.
+
+Axis conventions: every spatial tuple is in *array order* (z, y, x) of the image after the plan's
+``transpose_forward`` was applied. 2D data is stored as 3D arrays with a z size of 1.
+
+Example:
+    >>> plans = Plans.from_json(Plans.to_json(plans))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
+ARCHITECTURES = ("plain_unet", "residual_unet")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class PlanError(ValueError):
+    """A plan file is malformed; the message names the field and the problem."""
+
+
+@dataclass(frozen=True)
+class ChannelNormalization:
+    """How one input channel is normalised.
+
+    Attributes:
+        scheme: ``ct`` (clip to the foreground percentiles, then z-score with the foreground mean and
+            std of the whole dataset), ``zscore`` (per-image z-score), ``rgb_to_01`` (divide by 255) or
+            ``none``.
+        clip_low: Lower clip value (``ct`` only).
+        clip_high: Upper clip value (``ct`` only).
+        mean: Dataset foreground mean (``ct`` only).
+        std: Dataset foreground standard deviation (``ct`` only).
+    """
+
+    scheme: str
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in NORMALIZATION_SCHEMES:
+            raise PlanError(f"normalization scheme {self.scheme!r} is not one of {NORMALIZATION_SCHEMES}")
+        if self.scheme == "ct" and None in (self.clip_low, self.clip_high, self.mean, self.std):
+            raise PlanError("ct normalization needs clip_low, clip_high, mean and std")
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Topology of the dynamic U-Net (see :mod:`automedseg.network`).
+
+    Attributes:
+        architecture: Registry key, ``plain_unet`` or ``residual_unet`` (residual encoder).
+        features_per_stage: Feature width of each resolution stage, shallowest first.
+        kernel_sizes: Convolution kernel per stage, one int per spatial axis.
+        strides: Downsampling stride per stage (the first is all ones), one int per axis.
+        n_conv_per_stage_encoder: Convolutions (or residual blocks) per encoder stage.
+        n_conv_per_stage_decoder: Convolutions per decoder stage (``n_stages - 1`` entries).
+        deep_supervision: Whether the decoder has an output head at each resolution.
+    """
+
+    architecture: str
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    n_conv_per_stage_encoder: tuple[int, ...]
+    n_conv_per_stage_decoder: tuple[int, ...]
+    deep_supervision: bool = True
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise PlanError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        n = len(self.features_per_stage)
+        if not (len(self.kernel_sizes) == len(self.strides) == len(self.n_conv_per_stage_encoder) == n):
+            raise PlanError("features_per_stage, kernel_sizes, strides and n_conv_per_stage_encoder differ in length")
+        if len(self.n_conv_per_stage_decoder) != n - 1:
+            raise PlanError("n_conv_per_stage_decoder must have one entry fewer than features_per_stage")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+
+@dataclass(frozen=True)
+class AugmentationPlan:
+    """Probabilities and ranges of the training augmentation (batchgenerators).
+
+    Angles are in radians, ranges are ``(low, high)``. ``do_dummy_2d`` makes the spatial transform act
+    in-plane only, for strongly anisotropic patches.
+    """
+
+    rotation_p: float = 0.2
+    rotation_range_rad: tuple[float, float] = (-0.5236, 0.5236)
+    scale_p: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    elastic_p: float = 0.0
+    elastic_alpha: tuple[float, float] = (0.0, 200.0)
+    elastic_sigma: tuple[float, float] = (9.0, 13.0)
+    noise_p: float = 0.1
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness_p: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    contrast_p: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    lowres_p: float = 0.25
+    lowres_zoom_range: tuple[float, float] = (0.5, 1.0)
+    gamma_p: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    do_dummy_2d: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Optimisation settings and the schedule that fits the time budget.
+
+    Attributes:
+        epochs: Number of epochs.
+        iterations_per_epoch: Training iterations per epoch.
+        val_iterations: Validation batches per epoch for the pseudo-Dice.
+        optimizer: ``sgd`` (Nesterov) or ``adamw``.
+        initial_lr: Learning rate at the start of the poly schedule.
+        weight_decay: Weight decay.
+        momentum: SGD momentum.
+        poly_exponent: Exponent of the poly learning-rate decay.
+        grad_clip_norm: Gradient norm clipping threshold.
+        oversample_foreground: Fraction of each batch forced to contain foreground.
+        dice_weight: Weight of the soft-Dice term of the loss.
+        ce_weight: Weight of the cross-entropy term of the loss.
+        num_workers: Background augmentation worker processes.
+        seed: Seed for splits, sampling and augmentation.
+        time_budget_s: Wall-clock budget the schedule was fitted to (``None``: rule default).
+        estimated_seconds_per_iteration: Cost-model estimate of one training step on the planned device.
+        estimated_fold_seconds: Estimated wall time of one fold (training only).
+    """
+
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations: int = 20
+    optimizer: str = "sgd"
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    poly_exponent: float = 0.9
+    grad_clip_norm: float = 12.0
+    oversample_foreground: float = 0.33
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    num_workers: int = 1
+    seed: int = 12345
+    time_budget_s: float | None = None
+    estimated_seconds_per_iteration: float | None = None
+    estimated_fold_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.epochs < 1 or self.iterations_per_epoch < 1:
+            raise PlanError("epochs and iterations_per_epoch must be at least 1")
+
+
+@dataclass(frozen=True)
+class ConfigurationPlan:
+    """Everything one configuration (``2d``, ``3d_fullres``, ``3d_lowres`` ...) needs.
+
+    Attributes:
+        name: Configuration name.
+        data_identifier: Name of the preprocessed cache folder; configurations that preprocess
+            identically share one.
+        dims: 2 or 3: the network's spatial dimensionality (2D networks train on z-slices).
+        spacing_mm: Target spacing (z, y, x) after transposition.
+        patch_size: Training patch, 2 entries (y, x) for 2D, 3 (z, y, x) for 3D.
+        batch_size: Training batch size.
+        median_shape: Median image shape after cropping and resampling (z, y, x).
+        normalization: One entry per input channel.
+        image_order: Spline order for image resampling.
+        label_order: Spline order for label resampling (applied to one-hot channels).
+        separate_z: Resample the out-of-plane axis separately (anisotropic data).
+        out_of_plane_order: Order used along the out-of-plane axis when ``separate_z``.
+        network: Network topology.
+        augmentation: Augmentation settings.
+        training: Optimisation and schedule.
+        previous_stage: For cascades: the configuration whose output feeds this one (unused for now).
+        notes: Free-form explanations of the planner's choices.
+    """
+
+    name: str
+    data_identifier: str
+    dims: int
+    spacing_mm: tuple[float, float, float]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    median_shape: tuple[int, int, int]
+    normalization: tuple[ChannelNormalization, ...]
+    image_order: int
+    label_order: int
+    separate_z: bool
+    out_of_plane_order: int
+    network: NetworkPlan
+    augmentation: AugmentationPlan
+    training: TrainingPlan
+    previous_stage: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise PlanError(f"configuration {self.name}: dims must be 2 or 3, got {self.dims}")
+        if len(self.patch_size) != self.dims:
+            raise PlanError(f"configuration {self.name}: patch_size needs {self.dims} entries")
+        if any(len(k) != self.dims for k in self.network.kernel_sizes + self.network.strides):
+            raise PlanError(f"configuration {self.name}: kernel sizes and strides need {self.dims} entries each")
+        if self.batch_size < 1:
+            raise PlanError(f"configuration {self.name}: batch_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The machine a plan was made for.
+
+    Attributes:
+        kind: ``cpu``, ``cuda`` or ``mps``.
+        name: Human-readable device name.
+        cpu_threads: Torch threads used for training.
+        memory_gib: Host memory (CPU) or accelerator memory (GPU) available for training.
+        gflops_by_width: ``(feature width, GFLOP/s)`` pairs: measured training throughput of a 3x3(x3)
+            convolution of that width (forward + backward, mixed precision where supported).
+        measured: ``False`` for a nominal profile (planning for a machine other than this one).
+    """
+
+    kind: str
+    name: str
+    cpu_threads: int
+    memory_gib: float
+    gflops_by_width: tuple[tuple[int, float], ...]
+    measured: bool = True
+
+    def gflops_at(self, width: int) -> float:
+        """Throughput for a given feature width, interpolated log-linearly between calibrated widths."""
+        import math
+
+        pts = sorted(self.gflops_by_width)
+        if width <= pts[0][0]:
+            return pts[0][1]
+        if width >= pts[-1][0]:
+            return pts[-1][1]
+        for (w0, g0), (w1, g1) in zip(pts, pts[1:]):
+            if w0 <= width <= w1:
+                t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+                return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
+        return pts[-1][1]  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Plans:
+    """The whole plan of a dataset.
+
+    Attributes:
+        dataset_name: Name from dataset.json.
+        channel_names: Input channel names, in file order.
+        labels: Label name -> integer value, background included.
+        transpose_forward: Axis permutation applied to (z, y, x) arrays before everything else.
+        original_median_spacing_mm: Median spacing of the raw data (z, y, x, before transposition).
+        original_median_shape: Median raw shape (z, y, x, before transposition).
+        device: The machine this plan was fitted to.
+        configurations: Configuration name -> configuration.
+        schema_version: Version of this file format.
+        planner_version: Version of the package that wrote the plan.
+    """
+
+    dataset_name: str
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    transpose_forward: tuple[int, int, int]
+    original_median_spacing_mm: tuple[float, float, float]
+    original_median_shape: tuple[int, int, int]
+    device: DeviceProfile
+    configurations: dict[str, ConfigurationPlan] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    planner_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise PlanError(
+                f"schema_version {self.schema_version} is not supported (this automedseg reads {SCHEMA_VERSION})"
+            )
+        if sorted(self.transpose_forward) != [0, 1, 2]:
+            raise PlanError(f"transpose_forward {self.transpose_forward} is not a permutation of (0, 1, 2)")
+
+    @property
+    def transpose_backward(self) -> tuple[int, int, int]:
+        """The inverse permutation of :attr:`transpose_forward`."""
+        return tuple(int(i) for i in sorted(range(3), key=lambda a: self.transpose_forward[a]))  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes, background included."""
+        return max(self.labels.values()) + 1
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        """Return a configuration by name, with an error that lists the available ones."""
+        if name not in self.configurations:
+            raise PlanError(f"configuration {name!r} is not in the plan; available: {sorted(self.configurations)}")
+        return self.configurations[name]
+
+    def with_configuration(self, config: ConfigurationPlan) -> Plans:
+        """Return a copy with ``config`` added or replaced."""
+        return dataclasses.replace(self, configurations={**self.configurations, config.name: config})
+
+    # --- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plan as nested JSON types."""
+        return to_jsonable(self)
+
+    def to_json(self) -> str:
+        """Return the plan as indented, deterministic JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plans:
+        """Build and validate a plan from JSON types; raises :class:`PlanError` naming the bad field."""
+        return from_jsonable(cls, data, "plans")
+
+    @classmethod
+    def from_json(cls, text: str) -> Plans:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: Path) -> None:
+        """Write ``plans.json`` atomically."""
+        from automedseg.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> Plans:
+        """Read and validate a plan file; errors name the file."""
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read: {e.strerror}") from None
+
+
+# --- generic, type-checked (de)serialisation of the dataclasses above ---------------------------
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, tuples and dicts into JSON types (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, float):
+        return float(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    return obj
+
+
+def from_jsonable(tp: Any, data: Any, where: str) -> Any:
+    """Build a value of type ``tp`` from JSON data, checking types; ``where`` names the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise PlanError(f"{where}: unknown field(s) {unknown}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in data:
+                kwargs[name] = from_jsonable(hints[name], data[name], f"{where}.{name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise PlanError(f"{where}: missing field {name!r}")
+        try:
+            return tp(**kwargs)
+        except PlanError as e:
+            raise PlanError(f"{where}: {e}") from None
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return from_jsonable(a, data, where)
+            except PlanError as e:
+                errors.append(str(e))
+        raise PlanError(errors[0] if errors else f"{where}: unexpected null")
+    if origin is tuple:
+        if not isinstance(data, list):
+            raise PlanError(f"{where}: expected a list, got {type(data).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
+        if len(data) != len(args):
+            raise PlanError(f"{where}: expected {len(args)} entries, got {len(data)}")
+        return tuple(from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
+        return {str(k): from_jsonable(args[1], v, f"{where}.{k}") for k, v in data.items()}
+    if tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise PlanError(f"{where}: expected a number, got {data!r}")
+        return float(data)
+    if tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            if isinstance(data, float) and data.is_integer():
+                return int(data)
+            raise PlanError(f"{where}: expected an integer, got {data!r}")
+        return data
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise PlanError(f"{where}: expected true or false, got {data!r}")
+        return data
+    if tp is str:
+        if not isinstance(data, str):
+            raise PlanError(f"{where}: expected a string, got {data!r}")
+        return data
+    raise PlanError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
