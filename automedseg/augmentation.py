@@ -24,7 +24,9 @@ Batches are dicts of numpy arrays, ready for ``torch.from_numpy`` (no copy)::
 Randomness: the sampler draws from its own ``np.random.Generator``; batchgenerators' transforms draw
 from the global ``np.random`` and ``random`` modules, which every worker seeds from the loader seed and
 its index. The in-process loader swaps a private copy of both global states in and out around each batch,
-so it is deterministic for a given seed and leaves the caller's global random state untouched.
+so it is deterministic for a given seed and leaves the caller's global random state untouched. Worker
+``i`` of a background loader draws the same streams for every run with the same seed, and worker 0 draws
+exactly what the in-process loader draws.
 
 Example:
     >>> with make_training_loader(folder, train_ids, config) as loader:  # doctest: +SKIP
@@ -267,6 +269,7 @@ class PatchSampler(SlimDataLoaderBase):
         # memory maps must not be pickled (that would copy the arrays); workers reopen them lazily
         state = self.__dict__.copy()
         state["_arrays"] = OrderedDict()
+        state["_locs"] = {}
         return state
 
     # --- cache access ---------------------------------------------------------------------------

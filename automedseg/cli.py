@@ -110,6 +110,60 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     click.echo(f"done in {time.perf_counter() - t0:.1f} s; work folder {ws.root}")
 
 
+def _fold_arg(value: str) -> int | str:
+    if value == "all":
+        return "all"
+    try:
+        fold = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 0-4 or 'all'") from None
+    return fold
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
+@click.option("-c", "--configuration", default="3d_fullres", show_default=True)
+@click.option("-f", "--fold", "fold", default="0", show_default=True, help="Fold 0-4, or 'all'.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+              help="Default: CUDA if present, else MPS, else CPU.")
+@click.option("--epochs", type=int, default=None, help="Override the plan's number of epochs.")
+@click.option("--iterations-per-epoch", type=int, default=None, help="Override the plan's iterations per epoch.")
+@click.option("--time-budget", default=None, help="Fit training into this wall time, e.g. 20m.")
+@click.option("--early-stopping", type=int, default=None, metavar="EPOCHS",
+              help="Stop after this many epochs without a better EMA pseudo-Dice.")
+@click.option("--pretrained", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Initialise from another automedseg checkpoint (matching layers).")
+@click.option("--restart", is_flag=True, help="Discard existing checkpoints of this fold and start again.")
+@click.option("--threads", type=int, default=None, help="Torch CPU threads.")
+@click.option("--workers", type=int, default=None, help="Augmentation worker processes (0: in-process).")
+@click.option("--no-amp", is_flag=True, help="Train in float32.")
+@click.option("--no-validate", is_flag=True, help="Skip the final sliding-window validation.")
+def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, device: str | None,
+          epochs: int | None, iterations_per_epoch: int | None, time_budget: str | None,
+          early_stopping: int | None, pretrained: Path | None, restart: bool, threads: int | None,
+          workers: int | None, no_amp: bool, no_validate: bool) -> None:
+    """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
+    from automedseg.training import TrainOptions, train_fold
+
+    ws = _workspace(dataset, work_dir)
+    if not ws.plans_path.is_file():
+        _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    folds: list[int | str] = [_fold_arg(f) for f in fold.split(",")]
+    options = TrainOptions(
+        device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+        time_budget_s=parse_duration(time_budget), restart=restart, pretrained=pretrained,
+        early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
+        validate=not no_validate, progress=sys.stderr.isatty(),
+    )
+    for f in folds:
+        result = train_fold(ws, configuration, f, options=options, log=click.echo)
+        msg = f"fold {f}: {result.epochs_run} epochs, {result.train_seconds / 60:.1f} min"
+        if result.validation and result.validation.get("mean_dice") is not None:
+            msg += f", validation mean Dice {result.validation['mean_dice']:.4f}"
+        click.echo(msg)
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_data"), show_default=True,
               help="Where to write the demo dataset and its work folder.")

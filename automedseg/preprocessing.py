@@ -283,7 +283,12 @@ def _preprocess_worker(args: tuple[CaseFiles, DatasetSpec, Plans, str, Path, str
     atomic_save_npy(folder / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
     atomic_save_npz(folder / f"{case.case_id}_locs.npz", **locs)
     # The properties file is written last: its presence marks a complete case.
-    atomic_write_json(folder / f"{case.case_id}.json", {**props.to_dict(), "preprocessing_key": key})
+    atomic_write_json(folder / f"{case.case_id}.json", {
+        **props.to_dict(),
+        "preprocessing_key": key,
+        "image_files": [str(p.resolve()) for p in case.images],
+        "label_file": str(case.label.resolve()),
+    })
     return case.case_id
 
 

@@ -332,6 +332,14 @@ def _read_stat(pid: int) -> tuple[int, int, int] | None:
         return None
 
 
+def _cmdline(pid: int, max_chars: int = 160) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode("utf-8", errors="replace").strip()[:max_chars]
+    except OSError:
+        return "?"
+
+
 def _pss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
@@ -405,13 +413,15 @@ def run_measured(
         tail_chars: how many trailing characters of combined stdout+stderr to return.
 
     Returns:
-        Dict with wall_s, peak_rss_mib, peak_pss_mib (or None), peak_processes, n_samples, returncode,
-        stdout_tail and cmd.
+        Dict with wall_s, peak_rss_mib, peak_pss_mib (or None), peak_processes, peak_tree_mib (the
+        [rss_mib, cmdline] of each process at the peak RSS sample), n_samples, returncode, stdout_tail
+        and cmd.
     """
     cmd = [str(c) for c in cmd]
     peak_rss_pages = 0
     peak_pss_kib = 0
     peak_procs = 0
+    peak_tree: list[tuple[float, str]] = []
     n_samples = 0
     with contextlib.ExitStack() as stack:
         if log_path is not None:
@@ -428,7 +438,13 @@ def run_measured(
             tree = process_tree(proc.pid)
             n_samples += 1
             if tree:
-                peak_rss_pages = max(peak_rss_pages, sum(tree.values()))
+                total = sum(tree.values())
+                if total > peak_rss_pages:
+                    peak_rss_pages = total
+                    peak_tree = sorted(
+                        ((round(rss * _PAGE_SIZE / _MIB, 1), _cmdline(pid)) for pid, rss in tree.items()),
+                        reverse=True,
+                    )
                 peak_procs = max(peak_procs, len(tree))
                 now = time.perf_counter()
                 if pss_interval_s is not None and now >= next_pss:
@@ -451,6 +467,7 @@ def run_measured(
         "peak_rss_mib": round(peak_rss_pages * _PAGE_SIZE / _MIB, 1),
         "peak_pss_mib": round(peak_pss_kib / 1024.0, 1) if pss_interval_s is not None else None,
         "peak_processes": peak_procs,
+        "peak_tree_mib": peak_tree,
         "n_samples": n_samples,
         "returncode": proc.returncode,
         "stdout_tail": tail,
@@ -496,6 +513,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

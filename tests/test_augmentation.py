@@ -329,8 +329,10 @@ def test_background_workers_yield_batches_and_shut_down(cache: Path) -> None:
             next(loader)
     # seeded workers, round-robin order: the same seed gives the same batches
     assert all(_batches_equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
-    # the two workers draw different streams
+    # the two workers draw different streams; worker 0 (batches 0, 2) draws what the in-process loader draws
     assert not _batches_equal(runs[0][0], runs[0][1])
+    with make_training_loader(cache, ALL_CASES, config, num_processes=0) as loader:
+        assert _batches_equal(runs[0][0], next(loader)) and _batches_equal(runs[0][2], next(loader))
 
 
 def test_validation_loader_does_not_augment(cache: Path) -> None:

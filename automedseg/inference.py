@@ -1,0 +1,224 @@
+"""Sliding-window inference from a plan and trained weights (no training code needed).
+
+A trained fold folder holds ``plans.json`` (the plan with the configuration as trained) and
+``checkpoint_final.pt`` (or ``checkpoint_best.pt`` / ``checkpoint_latest.pt``). :func:`load_fold`
+rebuilds the network from them; :func:`predict_preprocessed` runs a Gaussian-weighted sliding window with
+optional mirroring in preprocessed space; :func:`predict_case` goes from a raw image to class
+probabilities on the raw image grid, averaging several folds (an ensemble).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from automedseg.io import Geometry
+from automedseg.network import build_network
+from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.preprocessing import CaseProperties, preprocess_image, restore_probabilities
+
+CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """``cpu``, ``cuda`` or ``mps``; default: CUDA if present, then MPS, then CPU."""
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device is available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CPUs that support it, fp16 AMP on CUDA, nothing elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if enabled and device.type == "cpu" and cpu_supports_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN reports native bf16 support (AVX-512 BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def memory_format(dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    return torch.load(Path(path), map_location=device, weights_only=True)
+
+
+@dataclass
+class LoadedFold:
+    """A network ready for inference and the plan it was trained with."""
+
+    plans: Plans
+    config: ConfigurationPlan
+    model: torch.nn.Module
+    path: Path
+
+
+def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = None) -> LoadedFold:
+    """Rebuild the network of a trained fold from its ``plans.json`` and weights."""
+    fold_dir = Path(fold_dir)
+    plans = Plans.load(fold_dir / "plans.json")
+    (name,) = plans.configurations  # a fold's plan copy holds exactly its configuration
+    config = plans.configurations[name]
+    names = [checkpoint] if checkpoint else list(CHECKPOINT_PREFERENCE)
+    path = next((fold_dir / n for n in names if (fold_dir / n).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{fold_dir}: no checkpoint ({', '.join(names)})")
+    ckpt = load_checkpoint(path, device)
+    model = build_network(config.network, in_channels=len(plans.channel_names), num_classes=plans.num_classes,
+                          dims=config.dims)
+    model.load_state_dict(ckpt["model"])
+    model.deep_supervision = False
+    model.to(device).eval()
+    if device.type == "cpu":
+        model = model.to(memory_format=memory_format(config.dims))
+    return LoadedFold(plans, config, model, path)
+
+
+def gaussian_importance(patch_size: Sequence[int], *, sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weight map for blending tiles (centre 1, edges small but nonzero).
+
+    Example:
+        >>> w = gaussian_importance((5, 5))
+        >>> float(w[2, 2]), bool(w[0, 0] > 0)
+        (1.0, True)
+    """
+    grids = np.meshgrid(*[np.arange(p, dtype=np.float64) - (p - 1) / 2 for p in patch_size], indexing="ij")
+    sq = sum((g / max(p * sigma_scale, 1e-6)) ** 2 for g, p in zip(grids, patch_size))
+    w = np.exp(-0.5 * sq)
+    w /= w.max()
+    w[w == 0] = w[w > 0].min()
+    return w.astype(np.float32)
+
+
+def tile_starts(size: int, patch: int, step: float) -> list[int]:
+    """Start offsets of tiles along one axis, overlapping by ``1 - step``, covering [0, size)."""
+    if size <= patch:
+        return [0]
+    n = int(math.ceil((size - patch) / (patch * step))) + 1
+    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+
+
+def _mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+@torch.inference_mode()
+def predict_preprocessed(model: torch.nn.Module, data: np.ndarray, config: ConfigurationPlan, *,
+                         device: torch.device, num_classes: int, step: float = 0.5,
+                         mirror_axes: Sequence[int] | None = None, tile_batch: int = 4,
+                         amp: bool = True) -> np.ndarray:
+    """Sliding-window logits over a preprocessed ``(C, Z, Y, X)`` image.
+
+    2D configurations predict each z-slice. Tiles are blended with a Gaussian, batched ``tile_batch``
+    at a time; with ``mirror_axes`` (patch axes) the logits of all flip combinations are averaged.
+
+    Returns:
+        float32 logits ``(K, Z, Y, X)``.
+    """
+    patch = tuple(config.patch_size)
+    dims = config.dims
+    c, *spatial = data.shape
+    vol = data if dims == 3 else data.transpose(1, 0, 2, 3)  # 2D: slices become the batch (Z, C, Y, X)
+    img_shape = tuple(spatial) if dims == 3 else tuple(spatial[1:])
+    pad = [max(p - s, 0) for p, s in zip(patch, img_shape)]
+    pad_before = [p // 2 for p in pad]
+    padded_shape = tuple(s + p for s, p in zip(img_shape, pad))
+    weight = torch.from_numpy(gaussian_importance(patch)).to(device)
+    starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(padded_shape, patch)]))
+    flips = _mirror_sets([a + 2 for a in (mirror_axes or ())])
+    mf = memory_format(dims) if device.type == "cpu" else torch.contiguous_format
+    n_items = 1 if dims == 3 else vol.shape[0]
+    out = np.zeros((num_classes, *spatial), dtype=np.float32)
+    for item in range(n_items):
+        arr = vol if dims == 3 else vol[item]
+        x = torch.zeros((c, *padded_shape), dtype=torch.float32)
+        sl = tuple(slice(b, b + s) for b, s in zip(pad_before, img_shape))
+        x[(slice(None), *sl)] = torch.from_numpy(np.array(arr, dtype=np.float32))
+        x = x.to(device)
+        acc = torch.zeros((num_classes, *padded_shape), dtype=torch.float32, device=device)
+        norm = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+        for i in range(0, len(starts), tile_batch):
+            chunk = starts[i:i + tile_batch]
+            tiles = torch.stack([x[(slice(None), *[slice(s, s + p) for s, p in zip(st, patch)])] for st in chunk])
+            tiles = tiles.contiguous(memory_format=mf)
+            logits = None
+            for f in flips:
+                inp = torch.flip(tiles, f) if f else tiles
+                with autocast_context(device, amp):
+                    y = model(inp)
+                y = y.float()
+                y = torch.flip(y, f) if f else y
+                logits = y if logits is None else logits + y
+            assert logits is not None
+            logits = logits / len(flips)
+            for st, lg in zip(chunk, logits):
+                region = tuple(slice(s, s + p) for s, p in zip(st, patch))
+                acc[(slice(None), *region)] += lg * weight
+                norm[region] += weight
+        acc /= norm
+        res = acc[(slice(None), *sl)].cpu().numpy()
+        if dims == 3:
+            out[:] = res
+        else:
+            out[:, item] = res
+    return out
+
+
+def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Numerically stable softmax over ``axis``."""
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def predict_case(folds: Sequence[LoadedFold], image: np.ndarray, geometry: Geometry, *, device: torch.device,
+                 step: float = 0.5, mirror: bool = True, amp: bool = True) -> np.ndarray:
+    """Class probabilities ``(K, Z, Y, X)`` on the raw image grid, averaged over ``folds``.
+
+    All folds must share a configuration's preprocessing (they do when trained from one plan).
+    """
+    plans, config = folds[0].plans, folds[0].config
+    data, _, props = preprocess_image(image, geometry, plans, config)
+    probs = predict_probabilities_preprocessed(folds, data, device=device, step=step, mirror=mirror, amp=amp)
+    return restore_probabilities(probs, props, plans, config)
+
+
+def predict_probabilities_preprocessed(folds: Sequence[LoadedFold], data: np.ndarray, *, device: torch.device,
+                                       step: float = 0.5, mirror: bool = True, amp: bool = True) -> np.ndarray:
+    """Average softmax probabilities of several folds on one preprocessed image."""
+    total = None
+    for fold in folds:
+        axes = fold.config.augmentation.mirror_axes if mirror else ()
+        logits = predict_preprocessed(fold.model, data, fold.config, device=device,
+                                      num_classes=fold.plans.num_classes, step=step, mirror_axes=axes, amp=amp)
+        p = softmax(logits)
+        total = p if total is None else total + p
+    assert total is not None
+    return total / len(folds)
+
+
+def restore_case(probs: np.ndarray, props: CaseProperties, plans: Plans, config: ConfigurationPlan) -> np.ndarray:
+    """Probabilities in preprocessed space -> raw image grid (alias kept for readability at call sites)."""
+    return restore_probabilities(probs, props, plans, config)
