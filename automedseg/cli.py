@@ -164,11 +164,110 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         click.echo(msg)
 
 
+def _resolve_workspace(target: Path, work_dir: Path | None):
+    """A work folder given directly (it holds plans.json) or derived from a dataset folder."""
+    from automedseg.workspace import Workspace
+
+    if work_dir is None and (Path(target) / "plans.json").is_file():
+        return Workspace(Path(target))
+    return _workspace(target, work_dir)
+
+
+@main.command()
+@click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of images (nnU-Net _0000 files or one, possibly 4D, file per case).")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("-d", "--dataset", "target", required=True, type=click.Path(path_type=Path),
+              help="The dataset folder (its work folder is used) or a work folder.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("-c", "--configuration", default=None,
+              help="Configuration, or an ensemble like 2d+3d_fullres (default: find_best.json's choice).")
+@click.option("-f", "--folds", multiple=True, help="Folds to ensemble (default: all trained).")
+@click.option("--step", default=0.5, show_default=True, help="Tile step as a fraction of the patch.")
+@click.option("--no-mirror", is_flag=True, help="Disable test-time mirroring.")
+@click.option("--no-postprocessing", is_flag=True, help="Do not apply postprocessing.json.")
+@click.option("--save-probabilities", is_flag=True, help="Also write class probabilities (.npz).")
+@click.option("--overlays", is_flag=True, help="Write PNG overlays of a few slices per case.")
+@click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None)
+@click.option("--threads", type=int, default=None, help="Torch CPU threads.")
+def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | None, configuration: str | None,
+            folds: tuple[str, ...], step: float, no_mirror: bool, no_postprocessing: bool,
+            save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
+            threads: int | None) -> None:
+    """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
+    import json
+
+    ws = _resolve_workspace(target, work_dir)
+    if configuration is None:
+        best = ws.root / "find_best.json"
+        if not best.is_file():
+            _fail([f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first"])
+        configuration = json.loads(best.read_text())["best"]["configuration"]
+    import torch
+
+    from automedseg.inference import find_folds, predict_folder
+
+    if threads:
+        torch.set_num_threads(threads)
+    members = configuration.split("+")
+    try:
+        groups = [find_folds(ws.configuration_dir(m), [_fold_arg(f) for f in folds] or None) for m in members]
+    except FileNotFoundError as e:
+        _fail([str(e)])
+        return
+    post = None
+    pp_path = ws.root / f"postprocessing_{configuration}.json" if len(members) > 1 else \
+        ws.postprocessing_path(configuration)
+    if not no_postprocessing and pp_path.is_file():
+        from automedseg.postprocessing import apply_postprocessing, load_postprocessing
+
+        choice = load_postprocessing(pp_path)
+        click.echo(f"post-processing from {pp_path}")
+
+        def post(seg):  # noqa: ANN001, ANN202
+            return apply_postprocessing(seg, choice)
+
+    report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=not no_mirror,
+                            overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
+                            overlays=overlays, progress=sys.stderr.isatty(), log=click.echo)
+    click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
+               f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
+    if report.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("reference_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("prediction_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--labels", multiple=True, type=int, help="Labels to score (default: all in the references).")
+@click.option("--tolerance-mm", default=1.0, show_default=True, help="Tolerance of the normalised surface Dice.")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
+              help="Where the CSV/JSON go (default: PREDICTION_DIR).")
+def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...], tolerance_mm: float,
+             output_dir: Path | None) -> None:
+    """Score masks against references: Dice, IoU, precision, recall, HD95, ASSD, NSD, volume difference."""
+    from automedseg.metrics import evaluate_folders
+
+    try:
+        summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
+                                   tolerance_mm=tolerance_mm, output_dir=output_dir)
+    except ValueError as e:
+        _fail([str(e)])
+        return
+    for label, m in summary["per_label"].items():
+        click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
+                   f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}")
+    if summary.get("missing_predictions"):
+        click.echo(f"missing predictions: {', '.join(summary['missing_predictions'])}", err=True)
+    click.echo(f"written to {output_dir or prediction_dir}")
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_data"), show_default=True,
               help="Where to write the demo dataset and its work folder.")
 @click.option("--cases", default=24, show_default=True, help="Number of training cases.")
-@click.option("--time-budget", default="3m", show_default=True, help="Training budget of the demo fold.")
+@click.option("--time-budget", default="2m", show_default=True, help="Training budget of the demo fold.")
 def demo(out: Path, cases: int, time_budget: str) -> None:
     """Generate the synthetic demo dataset and run the whole pipeline on it."""
     from automedseg.pipeline import run_demo

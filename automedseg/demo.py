@@ -46,13 +46,15 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.nda
 def make_demo_dataset(root: Path, *, n_cases: int = 24, n_test: int = 4, seed: int = 0) -> Path:
     """Write the demo dataset to ``root`` (nnU-Net v2 layout) and return ``root``.
 
+    Test cases go to ``imagesTs`` with their labels in ``labelsTs`` so predictions can be scored.
+
     Example:
         >>> make_demo_dataset(Path("/tmp/demo"), n_cases=2, n_test=0)  # doctest: +SKIP
         PosixPath('/tmp/demo')
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n_cases + n_test):
         shape = (int(rng.integers(12, 17)), int(rng.integers(40, 57)), int(rng.integers(40, 57)))
@@ -63,10 +65,9 @@ def make_demo_dataset(root: Path, *, n_cases: int = 24, n_test: int = 4, seed: i
         img.SetOrigin((float(rng.uniform(-50, 50)), float(rng.uniform(-50, 50)), 0.0))
         folder = "imagesTr" if i < n_cases else "imagesTs"
         sitk.WriteImage(img, str(root / folder / f"{name}_0000.nii.gz"))
-        if i < n_cases:
-            lab = sitk.GetImageFromArray(label)
-            lab.CopyInformation(img)
-            sitk.WriteImage(lab, str(root / "labelsTr" / f"{name}.nii.gz"))
+        lab = sitk.GetImageFromArray(label)
+        lab.CopyInformation(img)
+        sitk.WriteImage(lab, str(root / ("labelsTr" if i < n_cases else "labelsTs") / f"{name}.nii.gz"))
     meta = {
         "name": "Demo",
         "description": "automedseg synthetic demo: two nested ellipsoids, anisotropic 3 mm slices",

@@ -142,7 +142,9 @@ def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple
     }, sample.astype(np.float32)
 
 
-def _fingerprint_worker(args: tuple[CaseFiles, DatasetSpec]) -> tuple[list[str], dict[str, Any] | None, np.ndarray | None]:
+def _fingerprint_worker(
+    args: tuple[CaseFiles, DatasetSpec],
+) -> tuple[list[str], dict[str, Any] | None, np.ndarray | None]:
     case, spec = args
     insp = inspect_case(case, spec)
     if insp.problems:

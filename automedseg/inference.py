@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +222,118 @@ def predict_probabilities_preprocessed(folds: Sequence[LoadedFold], data: np.nda
 def restore_case(probs: np.ndarray, props: CaseProperties, plans: Plans, config: ConfigurationPlan) -> np.ndarray:
     """Probabilities in preprocessed space -> raw image grid (alias kept for readability at call sites)."""
     return restore_probabilities(probs, props, plans, config)
+
+
+# --- folders -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FolderReport:
+    """Outcome of :func:`predict_folder`."""
+
+    written: list[str]
+    skipped_existing: list[str]
+    failed: dict[str, str]
+    seconds_per_case: float
+
+
+def find_folds(configuration_dir: Path, folds: Sequence[int | str] | None = None) -> list[Path]:
+    """Trained fold folders of a configuration (those with a checkpoint), optionally a subset."""
+    configuration_dir = Path(configuration_dir)
+    names = [f"fold_{f}" for f in folds] if folds else sorted(
+        p.name for p in configuration_dir.glob("fold_*") if p.name != "fold_all")
+    out = []
+    for n in names:
+        d = configuration_dir / n
+        if not any((d / c).is_file() for c in CHECKPOINT_PREFERENCE):
+            raise FileNotFoundError(f"{d}: no trained checkpoint")
+        out.append(d)
+    if not out:
+        raise FileNotFoundError(f"{configuration_dir}: no trained folds")
+    return out
+
+
+def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequence[Path]], *,
+                   device: str | None = None, step: float = 0.5, mirror: bool = True, amp: bool = True,
+                   overwrite: bool = False, save_probabilities: bool = False,
+                   postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                   output_ending: str | None = None, overlays: bool = False, progress: bool = False,
+                   log: Callable[[str], None] = print) -> FolderReport:
+    """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
+
+    Args:
+        input_dir: Images in nnU-Net layout (``CASE_0000.nii.gz`` ...) or one (4D) file per case.
+        output_dir: Where masks go; they have the input's format and exactly its geometry.
+        fold_groups: One list of fold folders per configuration; folds are averaged within a
+            configuration, then configurations are averaged (a configuration ensemble).
+        device: ``cpu``, ``cuda``, ``mps`` or ``None`` for what exists.
+        step: Tile step as a fraction of the patch (0.5: tiles overlap by half).
+        mirror: Test-time mirroring over the plan's mirror axes.
+        amp: bf16 (CPU) / fp16 (CUDA) inference.
+        overwrite: Re-predict cases whose output exists (otherwise kept, so interrupted runs continue).
+        save_probabilities: Also write ``<case>.npz`` with float16 class probabilities.
+        postprocessing: Applied to each label map before writing.
+        output_ending: Output file ending (default: the input's).
+        overlays: Also write PNG overlays of a few slices to ``output_dir/overlays``.
+        progress: Show a progress bar.
+        log: Where per-case problems are reported.
+    """
+    import time
+
+    from automedseg.io import (
+        DatasetError,
+        atomic_save_npz,
+        discover_images,
+        file_ending,
+        read_images,
+        write_segmentation,
+    )
+
+    dev = select_device(device)
+    groups = [[load_fold(d, device=dev) for d in group] for group in fold_groups]
+    plans = groups[0][0].plans
+    n_ch = len(plans.channel_names)
+    cases = discover_images(Path(input_dir), n_channels=n_ch)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = FolderReport([], [], {}, 0.0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for case in cases:
+        ending = output_ending or file_ending(case.images[0])
+        out = output_dir / f"{case.case_id}{ending}"
+        try:
+            if out.is_file() and not overwrite:
+                report.skipped_existing.append(case.case_id)
+                continue
+            image, geometry = read_images(case, n_channels=n_ch)
+            if not np.all(np.isfinite(image)):
+                raise ValueError(f"{case.images[0]}: NaN or infinite intensities")
+            probs = sum(predict_case(g, image, geometry, device=dev, step=step, mirror=mirror, amp=amp)
+                        for g in groups) / len(groups)
+            seg = probs.argmax(0).astype(np.uint8)
+            if postprocessing is not None:
+                seg = postprocessing(seg)
+            if save_probabilities:
+                atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
+                                probabilities=probs.astype(np.float16))
+            write_segmentation(seg, geometry, out)
+            if overlays:
+                from automedseg.report import save_overlay
+
+                save_overlay(image[0], seg, output_dir / "overlays" / f"{case.case_id}.png")
+            report.written.append(case.case_id)
+        except (OSError, ValueError, DatasetError) as e:
+            report.failed[case.case_id] = str(e)
+            log(f"{case.images[0]}: skipped: {e}")
+        finally:
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    report.seconds_per_case = (time.perf_counter() - t0) / max(1, len(report.written))
+    return report

@@ -35,6 +35,8 @@ import SimpleITK as sitk
 IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 IMAGE_ENDINGS = IMAGE_ENDINGS_3D + IMAGE_ENDINGS_2D
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class DatasetError(ValueError):
@@ -52,6 +54,7 @@ def _temp_path(path: Path) -> Path:
     """A unique temporary name next to ``path`` that keeps its file ending (SimpleITK needs it)."""
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix="-" + path.name, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     return Path(tmp)
 
 
@@ -404,7 +407,9 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
     for key in ("channel_names", "labels", "numTraining", "file_ending"):
         if key not in data:
             problems.append(f"{where}: required key '{key}' is missing")
-    channels = _channel_names(data.get("channel_names"), "channel_names", where, problems) if "channel_names" in data else ()
+    channels: tuple[str, ...] = ()
+    if "channel_names" in data:
+        channels = _channel_names(data["channel_names"], "channel_names", where, problems)
     labels: dict[str, int] = {}
     raw_labels = data.get("labels")
     if raw_labels is not None:
@@ -433,15 +438,22 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
 
     def cases_in(images_dir: Path, labels_dir: Path | None) -> list[CaseFiles]:
         ids: set[str] = set()
+        # Hidden files are skipped: they include the temporary files of interrupted atomic writes.
         if labels_dir is not None and labels_dir.is_dir():
-            ids |= {p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending)}
+            ids |= {p.name[: -len(ending)] for p in labels_dir.iterdir()
+                    if p.name.endswith(ending) and not p.name.startswith(".")}
         if images_dir.is_dir():
             for p in images_dir.iterdir():
-                if p.name.endswith(ending) and len(p.name) > len(ending) + 5 and p.name[-len(ending) - 5] == "_":
-                    ids.add(p.name[: -len(ending) - 5])
+                stem = p.name[: -len(ending)]
+                if (p.name.endswith(ending) and not p.name.startswith(".") and len(stem) > 5 and stem[-5] == "_"
+                        and stem[-4:].isdigit()):
+                    ids.add(stem[:-5])
         out = []
         for cid in sorted(ids):
             images = tuple(images_dir / f"{cid}_{c:04d}{ending}" for c in range(n_ch))
+            if (n_ch > 1 and ending in IMAGE_ENDINGS_2D and images[0].is_file()
+                    and not any(p.exists() for p in images[1:])):
+                images = images[:1]  # one RGB raster file holds all channels (nnU-Net's natural-image convention)
             label = labels_dir / f"{cid}{ending}" if labels_dir is not None else None
             out.append(CaseFiles(cid, images, label))
         return out
@@ -566,6 +578,8 @@ def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | No
     for cid, chans in sorted(groups.items()):
         if sorted(chans) == list(range(n_channels)):
             cases.append(CaseFiles(cid, tuple(chans[c] for c in range(n_channels))))
+        elif sorted(chans) == [0]:  # one file holds every channel (RGB raster, 4D NIfTI named CASE_0000)
+            cases.append(CaseFiles(cid, (chans[0],)))
         else:
             ungrouped.extend(chans.values())
     for p in sorted(ungrouped):

@@ -63,15 +63,39 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
     return plans
 
 
-def run_demo(out: Path, *, n_cases: int = 24, time_budget_s: float | None = 180.0, log: Log = print) -> None:
-    """Generate the demo dataset under ``out`` and run the pipeline stages that exist on it."""
+def run_demo(out: Path, *, n_cases: int = 24, time_budget_s: float | None = 120.0, log: Log = print) -> dict:
+    """Generate the demo dataset under ``out`` and run plan -> train -> predict -> evaluate on it.
+
+    Returns:
+        The evaluation summary of the test cases.
+    """
     from automedseg.demo import make_demo_dataset
+    from automedseg.inference import find_folds, predict_folder
+    from automedseg.metrics import evaluate_folders
+    from automedseg.training import TrainOptions, train_fold
 
     dataset = Path(out) / "Dataset_Demo"
     if not (dataset / "dataset.json").is_file():
         make_demo_dataset(dataset, n_cases=n_cases)
         log(f"demo dataset written to {dataset}")
     ws = Workspace.for_dataset(dataset)
-    plans = run_plan(dataset, ws, time_budget_s=time_budget_s, progress=True, log=log)
+    log("== plan")
+    plans = run_plan(dataset, ws, configurations=["3d_fullres"], time_budget_s=time_budget_s, progress=True,
+                     log=log)
     for name, cfg in plans.configurations.items():
         log(f"  {name}: {cfg.notes[-1] if cfg.notes else ''}")
+    log("== train 3d_fullres fold 0")
+    result = train_fold(ws, "3d_fullres", 0, options=TrainOptions(time_budget_s=time_budget_s), log=log)
+    log("== predict imagesTs")
+    pred_dir = ws.root / "predictions_imagesTs"
+    report = predict_folder(dataset / "imagesTs", pred_dir, [find_folds(ws.configuration_dir("3d_fullres"), [0])],
+                            overlays=True, log=log)
+    log(f"   {len(report.written)} predicted, {report.seconds_per_case:.2f} s per case -> {pred_dir}")
+    log("== evaluate against labelsTs")
+    summary = evaluate_folders(dataset / "labelsTs", pred_dir, output_dir=ws.root / "evaluation_imagesTs")
+    for label, m in summary["per_label"].items():
+        log(f"   label {label}: Dice {m['dice']:.3f}, HD95 {m['hd95']:.2f} mm")
+    val = result.validation or {}
+    log(f"done: fold-0 validation Dice {val.get('mean_dice') or float('nan'):.3f}; test Dice "
+        f"{summary['foreground_mean']['dice']:.3f}; everything is in {ws.root}")
+    return summary

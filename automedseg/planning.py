@@ -38,7 +38,8 @@ GPU_DEFAULT_EPOCHS = 1000
 ITERATIONS_PER_EPOCH_MAX = 250
 MIN_ITERATIONS = 4000  # below this the planner trades width, then batch, then patch for more steps
 DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
-CPU_STEP_OVERHEAD = 1.6  # data loading, optimizer, loss, memory-bound layers over the conv FLOPs (fitted on a 2-core Xeon)
+# Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
+CPU_STEP_OVERHEAD = 1.6
 WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
 CALIBRATION_WIDTHS = (8, 16, 32, 64)
 
@@ -102,7 +103,7 @@ def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WI
         x = torch.randn(2, w, *side, device=dev).to(memory_format=torch.channels_last_3d).requires_grad_(True)
         conv = torch.nn.Conv3d(w, w, 3, padding=1).to(dev).to(memory_format=torch.channels_last_3d)
 
-        def step() -> None:
+        def step(conv: torch.nn.Module = conv, x: torch.Tensor = x) -> None:
             with torch.autocast(dev.type, dtype=amp_dtype):
                 y = conv(x)
             y.float().sum().backward()

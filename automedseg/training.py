@@ -133,6 +133,7 @@ class TrainOptions:
         amp: Mixed precision (bf16 on supporting CPUs, fp16 on CUDA).
         validate: Run the final sliding-window validation of the held-out cases.
         progress: Show a progress bar.
+        output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
     """
 
     device: str | None = None
@@ -147,6 +148,7 @@ class TrainOptions:
     amp: bool = True
     validate: bool = True
     progress: bool = True
+    output_dir: Path | None = None
 
 
 @dataclass
@@ -238,7 +240,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     options = options or TrainOptions()
     plans = plans or Plans.load(ws.plans_path)
     base_config = plans.configuration(configuration)
-    fold_dir = ws.fold_dir(configuration, fold)
+    fold_dir = Path(options.output_dir) if options.output_dir else ws.fold_dir(configuration, fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     latest = fold_dir / "checkpoint_latest.pt"
     final = fold_dir / "checkpoint_final.pt"

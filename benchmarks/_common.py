@@ -23,6 +23,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -316,8 +317,22 @@ def prepare_nnunet_raw(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _read_stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, session id, rss in pages) of a process from /proc/<pid>/stat, or None if it is gone."""
+_PF_FORKNOEXEC = 0x40  # kernel task flag: forked but has not called exec yet
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcSample(NamedTuple):
+    """One process as read from ``/proc/<pid>/stat``."""
+
+    ppid: int
+    sid: int
+    rss_pages: int
+    fork_no_exec: bool
+    start_s: float  # start time, seconds since boot
+
+
+def _read_stat(pid: int) -> ProcSample | None:
+    """Parse ``/proc/<pid>/stat``, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read()
@@ -326,8 +341,14 @@ def _read_stat(pid: int) -> tuple[int, int, int] | None:
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
     fields = raw[raw.rfind(b")") + 2 :].split()
     try:
-        # fields[0] is state (stat field 3): ppid is field 4, session field 6, rss field 24
-        return int(fields[1]), int(fields[3]), int(fields[21])
+        # fields[0] is stat field 3 (state): ppid=4, session=6, flags=9, starttime=22, rss=24
+        return ProcSample(
+            ppid=int(fields[1]),
+            sid=int(fields[3]),
+            rss_pages=int(fields[21]),
+            fork_no_exec=bool(int(fields[6]) & _PF_FORKNOEXEC),
+            start_s=int(fields[19]) / _CLK_TCK,
+        )
     except (IndexError, ValueError):
         return None
 
@@ -351,14 +372,13 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def process_tree(root_pid: int) -> dict[int, int]:
-    """Processes that descend from ``root_pid`` (included) or share its session, mapped to RSS pages.
+def process_tree(root_pid: int) -> dict[int, ProcSample]:
+    """Processes that descend from ``root_pid`` (included) or share its session.
 
-    Reads every ``/proc/<pid>/stat`` once. Processes started in the root's session (the root is started
-    as a session leader by run_measured) are counted even if they were re-parented after their parent
-    exited.
+    Reads every ``/proc/<pid>/stat`` once. Processes started in the root's session (run_measured starts
+    the root as a session leader) are counted even if they were re-parented after their parent exited.
     """
-    stats: dict[int, tuple[int, int, int]] = {}
+    stats: dict[int, ProcSample] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = _read_stat(int(name))
@@ -366,23 +386,30 @@ def process_tree(root_pid: int) -> dict[int, int]:
                 stats[int(name)] = st
     if root_pid not in stats:
         return {}
-    root_sid = stats[root_pid][1]
+    root_sid = stats[root_pid].sid
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    tree: dict[int, int] = {}
+    for pid, st in stats.items():
+        children.setdefault(st.ppid, []).append(pid)
+    tree: dict[int, ProcSample] = {}
     stack = [root_pid]
     while stack:
         pid = stack.pop()
         if pid in tree:
             continue
-        tree[pid] = stats[pid][2]
+        tree[pid] = stats[pid]
         stack.extend(children.get(pid, ()))
     if root_sid == root_pid:
-        for pid, (_, sid, rss) in stats.items():
-            if sid == root_sid:
-                tree.setdefault(pid, rss)
+        for pid, st in stats.items():
+            if st.sid == root_sid:
+                tree.setdefault(pid, st)
     return tree
+
+
+def _is_transient_fork(
+    st: ProcSample, tree: dict[int, ProcSample], now_boot_s: float, grace_s: float
+) -> bool:
+    """A child that forked less than ``grace_s`` ago and has not exec'd yet (its pages are the parent's)."""
+    return st.fork_no_exec and st.ppid in tree and now_boot_s - st.start_s < grace_s
 
 
 def run_measured(
@@ -392,16 +419,27 @@ def run_measured(
     cwd: str | Path | None = None,
     interval_s: float = 0.05,
     pss_interval_s: float | None = 0.5,
+    fork_grace_s: float = 1.0,
     log_path: Path | None = None,
     tail_chars: int = 4000,
 ) -> dict:
     """Run ``cmd`` and measure its wall time and the peak summed RSS of its whole process tree.
 
     Every ``interval_s`` seconds the RSS of the command and all its descendants (worker processes
-    included) is read from /proc and summed; the peak sum is reported. Summed RSS counts pages shared
-    between processes (libraries, fork copy-on-write) once per process, so it overestimates the true
-    footprint of multi-process tools; the peak summed PSS (proportional set size, shared pages split
-    between their users) is therefore also sampled every ``pss_interval_s`` seconds (None disables it).
+    included) is read from /proc and summed; the peak sum is reported.
+
+    Two artefacts of summed RSS are handled or reported:
+
+    * Starting a worker (``subprocess``, multiprocessing ``spawn``/``forkserver``) forks the parent and
+      then execs; in between, the child's RSS equals the parent's whole RSS although it owns no page of
+      its own. A tool whose parent holds torch (~250 MiB) and starts pools would be charged that again for
+      every child caught in that window. ``peak_rss_mib`` therefore leaves out children that are still
+      in the fork-before-exec state (kernel flag PF_FORKNOEXEC) and younger than ``fork_grace_s``;
+      ``peak_rss_raw_mib`` is the literal sum. Long-lived ``fork`` workers (which never exec) are counted
+      once they are older than ``fork_grace_s``.
+    * Pages shared between processes (libraries, fork copy-on-write) are counted once per process; the
+      peak summed PSS (proportional set size: shared pages split between their users) is therefore also
+      sampled every ``pss_interval_s`` seconds (None disables it).
 
     Args:
         cmd: the command and its arguments.
@@ -409,16 +447,18 @@ def run_measured(
         cwd: working directory.
         interval_s: RSS sampling period.
         pss_interval_s: PSS sampling period (slower, since smaps_rollup walks page tables) or None.
+        fork_grace_s: age below which a not-yet-exec'd forked child is treated as transient.
         log_path: if given, stdout+stderr are also kept in this file.
         tail_chars: how many trailing characters of combined stdout+stderr to return.
 
     Returns:
-        Dict with wall_s, peak_rss_mib, peak_pss_mib (or None), peak_processes, peak_tree_mib (the
-        [rss_mib, cmdline] of each process at the peak RSS sample), n_samples, returncode, stdout_tail
-        and cmd.
+        Dict with cmd, wall_s, peak_rss_mib, peak_rss_raw_mib, peak_pss_mib (or None), peak_processes,
+        peak_tree_mib (``[rss_mib, cmdline]`` of each counted process at the peak_rss_mib sample),
+        n_samples, returncode and stdout_tail.
     """
     cmd = [str(c) for c in cmd]
-    peak_rss_pages = 0
+    peak_pages = 0
+    peak_raw_pages = 0
     peak_pss_kib = 0
     peak_procs = 0
     peak_tree: list[tuple[float, str]] = []
@@ -438,14 +478,24 @@ def run_measured(
             tree = process_tree(proc.pid)
             n_samples += 1
             if tree:
-                total = sum(tree.values())
-                if total > peak_rss_pages:
-                    peak_rss_pages = total
+                now_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+                counted = {
+                    pid: st
+                    for pid, st in tree.items()
+                    if not _is_transient_fork(st, tree, now_boot, fork_grace_s)
+                }
+                peak_raw_pages = max(peak_raw_pages, sum(st.rss_pages for st in tree.values()))
+                total = sum(st.rss_pages for st in counted.values())
+                if total > peak_pages:
+                    peak_pages = total
                     peak_tree = sorted(
-                        ((round(rss * _PAGE_SIZE / _MIB, 1), _cmdline(pid)) for pid, rss in tree.items()),
+                        (
+                            (round(st.rss_pages * _PAGE_SIZE / _MIB, 1), _cmdline(pid))
+                            for pid, st in counted.items()
+                        ),
                         reverse=True,
                     )
-                peak_procs = max(peak_procs, len(tree))
+                peak_procs = max(peak_procs, len(counted))
                 now = time.perf_counter()
                 if pss_interval_s is not None and now >= next_pss:
                     peak_pss_kib = max(peak_pss_kib, sum(_pss_kib(pid) for pid in tree))
@@ -464,7 +514,8 @@ def run_measured(
     return {
         "cmd": cmd,
         "wall_s": round(wall_s, 3),
-        "peak_rss_mib": round(peak_rss_pages * _PAGE_SIZE / _MIB, 1),
+        "peak_rss_mib": round(peak_pages * _PAGE_SIZE / _MIB, 1),
+        "peak_rss_raw_mib": round(peak_raw_pages * _PAGE_SIZE / _MIB, 1),
         "peak_pss_mib": round(peak_pss_kib / 1024.0, 1) if pss_interval_s is not None else None,
         "peak_processes": peak_procs,
         "peak_tree_mib": peak_tree,

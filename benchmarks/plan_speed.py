@@ -58,13 +58,10 @@ BASELINE_NAME = "plan_speed_nnunet_baseline"
 
 
 def automedseg_command(msd_dir: Path, work_dir: Path) -> list[str]:
-    """The timed automedseg command (console script if installed, else the repo's CLI module)."""
+    """The timed automedseg command: this repository's CLI (run with PYTHONPATH set to the repo root)."""
     args = ["plan", str(msd_dir), "--work-dir", str(work_dir), "-c", *CONFIGURATIONS]
     args += ["-j", str(BENCH_THREADS), "--overwrite"]
-    exe = shutil.which("automedseg")
-    if exe is not None:
-        return [exe, *args]
-    return [sys.executable, "-c", "import sys; from automedseg.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", "import sys; from automedseg.cli import main; sys.exit(main(prog_name=\"automedseg\"))", *args]
 
 
 def nnunet_command(bin_dir: Path, dataset_id: int) -> list[str]:
@@ -121,7 +118,7 @@ def _aggregate(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["returncode"] == 0]
     use = ok or runs
     agg: dict = {"n_runs": len(runs), "n_ok": len(ok), "all_ok": len(ok) == len(runs) and bool(runs)}
-    for key in ("wall_s", "peak_rss_mib", "peak_pss_mib"):
+    for key in ("wall_s", "peak_rss_mib", "peak_rss_raw_mib", "peak_pss_mib"):
         vals = [r[key] for r in use if r.get(key) is not None]
         agg[f"{key}_median"] = round(statistics.median(vals), 3) if vals else None
         agg[f"{key}_min"] = round(min(vals), 3) if vals else None
@@ -192,13 +189,14 @@ def build_summary(figures: dict) -> str:
     rows = []
     for label, agg in (("automedseg plan", a), ("nnUNetv2_plan_and_preprocess", n)):
         if agg is None:
-            rows.append([label, "skipped", "", "", ""])
+            rows.append([label, "skipped", "", "", "", ""])
             continue
         rows.append(
             [
                 label,
                 _fmt(agg["wall_s_median"], " s"),
                 _fmt(agg["peak_rss_mib_median"], " MiB"),
+                _fmt(agg.get("peak_rss_raw_mib_median"), " MiB"),
                 _fmt(agg["peak_pss_mib_median"], " MiB"),
                 f"{agg['n_ok']}/{agg['n_runs']}",
             ]
@@ -215,7 +213,10 @@ def build_summary(figures: dict) -> str:
         f"python {m['python']}, torch {m['torch']}, automedseg {m['automedseg']}, "
         f"nnunetv2 {m['nnunetv2']} (torch {m['nnunet_venv_torch']} in its venv).",
         "",
-        md_table(["tool", "wall time", "peak RSS (tree sum)", "peak PSS (tree sum)", "ok runs"], rows),
+        md_table(
+            ["tool", "wall time", "peak RSS (tree sum)", "raw RSS sum", "peak PSS (tree sum)", "ok runs"],
+            rows,
+        ),
         "",
     ]
     if figures.get("nnunet_source"):
@@ -247,9 +248,11 @@ def build_summary(figures: dict) -> str:
     lines += [
         "",
         "Peak memory is the largest sum of RSS over the command and all its descendant processes, sampled "
-        "every 0.05 s from /proc; PSS (shared pages split between processes) is sampled every 0.5 s. "
-        "nnU-Net's MSD conversion is done beforehand and not timed; its preprocessed folder is deleted "
-        "before each run (and `--clean` forces a new fingerprint).",
+        "every 0.05 s from /proc, leaving out children caught between fork and exec (kernel flag "
+        "PF_FORKNOEXEC, younger than 1 s): such a child shows its parent's whole RSS without owning any "
+        "page of it. 'raw RSS sum' counts them too. PSS (shared pages split between processes) is "
+        "sampled every 0.5 s. nnU-Net's MSD conversion is done beforehand and not timed; its preprocessed "
+        "folder is deleted before each run (and `--clean` forces a new fingerprint).",
     ]
     return "\n".join(lines)
 

@@ -1,0 +1,273 @@
+"""Shared fixtures: tiny synthetic datasets written to ``tmp_path`` in the layouts automedseg reads.
+
+Every volume is small (8 x 24 x 24 or less) so each test runs in well under a second. The helpers are
+exposed as fixtures (``write_volume``, ``write_nnunet_dataset``) so test modules need no imports from here.
+
+Conventions: arrays are (Z, Y, X), spacings (z, y, x) in mm; SimpleITK takes (x, y, z), the helpers convert.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+torch.set_num_threads(1)
+
+SHAPE_3D = (8, 24, 24)  # (z, y, x)
+SPACING_ANISO = (3.0, 0.8, 0.8)  # (z, y, x) mm
+SHAPE_2D = (20, 24)  # (y, x)
+LABELS = {"background": 0, "outer": 1, "inner": 2}
+
+
+def oblique_direction(angle_deg: float = 30.0) -> tuple[float, ...]:
+    """Row-major 3x3 rotation about the scanner z axis, as SimpleITK wants it."""
+    a = math.radians(angle_deg)
+    c, s = math.cos(a), math.sin(a)
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+
+def _write_volume(path: Path, array: np.ndarray, *, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+                  origin_xyz: Sequence[float] | None = None, direction: Sequence[float] | None = None,
+                  is_vector: bool = False) -> Path:
+    """Write a (Z, Y, X) or (Y, X) array; spacing is given in array order and reversed for SimpleITK."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(np.asarray(array), isVector=is_vector)
+    dim = img.GetDimension()
+    img.SetSpacing(tuple(float(v) for v in reversed(tuple(spacing_zyx)[-dim:])))
+    if origin_xyz is not None:
+        img.SetOrigin(tuple(float(v) for v in origin_xyz))
+    if direction is not None:
+        img.SetDirection(tuple(float(v) for v in direction))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _write_4d(path: Path, channels: np.ndarray, *, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+              origin_xyz: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
+    """Write a (C, Z, Y, X) array as one 4D NIfTI (MSD multi-modal layout)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vols = []
+    for c in range(channels.shape[0]):
+        v = sitk.GetImageFromArray(np.ascontiguousarray(channels[c]))
+        v.SetSpacing(tuple(float(s) for s in reversed(tuple(spacing_zyx))))
+        v.SetOrigin(tuple(float(o) for o in origin_xyz))
+        vols.append(v)
+    sitk.WriteImage(sitk.JoinSeries(vols), str(path))
+    return path
+
+
+def planted_case(rng: np.random.Generator, shape: tuple[int, int, int] = SHAPE_3D, *,
+                 background: float = 0.0, outer: float = 60.0, inner: float = 150.0,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """An image with a nonzero body (zero margin), an outer block (label 1) and an inner block (label 2)."""
+    z, y, x = shape
+    image = np.full(shape, background, dtype=np.float32)
+    body = (slice(1, z - 1), slice(2, y - 2), slice(3, x - 2))
+    image[body] = 100.0 + rng.normal(0, 5, image[body].shape).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[2 : z - 2, 6 : y - 6, 6 : x - 6] = 1
+    label[3 : z - 3, 9 : y - 9, 9 : x - 9] = 2
+    image[label == 1] = outer + rng.normal(0, 2, int((label == 1).sum()))
+    image[label == 2] = inner + rng.normal(0, 2, int((label == 2).sum()))
+    return image, label
+
+
+def _write_json(root: Path, meta: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass
+class SynthDataset:
+    """A written dataset and the facts the tests check against."""
+
+    root: Path
+    case_ids: list[str]
+    spacing_zyx: tuple[float, ...]
+    shape_zyx: tuple[int, ...]
+    channel_names: tuple[str, ...]
+    labels: dict[str, int]
+    test_ids: list[str] = field(default_factory=list)
+    oblique_ids: list[str] = field(default_factory=list)
+    ending: str = ".nii.gz"
+
+
+def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_names: Sequence[str] = ("T2",),
+                    spacing_zyx: Sequence[float] = SPACING_ANISO, shape: tuple[int, int, int] = SHAPE_3D,
+                    oblique_every: int = 2, seed: int = 0, prefix: str = "case",
+                    labels: dict[str, int] | None = None) -> SynthDataset:
+    """nnU-Net v2 layout, one file per channel; every ``oblique_every``-th case has an oblique direction."""
+    rng = np.random.default_rng(seed)
+    labels = dict(LABELS if labels is None else labels)
+    ids, test_ids, oblique = [], [], []
+    for i in range(n_cases + n_test):
+        cid = f"{prefix}_{i:03d}"
+        image, label = planted_case(rng, shape)
+        direction = oblique_direction(30.0 + i) if oblique_every and i % oblique_every == 1 else None
+        origin = (float(-10 + i), float(5 * i), float(2.5 * i))
+        folder = "imagesTr" if i < n_cases else "imagesTs"
+        for c in range(len(channel_names)):
+            _write_volume(root / folder / f"{cid}_{c:04d}.nii.gz", image * (1 + c), spacing_zyx=spacing_zyx,
+                          origin_xyz=origin, direction=direction)
+        if i < n_cases:
+            _write_volume(root / "labelsTr" / f"{cid}.nii.gz", label, spacing_zyx=spacing_zyx, origin_xyz=origin,
+                          direction=direction)
+            ids.append(cid)
+            if direction is not None:
+                oblique.append(cid)
+        else:
+            test_ids.append(cid)
+    _write_json(root, {
+        "name": root.name,
+        "channel_names": {str(c): n for c, n in enumerate(channel_names)},
+        "labels": labels,
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+    })
+    return SynthDataset(root, ids, tuple(spacing_zyx), shape, tuple(channel_names), labels, test_ids, oblique)
+
+
+@pytest.fixture
+def write_volume() -> Callable[..., Path]:
+    """``write_volume(path, array_zyx, spacing_zyx=..., origin_xyz=..., direction=..., is_vector=...)``."""
+    return _write_volume
+
+
+@pytest.fixture
+def write_4d() -> Callable[..., Path]:
+    """``write_4d(path, channels_czyx, spacing_zyx=..., origin_xyz=...)``: one 4D NIfTI (MSD layout)."""
+    return _write_4d
+
+
+@pytest.fixture
+def write_nnunet_dataset() -> Callable[..., SynthDataset]:
+    """Factory: ``write_nnunet_dataset(root, n_cases=4, channel_names=("T2",), spacing_zyx=..., ...)``."""
+    return _nnunet_dataset
+
+
+@pytest.fixture
+def nnunet_3d(tmp_path: Path) -> SynthDataset:
+    """(a) nnU-Net v2 layout: 4 anisotropic (3.0, 0.8, 0.8) mm cases, labels 1 and 2, 2 oblique, 1 test case."""
+    return _nnunet_dataset(tmp_path / "Dataset001_Aniso")
+
+
+@pytest.fixture
+def nnunet_2ch(tmp_path: Path) -> SynthDataset:
+    """nnU-Net v2 layout with two channel files per case (T1, T2)."""
+    return _nnunet_dataset(tmp_path / "Dataset002_TwoChannel", channel_names=("T1", "T2"), oblique_every=0)
+
+
+@pytest.fixture
+def msd_4d(tmp_path: Path) -> SynthDataset:
+    """(b) MSD layout: 4D two-modality NIfTI images, labels stored as float32 with integral values."""
+    root = tmp_path / "Task05_Multi"
+    rng = np.random.default_rng(1)
+    spacing = (2.0, 1.0, 1.0)
+    ids, training = [], []
+    for i in range(3):
+        cid = f"multi_{i:03d}"
+        image, label = planted_case(rng)
+        channels = np.stack([image, 2.0 * image + 1.0]).astype(np.float32)
+        _write_4d(root / "imagesTr" / f"{cid}.nii.gz", channels, spacing_zyx=spacing)
+        _write_volume(root / "labelsTr" / f"{cid}.nii.gz", label.astype(np.float32), spacing_zyx=spacing)
+        ids.append(cid)
+        training.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
+    image, _ = planted_case(rng)
+    _write_4d(root / "imagesTs" / "multi_010.nii.gz", np.stack([image, image]), spacing_zyx=spacing)
+    _write_json(root, {
+        "name": "Multi",
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "outer", "2": "inner"},
+        "numTraining": 3,
+        "numTest": 1,
+        "training": training,
+        "test": ["./imagesTs/multi_010.nii.gz"],
+    })
+    return SynthDataset(root, ids, spacing, SHAPE_3D, ("FLAIR", "T1w"), dict(LABELS), ["multi_010"])
+
+
+def _png_dataset(root: Path, *, rgb: bool, n_cases: int = 3, n_test: int = 1) -> SynthDataset:
+    rng = np.random.default_rng(2 if rgb else 3)
+    y, x = SHAPE_2D
+    ids, test_ids = [], []
+    for i in range(n_cases + n_test):
+        cid = f"img_{i:03d}"
+        label = np.zeros(SHAPE_2D, dtype=np.uint8)
+        label[4 + i : 12 + i, 5:15] = 1
+        gray = rng.integers(20, 60, SHAPE_2D).astype(np.uint8)
+        gray[label == 1] = 200
+        folder = "imagesTr" if i < n_cases else "imagesTs"
+        if rgb:
+            arr = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+            _write_volume(root / folder / f"{cid}_0000.png", arr, is_vector=True)
+        else:
+            _write_volume(root / folder / f"{cid}_0000.png", gray)
+        if i < n_cases:
+            _write_volume(root / "labelsTr" / f"{cid}.png", label)
+            ids.append(cid)
+        else:
+            test_ids.append(cid)
+    names = ("R", "G", "B") if rgb else ("gray",)
+    _write_json(root, {
+        "name": root.name,
+        "channel_names": {str(c): n for c, n in enumerate(names)},
+        "labels": {"background": 0, "object": 1},
+        "numTraining": n_cases,
+        "file_ending": ".png",
+    })
+    return SynthDataset(root, ids, (999.0, 1.0, 1.0), (1, y, x), names, {"background": 0, "object": 1}, test_ids,
+                        ending=".png")
+
+
+@pytest.fixture
+def png_gray(tmp_path: Path) -> SynthDataset:
+    """(c) 2D grayscale PNG dataset, nnU-Net layout."""
+    return _png_dataset(tmp_path / "Dataset003_Gray", rgb=False)
+
+
+@pytest.fixture
+def png_rgb(tmp_path: Path) -> SynthDataset:
+    """(c) 2D RGB PNG dataset: one ``_0000.png`` file per case holds R, G and B (nnU-Net convention)."""
+    return _png_dataset(tmp_path / "Dataset004_RGB", rgb=True)
+
+
+@pytest.fixture
+def ct_dataset(tmp_path: Path) -> SynthDataset:
+    """(d) CT-like dataset: channel "CT", air -1000 HU everywhere outside the body, tissue ~40 HU."""
+    root = tmp_path / "Dataset005_CT"
+    rng = np.random.default_rng(4)
+    spacing = (2.5, 0.7, 0.7)
+    ids = []
+    for i in range(3):
+        cid = f"ct_{i:03d}"
+        image, label = planted_case(rng, background=-1000.0, outer=40.0, inner=300.0)
+        _write_volume(root / "imagesTr" / f"{cid}_0000.nii.gz", image, spacing_zyx=spacing)
+        _write_volume(root / "labelsTr" / f"{cid}.nii.gz", label, spacing_zyx=spacing)
+        ids.append(cid)
+    _write_json(root, {
+        "name": "CTlike",
+        "channel_names": {"0": "CT"},
+        "labels": dict(LABELS),
+        "numTraining": 3,
+        "file_ending": ".nii.gz",
+    })
+    return SynthDataset(root, ids, spacing, SHAPE_3D, ("CT",), dict(LABELS))
+
+
+@pytest.fixture
+def demo_dataset(tmp_path: Path) -> Path:
+    """The package's own demo dataset, 3 training cases and 1 test case."""
+    from automedseg.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=3, n_test=1, seed=0)

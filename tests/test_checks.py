@@ -1,0 +1,347 @@
+"""Tests for automedseg.checks: one test per fault type, and many faults at once (API and CLI)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from automedseg.checks import check_dataset, inspect_case
+from automedseg.cli import main
+from automedseg.io import load_dataset_spec
+
+GARBAGE = b"\x00\x13\x37 this is not an image \xff\xfe" * 20
+
+
+def _img(root: Path, cid: str, channel: int = 0) -> Path:
+    return root / "imagesTr" / f"{cid}_{channel:04d}.nii.gz"
+
+
+def _lab(root: Path, cid: str) -> Path:
+    return root / "labelsTr" / f"{cid}.nii.gz"
+
+
+def _rewrite(path: Path, edit: Callable[[sitk.Image], sitk.Image | None]) -> None:
+    """Read an image, let ``edit`` change it in place (or return a new one), write it back."""
+    img = sitk.ReadImage(str(path))
+    new = edit(img)
+    sitk.WriteImage(new if new is not None else img, str(path))
+
+
+def _set_array(path: Path, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Replace the voxel values of a file, keeping its geometry."""
+    img = sitk.ReadImage(str(path))
+    new = sitk.GetImageFromArray(fn(sitk.GetArrayFromImage(img)))
+    new.CopyInformation(img)
+    sitk.WriteImage(new, str(path))
+
+
+def _to_4d(path: Path) -> None:
+    img = sitk.ReadImage(str(path))
+    sitk.WriteImage(sitk.JoinSeries([img, img]), str(path))
+
+
+def _edit_json(root: Path, fn: Callable[[dict], None]) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    fn(meta)
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+# --- faults: each plants one problem in a two-channel nnU-Net dataset and returns (file, needle) ---------
+
+
+def f_missing_image(root: Path, cid: str) -> tuple[Path, str]:
+    _img(root, cid, 0).unlink()
+    return _img(root, cid, 0), "missing"
+
+
+def f_missing_channel(root: Path, cid: str) -> tuple[Path, str]:
+    _img(root, cid, 1).unlink()
+    return _img(root, cid, 1), "missing"
+
+
+def f_missing_label(root: Path, cid: str) -> tuple[Path, str]:
+    _lab(root, cid).unlink()
+    return _lab(root, cid), "missing"
+
+
+def f_unreadable_image(root: Path, cid: str) -> tuple[Path, str]:
+    _img(root, cid, 1).write_bytes(GARBAGE)
+    return _img(root, cid, 1), "cannot read"
+
+
+def f_unreadable_label(root: Path, cid: str) -> tuple[Path, str]:
+    _lab(root, cid).write_bytes(GARBAGE)
+    return _lab(root, cid), "cannot read"
+
+
+def f_label_size(root: Path, cid: str) -> tuple[Path, str]:
+    def edit(img: sitk.Image) -> sitk.Image:
+        small = img[:, :, :-1]  # one slice fewer
+        return small
+
+    _rewrite(_lab(root, cid), edit)
+    return _lab(root, cid), "size"
+
+
+def f_label_spacing(root: Path, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(root, cid), lambda img: img.SetSpacing((0.8, 0.8, 2.0)))
+    return _lab(root, cid), "spacing"
+
+
+def f_label_origin(root: Path, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(root, cid), lambda img: img.SetOrigin((50.0, 50.0, 50.0)))
+    return _lab(root, cid), "origin"
+
+
+def f_label_direction(root: Path, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(root, cid), lambda img: img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)))
+    return _lab(root, cid), "direction"
+
+
+def f_channel_geometry(root: Path, cid: str) -> tuple[Path, str]:
+    _rewrite(_img(root, cid, 1), lambda img: img.SetSpacing((1.0, 1.0, 1.0)))
+    return _img(root, cid, 1), "geometry differs"
+
+
+def f_undeclared_label(root: Path, cid: str) -> tuple[Path, str]:
+    def plant(a: np.ndarray) -> np.ndarray:
+        a = a.copy()
+        a[0, 0, 0] = 5
+        return a
+
+    _set_array(_lab(root, cid), plant)
+    return _lab(root, cid), "[5] are not declared"
+
+
+def f_nonintegral_label(root: Path, cid: str) -> tuple[Path, str]:
+    def plant(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        a[a == 2] = 1.5
+        return a
+
+    _set_array(_lab(root, cid), plant)
+    return _lab(root, cid), "non-integral"
+
+
+def f_nan(root: Path, cid: str) -> tuple[Path, str]:
+    def plant(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        a[1, 5, 5] = np.nan
+        return a
+
+    _set_array(_img(root, cid, 0), plant)
+    return _img(root, cid, 0), "NaN or infinite"
+
+
+def f_inf(root: Path, cid: str) -> tuple[Path, str]:
+    def plant(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        a[2, 3, 3] = np.inf
+        a[2, 3, 4] = -np.inf
+        return a
+
+    _set_array(_img(root, cid, 1), plant)
+    return _img(root, cid, 0), "2 NaN or infinite"
+
+
+def f_4d_image(root: Path, cid: str) -> tuple[Path, str]:
+    _to_4d(_img(root, cid, 0))
+    return _img(root, cid, 0), "4D image"
+
+
+def f_4d_label(root: Path, cid: str) -> tuple[Path, str]:
+    _to_4d(_lab(root, cid))
+    return _lab(root, cid), "4D label"
+
+
+CASE_FAULTS = {
+    "missing_image": f_missing_image,
+    "missing_channel": f_missing_channel,
+    "missing_label": f_missing_label,
+    "unreadable_image": f_unreadable_image,
+    "unreadable_label": f_unreadable_label,
+    "label_size": f_label_size,
+    "label_spacing": f_label_spacing,
+    "label_origin": f_label_origin,
+    "label_direction": f_label_direction,
+    "channel_geometry": f_channel_geometry,
+    "undeclared_label": f_undeclared_label,
+    "nonintegral_label": f_nonintegral_label,
+    "nan_intensity": f_nan,
+    "inf_intensity": f_inf,
+    "4d_image": f_4d_image,
+    "4d_label": f_4d_label,
+}
+
+
+@pytest.fixture
+def two_channel(tmp_path, write_nnunet_dataset):
+    return write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=3, n_test=0, channel_names=("T1", "T2"),
+                                oblique_every=0)
+
+
+def test_clean_datasets_have_no_problems(nnunet_3d, nnunet_2ch, msd_4d, png_gray, png_rgb, ct_dataset,
+                                         demo_dataset):
+    for root in (nnunet_3d.root, nnunet_2ch.root, msd_4d.root, png_gray.root, png_rgb.root, ct_dataset.root,
+                 demo_dataset):
+        assert check_dataset(root, jobs=1) == [], root
+
+
+@pytest.mark.parametrize("fault", sorted(CASE_FAULTS))
+def test_case_fault(two_channel, fault):
+    cid = two_channel.case_ids[1]
+    path, needle = CASE_FAULTS[fault](two_channel.root, cid)
+    problems = check_dataset(two_channel.root, jobs=1)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: "), problems[0]
+    assert needle in problems[0]
+
+
+def test_float_stored_integral_labels_are_accepted(two_channel):
+    cid = two_channel.case_ids[0]
+    _set_array(_lab(two_channel.root, cid), lambda a: a.astype(np.float32))
+    assert sitk.ReadImage(str(_lab(two_channel.root, cid))).GetPixelID() == sitk.sitkFloat32
+    assert check_dataset(two_channel.root, jobs=1) == []
+    spec = load_dataset_spec(two_channel.root)
+    insp = inspect_case(spec.cases[0], spec)
+    assert insp.label is not None and np.issubdtype(insp.label.dtype, np.integer)
+    assert set(np.unique(insp.label).tolist()) == {0, 1, 2}
+
+
+def test_inspection_returns_arrays_when_clean(two_channel):
+    spec = load_dataset_spec(two_channel.root)
+    insp = inspect_case(spec.cases[0], spec)
+    assert insp.problems == []
+    assert insp.image is not None and insp.image.dtype == np.float32 and insp.image.shape == (2, 8, 24, 24)
+    assert insp.label is not None and insp.label.shape == (8, 24, 24)
+    assert insp.geometry is not None and insp.geometry.spacing_zyx == pytest.approx(two_channel.spacing_zyx)
+
+
+def test_msd_single_volume_where_two_modalities_declared(msd_4d):
+    spec = load_dataset_spec(msd_4d.root)
+    path = spec.cases[1].images[0]
+    img = sitk.ReadImage(str(path))
+    sitk.WriteImage(img[:, :, :, 0], str(path))  # keep the first volume only
+    problems = check_dataset(msd_4d.root, jobs=1)
+    assert len(problems) == 1 and problems[0].startswith(str(path)) and "declares 2" in problems[0]
+
+
+def test_msd_4d_where_3d_expected(msd_4d, write_4d):
+    _edit_json(msd_4d.root, lambda m: m.update(modality={"0": "FLAIR"}))
+    problems = check_dataset(msd_4d.root, jobs=1)
+    assert len(problems) == 3 and all("4D image" in p for p in problems)
+
+
+# --- dataset-level faults ----------------------------------------------------------------------------
+
+
+def _malformed_json(root: Path) -> str:
+    (root / "dataset.json").write_text('{"channel_names": {"0": "T1"}, "labels": ')
+    return "not valid JSON"
+
+
+def _incomplete_json(root: Path) -> str:
+    _edit_json(root, lambda m: m.pop("labels"))
+    return "required key 'labels' is missing"
+
+
+def _empty_dataset(root: Path) -> str:
+    for sub in ("imagesTr", "labelsTr"):
+        for p in (root / sub).iterdir():
+            p.unlink()
+    _edit_json(root, lambda m: m.update(numTraining=0))
+    return "no training cases"
+
+
+def _no_background(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(labels={"outer": 1, "inner": 2}))
+    return "background"
+
+
+def _missing_json(root: Path) -> str:
+    (root / "dataset.json").unlink()
+    return "dataset.json is missing"
+
+
+@pytest.mark.parametrize("fault", [_malformed_json, _incomplete_json, _empty_dataset, _no_background,
+                                   _missing_json], ids=lambda f: f.__name__.strip("_"))
+def test_dataset_fault(two_channel, fault):
+    needle = fault(two_channel.root)
+    problems = check_dataset(two_channel.root, jobs=1)
+    assert len(problems) == 1, problems
+    assert needle in problems[0]
+    assert str(two_channel.root) in problems[0]
+
+
+def test_msd_incomplete_json(msd_4d):
+    _edit_json(msd_4d.root, lambda m: m.pop("training"))
+    problems = check_dataset(msd_4d.root, jobs=1)
+    assert len(problems) == 1 and "'training'" in problems[0]
+
+
+# --- THE must-show test: a dozen faults at once, one line each, via the API and the CLI -------------
+
+
+@pytest.fixture
+def many_faults(tmp_path, write_nnunet_dataset) -> tuple[Path, list[Path]]:
+    """A dataset with every case fault of CASE_FAULTS planted in its own case, plus two clean cases."""
+    names = sorted(CASE_FAULTS)
+    ds = write_nnunet_dataset(tmp_path / "Dataset011_ManyFaults", n_cases=len(names) + 2, n_test=0,
+                              channel_names=("T1", "T2"), oblique_every=0)
+    expected = []
+    for name, cid in zip(names, ds.case_ids[1:]):
+        path, _ = CASE_FAULTS[name](ds.root, cid)
+        expected.append(path)
+    return ds.root, expected
+
+
+def test_many_faults_one_line_each(many_faults):
+    root, expected = many_faults
+    assert len(expected) >= 12
+    problems = check_dataset(root, jobs=2)
+    assert len(problems) == len(expected), "\n".join(problems)
+    named = sorted(p.split(": ", 1)[0] for p in problems)
+    assert named == sorted(str(p) for p in expected)
+    assert check_dataset(root, jobs=1) == problems  # same lines, same order without processes
+
+
+@pytest.mark.parametrize("command", ["check", "plan"])
+def test_cli_reports_all_faults_without_traceback(many_faults, tmp_path, command):
+    root, expected = many_faults
+    args = [command, str(root), "-j", "1"]
+    if command == "plan":
+        args += ["--work-dir", str(tmp_path / "work"), "--device", "reference-cpu-2core"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(str(root))]
+    assert len(lines) == len(expected)
+    assert sorted(ln.split(": ", 1)[0] for ln in lines) == sorted(str(p) for p in expected)
+    assert f"{len(expected)} problem(s) found." in result.stderr
+    if command == "plan":
+        assert not (tmp_path / "work" / "plans.json").exists()
+
+
+@pytest.mark.parametrize("command", ["check", "plan"])
+@pytest.mark.parametrize("fault", [_malformed_json, _missing_json], ids=lambda f: f.__name__.strip("_"))
+def test_cli_dataset_json_faults(two_channel, tmp_path, command, fault):
+    needle = fault(two_channel.root)
+    args = [command, str(two_channel.root), "-j", "1"]
+    if command == "plan":
+        args += ["--work-dir", str(tmp_path / "work"), "--device", "reference-cpu-2core"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and needle in result.stderr
+
+
+def test_cli_check_clean_dataset(nnunet_3d):
+    result = CliRunner().invoke(main, ["check", str(nnunet_3d.root), "-j", "1"])
+    assert result.exit_code == 0, result.output
+    assert "no problems found" in result.output

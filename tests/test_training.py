@@ -1,0 +1,183 @@
+"""Trainer tests on a tiny planned demo dataset: a few iterations each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from automedseg.demo import make_demo_dataset
+from automedseg.pipeline import run_plan
+from automedseg.plans import Plans
+from automedseg.training import (
+    DeepSupervisionLoss,
+    TrainOptions,
+    _rng_state,
+    _set_rng_state,
+    load_or_create_splits,
+    soft_dice_loss,
+    train_fold,
+)
+from automedseg.workspace import Workspace
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
+    root = tmp_path_factory.mktemp("train")
+    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=10, n_test=1, seed=3)
+    ws = Workspace.for_dataset(dataset)
+    run_plan(dataset, ws, configurations=["2d", "3d_fullres"], jobs=1, device="reference-cpu-2core",
+             time_budget_s=60.0)
+    return dataset, ws
+
+
+def _fast(**kw) -> TrainOptions:
+    base = dict(epochs=2, iterations_per_epoch=4, num_workers=0, threads=1, progress=False, device="cpu")
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _history(fold_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_soft_dice_perfect_prediction_is_zero() -> None:
+    target = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 1
+    logits = torch.where(torch.arange(2).view(1, 2, 1, 1) == target, 20.0, -20.0).float()
+    assert soft_dice_loss(logits, target) < 1e-4
+
+
+def test_deep_supervision_weights_drop_the_lowest_level() -> None:
+    loss = DeepSupervisionLoss(3)
+    assert loss.weights[-1] == 0
+    assert abs(sum(loss.weights) - 1) < 1e-9
+    assert loss.weights[0] > loss.weights[1]
+
+
+def test_rng_state_round_trip() -> None:
+    _ = np.random.rand(3)
+    state = _rng_state()
+    a = (np.random.rand(2), torch.rand(2))
+    _set_rng_state(state)
+    b = (np.random.rand(2), torch.rand(2))
+    assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_splits_are_made_once_and_reused(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    ids = [f"c{i}" for i in range(10)]
+    first = load_or_create_splits(ws, ids)
+    assert len(first) == 5 and sorted(sum((s["val"] for s in first), [])) == ids
+    edited = [{"train": ids[2:], "val": ids[:2]}] * 5
+    ws.splits_path.write_text(json.dumps(edited))
+    assert load_or_create_splits(ws, ids) == edited
+
+
+def test_loss_decreases_on_the_demo(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    res = train_fold(ws, "3d_fullres", 0, options=_fast(epochs=4, iterations_per_epoch=8, validate=False,
+                                                        restart=True), log=lambda s: None)
+    hist = _history(res.fold_dir)
+    assert len(hist) == 4
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Workspace], configuration: str) -> None:
+    _, ws = planned
+    res = train_fold(ws, configuration, 1, options=_fast(restart=True), log=lambda s: None)
+    fold_dir = res.fold_dir
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "log.jsonl",
+                 "progress.png", "plans.json"):
+        assert (fold_dir / name).is_file(), name
+    copy = Plans.load(fold_dir / "plans.json")
+    assert list(copy.configurations) == [configuration]
+    assert copy.configurations[configuration].training.epochs == 2
+    assert copy.configurations[configuration].training.iterations_per_epoch == 4
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert summary["mean_dice"] is not None and 0.0 <= summary["mean_dice"] <= 1.0
+    val_ids = summary["cases"]
+    assert all((fold_dir / "validation" / f"{c}.npz").is_file() for c in val_ids)
+    ckpt = torch.load(fold_dir / "checkpoint_latest.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_resume_continues_from_the_checkpoint(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    first = train_fold(ws, "3d_fullres", 2, options=_fast(epochs=1, restart=True, validate=False),
+                       log=lambda s: None)
+    before = _history(first.fold_dir)
+    messages: list[str] = []
+    train_fold(ws, "3d_fullres", 2, options=_fast(epochs=3, validate=False), log=messages.append)
+    after = _history(first.fold_dir)
+    assert any("resuming" in m and "epoch 1" in m for m in messages)
+    assert len(after) == 3
+    assert after[0] == before[0]
+    assert Plans.load(first.fold_dir / "plans.json").configurations["3d_fullres"].training.epochs == 3
+    # Running it again finds the fold finished and does not train.
+    msgs2: list[str] = []
+    train_fold(ws, "3d_fullres", 2, options=_fast(epochs=3, validate=False), log=msgs2.append)
+    assert any("already trained" in m for m in msgs2)
+    assert len(_history(first.fold_dir)) == 3
+
+
+def test_fold_all_trains_on_every_case(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    res = train_fold(ws, "3d_fullres", "all", options=_fast(epochs=1, restart=True), log=lambda s: None)
+    assert res.fold_dir.name == "fold_all"
+    assert (res.fold_dir / "checkpoint_final.pt").is_file()
+
+
+def test_pretrained_loads_matching_layers(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    src = train_fold(ws, "3d_fullres", 3, options=_fast(epochs=1, restart=True, validate=False),
+                     log=lambda s: None)
+    messages: list[str] = []
+    train_fold(ws, "3d_fullres", 4, options=_fast(epochs=1, restart=True, validate=False,
+                                                  pretrained=src.fold_dir / "checkpoint_final.pt"),
+               log=messages.append)
+    assert any("pretrained:" in m and "0 left" in m for m in messages)
+
+
+def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
+    """Kill the CLI with SIGKILL while an epoch runs; the re-run resumes and loses at most that epoch."""
+    dataset, ws = planned
+    cmd = [sys.executable, "-m", "automedseg.cli", "train", str(dataset), "--work-dir", str(ws.root),
+           "-c", "3d_fullres", "-f", "0", "--epochs", "6", "--iterations-per-epoch", "15", "--workers", "1",
+           "--threads", "1", "--device", "cpu", "--no-validate", "--restart"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    fold_dir = ws.fold_dir("3d_fullres", 0)
+    log_path = fold_dir / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log_path.is_file() and len(log_path.read_text().splitlines()) >= 1:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stdout.read().decode() if proc.stdout else ''}")
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside epoch 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_history(fold_dir))
+    assert 1 <= done_before < 6
+    resumed = subprocess.run([c for c in cmd if c != "--restart"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {fold_dir} at epoch {done_before}" in resumed.stdout
+    hist = _history(fold_dir)
+    assert [h["epoch"] for h in hist] == list(range(6))
+    ckpt = torch.load(fold_dir / "checkpoint_final.pt", weights_only=True)
+    assert ckpt["epoch"] == 5
