@@ -110,6 +110,12 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     click.echo(f"done in {time.perf_counter() - t0:.1f} s; work folder {ws.root}")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _fold_arg(value: str) -> int | str:
     if value == "all":
         return "all"
@@ -126,7 +132,7 @@ def _fold_arg(value: str) -> int | str:
 @click.option("-c", "--configuration", default="3d_fullres", show_default=True)
 @click.option("-f", "--fold", "fold", default="0", show_default=True, help="Fold 0-4, or 'all'.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
-              help="Default: CUDA if present, else MPS, else CPU.")
+              help="Default: CUDA if present, else MPS, else CPU (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--epochs", type=int, default=None, help="Override the plan's number of epochs.")
 @click.option("--iterations-per-epoch", type=int, default=None, help="Override the plan's iterations per epoch.")
 @click.option("--time-budget", default=None, help="Fit training into this wall time, e.g. 20m.")
@@ -150,11 +156,17 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     if not ws.plans_path.is_file():
         _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
     folds: list[int | str] = [_fold_arg(f) for f in fold.split(",")]
+    # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and (device == "cuda" or (device is None and _cuda_available())):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    is_main = int(os.environ.get("RANK", "0")) == 0
     options = TrainOptions(
+        distributed=distributed,
         device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
         time_budget_s=parse_duration(time_budget), restart=restart, pretrained=pretrained,
         early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
-        validate=not no_validate, progress=sys.stderr.isatty(),
+        validate=not no_validate, progress=sys.stderr.isatty() and is_main,
     )
     for f in folds:
         result = train_fold(ws, configuration, f, options=options, log=click.echo)
@@ -191,10 +203,12 @@ def _resolve_workspace(target: Path, work_dir: Path | None):
 @click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None)
 @click.option("--threads", type=int, default=None, help="Torch CPU threads.")
+@click.option("--num-parts", default=1, show_default=True, help="Split the cases over this many workers ...")
+@click.option("--part-id", default=0, show_default=True, help="... and predict this part (0-based).")
 def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | None, configuration: str | None,
             folds: tuple[str, ...], step: float, no_mirror: bool, no_postprocessing: bool,
             save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
-            threads: int | None) -> None:
+            threads: int | None, num_parts: int, part_id: int) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
     import json
 
@@ -230,7 +244,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
 
     report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=not no_mirror,
                             overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                            overlays=overlays, progress=sys.stderr.isatty(), log=click.echo)
+                            overlays=overlays, progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id,
+                            log=click.echo)
     click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
                f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
     if report.failed:

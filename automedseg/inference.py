@@ -258,7 +258,7 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                    overwrite: bool = False, save_probabilities: bool = False,
                    postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
-                   log: Callable[[str], None] = print) -> FolderReport:
+                   num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print) -> FolderReport:
     """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
 
     Args:
@@ -276,6 +276,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         output_ending: Output file ending (default: the input's).
         overlays: Also write PNG overlays of a few slices to ``output_dir/overlays``.
         progress: Show a progress bar.
+        num_parts: Split the cases into this many disjoint parts (several processes or machines) ...
+        part_id: ... and predict only this one (0-based): case ``i`` belongs to part ``i % num_parts``.
         log: Where per-case problems are reported.
     """
     import time
@@ -293,7 +295,9 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
     groups = [[load_fold(d, device=dev) for d in group] for group in fold_groups]
     plans = groups[0][0].plans
     n_ch = len(plans.channel_names)
-    cases = discover_images(Path(input_dir), n_channels=n_ch)
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id {part_id} must be in [0, {num_parts})")
+    cases = discover_images(Path(input_dir), n_channels=n_ch)[part_id::num_parts]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report = FolderReport([], [], {}, 0.0)

@@ -335,6 +335,12 @@ class Plans:
     @classmethod
     def from_dict(cls, data: Any) -> Plans:
         """Build and validate a plan from JSON types; raises :class:`PlanError` naming the bad field."""
+        # The version comes first: a plan of another schema fails on it, not on a field that schema renamed.
+        if isinstance(data, dict) and "schema_version" in data and data["schema_version"] != SCHEMA_VERSION:
+            raise PlanError(
+                f"plans.schema_version: {data['schema_version']!r} is not supported (this automedseg reads "
+                f"{SCHEMA_VERSION}); re-run automedseg plan"
+            )
         return from_jsonable(cls, data, "plans")
 
     @classmethod
@@ -361,6 +367,8 @@ class Plans:
             raise PlanError(f"{path}: {e}") from None
         except OSError as e:
             raise PlanError(f"{path}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a UTF-8 text file") from None
 
 
 # --- generic, type-checked (de)serialisation of the dataclasses above ---------------------------

@@ -134,6 +134,8 @@ class TrainOptions:
         validate: Run the final sliding-window validation of the held-out cases.
         progress: Show a progress bar.
         output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
+        distributed: Join the process group set up by ``torchrun`` (DistributedDataParallel; gloo on CPU,
+            NCCL on CUDA). The global batch is split over the ranks; only rank 0 writes files.
     """
 
     device: str | None = None
@@ -149,6 +151,7 @@ class TrainOptions:
     validate: bool = True
     progress: bool = True
     output_dir: Path | None = None
+    distributed: bool = False
 
 
 @dataclass
@@ -222,6 +225,64 @@ def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
 # --- the loop -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Dist:
+    """Rank bookkeeping; a single process is rank 0 of 1 and every collective is a no-op."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Dist:
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// set by torchrun
+        return cls(td.get_rank(), td.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return values
+        import torch.distributed as td
+
+        t = torch.tensor(values, dtype=torch.float64)
+        td.all_reduce(t)
+        return t.numpy()
+
+    def min_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.int64)
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+        return int(t.item())
+
+    def weights_identical(self, model: torch.nn.Module) -> tuple[bool, float]:
+        """Whether every rank holds the same weights (a checksum compared across ranks)."""
+        with torch.no_grad():
+            s = float(sum(p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()))
+        if self.world == 1:
+            return True, s
+        import torch.distributed as td
+
+        gathered: list[Any] = [None] * self.world
+        td.all_gather_object(gathered, s)
+        return all(g == gathered[0] for g in gathered), s
+
+    def finish(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+            td.destroy_process_group()
+
+
+
 def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: TrainOptions | None = None,
                plans: Plans | None = None, log: Log = print,
                epoch_callback: Callable[[int, float], bool] | None = None) -> FoldResult:
@@ -257,6 +318,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         config = apply_overrides(base_config, options)
     tr = config.training
     device = select_device(options.device)
+    dist = _Dist.start(device) if options.distributed else _Dist()
     threads = options.threads or (plans.device.cpu_threads if plans.device.kind == "cpu" else None)
     if threads:
         torch.set_num_threads(int(threads))
@@ -279,6 +341,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
                           dims=config.dims).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=memory_format(config.dims))
+    net = model  # the bare network: state dicts, deep-supervision switch, evaluation
     if tr.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=tr.initial_lr, momentum=tr.momentum,
                                                            nesterov=True, weight_decay=tr.weight_decay)
@@ -292,7 +355,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     planned_epochs = tr.epochs
     if resume:
         ckpt = load_checkpoint(latest, device)
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -306,21 +369,34 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     elif options.pretrained is not None:
         loaded, skipped = load_pretrained(model, options.pretrained)
         log(f"pretrained: {loaded} tensors loaded from {options.pretrained}, {skipped} left as initialised")
-    _save_plan_copy(plans, config, fold_dir, planned_epochs)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"rank {dist.rank}/{dist.world}: DistributedDataParallel on {device}")
+    if dist.is_main:
+        _save_plan_copy(plans, config, fold_dir, planned_epochs)
 
     if start_epoch >= planned_epochs and final.is_file():
         log(f"{fold_dir}: already trained ({planned_epochs} epochs)")
     else:
         best, train_seconds, planned_epochs, history = _run_epochs(
-            model=model, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn, config=config, plans=plans,
+            model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn, config=config,
+            plans=plans,
             device=device, cache=cache, train_ids=train_ids, val_ids=val_ids, strides=strides,
             fold_dir=fold_dir, start_epoch=start_epoch, planned_epochs=planned_epochs, history=history,
             best=best, train_seconds=train_seconds, options=options, log=log, epoch_callback=epoch_callback,
         )
-        _save_plan_copy(plans, config, fold_dir, planned_epochs)
+        if dist.is_main:
+            _save_plan_copy(plans, config, fold_dir, planned_epochs)
+    if dist.world > 1:
+        same, checksum = dist.weights_identical(net)
+        log(f"rank {dist.rank}: weights {'identical' if same else 'DIFFER'} across {dist.world} ranks "
+            f"(checksum {checksum:.6f})")
     validation = None
-    if options.validate and fold != "all":
-        validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=model, device=device, log=log)
+    if options.validate and fold != "all" and dist.is_main:
+        validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log)
+    dist.finish()
     return FoldResult(fold_dir, len(history), best, train_seconds, validation)
 
 
@@ -330,14 +406,15 @@ def _save_plan_copy(plans: Plans, config: ConfigurationPlan, fold_dir: Path, epo
     copy.save(fold_dir / "plans.json")
 
 
-def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan, plans: Plans, device,
+def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: ConfigurationPlan, plans: Plans, device,
                 cache: Path, train_ids, val_ids, strides, fold_dir: Path, start_epoch: int, planned_epochs: int,
                 history: list, best: float, train_seconds: float, options: TrainOptions, log: Log,
                 epoch_callback) -> tuple[float, float, int, list]:
     tr = config.training
-    seed = tr.seed + 1000 * start_epoch  # resumed runs draw fresh batches
-    train_loader = make_training_loader(cache, train_ids, config, deep_supervision_strides=strides, seed=seed)
-    val_loader = make_validation_loader(cache, val_ids, config, deep_supervision_strides=strides[:1], seed=seed)
+    seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
+    local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
+    train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed)
+    val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None
     no_improve = 0
@@ -350,10 +427,10 @@ def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             model.train()
-            model.deep_supervision = True
+            net.deep_supervision = True
             train_loader.reset_timing()
             losses = []
-            if options.progress:
+            if options.progress and dist.is_main:
                 from tqdm import tqdm
 
                 bar = tqdm(total=tr.iterations_per_epoch, desc=f"epoch {epoch + 1}/{planned_epochs}",
@@ -388,8 +465,8 @@ def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan,
                     bar.update()
             train_time = time.perf_counter() - t_epoch
             wait = train_loader.wait_seconds
-            val_loss, dice_per_class = _pseudo_dice(model, val_loader, loss_fn, tr.val_iterations, device, mf,
-                                                    options.amp, plans.num_classes)
+            val_loss, dice_per_class = _pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
+                                                    options.amp, plans.num_classes, dist)
             mean_dice = float(np.nanmean(dice_per_class)) if len(dice_per_class) else 0.0
             ema = mean_dice if ema is None else 0.9 * ema + 0.1 * mean_dice
             epoch_time = time.perf_counter() - t_epoch
@@ -413,20 +490,21 @@ def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan,
                 mean_epoch = float(np.mean([h["epoch_seconds"] for h in history[-3:]]))
                 reserve = 0.05 * tr.time_budget_s
                 affordable = epoch + 1 + int(max(0.0, tr.time_budget_s - reserve - train_seconds) // mean_epoch)
-                planned_epochs = max(epoch + 1, min(planned_epochs, affordable))
+                planned_epochs = dist.min_int(max(epoch + 1, min(planned_epochs, affordable)))
             state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,
                 "history": json.dumps(history), "rng": _rng_state(), "configuration": config.name,
             }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            _atomic_torch_save(state, fold_dir / "checkpoint_latest.pt")
-            if improved:
-                _atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "ema_pseudo_dice": ema},
-                                   fold_dir / "checkpoint_best.pt")
-            atomic_write_text(fold_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            plot_progress(history, fold_dir / "progress.png")
+            if dist.is_main:
+                _atomic_torch_save(state, fold_dir / "checkpoint_latest.pt")
+                if improved:
+                    _atomic_torch_save({"model": net.state_dict(), "epoch": epoch, "ema_pseudo_dice": ema},
+                                       fold_dir / "checkpoint_best.pt")
+                atomic_write_text(fold_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+                plot_progress(history, fold_dir / "progress.png")
             if bar is not None:
                 bar.close()
                 bar = None
@@ -444,9 +522,10 @@ def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan,
             if stop:
                 planned_epochs = epoch
                 break
-        _atomic_torch_save({"model": model.state_dict(), "epoch": epoch - 1, "planned_epochs": planned_epochs},
-                           fold_dir / "checkpoint_final.pt")
-        if (fold_dir / "checkpoint_latest.pt").is_file():
+        if dist.is_main:
+            _atomic_torch_save({"model": net.state_dict(), "epoch": epoch - 1, "planned_epochs": planned_epochs},
+                               fold_dir / "checkpoint_final.pt")
+        if dist.is_main and (fold_dir / "checkpoint_latest.pt").is_file():
             ck = load_checkpoint(fold_dir / "checkpoint_latest.pt")
             ck["planned_epochs"] = planned_epochs
             _atomic_torch_save(ck, fold_dir / "checkpoint_latest.pt")
@@ -459,9 +538,9 @@ def _run_epochs(*, model, optimizer, scaler, loss_fn, config: ConfigurationPlan,
 
 
 @torch.inference_mode()
-def _pseudo_dice(model, loader, loss_fn, n_batches: int, device, mf, amp: bool, num_classes: int
+def _pseudo_dice(model, loader, n_batches: int, device, mf, amp: bool, num_classes: int, dist: _Dist
                  ) -> tuple[float, list[float]]:
-    """Validation loss and per-foreground-class Dice accumulated over ``n_batches`` patches."""
+    """Validation loss and per-foreground-class Dice accumulated over ``n_batches`` patches (and all ranks)."""
     model.eval()
     model.deep_supervision = False
     tp = np.zeros(num_classes - 1)
@@ -483,6 +562,7 @@ def _pseudo_dice(model, loader, loss_fn, n_batches: int, device, mf, amp: bool, 
             fp[k - 1] += float((p & ~t).sum())
             fn[k - 1] += float((~p & t).sum())
     model.deep_supervision = True
+    tp, fp, fn = np.split(dist.sum(np.concatenate([tp, fp, fn])), 3)
     with np.errstate(invalid="ignore", divide="ignore"):
         dice = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
     return float(np.mean(losses)) if losses else float("nan"), [float(d) for d in dice]

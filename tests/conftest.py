@@ -106,7 +106,7 @@ class SynthDataset:
 def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_names: Sequence[str] = ("T2",),
                     spacing_zyx: Sequence[float] = SPACING_ANISO, shape: tuple[int, int, int] = SHAPE_3D,
                     oblique_every: int = 2, seed: int = 0, prefix: str = "case",
-                    labels: dict[str, int] | None = None) -> SynthDataset:
+                    labels: dict[str, int] | None = None, ending: str = ".nii.gz") -> SynthDataset:
     """nnU-Net v2 layout, one file per channel; every ``oblique_every``-th case has an oblique direction."""
     rng = np.random.default_rng(seed)
     labels = dict(LABELS if labels is None else labels)
@@ -118,10 +118,10 @@ def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_na
         origin = (float(-10 + i), float(5 * i), float(2.5 * i))
         folder = "imagesTr" if i < n_cases else "imagesTs"
         for c in range(len(channel_names)):
-            _write_volume(root / folder / f"{cid}_{c:04d}.nii.gz", image * (1 + c), spacing_zyx=spacing_zyx,
+            _write_volume(root / folder / f"{cid}_{c:04d}{ending}", image * (1 + c), spacing_zyx=spacing_zyx,
                           origin_xyz=origin, direction=direction)
         if i < n_cases:
-            _write_volume(root / "labelsTr" / f"{cid}.nii.gz", label, spacing_zyx=spacing_zyx, origin_xyz=origin,
+            _write_volume(root / "labelsTr" / f"{cid}{ending}", label, spacing_zyx=spacing_zyx, origin_xyz=origin,
                           direction=direction)
             ids.append(cid)
             if direction is not None:
@@ -133,9 +133,43 @@ def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_na
         "channel_names": {str(c): n for c, n in enumerate(channel_names)},
         "labels": labels,
         "numTraining": n_cases,
-        "file_ending": ".nii.gz",
+        "file_ending": ending,
     })
-    return SynthDataset(root, ids, tuple(spacing_zyx), shape, tuple(channel_names), labels, test_ids, oblique)
+    return SynthDataset(root, ids, tuple(spacing_zyx), shape, tuple(channel_names), labels, test_ids, oblique,
+                        ending)
+
+
+def _synthetic_fingerprint(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], *,
+                           channel_names: Sequence[str] = ("MRI",), labels: dict[str, int] | None = None,
+                           is_2d: bool = False, intensity: Sequence[dict[str, float]] | None = None,
+                           name: str = "Synth") -> dict[str, Any]:
+    """A fingerprint dict with just the keys the planner reads (see fingerprint.compute_fingerprint)."""
+    from automedseg.fingerprint import modality_of
+
+    default = {"mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 300.0, "p00_5": 10.0,
+               "p99_5": 250.0}
+    stats = [dict(s) for s in intensity] if intensity is not None else [dict(default) for _ in channel_names]
+    cases = [
+        {"case_id": f"c{i:03d}", "spacing_mm": [float(v) for v in sp], "shape": [int(v) for v in sh],
+         "shape_after_crop": [int(v) for v in sh]}
+        for i, (sp, sh) in enumerate(zip(spacings, shapes))
+    ]
+    return {
+        "dataset_name": name,
+        "channel_names": list(channel_names),
+        "modalities": [modality_of(c) for c in channel_names],
+        "labels": dict(labels or {"background": 0, "a": 1}),
+        "is_2d": is_2d,
+        "num_cases": len(cases),
+        "dataset": {"intensity": stats},
+        "cases": cases,
+    }
+
+
+@pytest.fixture
+def synthetic_fingerprint() -> Callable[..., dict[str, Any]]:
+    """Factory: ``synthetic_fingerprint(spacings, shapes, channel_names=..., labels=..., is_2d=..., intensity=...)``."""
+    return _synthetic_fingerprint
 
 
 @pytest.fixture

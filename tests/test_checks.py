@@ -14,16 +14,17 @@ from click.testing import CliRunner
 from automedseg.checks import check_dataset, inspect_case
 from automedseg.cli import main
 from automedseg.io import load_dataset_spec
+from conftest import SynthDataset
 
 GARBAGE = b"\x00\x13\x37 this is not an image \xff\xfe" * 20
 
 
-def _img(root: Path, cid: str, channel: int = 0) -> Path:
-    return root / "imagesTr" / f"{cid}_{channel:04d}.nii.gz"
+def _img(ds: SynthDataset, cid: str, channel: int = 0) -> Path:
+    return ds.root / "imagesTr" / f"{cid}_{channel:04d}{ds.ending}"
 
 
-def _lab(root: Path, cid: str) -> Path:
-    return root / "labelsTr" / f"{cid}.nii.gz"
+def _lab(ds: SynthDataset, cid: str) -> Path:
+    return ds.root / "labelsTr" / f"{cid}{ds.ending}"
 
 
 def _rewrite(path: Path, edit: Callable[[sitk.Image], sitk.Image | None]) -> None:
@@ -55,109 +56,109 @@ def _edit_json(root: Path, fn: Callable[[dict], None]) -> None:
 # --- faults: each plants one problem in a two-channel nnU-Net dataset and returns (file, needle) ---------
 
 
-def f_missing_image(root: Path, cid: str) -> tuple[Path, str]:
-    _img(root, cid, 0).unlink()
-    return _img(root, cid, 0), "missing"
+def f_missing_image(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _img(ds, cid, 0).unlink()
+    return _img(ds, cid, 0), "missing"
 
 
-def f_missing_channel(root: Path, cid: str) -> tuple[Path, str]:
-    _img(root, cid, 1).unlink()
-    return _img(root, cid, 1), "missing"
+def f_missing_channel(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _img(ds, cid, 1).unlink()
+    return _img(ds, cid, 1), "missing"
 
 
-def f_missing_label(root: Path, cid: str) -> tuple[Path, str]:
-    _lab(root, cid).unlink()
-    return _lab(root, cid), "missing"
+def f_missing_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _lab(ds, cid).unlink()
+    return _lab(ds, cid), "missing"
 
 
-def f_unreadable_image(root: Path, cid: str) -> tuple[Path, str]:
-    _img(root, cid, 1).write_bytes(GARBAGE)
-    return _img(root, cid, 1), "cannot read"
+def f_unreadable_image(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _img(ds, cid, 1).write_bytes(GARBAGE)
+    return _img(ds, cid, 1), "cannot read"
 
 
-def f_unreadable_label(root: Path, cid: str) -> tuple[Path, str]:
-    _lab(root, cid).write_bytes(GARBAGE)
-    return _lab(root, cid), "cannot read"
+def f_unreadable_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _lab(ds, cid).write_bytes(GARBAGE)
+    return _lab(ds, cid), "cannot read"
 
 
-def f_label_size(root: Path, cid: str) -> tuple[Path, str]:
+def f_label_size(ds: SynthDataset, cid: str) -> tuple[Path, str]:
     def edit(img: sitk.Image) -> sitk.Image:
         small = img[:, :, :-1]  # one slice fewer
         return small
 
-    _rewrite(_lab(root, cid), edit)
-    return _lab(root, cid), "size"
+    _rewrite(_lab(ds, cid), edit)
+    return _lab(ds, cid), "size"
 
 
-def f_label_spacing(root: Path, cid: str) -> tuple[Path, str]:
-    _rewrite(_lab(root, cid), lambda img: img.SetSpacing((0.8, 0.8, 2.0)))
-    return _lab(root, cid), "spacing"
+def f_label_spacing(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(ds, cid), lambda img: img.SetSpacing((0.8, 0.8, 2.0)))
+    return _lab(ds, cid), "spacing"
 
 
-def f_label_origin(root: Path, cid: str) -> tuple[Path, str]:
-    _rewrite(_lab(root, cid), lambda img: img.SetOrigin((50.0, 50.0, 50.0)))
-    return _lab(root, cid), "origin"
+def f_label_origin(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(ds, cid), lambda img: img.SetOrigin((50.0, 50.0, 50.0)))
+    return _lab(ds, cid), "origin"
 
 
-def f_label_direction(root: Path, cid: str) -> tuple[Path, str]:
-    _rewrite(_lab(root, cid), lambda img: img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)))
-    return _lab(root, cid), "direction"
+def f_label_direction(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _rewrite(_lab(ds, cid), lambda img: img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)))
+    return _lab(ds, cid), "direction"
 
 
-def f_channel_geometry(root: Path, cid: str) -> tuple[Path, str]:
-    _rewrite(_img(root, cid, 1), lambda img: img.SetSpacing((1.0, 1.0, 1.0)))
-    return _img(root, cid, 1), "geometry differs"
+def f_channel_geometry(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _rewrite(_img(ds, cid, 1), lambda img: img.SetSpacing((1.0, 1.0, 1.0)))
+    return _img(ds, cid, 1), "geometry differs"
 
 
-def f_undeclared_label(root: Path, cid: str) -> tuple[Path, str]:
+def f_undeclared_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
     def plant(a: np.ndarray) -> np.ndarray:
         a = a.copy()
         a[0, 0, 0] = 5
         return a
 
-    _set_array(_lab(root, cid), plant)
-    return _lab(root, cid), "[5] are not declared"
+    _set_array(_lab(ds, cid), plant)
+    return _lab(ds, cid), "[5] are not declared"
 
 
-def f_nonintegral_label(root: Path, cid: str) -> tuple[Path, str]:
+def f_nonintegral_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
     def plant(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.float32)
         a[a == 2] = 1.5
         return a
 
-    _set_array(_lab(root, cid), plant)
-    return _lab(root, cid), "non-integral"
+    _set_array(_lab(ds, cid), plant)
+    return _lab(ds, cid), "non-integral"
 
 
-def f_nan(root: Path, cid: str) -> tuple[Path, str]:
+def f_nan(ds: SynthDataset, cid: str) -> tuple[Path, str]:
     def plant(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.float32)
         a[1, 5, 5] = np.nan
         return a
 
-    _set_array(_img(root, cid, 0), plant)
-    return _img(root, cid, 0), "NaN or infinite"
+    _set_array(_img(ds, cid, 0), plant)
+    return _img(ds, cid, 0), "NaN or infinite"
 
 
-def f_inf(root: Path, cid: str) -> tuple[Path, str]:
+def f_inf(ds: SynthDataset, cid: str) -> tuple[Path, str]:
     def plant(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.float32)
         a[2, 3, 3] = np.inf
         a[2, 3, 4] = -np.inf
         return a
 
-    _set_array(_img(root, cid, 1), plant)
-    return _img(root, cid, 0), "2 NaN or infinite"
+    _set_array(_img(ds, cid, 1), plant)
+    return _img(ds, cid, 0), "2 NaN or infinite"
 
 
-def f_4d_image(root: Path, cid: str) -> tuple[Path, str]:
-    _to_4d(_img(root, cid, 0))
-    return _img(root, cid, 0), "4D image"
+def f_4d_image(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _to_4d(_img(ds, cid, 0))
+    return _img(ds, cid, 0), "4D image"
 
 
-def f_4d_label(root: Path, cid: str) -> tuple[Path, str]:
-    _to_4d(_lab(root, cid))
-    return _lab(root, cid), "4D label"
+def f_4d_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    _to_4d(_lab(ds, cid))
+    return _lab(ds, cid), "4D label"
 
 
 CASE_FAULTS = {
@@ -180,6 +181,13 @@ CASE_FAULTS = {
 }
 
 
+# ITK's NIfTI reader silently replaces NaN and inf with 0 (nifticlib), so non-finite intensities can only be
+# planted, and detected, in the other formats.
+NONFINITE_FAULTS = {"nan_intensity", "inf_intensity"}
+FAULT_CASES = [(f, e) for e in (".nii.gz", ".mha") for f in sorted(CASE_FAULTS)
+               if not (e == ".nii.gz" and f in NONFINITE_FAULTS)]
+
+
 @pytest.fixture
 def two_channel(tmp_path, write_nnunet_dataset):
     return write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=3, n_test=0, channel_names=("T1", "T2"),
@@ -193,11 +201,12 @@ def test_clean_datasets_have_no_problems(nnunet_3d, nnunet_2ch, msd_4d, png_gray
         assert check_dataset(root, jobs=1) == [], root
 
 
-@pytest.mark.parametrize("fault", sorted(CASE_FAULTS))
-def test_case_fault(two_channel, fault):
-    cid = two_channel.case_ids[1]
-    path, needle = CASE_FAULTS[fault](two_channel.root, cid)
-    problems = check_dataset(two_channel.root, jobs=1)
+@pytest.mark.parametrize("fault,ending", FAULT_CASES)
+def test_case_fault(tmp_path, write_nnunet_dataset, fault, ending):
+    ds = write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=3, n_test=0, channel_names=("T1", "T2"),
+                              oblique_every=0, ending=ending)
+    path, needle = CASE_FAULTS[fault](ds, ds.case_ids[1])
+    problems = check_dataset(ds.root, jobs=1)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{path}: "), problems[0]
     assert needle in problems[0]
@@ -205,8 +214,8 @@ def test_case_fault(two_channel, fault):
 
 def test_float_stored_integral_labels_are_accepted(two_channel):
     cid = two_channel.case_ids[0]
-    _set_array(_lab(two_channel.root, cid), lambda a: a.astype(np.float32))
-    assert sitk.ReadImage(str(_lab(two_channel.root, cid))).GetPixelID() == sitk.sitkFloat32
+    _set_array(_lab(two_channel, cid), lambda a: a.astype(np.float32))
+    assert sitk.ReadImage(str(_lab(two_channel, cid))).GetPixelID() == sitk.sitkFloat32
     assert check_dataset(two_channel.root, jobs=1) == []
     spec = load_dataset_spec(two_channel.root)
     insp = inspect_case(spec.cases[0], spec)
@@ -288,15 +297,16 @@ def test_msd_incomplete_json(msd_4d):
 # --- THE must-show test: a dozen faults at once, one line each, via the API and the CLI -------------
 
 
-@pytest.fixture
-def many_faults(tmp_path, write_nnunet_dataset) -> tuple[Path, list[Path]]:
-    """A dataset with every case fault of CASE_FAULTS planted in its own case, plus two clean cases."""
-    names = sorted(CASE_FAULTS)
+@pytest.fixture(params=[".mha", ".nii.gz"])
+def many_faults(request, tmp_path, write_nnunet_dataset) -> tuple[Path, list[Path]]:
+    """Every case fault of CASE_FAULTS planted in its own case (16 in .mha, 14 in NIfTI) plus two clean cases."""
+    ending = request.param
+    names = [f for f in sorted(CASE_FAULTS) if not (ending == ".nii.gz" and f in NONFINITE_FAULTS)]
     ds = write_nnunet_dataset(tmp_path / "Dataset011_ManyFaults", n_cases=len(names) + 2, n_test=0,
-                              channel_names=("T1", "T2"), oblique_every=0)
+                              channel_names=("T1", "T2"), oblique_every=0, ending=ending)
     expected = []
     for name, cid in zip(names, ds.case_ids[1:]):
-        path, _ = CASE_FAULTS[name](ds.root, cid)
+        path, _ = CASE_FAULTS[name](ds, cid)
         expected.append(path)
     return ds.root, expected
 

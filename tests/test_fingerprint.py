@@ -1,0 +1,172 @@
+"""Tests for automedseg.fingerprint: per-case statistics on planted volumes, dataset summary, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from automedseg import fingerprint as F
+from automedseg.fingerprint import (
+    compute_fingerprint,
+    modality_of,
+    nonzero_bbox,
+    parallel_map,
+    save_fingerprint,
+)
+from automedseg.io import DatasetError, load_dataset_spec
+
+SPACING = (2.0, 0.5, 0.75)  # (z, y, x)
+SHAPE = (8, 20, 24)
+
+
+def _planted(kind: int) -> tuple[np.ndarray, np.ndarray]:
+    """Body box of value 10 with a zero margin; class 1 = two separate blocks of 50, class 2 = one block of 150.
+
+    ``kind`` 1 has no class 2 and a single class-1 block.
+    """
+    image = np.zeros(SHAPE, dtype=np.float32)
+    image[1:7, 2:18, 3:21] = 10.0  # crop box: z 1..7, y 2..18, x 3..21 -> shape (6, 16, 18)
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[2:4, 4:8, 4:8] = 1  # 2 * 4 * 4 = 32 voxels
+    if kind == 0:
+        label[2:4, 12:16, 12:16] = 1  # second, separate component: 32 more
+        label[5:6, 4:7, 14:19] = 2  # 1 * 3 * 5 = 15 voxels
+    image[label == 1] = 50.0
+    image[label == 2] = 150.0
+    return image, label
+
+
+@pytest.fixture
+def planted(tmp_path, write_volume):
+    root = tmp_path / "Dataset020_Planted"
+    for i in range(2):
+        image, label = _planted(i)
+        write_volume(root / "imagesTr" / f"p_{i:03d}_0000.nii.gz", image, spacing_zyx=SPACING)
+        write_volume(root / "labelsTr" / f"p_{i:03d}.nii.gz", label, spacing_zyx=SPACING)
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Planted", "channel_names": {"0": "T1"}, "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": 2, "file_ending": ".nii.gz",
+    }))
+    return root
+
+
+def test_planted_case_statistics(planted):
+    fp = compute_fingerprint(load_dataset_spec(planted), jobs=1)
+    c0, c1 = fp["cases"]
+    assert c0["case_id"] == "p_000" and c1["case_id"] == "p_001"
+    assert c0["spacing_mm"] == pytest.approx(list(SPACING))
+    assert c0["shape"] == list(SHAPE)
+    assert c0["crop_bbox"] == [[1, 7], [2, 18], [3, 21]]
+    assert c0["shape_after_crop"] == [6, 16, 18]
+    assert c0["foreground_voxels"] == 64 + 15
+    assert c0["classes"] == {"1": {"voxels": 64, "components": 2}, "2": {"voxels": 15, "components": 1}}
+    assert c1["classes"] == {"1": {"voxels": 32, "components": 1}, "2": {"voxels": 0, "components": 0}}
+    (st,) = c0["intensity"]
+    assert st["min"] == 50.0 and st["max"] == 150.0 and st["median"] == 50.0
+    assert st["mean"] == pytest.approx((64 * 50 + 15 * 150) / 79)
+    assert st["p99_5"] == pytest.approx(150.0) and st["p00_5"] == pytest.approx(50.0)
+    (st1,) = c1["intensity"]
+    assert st1["mean"] == 50.0 and st1["std"] == 0.0
+    assert c0["geometry"]["size"] == list(reversed(SHAPE))
+
+
+def test_planted_dataset_summary(planted):
+    fp = compute_fingerprint(load_dataset_spec(planted), jobs=1)
+    assert fp["fingerprint_version"] == F.FINGERPRINT_VERSION
+    assert fp["dataset_name"] == "Planted" and fp["layout"] == "nnunet"
+    assert fp["channel_names"] == ["T1"] and fp["modalities"] == ["zscore"]
+    assert fp["labels"] == {"background": 0, "a": 1, "b": 2}
+    assert fp["num_cases"] == 2 and fp["is_2d"] is False
+    ds = fp["dataset"]
+    assert ds["median_spacing_mm"] == pytest.approx(list(SPACING))
+    assert ds["median_shape_after_crop"] == [6, 16, 18]
+    (pooled,) = ds["intensity"]
+    assert pooled["mean"] == pytest.approx((96 * 50 + 15 * 150) / 111)
+    assert pooled["min"] == 50.0 and pooled["max"] == 150.0
+    assert ds["classes"]["1"] == {"present_in_cases": 2, "median_voxels": 48.0, "min_voxels": 32.0,
+                                  "median_components": 1.5, "max_components": 2.0}
+    assert ds["classes"]["2"]["present_in_cases"] == 1 and ds["classes"]["2"]["min_voxels"] == 0.0
+
+
+def test_fingerprint_is_json_and_saved(planted, tmp_path):
+    fp = compute_fingerprint(load_dataset_spec(planted), jobs=1)
+    path = tmp_path / "work" / "fingerprint.json"
+    save_fingerprint(fp, path)
+    assert json.loads(path.read_text()) == fp
+
+
+@pytest.mark.parametrize("fixture", ["nnunet_3d", "msd_4d", "ct_dataset", "png_rgb", "demo"])
+def test_deterministic_and_jobs_independent(request, fixture, monkeypatch):
+    root = request.getfixturevalue("demo_dataset") if fixture == "demo" else request.getfixturevalue(fixture).root
+    monkeypatch.setattr(F, "SAMPLES_PER_CASE", 100)  # force the sampling path on these tiny volumes
+    spec = load_dataset_spec(root)
+    first = compute_fingerprint(spec, jobs=1)
+    assert compute_fingerprint(spec, jobs=1) == first
+    assert json.dumps(compute_fingerprint(spec, jobs=2)) == json.dumps(first)
+
+
+def test_multichannel_and_2d_fingerprints(msd_4d, png_gray, png_rgb):
+    fp = compute_fingerprint(load_dataset_spec(msd_4d.root), jobs=1)
+    assert fp["layout"] == "msd" and len(fp["dataset"]["intensity"]) == 2
+    # The fixture's second modality is 2 * first + 1: the statistics must follow.
+    a, b = fp["dataset"]["intensity"]
+    assert b["mean"] == pytest.approx(2 * a["mean"] + 1, rel=1e-5)
+    gray = compute_fingerprint(load_dataset_spec(png_gray.root), jobs=1)
+    assert gray["is_2d"] is True
+    assert gray["cases"][0]["spacing_mm"] == [999.0, 1.0, 1.0] and gray["cases"][0]["shape"] == [1, 20, 24]
+    rgb = compute_fingerprint(load_dataset_spec(png_rgb.root), jobs=1)
+    assert rgb["is_2d"] is True and rgb["modalities"] == ["rgb", "rgb", "rgb"]
+    assert len(rgb["cases"][0]["intensity"]) == 3
+
+
+def test_ct_fingerprint_pools_foreground(ct_dataset):
+    fp = compute_fingerprint(load_dataset_spec(ct_dataset.root), jobs=1)
+    assert fp["modalities"] == ["ct"]
+    (st,) = fp["dataset"]["intensity"]
+    # Only foreground voxels (outer ~40 HU, inner ~300 HU) are pooled, never the -1000 HU air.
+    assert 20 < st["p00_5"] < 60 and 250 < st["p99_5"] < 320 and st["min"] > -100
+    # Air is nonzero, so nothing is cropped.
+    assert all(c["shape_after_crop"] == list(ct_dataset.shape_zyx) for c in fp["cases"])
+
+
+def test_compute_fingerprint_raises_all_problems(nnunet_3d):
+    (nnunet_3d.root / "labelsTr" / f"{nnunet_3d.case_ids[0]}.nii.gz").unlink()
+    (nnunet_3d.root / "imagesTr" / f"{nnunet_3d.case_ids[2]}_0000.nii.gz").write_bytes(b"garbage" * 40)
+    with pytest.raises(DatasetError) as err:
+        compute_fingerprint(load_dataset_spec(nnunet_3d.root), jobs=1)
+    assert len(err.value.problems) == 2
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("CT", "ct"), ("ct", "ct"), (" CT ", "ct"), ("contrast CT", "ct"), ("CT arterial", "ct"),
+    ("T1", "zscore"), ("T2", "zscore"), ("FLAIR", "zscore"), ("ADC", "zscore"), ("PET", "zscore"),
+    ("actual", "zscore"), ("R", "rgb"), ("g", "rgb"), ("Blue", "rgb"), ("rgb_to_0_1", "rgb"),
+    ("noNorm", "none"), ("none", "none"),
+])
+def test_modality_of(name, expected):
+    assert modality_of(name) == expected
+
+
+@pytest.mark.parametrize("box,expected", [
+    ((slice(1, 3), slice(2, 3), slice(0, 2)), ((1, 3), (2, 3), (0, 2))),
+    ((slice(0, 4), slice(0, 5), slice(0, 6)), ((0, 4), (0, 5), (0, 6))),
+])
+def test_nonzero_bbox(box, expected):
+    a = np.zeros((2, 4, 5, 6), dtype=np.float32)
+    a[(1, *box)] = -3.0  # nonzero in the second channel only
+    assert nonzero_bbox(a) == expected
+
+
+def test_nonzero_bbox_of_empty_image_is_everything():
+    assert nonzero_bbox(np.zeros((1, 2, 3, 4))) == ((0, 2), (0, 3), (0, 4))
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_parallel_map_keeps_order(jobs):
+    assert list(parallel_map(_square, range(7), jobs=jobs)) == [x * x for x in range(7)]

@@ -1,0 +1,140 @@
+"""Sliding-window inference: tiling, ensembling and exact output geometry (3D oblique/anisotropic, 2D PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from automedseg.inference import (
+    LoadedFold,
+    gaussian_importance,
+    load_fold,
+    predict_folder,
+    predict_probabilities_preprocessed,
+    tile_starts,
+)
+from automedseg.network import build_network
+from automedseg.pipeline import run_plan
+from automedseg.plans import Plans
+from automedseg.workspace import Workspace
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("size,patch,step,expected", [
+    (10, 10, 0.5, [0]),
+    (8, 10, 0.5, [0]),
+    (20, 10, 0.5, [0, 5, 10]),
+    (21, 10, 0.5, [0, 4, 7, 11]),
+    (30, 10, 1.0, [0, 10, 20]),
+])
+def test_tile_starts_cover_the_axis(size: int, patch: int, step: float, expected: list[int]) -> None:
+    starts = tile_starts(size, patch, step)
+    assert starts == expected
+    assert starts[0] == 0 and starts[-1] + patch >= size
+
+
+def test_gaussian_is_peaked_and_positive() -> None:
+    w = gaussian_importance((9, 11))
+    assert w.max() == 1.0 and w.min() > 0
+    assert w[4, 5] == 1.0
+
+
+def _write(path: Path, array: np.ndarray, *, spacing: tuple, origin: tuple, direction: tuple | None = None) -> None:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+def _oblique(angle: float) -> tuple[float, ...]:
+    c, s = np.cos(angle), np.sin(angle)
+    return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+
+def _make_dataset(root: Path, *, two_d: bool, n: int = 5) -> Path:
+    rng = np.random.default_rng(0)
+    ending = ".png" if two_d else ".nii.gz"
+    for i in range(n + 2):
+        shape = (int(rng.integers(30, 40)), int(rng.integers(30, 40))) if two_d else \
+            (int(rng.integers(8, 12)), int(rng.integers(20, 28)), int(rng.integers(20, 28)))
+        label = np.zeros(shape, np.uint8)
+        sl = tuple(slice(s // 4, s // 4 + s // 2) for s in shape)
+        label[sl] = 1
+        image = (rng.normal(60, 10, shape) + 100 * label).clip(0, 255).astype(np.uint8)
+        folder = "imagesTr" if i < n else "imagesTs"
+        kw = {} if two_d else dict(spacing=(0.8, 0.9, 3.0), origin=(10.0, -5.0, 2.0), direction=_oblique(0.3 * i))
+        if two_d:
+            for sub in (folder, "labelsTr"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(root / folder / f"c{i:02d}_0000{ending}"))
+            if i < n:
+                sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "labelsTr" / f"c{i:02d}{ending}"))
+        else:
+            _write(root / folder / f"c{i:02d}_0000{ending}", image, **kw)
+            if i < n:
+                _write(root / "labelsTr" / f"c{i:02d}{ending}", label, **kw)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "thing": 1}, "numTraining": n,
+        "file_ending": ending}))
+    return root
+
+
+def _untrained_fold(ws: Workspace, configuration: str, name: str = "fold_0", seed: int = 0) -> Path:
+    """A fold folder holding the plan and random weights: inference only needs these two files."""
+    plans = Plans.load(ws.plans_path)
+    config = plans.configuration(configuration)
+    torch.manual_seed(seed)
+    model = build_network(config.network, in_channels=1, num_classes=plans.num_classes, dims=config.dims)
+    fold_dir = ws.fold_dir(configuration, name.removeprefix("fold_"))
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    Plans(**{**plans.__dict__, "configurations": {configuration: config}}).save(fold_dir / "plans.json")
+    torch.save({"model": model.state_dict()}, fold_dir / "checkpoint_final.pt")
+    return fold_dir
+
+
+@pytest.mark.parametrize("two_d,configuration", [(False, "3d_fullres"), (True, "2d")])
+def test_predictions_have_exactly_the_input_geometry(tmp_path: Path, two_d: bool, configuration: str) -> None:
+    dataset = _make_dataset(tmp_path / "ds", two_d=two_d)
+    ws = Workspace(tmp_path / "work")
+    run_plan(dataset, ws, configurations=[configuration], jobs=1, device="reference-cpu-2core", time_budget_s=60)
+    fold = _untrained_fold(ws, configuration)
+    out = tmp_path / "pred"
+    report = predict_folder(dataset / "imagesTs", out, [[fold]], device="cpu", mirror=True, log=lambda s: None)
+    assert len(report.written) == 2 and not report.failed
+    for cid in report.written:
+        ending = ".png" if two_d else ".nii.gz"
+        src = sitk.ReadImage(str(dataset / "imagesTs" / f"{cid}_0000{ending}"))
+        dst = sitk.ReadImage(str(out / f"{cid}{ending}"))
+        assert dst.GetSize() == src.GetSize()
+        assert dst.GetSpacing() == src.GetSpacing()
+        assert dst.GetOrigin() == src.GetOrigin()
+        assert dst.GetDirection() == src.GetDirection()
+    # Existing outputs are kept unless overwrite; a broken input is reported, the others still predicted.
+    (dataset / "imagesTs" / f"zz_broken_0000{'.png' if two_d else '.nii.gz'}").write_bytes(b"not an image")
+    again = predict_folder(dataset / "imagesTs", out, [[fold]], device="cpu", log=lambda s: None)
+    assert sorted(again.skipped_existing) == sorted(report.written)
+    assert list(again.failed) == ["zz_broken"]
+
+
+def test_fold_ensemble_averages_probabilities(tmp_path: Path) -> None:
+    dataset = _make_dataset(tmp_path / "ds", two_d=False)
+    ws = Workspace(tmp_path / "work")
+    run_plan(dataset, ws, configurations=["3d_fullres"], jobs=1, device="reference-cpu-2core", time_budget_s=60)
+    folds = [load_fold(_untrained_fold(ws, "3d_fullres", f"fold_{k}", seed=k), device=torch.device("cpu"))
+             for k in range(2)]
+    data = np.load(next((ws.preprocessed_dir("fullres")).glob("*[0-9].npy")))
+    kw = dict(device=torch.device("cpu"), mirror=False, amp=False)
+    single = [predict_probabilities_preprocessed([f], data, **kw) for f in folds]
+    both = predict_probabilities_preprocessed(folds, data, **kw)
+    assert np.allclose(both, (single[0] + single[1]) / 2, atol=1e-5)
+    assert np.allclose(both.sum(0), 1, atol=1e-5)
+    assert isinstance(folds[0], LoadedFold) and folds[0].model.deep_supervision is False
