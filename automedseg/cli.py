@@ -104,6 +104,9 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     except DatasetError as e:
         _fail(e.problems)
         return
+    except (ValueError, RuntimeError) as e:  # a bad --device, a plan that cannot be made
+        _fail([str(e)])
+        return
     click.echo(f"plans: {ws.plans_path}")
     for name, cfg in plans.configurations.items():
         click.echo(f"  {name}: {cfg.notes[-1] if cfg.notes else ''}")

@@ -170,6 +170,10 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
             samples.append(sample)
     if problems:
         raise DatasetError(problems)
+    if not any(c["foreground_voxels"] for c in cases):
+        # Nothing to learn, and the pooled intensity statistics would be NaN (invalid JSON, NaN CT clipping).
+        raise DatasetError([f"{spec.cases[0].label.parent if spec.cases[0].label else spec.root}: "
+                            "no training case has any foreground label"])
     spacings = np.array([c["spacing_mm"] for c in cases], dtype=float)
     shapes = np.array([c["shape"] for c in cases], dtype=float)
     cropped = np.array([c["shape_after_crop"] for c in cases], dtype=float)

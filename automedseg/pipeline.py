@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from automedseg.fingerprint import compute_fingerprint, save_fingerprint
-from automedseg.io import load_dataset_spec
+from automedseg.fingerprint import FINGERPRINT_VERSION, compute_fingerprint, save_fingerprint
+from automedseg.io import DatasetSpec, load_dataset_spec
 from automedseg.plans import Plans
 from automedseg.workspace import Workspace
 
@@ -19,6 +19,23 @@ Log = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     pass
+
+
+def files_signature(spec: DatasetSpec) -> str:
+    """Hash of every training file's path, size and modification time (cheap: stat calls only)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for case in spec.cases:
+        for p in (*case.images, case.label):
+            if p is None:
+                continue
+            try:
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()[:20]
 
 
 def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | None = None, jobs: int = 2,
@@ -38,20 +55,26 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
     from automedseg.planning import measure_device, plan_dataset
     from automedseg.preprocessing import preprocess_dataset
 
+    profile = measure_device(device, threads=threads)  # fails fast on a bad --device
     spec = load_dataset_spec(dataset)
     ws.root.mkdir(parents=True, exist_ok=True)
+    signature = files_signature(spec)
     fingerprint = None
     if ws.fingerprint_path.is_file() and not overwrite:
-        fingerprint = json.loads(ws.fingerprint_path.read_text())
-        if fingerprint.get("num_cases") != len(spec.cases):
+        try:
+            fingerprint = json.loads(ws.fingerprint_path.read_text())
+        except (OSError, json.JSONDecodeError):
             fingerprint = None
-        else:
-            log(f"fingerprint: reusing {ws.fingerprint_path}")
+        if fingerprint is not None and (fingerprint.get("files_signature") != signature
+                                        or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION):
+            fingerprint = None  # files changed since: check and fingerprint again
+        elif fingerprint is not None:
+            log(f"fingerprint: reusing {ws.fingerprint_path} (files unchanged)")
     if fingerprint is None:
         fingerprint = compute_fingerprint(spec, jobs=jobs, progress=progress)
+        fingerprint["files_signature"] = signature
         save_fingerprint(fingerprint, ws.fingerprint_path)
         log(f"fingerprint: {fingerprint['num_cases']} cases -> {ws.fingerprint_path}")
-    profile = measure_device(device, threads=threads)
     plans = plan_dataset(fingerprint, device=profile, time_budget_s=time_budget_s, seed=seed,
                          configurations=configurations, architecture=architecture)
     plans.save(ws.plans_path)

@@ -40,6 +40,7 @@ MIN_ITERATIONS = 4000  # below this the planner trades width, then batch, then p
 DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
 # Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
 CPU_STEP_OVERHEAD = 1.6
+SHORTEST_USEFUL_STEP_S = 0.1
 WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
 CALIBRATION_WIDTHS = (8, 16, 32, 64)
 
@@ -189,11 +190,12 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
 
 def pooling_topology(spacing: Sequence[float], patch: Sequence[int], *, max_stages: int = 7
                      ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Kernel sizes, strides and the patch rounded up to divisibility, following nnU-Net's rules.
+    """Kernel sizes, strides and the patch rounded up to divisibility, following nnU-Net v2's rules.
 
-    An axis is pooled while its spacing is less than twice the finest current spacing and its size stays
-    at least ``2 * MIN_FEATURE_MAP``; an axis gets 3-wide kernels once its spacing is within 2x of the
-    finest.
+    Each round pools the axes that can still be halved (size at least ``2 * MIN_FEATURE_MAP``) and whose
+    spacing is within 2x of the finest *poolable* axis; a lone axis needs ``3 * MIN_FEATURE_MAP``. An axis
+    gets 3-wide kernels once its spacing is within 2x of the finest spacing, and keeps them; the bottleneck
+    is 3 on every axis.
 
     Returns:
         ``(kernel_sizes, strides, patch)`` with one entry per stage; ``strides[0]`` is all ones.
@@ -204,29 +206,29 @@ def pooling_topology(spacing: Sequence[float], patch: Sequence[int], *, max_stag
         ([1, 3, 3], [1, 2, 2], [16, 64, 64])
     """
     dims = len(spacing)
-    cur_spacing = list(map(float, spacing))
-    cur_size = list(map(float, patch))
+    cur_spacing = [float(v) for v in spacing]
+    cur_size = [float(v) for v in patch]
     kernel = [1] * dims
     kernels: list[list[int]] = []
     strides: list[list[int]] = [[1] * dims]
-    while True:
+    while len(strides) < max_stages:
+        poolable = [i for i in range(dims) if cur_size[i] >= 2 * MIN_FEATURE_MAP]
+        if not poolable:
+            break
+        finest_poolable = min(cur_spacing[i] for i in poolable)
+        axes = [i for i in poolable if cur_spacing[i] / finest_poolable < 2]
+        if len(axes) == 1 and cur_size[axes[0]] < 3 * MIN_FEATURE_MAP:
+            break
         finest = min(cur_spacing)
         for i in range(dims):
             if cur_spacing[i] / finest < 2:
                 kernel[i] = 3
         kernels.append(list(kernel))
-        if len(strides) >= max_stages:
-            break
-        pool = [cur_spacing[i] / finest < 2 and cur_size[i] >= 2 * MIN_FEATURE_MAP for i in range(dims)]
-        if not any(pool):
-            break
-        strides.append([2 if p else 1 for p in pool])
-        for i in range(dims):
-            if pool[i]:
-                cur_spacing[i] *= 2
-                cur_size[i] /= 2
-    if len(kernels) < len(strides):  # pragma: no cover - loop appends a kernel per stage
-        kernels.append(list(kernel))
+        strides.append([2 if i in axes else 1 for i in range(dims)])
+        for i in axes:
+            cur_spacing[i] *= 2
+            cur_size[i] = math.ceil(cur_size[i] / 2)
+    kernels.append([3] * dims)  # bottleneck
     divisor = [math.prod(s[i] for s in strides) for i in range(dims)]
     rounded = [int(math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
     return kernels, strides, rounded
@@ -337,12 +339,15 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     budget = ctx.time_budget_s
     if budget is None and ctx.device.kind == "cpu":
         budget = DEFAULT_CPU_BUDGET_S
-    min_iters = MIN_ITERATIONS
+    # Short budgets cannot buy MIN_ITERATIONS of any useful network: ask for what ~0.1 s steps would give.
+    min_iters = MIN_ITERATIONS if budget is None else min(MIN_ITERATIONS, max(50, int(budget / SHORTEST_USEFUL_STEP_S)))
+    reduced = False
     while True:
         net, rounded = network_for(sp, patch, dims=dims, base=BASE_FEATURES, architecture=ctx.architecture)
         bs_cap = max(2, int(round(DATASET_COVERAGE_CAP * ctx.total_voxels / math.prod(rounded))))
         choice = None
-        for base in WIDTH_CANDIDATES:
+        # Without a budget (GPU) the width stays nnU-Net's and only the patch shrinks to fit memory.
+        for base in WIDTH_CANDIDATES if budget is not None else (BASE_FEATURES,):
             net, rounded = network_for(sp, patch, dims=dims, base=base, architecture=ctx.architecture)
             if activation_bytes(net, rounded, batch=2) > limit_bytes:
                 continue
@@ -354,14 +359,17 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
             if budget / t >= min_iters:
                 choice = (net, rounded, 2)
                 break
-        shrinkable = any(p > 2 * MIN_FEATURE_MAP * 2 for p in patch)
+        shrinkable = [i for i, p in enumerate(patch) if p > 4 * MIN_FEATURE_MAP]
         if choice is not None or not shrinkable:
             break
-        axis = int(np.argmax(np.asarray(patch) / np.asarray(med)))
-        patch[axis] = max(MIN_FEATURE_MAP * 2, int(patch[axis] * 0.8))
-        notes.append("patch reduced to fit the time budget")
+        axis = max(shrinkable, key=lambda i: patch[i] / med[i])
+        patch[axis] = max(4 * MIN_FEATURE_MAP, int(patch[axis] * 0.8))
+        reduced = True
+    if reduced:
+        notes.append("patch reduced below the rule-based size to fit the time budget or memory")
     if choice is None:
-        net, rounded = network_for(sp, patch, dims=dims, base=WIDTH_CANDIDATES[-1], architecture=ctx.architecture)
+        base = WIDTH_CANDIDATES[-1] if budget is not None else BASE_FEATURES
+        net, rounded = network_for(sp, patch, dims=dims, base=base, architecture=ctx.architecture)
         choice = (net, rounded, 2)
         notes.append(f"the budget allows fewer than {min_iters} iterations even for the smallest network")
     net, rounded, batch = choice
@@ -462,8 +470,11 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
     wanted = set(configurations) if configurations else {"2d", "3d_fullres", "3d_lowres"}
     configs: dict[str, ConfigurationPlan] = {}
     if "2d" in wanted:
+        # 2D keeps each case's own out-of-plane spacing; it shares the 3D cache only when no case would have
+        # its z resampled by 3d_fullres anyway.
+        z_same = bool(np.allclose(spacings[:, tf[0]], fullres[tf[0]], rtol=1e-3))
         configs["2d"] = _fit(ctx, name="2d", spacing=sp_t, median_shape=median_shape, dims=2,
-                             data_identifier="fullres")
+                             data_identifier="fullres" if z_same or is_2d else "2d")
     if not is_2d and wanted & {"3d_fullres", "3d_lowres"}:
         full = _fit(ctx, name="3d_fullres", spacing=sp_t, median_shape=median_shape, dims=3,
                     data_identifier="fullres")
@@ -479,7 +490,8 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
         labels=labels,
         transpose_forward=transpose,  # type: ignore[arg-type]
         original_median_spacing_mm=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
-        original_median_shape=tuple(int(round(v)) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
+        original_median_shape=tuple(  # type: ignore[arg-type]
+            int(round(v)) for v in np.median([c["shape"] for c in cases], axis=0)),
         device=device,
         configurations=configs,
         planner_version=__version__,
@@ -502,7 +514,5 @@ def _lowres(ctx: _Context, full: ConfigurationPlan, sp_t: np.ndarray, median_sha
         if math.prod(full.patch_size) / float(np.prod(med)) >= 0.25:
             break
     med = np.median((shapes * spacings)[:, tf] / spacing, axis=0)
-    if np.prod(med) * 2 > np.prod(median_shape):  # lowres would be barely smaller: skip like nnU-Net
-        pass
     return _fit(ctx, name="3d_lowres", spacing=spacing, median_shape=med, dims=3,
                 data_identifier="lowres_" + "x".join(f"{v:.3g}" for v in spacing))

@@ -338,7 +338,7 @@ class Plans:
         # The version comes first: a plan of another schema fails on it, not on a field that schema renamed.
         if isinstance(data, dict) and "schema_version" in data and data["schema_version"] != SCHEMA_VERSION:
             raise PlanError(
-                f"plans.schema_version: {data['schema_version']!r} is not supported (this automedseg reads "
+                f"plans: schema_version {data['schema_version']!r} is not supported (this automedseg reads "
                 f"{SCHEMA_VERSION}); re-run automedseg plan"
             )
         return from_jsonable(cls, data, "plans")
@@ -374,19 +374,38 @@ class Plans:
 # --- generic, type-checked (de)serialisation of the dataclasses above ---------------------------
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Convert dataclasses, tuples and dicts into JSON types (tuples become lists)."""
+def to_jsonable(obj: Any, tp: Any = None) -> Any:
+    """Convert dataclasses, tuples and dicts into JSON types (tuples become lists).
+
+    ``tp`` is the declared type of ``obj`` (taken from the dataclass fields); an integer stored in a
+    ``float`` field is written as a float, so save -> load -> save gives identical text.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        hints = typing.get_type_hints(type(obj))
+        return {f.name: to_jsonable(getattr(obj, f.name), hints.get(f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
+        args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
+        if len(args) == 2 and args[1] is Ellipsis:
+            types_ = [args[0]] * len(obj)
+        elif len(args) == len(obj):
+            types_ = list(args)
+        else:
+            types_ = [None] * len(obj)
+        return [to_jsonable(v, t) for v, t in zip(obj, types_)]
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float):
+        args = typing.get_args(tp) if typing.get_origin(tp) is dict else ()
+        return {str(k): to_jsonable(v, args[1] if len(args) == 2 else None) for k, v in obj.items()}
+    if not isinstance(obj, (bool, int, float, str)) and hasattr(obj, "item") and callable(obj.item):
+        obj = obj.item()  # numpy scalars
+    if isinstance(obj, float) or (isinstance(obj, int) and not isinstance(obj, bool) and _declares_float(tp)):
         return float(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
     return obj
+
+
+def _declares_float(tp: Any) -> bool:
+    if tp is float:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
 
 
 def from_jsonable(tp: Any, data: Any, where: str) -> Any:

@@ -60,6 +60,8 @@ SMALL_COMPONENT_QUANTILES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25)
 DEFAULT_TOLERANCE = 1e-6
 """Dice differences smaller than this count as equal (neither a gain nor a loss)."""
 
+_CHUNK_VOXELS = 1 << 22
+
 Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
 """One cross-validation case: (reference label map, predicted label map, spacing (z, y, x) in mm)."""
 
@@ -169,7 +171,8 @@ def _binary_dice(ref: np.ndarray, pred: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(ref & pred)) / (n_ref + n_pred)
 
 
-def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *, labels: Sequence[int]) -> dict[int, float]:
+def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *,
+                   labels: Sequence[int]) -> dict[int, float]:
     """Dice of every listed class (one-vs-rest) between two label maps of the same shape.
 
     Uses one confusion-matrix pass, so many classes cost no more than one. A class absent from both maps
@@ -183,8 +186,13 @@ def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *, labels: Seq
     if ref.size and (ref.min() < 0 or pred.min() < 0):
         raise ValueError("label maps must not hold negative values")
     k = int(max([0, *labels, int(ref.max(initial=0)), int(pred.max(initial=0))])) + 1
-    confusion = np.bincount(ref.ravel().astype(np.int64) * k + pred.ravel().astype(np.int64),
-                            minlength=k * k).reshape(k, k)
+    flat_ref, flat_pred = ref.ravel(), pred.ravel()
+    confusion = np.zeros(k * k, dtype=np.int64)
+    for start in range(0, flat_ref.size, _CHUNK_VOXELS):  # chunks bound the int64 temporaries
+        stop = start + _CHUNK_VOXELS
+        confusion += np.bincount(flat_ref[start:stop].astype(np.int64) * k + flat_pred[start:stop],
+                                 minlength=k * k)
+    confusion = confusion.reshape(k, k)
     out = {}
     for label in labels:
         tp = int(confusion[label, label])
@@ -309,7 +317,8 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
     candidates = {label: _small_component_candidates(ref_sizes[label]) for label in todo}
     todo = [label for label in todo if candidates[label]]
     if todo:
-        scores: dict[int, dict[int, list[float]]] = {label: {t: [] for t in candidates[label]} for label in todo}
+        scores: dict[int, dict[int, list[float]]] = {
+            label: {t: [] for t in candidates[label]} for label in todo}
         for i in range(n):
             ref, pred, _ = cases[i]
             ref, pred = _squeeze(ref), _squeeze(pred)
@@ -379,7 +388,8 @@ def validate_postprocessing(choice: Any, *, where: str = "post-processing") -> d
         raise PostprocessingError(f"{where}: 'format' is {choice.get('format')!r}, expected {FORMAT_NAME!r}")
     if choice.get("version", FORMAT_VERSION) != FORMAT_VERSION:
         raise PostprocessingError(
-            f"{where}: version {choice.get('version')!r} is not supported (this automedseg reads {FORMAT_VERSION})")
+            f"{where}: version {choice.get('version')!r} is not supported "
+            f"(this automedseg reads {FORMAT_VERSION})")
     problems = []
     for key in ("keep_largest_foreground", "keep_largest_labels", "min_voxels"):
         if key not in choice:
@@ -387,7 +397,8 @@ def validate_postprocessing(choice: Any, *, where: str = "post-processing") -> d
     if "keep_largest_foreground" in choice and not isinstance(choice["keep_largest_foreground"], bool):
         problems.append("'keep_largest_foreground' must be true or false")
     kl = choice.get("keep_largest_labels", [])
-    if not (isinstance(kl, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in kl)):
+    if not (isinstance(kl, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in kl)):
         problems.append(f"'keep_largest_labels' must be a list of positive integers, got {kl!r}")
     mv = choice.get("min_voxels", {})
     if not isinstance(mv, dict):
@@ -476,7 +487,8 @@ def postprocessing_path(ws: Workspace, configuration: str) -> Path:
 
 
 def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
-                             remove_small: bool = True, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+                             remove_small: bool = True,
+                             tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
     """Choose the post-processing of a configuration (or an ensemble ``A+B``) on its validation outputs.
 
     Reads every fold's ``validation/<case>.nii.gz`` (ensembles: the averaged ``<case>.npz``

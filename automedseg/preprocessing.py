@@ -103,6 +103,8 @@ def normalize(image: np.ndarray, schemes: Sequence[ChannelNormalization]) -> np.
         >>> normalize(x, [ChannelNormalization("zscore")]).ravel().tolist()
         [-1.0, 1.0]
     """
+    if len(schemes) != image.shape[0]:
+        raise ValueError(f"the plan normalises {len(schemes)} channel(s), the image has {image.shape[0]}")
     out = np.empty(image.shape, dtype=np.float32)
     for c, norm in enumerate(schemes):
         x = image[c].astype(np.float32, copy=False)
@@ -249,7 +251,8 @@ def preprocessing_key(plans: Plans, config: ConfigurationPlan) -> str:
     """Hash of everything that changes the cache content; a cached case with another key is redone."""
     payload = {
         "transpose": plans.transpose_forward,
-        "spacing": config.spacing_mm if config.dims == 3 else config.spacing_mm[1:],
+        "data_identifier": config.data_identifier,
+        "spacing": config.spacing_mm,
         "normalization": [n.__dict__ for n in config.normalization],
         "orders": [config.image_order, config.label_order, config.separate_z, config.out_of_plane_order],
         "labels": plans.labels,

@@ -363,7 +363,8 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         history = json.loads(ckpt["history"])
         best = float(ckpt["best"])
         train_seconds = float(ckpt["train_seconds"])
-        planned_epochs = int(ckpt["planned_epochs"])
+        # An explicit --epochs wins; otherwise keep the schedule as the budget had shortened it.
+        planned_epochs = int(options.epochs) if options.epochs is not None else int(ckpt["planned_epochs"])
         _set_rng_state(ckpt["rng"])
         log(f"resuming {fold_dir} at epoch {start_epoch}")
     elif options.pretrained is not None:

@@ -61,7 +61,8 @@ def automedseg_command(msd_dir: Path, work_dir: Path) -> list[str]:
     """The timed automedseg command: this repository's CLI (run with PYTHONPATH set to the repo root)."""
     args = ["plan", str(msd_dir), "--work-dir", str(work_dir), "-c", *CONFIGURATIONS]
     args += ["-j", str(BENCH_THREADS), "--overwrite"]
-    return [sys.executable, "-c", "import sys; from automedseg.cli import main; sys.exit(main(prog_name=\"automedseg\"))", *args]
+    code = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
+    return [sys.executable, "-c", code, *args]
 
 
 def nnunet_command(bin_dir: Path, dataset_id: int) -> list[str]:
@@ -153,9 +154,7 @@ def run_nnunet(bin_dir: Path, dataset_name: str, dataset_id: int, work_root: Pat
         shutil.rmtree(preprocessed)
     env = nnunet_env(work_root)
     cmd = nnunet_command(bin_dir, dataset_id)
-    return _timed(
-        f"nnU-Net #{repeat}", cmd, env, work_root, work_root / "logs" / f"nnunet_{repeat}.log", preprocessed
-    )
+    return _timed(f"nnU-Net #{repeat}", cmd, env, work_root, work_root / "logs" / f"nnunet_{repeat}.log", preprocessed)
 
 
 def _timed(label: str, cmd: list[str], env: dict, cwd: Path, log_path: Path, out_dir: Path) -> dict:

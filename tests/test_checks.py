@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from click.testing import CliRunner
 from automedseg.checks import check_dataset, inspect_case
 from automedseg.cli import main
 from automedseg.io import load_dataset_spec
-from conftest import SynthDataset
+
+if TYPE_CHECKING:
+    from conftest import SynthDataset
 
 GARBAGE = b"\x00\x13\x37 this is not an image \xff\xfe" * 20
 

@@ -170,3 +170,14 @@ def _square(x: int) -> int:
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_parallel_map_keeps_order(jobs):
     assert list(parallel_map(_square, range(7), jobs=jobs)) == [x * x for x in range(7)]
+
+
+def test_all_background_dataset_is_rejected(nnunet_3d):
+    import SimpleITK as sitk
+
+    for cid in nnunet_3d.case_ids:
+        path = nnunet_3d.root / "labelsTr" / f"{cid}.nii.gz"
+        img = sitk.ReadImage(str(path))
+        sitk.WriteImage(img * 0, str(path))  # same geometry, all background
+    with pytest.raises(DatasetError, match="no training case has any foreground"):
+        compute_fingerprint(load_dataset_spec(nnunet_3d.root), jobs=1)

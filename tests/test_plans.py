@@ -1,0 +1,211 @@
+"""Tests for automedseg.plans: exact save/load round trips and field-naming errors for hand-edited plans."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from automedseg.planning import NOMINAL_PROFILES, plan_dataset
+from automedseg.plans import (
+    SCHEMA_VERSION,
+    ChannelNormalization,
+    DeviceProfile,
+    PlanError,
+    Plans,
+)
+
+CPU = NOMINAL_PROFILES["reference-cpu-2core"]
+GPU = NOMINAL_PROFILES["reference-gpu-24g"]
+
+
+@pytest.fixture
+def plan_3d(synthetic_fingerprint) -> Plans:
+    fp = synthetic_fingerprint([(0.8, 0.8, 3.0)] * 3, [(160, 150, 40)] * 3, channel_names=("CT", "T2"),
+                               labels={"background": 0, "liver": 1, "tumour": 2})
+    return plan_dataset(fp, device=CPU, time_budget_s=1200)
+
+
+@pytest.fixture
+def plan_2d(synthetic_fingerprint) -> Plans:
+    fp = synthetic_fingerprint([(999.0, 0.5, 0.5)] * 3, [(1, 300, 280)] * 3, channel_names=("R", "G", "B"),
+                               is_2d=True)
+    return plan_dataset(fp, device=GPU)
+
+
+@pytest.mark.parametrize("which", ["plan_3d", "plan_2d"])
+def test_save_load_roundtrip_exact(request, tmp_path, which):
+    plans: Plans = request.getfixturevalue(which)
+    path = tmp_path / "work" / "plans.json"
+    plans.save(path)
+    text = path.read_text()
+    assert text == plans.to_json()
+    loaded = Plans.load(path)
+    assert loaded == plans
+    assert loaded.to_json() == text
+    for name, config in plans.configurations.items():
+        assert loaded.configuration(name) == config
+        assert dataclasses.asdict(loaded.configuration(name)) == dataclasses.asdict(config)
+    assert [p.name for p in path.parent.iterdir()] == ["plans.json"]  # atomic: no temporary files left
+
+
+def test_roundtrip_keeps_types(plan_3d):
+    loaded = Plans.from_json(plan_3d.to_json())
+    cfg = loaded.configuration("3d_fullres")
+    assert isinstance(cfg.patch_size, tuple) and all(isinstance(v, int) for v in cfg.patch_size)
+    assert isinstance(cfg.spacing_mm, tuple) and all(isinstance(v, float) for v in cfg.spacing_mm)
+    assert isinstance(cfg.network.kernel_sizes[0], tuple)
+    assert isinstance(cfg.normalization[0], ChannelNormalization) and cfg.normalization[0].scheme == "ct"
+    assert isinstance(loaded.device, DeviceProfile) and loaded.device.gflops_at(16) == CPU.gflops_at(16)
+    assert loaded.transpose_backward == plan_3d.transpose_backward
+
+
+def test_to_json_is_plain_json(plan_3d):
+    data = json.loads(plan_3d.to_json())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert isinstance(data["configurations"]["3d_fullres"]["patch_size"], list)
+    assert Plans.from_dict(data) == plan_3d
+
+
+def _set(data: dict, dotted: str, value: object) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    if value is _DELETE:
+        del data[last]
+    elif isinstance(data, list):
+        data[int(last)] = value
+    else:
+        data[last] = value
+
+
+_DELETE = object()
+
+# (field path inside the JSON, new value, text the error must contain)
+BAD_EDITS = [
+    # wrong field type
+    ("configurations.3d_fullres.batch_size", "two", "plans.configurations.3d_fullres.batch_size: expected an integer"),
+    ("configurations.3d_fullres.batch_size", True, "plans.configurations.3d_fullres.batch_size"),
+    ("configurations.3d_fullres.separate_z", "yes", "plans.configurations.3d_fullres.separate_z: expected true"),
+    ("configurations.3d_fullres.training.initial_lr", "0.01", "plans.configurations.3d_fullres.training.initial_lr"),
+    ("configurations.3d_fullres.training.time_budget_s", "20m", "training.time_budget_s: expected a number"),
+    ("configurations.3d_fullres.patch_size", 128, "plans.configurations.3d_fullres.patch_size: expected a list"),
+    ("configurations.3d_fullres.spacing_mm", [1.0, 1.0], "plans.configurations.3d_fullres.spacing_mm: expected 3"),
+    ("configurations.3d_fullres.network.strides.1.0", "2", "network.strides[1][0]: expected an integer"),
+    ("labels.tumour", 1.5, "plans.labels.tumour: expected an integer"),
+    ("transpose_forward", [0, 1], "plans.transpose_forward: expected 3 entries"),
+    ("device.gflops_by_width.0", [8], "plans.device.gflops_by_width[0]: expected 2 entries"),
+    ("dataset_name", 7, "plans.dataset_name: expected a string"),
+    ("configurations.3d_fullres.augmentation", [], "plans.configurations.3d_fullres.augmentation: expected an object"),
+    # unknown field
+    ("configurations.3d_fullres.training.learning_rate", 0.1,
+     "plans.configurations.3d_fullres.training: unknown field(s) ['learning_rate']"),
+    ("extra", {}, "plans: unknown field(s) ['extra']"),
+    # missing field
+    ("configurations.3d_fullres.patch_size", _DELETE, "plans.configurations.3d_fullres: missing field 'patch_size'"),
+    ("configurations.3d_fullres.network.strides", _DELETE, "network: missing field 'strides'"),
+    ("dataset_name", _DELETE, "plans: missing field 'dataset_name'"),
+    # bad enum / value
+    ("configurations.3d_fullres.normalization.0.scheme", "minmax",
+     "plans.configurations.3d_fullres.normalization[0]: normalization scheme 'minmax'"),
+    ("configurations.3d_fullres.network.architecture", "vit", "plans.configurations.3d_fullres.network: architecture"),
+    ("configurations.3d_fullres.training.optimizer", "adam", "plans.configurations.3d_fullres.training: optimizer"),
+    ("configurations.3d_fullres.dims", 4, "dims must be 2 or 3"),
+    ("configurations.3d_fullres.training.epochs", 0, "epochs and iterations_per_epoch must be at least 1"),
+    ("transpose_forward", [0, 0, 1], "not a permutation"),
+    ("configurations.3d_fullres.normalization.0.clip_low", None, "ct normalization needs clip_low"),
+]
+
+
+@pytest.mark.parametrize("field,value,message", BAD_EDITS, ids=[f"{f}={v!r}"[:60] for f, v, _ in BAD_EDITS])
+def test_hand_edited_plan_errors_name_the_field(plan_3d, tmp_path, field, value, message):
+    data = copy.deepcopy(plan_3d.to_dict())
+    _set(data, field, value)
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(data, indent=2))
+    with pytest.raises(PlanError) as err:
+        Plans.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1, "1"])
+def test_schema_version_mismatch(plan_3d, version):
+    data = plan_3d.to_dict()
+    data["schema_version"] = version
+    with pytest.raises(PlanError, match="schema_version .* is not supported"):
+        Plans.from_dict(data)
+
+
+def test_schema_version_is_reported_before_unknown_fields(plan_3d):
+    data = plan_3d.to_dict()
+    data["schema_version"] = SCHEMA_VERSION + 1
+    data["renamed_in_a_future_schema"] = 1  # a newer file format also has fields this version does not know
+    with pytest.raises(PlanError, match="schema_version"):
+        Plans.from_dict(data)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{", "not valid JSON"),
+    ("[1, 2]", "plans: expected an object, got list"),
+    ("null", "plans: expected an object"),
+])
+def test_not_a_plan(text, message):
+    with pytest.raises(PlanError, match=message):
+        Plans.from_json(text)
+
+
+def test_load_missing_or_binary_file(tmp_path):
+    with pytest.raises(PlanError, match="cannot read"):
+        Plans.load(tmp_path / "nope.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(PlanError, match="bin.json"):
+        Plans.load(tmp_path / "bin.json")
+
+
+def test_integral_float_accepted_for_int_field(plan_3d):
+    data = plan_3d.to_dict()
+    data["configurations"]["3d_fullres"]["batch_size"] = 2.0
+    assert Plans.from_dict(data).configuration("3d_fullres").batch_size == 2
+
+
+def test_configuration_lookup_and_replace(plan_3d):
+    with pytest.raises(PlanError, match="available"):
+        plan_3d.configuration("3d_cascade")
+    cfg = dataclasses.replace(plan_3d.configuration("3d_fullres"), name="3d_custom", batch_size=5)
+    new = plan_3d.with_configuration(cfg)
+    assert new.configuration("3d_custom").batch_size == 5 and "3d_custom" not in plan_3d.configurations
+    assert Plans.from_json(new.to_json()) == new
+
+
+@pytest.mark.parametrize("forward", [(0, 1, 2), (2, 0, 1), (1, 0, 2), (1, 2, 0)])
+def test_transpose_backward_inverts_forward(plan_3d, forward):
+    plans = dataclasses.replace(plan_3d, transpose_forward=forward)
+    back = plans.transpose_backward
+    assert [forward[b] for b in back] == [0, 1, 2]
+
+
+def test_num_classes(plan_3d):
+    assert plan_3d.num_classes == 3
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"scheme": "ct", "clip_low": 0.0, "clip_high": 1.0, "mean": 0.5},
+    {"scheme": "percentile"},
+])
+def test_channel_normalization_validation(kwargs):
+    with pytest.raises(PlanError):
+        ChannelNormalization(**kwargs)
+
+
+@pytest.mark.parametrize("width,expected", [(4, 210.0), (8, 210.0), (64, 1400.0), (128, 1400.0)])
+def test_device_gflops_at_ends(width, expected):
+    assert CPU.gflops_at(width) == expected
+
+
+def test_device_gflops_interpolates_log_linearly():
+    g = CPU.gflops_at(12)
+    assert 210.0 < g < 610.0
+    assert g == pytest.approx((210.0 * 610.0) ** 0.5, rel=0.2)

@@ -1,0 +1,313 @@
+"""Tests of automedseg.postprocessing: component operations, the CV choice, JSON files, work-folder glue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from automedseg.io import Geometry, write_segmentation
+from automedseg.plans import (
+    AugmentationPlan,
+    ChannelNormalization,
+    ConfigurationPlan,
+    DeviceProfile,
+    NetworkPlan,
+    Plans,
+    TrainingPlan,
+)
+from automedseg.postprocessing import (
+    PostprocessingError,
+    apply_postprocessing,
+    choose_postprocessing,
+    determine_postprocessing,
+    dice_per_label,
+    keep_largest_component,
+    load_postprocessing,
+    no_postprocessing,
+    postprocessing_path,
+    remove_small_components,
+    save_postprocessing,
+)
+from automedseg.workspace import Workspace
+
+SPACING = (2.0, 1.0, 1.0)
+
+
+def _blobs() -> np.ndarray:
+    """(4, 16, 16): label 1 big block (32 voxels) + label 1 speck (1) + label 2 block touching 1 (8) +
+    label 2 far block (4)."""
+    seg = np.zeros((4, 16, 16), np.uint8)
+    seg[0:2, 0:4, 0:4] = 1  # 32 voxels
+    seg[3, 15, 15] = 1  # 1 voxel, isolated
+    seg[0:2, 4:6, 0:2] = 2  # 8 voxels, touches the big label-1 block
+    seg[3, 10:12, 10:12] = 2  # 4 voxels, far away
+    return seg
+
+
+@pytest.mark.parametrize("labels, expected_counts", [
+    (None, {1: 32, 2: 8}),  # foreground together: big block of 1 plus the attached 2-block
+    ([1], {1: 32, 2: 12}),
+    ([2], {1: 33, 2: 8}),
+    ([1, 2], {1: 32, 2: 8}),
+])
+def test_keep_largest_component(labels, expected_counts):
+    seg = _blobs()
+    out = keep_largest_component(seg, labels=labels)
+    assert out.dtype == seg.dtype and out.shape == seg.shape
+    assert {k: int((out == k).sum()) for k in (1, 2)} == expected_counts
+    assert np.array_equal(seg, _blobs())  # input untouched
+
+
+def test_keep_largest_component_diagonal_contact_is_connected():
+    seg = np.zeros((1, 5, 5), np.uint8)
+    seg[0, 0, 0] = seg[0, 1, 1] = seg[0, 2, 2] = 1  # a diagonal line: one component (full connectivity)
+    seg[0, 4, 0] = 1
+    assert int(keep_largest_component(seg, labels=[1]).sum()) == 3
+
+
+def test_keep_largest_component_empty_and_4d():
+    empty = np.zeros((2, 3, 3), np.int16)
+    assert np.array_equal(keep_largest_component(empty), empty)
+    seg = _blobs()[None]
+    assert keep_largest_component(seg, labels=None).shape == seg.shape
+
+
+@pytest.mark.parametrize("min_voxels, labels, expected_counts", [
+    (2, None, {1: 32, 2: 12}),  # only the speck goes
+    (5, None, {1: 32, 2: 8}),  # the far 2-block (4) goes too; the attached one is part of a 40-voxel blob
+    (5, [2], {1: 33, 2: 8}),
+    (9, [2], {1: 33, 2: 0}),
+    (0, None, {1: 33, 2: 12}),
+    (1, [1, 2], {1: 33, 2: 12}),
+])
+def test_remove_small_components(min_voxels, labels, expected_counts):
+    out = remove_small_components(_blobs(), min_voxels=min_voxels, labels=labels)
+    assert {k: int((out == k).sum()) for k in (1, 2)} == expected_counts
+
+
+def test_remove_small_components_rejects_bad_threshold():
+    with pytest.raises(ValueError, match="min_voxels"):
+        remove_small_components(_blobs(), min_voxels=-1)
+    with pytest.raises(ValueError, match="foreground"):
+        keep_largest_component(_blobs(), labels=[0])
+
+
+def test_dice_per_label_matches_definition():
+    ref = np.array([[0, 1, 1, 2]])
+    pred = np.array([[1, 1, 0, 0]])
+    d = dice_per_label(ref, pred, labels=[1, 2, 3])
+    assert d[1] == pytest.approx(2 * 1 / (2 + 2)) and d[2] == 0.0 and d[3] == 1.0
+
+
+# --- choosing ----------------------------------------------------------------------------------------
+
+
+def _cube(seg: np.ndarray, z: int, y: int, x: int, size: int, value: int) -> None:
+    seg[z:z + size, y:y + size, x:x + size] = value
+
+
+def _case_spurious(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Reference: one cube of class 1. Prediction: the cube, slightly off, plus a far-away false blob."""
+    ref = np.zeros((12, 20, 20), np.uint8)
+    _cube(ref, 2, 2, 2, 6, 1)
+    pred = ref.copy()
+    pred[2, 2, 2:2 + int(rng.integers(1, 4))] = 0
+    _cube(pred, 9, 15, 15, 3, 1)
+    return ref, pred, SPACING
+
+
+def _case_two_parts() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Reference genuinely has two components of class 1; the prediction finds both."""
+    ref = np.zeros((12, 20, 20), np.uint8)
+    _cube(ref, 1, 1, 1, 6, 1)
+    _cube(ref, 8, 14, 14, 4, 1)
+    pred = ref.copy()
+    pred[1, 1, 1] = 0
+    return ref, pred, SPACING
+
+
+def test_choose_adopts_largest_component_against_spurious_blobs():
+    rng = np.random.default_rng(0)
+    cases = [_case_spurious(rng) for _ in range(4)]
+    choice = choose_postprocessing(cases, labels=[1])
+    assert choice["keep_largest_foreground"] is True
+    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
+    assert choice["dice_after"]["mean"] > choice["dice_before"]["mean"]
+    # applying the choice reproduces the figure it was chosen on
+    dice = [dice_per_label(r, apply_postprocessing(p, choice), labels=[1])[1] for r, p, _ in cases]
+    assert np.mean(dice) == pytest.approx(choice["dice_after"]["1"])
+    json.dumps(choice)  # JSON-able
+
+
+def test_choose_rejects_largest_component_when_reference_has_two_parts():
+    choice = choose_postprocessing([_case_two_parts() for _ in range(3)], labels=[1])
+    assert choice["keep_largest_foreground"] is False
+    assert choice["keep_largest_labels"] == []
+    assert choice["min_voxels"] == {}
+    assert choice["dice_after"] == choice["dice_before"]
+    first = choice["steps"][0]
+    assert first["step"] == "keep_largest_foreground" and not first["adopted"]
+    assert first["dice_after"]["1"] < first["dice_before"]["1"]
+
+
+def test_choose_per_class_when_foreground_step_would_hurt_a_class():
+    """Class 1 has a spurious blob, class 2 genuinely two parts: only class 1 gets largest-component."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for _ in range(3):
+        ref, pred, sp = _case_spurious(rng)
+        _cube(ref, 1, 12, 2, 3, 2)
+        _cube(ref, 8, 2, 12, 3, 2)
+        _cube(pred, 1, 12, 2, 3, 2)
+        _cube(pred, 8, 2, 12, 3, 2)
+        cases.append((ref, pred, sp))
+    choice = choose_postprocessing(cases, labels=[1, 2])
+    assert choice["keep_largest_foreground"] is False
+    assert "2" in choice["steps"][0]["reason"] or "[2]" in choice["steps"][0]["reason"]
+    assert choice["keep_largest_labels"] == [1]
+    assert choice["dice_after"]["2"] == pytest.approx(1.0)
+    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
+
+
+def test_choose_small_component_threshold():
+    """Two true parts (largest-component would hurt) plus one-voxel false specks: a min size helps."""
+    cases = []
+    for k in range(3):
+        ref, pred, sp = _case_two_parts()
+        pred[11, 0, 19 - k] = 1
+        pred[0, 19, 10] = 1
+        cases.append((ref, pred, sp))
+    choice = choose_postprocessing(cases, labels=[1])
+    assert choice["keep_largest_labels"] == [] and not choice["keep_largest_foreground"]
+    assert "1" in choice["min_voxels"] and 2 <= choice["min_voxels"]["1"] <= 64
+    out = apply_postprocessing(cases[0][1], choice)
+    assert int(out.sum()) == int(cases[0][1].sum()) - 2
+    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
+    no_small = choose_postprocessing(cases, labels=[1], remove_small=False)
+    assert no_small["min_voxels"] == {}
+
+
+def test_choose_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least one case"):
+        choose_postprocessing([], labels=[1])
+    ref = np.zeros((2, 3, 3), np.uint8)
+    with pytest.raises(ValueError, match="shape"):
+        choose_postprocessing([(ref, np.zeros((2, 3, 4), np.uint8), SPACING)], labels=[1])
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    choice = choose_postprocessing([_case_spurious(rng) for _ in range(2)], labels=[1])
+    path = tmp_path / "sub" / "postprocessing.json"
+    save_postprocessing(choice, path)
+    loaded = load_postprocessing(path)
+    assert loaded == json.loads(json.dumps(choice))
+    assert not list(path.parent.glob(".*"))  # no temporary files left behind
+    seg = _case_spurious(rng)[1]
+    assert np.array_equal(apply_postprocessing(seg, loaded), apply_postprocessing(seg, choice))
+
+
+def test_apply_neutral_choice_returns_a_copy():
+    seg = _blobs()
+    out = apply_postprocessing(seg, no_postprocessing([1, 2]))
+    assert np.array_equal(out, seg) and out is not seg
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"keep_largest_foreground": true, "keep_largest_labels": []}', "'min_voxels' is missing"),
+    ('{"keep_largest_foreground": "yes", "keep_largest_labels": [], "min_voxels": {}}', "true or false"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": [0], "min_voxels": {}}',
+     "keep_largest_labels"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"a": 3}}', "'a'"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"1": 2.5}}',
+     "non-negative"),
+    ('{"format": "other", "keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {}}',
+     "format"),
+])
+def test_load_malformed_file_names_the_file(tmp_path: Path, content: str, message: str):
+    path = tmp_path / "postprocessing.json"
+    path.write_text(content)
+    with pytest.raises(PostprocessingError, match=message) as info:
+        load_postprocessing(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_missing_file(tmp_path: Path):
+    with pytest.raises(PostprocessingError, match="missing"):
+        load_postprocessing(tmp_path / "nope.json")
+
+
+def test_save_refuses_invalid_choice(tmp_path: Path):
+    with pytest.raises(PostprocessingError):
+        save_postprocessing({"keep_largest_foreground": 1}, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+# --- work folder -------------------------------------------------------------------------------------
+
+
+def _plans(names: list[str], labels: dict[str, int]) -> Plans:
+    net = NetworkPlan("plain_unet", (8, 16), ((3, 3, 3), (3, 3, 3)), ((1, 1, 1), (2, 2, 2)), (1, 1), (1,))
+    configs = {n: ConfigurationPlan(
+        name=n, data_identifier="data_3d", dims=3, spacing_mm=SPACING, patch_size=(8, 16, 16), batch_size=2,
+        median_shape=(12, 20, 20), normalization=(ChannelNormalization("zscore"),), image_order=3,
+        label_order=1,
+        separate_z=False, out_of_plane_order=0, network=net, augmentation=AugmentationPlan(),
+        training=TrainingPlan(epochs=1, iterations_per_epoch=1)) for n in names}
+    device = DeviceProfile("cpu", "test", 1, 1.0, ((8, 1.0),))
+    return Plans("Test", ("T2",), labels, (0, 1, 2), SPACING, (12, 20, 20), device, configs)
+
+
+def _work_with_spurious_blobs(tmp_path: Path) -> Workspace:
+    """One configuration, two folds of two cases; predictions carry a far-away false blob."""
+    ws = Workspace(tmp_path / "work")
+    _plans(["3d_fullres"], {"background": 0, "organ": 1}).save(ws.plans_path)
+    geom = Geometry(size=(20, 20, 12), spacing=tuple(reversed(SPACING)), origin=(0.0, 0.0, 0.0),
+                    direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        case = f"case_{i}"
+        ref, pred, _ = _case_spurious(rng)
+        label_file = tmp_path / "raw" / f"{case}.nii.gz"
+        write_segmentation(ref, geom, label_file)
+        cache = ws.preprocessed_dir("data_3d")
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"{case}.json").write_text(json.dumps({"label_file": str(label_file)}))
+        vdir = ws.fold_dir("3d_fullres", i // 2) / "validation"
+        write_segmentation(pred, geom, vdir / f"{case}.nii.gz")
+        probs = np.stack([pred == 0, pred == 1]).astype(np.float16)
+        np.savez_compressed(vdir / f"{case}.npz", probabilities=probs)
+    for fold in (0, 1):
+        (ws.fold_dir("3d_fullres", fold) / "validation" / "summary.json").write_text(
+            json.dumps({"cases": [f"case_{2 * fold}", f"case_{2 * fold + 1}"]}))
+    return ws
+
+
+def test_determine_postprocessing_writes_the_choice(tmp_path: Path):
+    ws = _work_with_spurious_blobs(tmp_path)
+    choice = determine_postprocessing(ws, "3d_fullres")
+    assert choice["keep_largest_foreground"] is True
+    assert choice["cases"] == [f"case_{i}" for i in range(4)] and choice["missing"] == []
+    assert load_postprocessing(ws.postprocessing_path("3d_fullres"))["keep_largest_foreground"] is True
+
+
+def test_determine_postprocessing_ensemble_path_and_missing_folds(tmp_path: Path):
+    ws = _work_with_spurious_blobs(tmp_path)
+    assert postprocessing_path(ws, "a+b") == ws.root / "postprocessing_a+b.json"
+    choice = determine_postprocessing(ws, "3d_fullres", folds=[0, 3])
+    assert choice["cases"] == ["case_0", "case_1"]
+    assert any("fold(s) 3" in line for line in choice["missing"])
+
+
+def test_determine_postprocessing_without_outputs_says_why(tmp_path: Path):
+    ws = _work_with_spurious_blobs(tmp_path)
+    with pytest.raises(ValueError, match="no validation outputs"):
+        determine_postprocessing(ws, "3d_fullres", folds=[4])

@@ -1,0 +1,174 @@
+"""Report tests on a tiny trained demo dataset: fold 0 of 3d_fullres and 2d, one short epoch each."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from automedseg.demo import make_demo_dataset
+from automedseg.pipeline import run_plan
+from automedseg.report import collect_state, overlay_slices, write_report
+from automedseg.training import TrainOptions, train_fold
+from automedseg.workspace import Workspace
+
+torch.set_num_threads(1)
+
+CONFIGS = ("3d_fullres", "2d")
+DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
+    """Demo dataset (6 cases), planned, fold 0 of both configurations trained and validated."""
+    root = tmp_path_factory.mktemp("report")
+    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=6, n_test=0)
+    ws = Workspace.for_dataset(dataset)
+    run_plan(dataset, ws, configurations=list(CONFIGS), jobs=1, device="reference-cpu-2core", time_budget_s=600)
+    options = TrainOptions(epochs=1, iterations_per_epoch=2, num_workers=0, threads=1, progress=False, device="cpu")
+    for cfg in CONFIGS:
+        train_fold(ws, cfg, 0, options=options, log=lambda _: None)
+    return dataset, ws
+
+
+def _copy(ws: Workspace, dest: Path) -> Workspace:
+    shutil.copytree(ws.root, dest, ignore=shutil.ignore_patterns("report"))
+    return Workspace(dest)
+
+
+def _read(html_path: Path) -> tuple[str, str]:
+    return html_path.read_text(), (html_path.parent / "report.md").read_text()
+
+
+def test_report_is_self_contained_with_tables_and_figures(trained: tuple[Path, Workspace]) -> None:
+    _, ws = trained
+    html_path = write_report(ws)
+    assert html_path == ws.root / "report" / "report.html"
+    html, md = _read(html_path)
+    images = DATA_URI.findall(html)
+    # box plot, two training-curve figures, and at least one overlay per configuration
+    assert len(images) >= 5
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert not re.search(r'(src|href)="(https?:|//)', html) and "<link" not in html and "<script" not in html
+    for needle in ("Cross-validation results", "HD95 (mm)", "NSD", "Per-case Dice", "Training curves", "Time",
+                   "Plans", "Validation overlays", "Machine", "Missing", "torch", "nominal 2-core"):
+        assert needle in html, needle
+        assert needle in md, needle
+    assert html.count("<table>") >= 6
+    for cfg in CONFIGS:
+        assert f"<td>{cfg}</td>" in html
+        assert f"fig_curves_{cfg}.png" in md
+    # the Markdown's figures are files next to it
+    figures = re.findall(r"\]\((fig_[^)]+\.png)\)", md)
+    assert figures and all((html_path.parent / f).is_file() for f in figures)
+    # the plans differ in dims and patch size between the two configurations
+    assert "patch_size" in md and "dims" in md
+
+
+def test_report_lists_what_is_missing(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
+    _, ws = trained
+    html, md = _read(write_report(ws, tmp_path / "out"))
+    for text in (html, md):
+        assert "3d_fullres: folds 1, 2, 3, 4 not trained" in text
+        assert "2d: folds 1, 2, 3, 4 not trained" in text
+        assert "find_best.json: missing" in text
+        assert "no post-processing chosen yet" in text
+
+
+@pytest.mark.parametrize("remove, expected", [
+    (["fold_0/checkpoint_final.pt", "fold_0/validation"], "2d: fold 0 not finished (1 of 1 epochs logged"),
+    (["fold_0/validation/summary.json"], "2d: fold 0 not validated"),
+    (["fold_0"], "2d: folds 0, 1, 2, 3, 4 not trained"),
+])
+def test_report_partial_fold_states(trained: tuple[Path, Workspace], tmp_path: Path, remove: list[str],
+                                    expected: str) -> None:
+    _, ws = trained
+    copy = _copy(ws, tmp_path / "work")
+    for rel in remove:
+        target = copy.configuration_dir("2d") / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    html, md = _read(write_report(copy))
+    assert expected in html and expected in md
+    assert "3d_fullres: folds 1, 2, 3, 4 not trained" in md
+    assert "<td>3d_fullres</td>" in html  # the trained configuration is still reported
+
+
+@pytest.mark.parametrize("files, expected", [
+    ([], "plans.json: missing"),
+    (["plans.json"], "3d_fullres: folds 0, 1, 2, 3, 4 not trained"),
+])
+def test_report_before_training(trained: tuple[Path, Workspace], tmp_path: Path, files: list[str],
+                                expected: str) -> None:
+    _, ws = trained
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in files:
+        shutil.copy(ws.root / name, work / name)
+    html, md = _read(write_report(Workspace(work)))
+    assert expected in html and expected in md
+    assert "data:image/png" not in html  # nothing to plot yet
+    assert "No validated case yet." in md
+
+
+def test_report_without_work_folder_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no work folder"):
+        write_report(Workspace(tmp_path / "absent"))
+
+
+def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
+    ensembling = pytest.importorskip("automedseg.ensembling")
+    if not hasattr(ensembling, "find_best"):
+        pytest.skip("automedseg.ensembling.find_best is not there yet")
+    _, ws = trained
+    copy = _copy(ws, tmp_path / "work")
+    result = ensembling.find_best(copy)
+    chosen = result["best"]["configuration"]
+    html, md = _read(write_report(copy))
+    assert "2d+3d_fullres" in html
+    row = re.search(r'<tr class="chosen">(.*?)</tr>', html)
+    assert row is not None and f"<td>{chosen}</td>" in row.group(1) and "<td>chosen</td>" in row.group(1)
+    assert "find_best.json: missing" not in md
+    if result["best"].get("postprocessing") and "dice_after" in result["best"]["postprocessing"]:
+        assert "Post-processing chosen" in md
+        if "+" not in chosen:
+            assert "Dice after PP" in md
+
+
+def test_collect_state_reads_folds(trained: tuple[Path, Workspace]) -> None:
+    _, ws = trained
+    state = collect_state(ws)
+    assert list(state.configurations) == list(CONFIGS)
+    assert state.expected_folds == ["0", "1", "2", "3", "4"]
+    assert state.labels == {1: "outer", 2: "core"}
+    for cfg in CONFIGS:
+        fold = state.configurations[cfg].folds["0"]
+        assert fold.finished and fold.validated and len(fold.history) == 1
+        assert fold.planned_epochs == 1 and fold.train_seconds > 0
+
+
+def test_cli_report(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from automedseg.cli import main
+
+    if "report" not in main.commands:
+        pytest.skip("the report command is not in the CLI yet")
+    dataset, _ = trained
+    out = tmp_path / "cli_report"
+    result = CliRunner().invoke(main, ["report", str(dataset), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("gap, width", [(0, 3 * 10), (2, 3 * 10 + 2 * 2)])
+def test_overlay_slices_gap(gap: int, width: int) -> None:
+    image = np.random.default_rng(0).normal(size=(6, 8, 10)).astype(np.float32)
+    seg = np.zeros((6, 8, 10), np.uint8)
+    seg[1:5, 2:6, 2:7] = 1
+    rgb = overlay_slices(image, seg, reference=seg, n_slices=3, gap=gap)
+    assert rgb.shape == (8, width, 3)
