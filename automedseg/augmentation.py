@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import time
 from collections import OrderedDict
@@ -254,6 +255,7 @@ class PatchSampler(SlimDataLoaderBase):
         self._arrays: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._locs: dict[str, dict[int, np.ndarray]] = {}
         self.rng = np.random.default_rng([self.seed, _TAG_SAMPLER, 0])
+        self.worker_niceness = 0
 
     def set_thread_id(self, thread_id: int) -> None:
         """Select the random stream of worker ``thread_id`` and seed the global ``random`` module with it.
@@ -262,6 +264,8 @@ class PatchSampler(SlimDataLoaderBase):
         batch; batchgenerators' transforms also draw from ``random``.
         """
         self.thread_id = int(thread_id)
+        if self.worker_niceness > 0:  # in a worker process: yield the cores to the training threads first
+            os.nice(self.worker_niceness)
         self.rng = np.random.default_rng([self.seed, _TAG_SAMPLER, self.thread_id])
         random.seed(_derive_seed(self.seed, _TAG_GLOBAL, self.thread_id))
 
@@ -826,6 +830,7 @@ def make_training_loader(
     augment: bool = True,
     nondeterministic: bool = False,
     num_cached_per_worker: int = 2,
+    worker_niceness: int = 0,
 ) -> BatchLoader:
     """Augmented training batches of ``config`` from the cache, made in background workers.
 
@@ -842,6 +847,8 @@ def make_training_loader(
         nondeterministic: Use batchgenerators' NonDetMultiThreadedAugmenter (batches in the order they
             are ready instead of round-robin over workers).
         num_cached_per_worker: Batches each worker may queue ahead.
+        worker_niceness: Raise the workers' nice value by this much, so that on a CPU with few cores the
+            training threads (which synchronise with each other) are not the ones descheduled.
 
     Returns:
         A :class:`BatchLoader`; use it as a context manager or call :meth:`BatchLoader.close`.
@@ -858,6 +865,7 @@ def make_training_loader(
         sample_patch_size=sampling_patch_size(config.patch_size, aug, dims=config.dims),
         seed=seed,
     )
+    sampler.worker_niceness = int(worker_niceness)
     if aug is None:
         transform = build_validation_transforms(deep_supervision_strides=deep_supervision_strides)
     else:

@@ -255,6 +255,31 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
         sys.exit(1)
 
 
+@main.command("find-best")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("-c", "--configurations", multiple=True, help="Candidates (default: every trained configuration).")
+@click.option("-f", "--folds", multiple=True, help="Restrict to these folds (default: all trained).")
+@click.option("--no-ensembles", is_flag=True, help="Do not consider pairwise configuration ensembles.")
+@click.option("--no-postprocessing", is_flag=True, help="Do not choose post-processing for the winner.")
+def find_best_command(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], folds: tuple[str, ...],
+                      no_ensembles: bool, no_postprocessing: bool) -> None:
+    """Compare trained configurations and their ensembles on cross-validation; write find_best.json."""
+    from automedseg.ensembling import find_best
+
+    ws = _resolve_workspace(dataset, work_dir)
+    try:
+        result = find_best(ws, configurations=list(configurations) or None,
+                           folds=[_fold_arg(f) for f in folds] or None, ensembles=not no_ensembles,
+                           postprocess=not no_postprocessing, log=click.echo)
+    except ValueError as e:
+        _fail([str(e)])
+        return
+    best = result["best"]
+    click.echo(f"best: {best['configuration']} (CV mean Dice {best['mean_dice']:.4f} on {best['n_cases']} cases)")
+    click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {best['predict_command']}")
+
+
 @main.command()
 @click.argument("reference_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("prediction_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
@@ -279,6 +304,24 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
     if summary.get("missing_predictions"):
         click.echo(f"missing predictions: {', '.join(summary['missing_predictions'])}", err=True)
     click.echo(f"written to {output_dir or prediction_dir}")
+
+
+@main.command("report")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
+              help="Where report.html, report.md and the figures go (default: WORK/report).")
+def report_command(dataset: Path, work_dir: Path | None, output_dir: Path | None) -> None:
+    """Write report.html (self-contained) and report.md of everything trained so far; lists what is missing."""
+    from automedseg.report import write_report
+
+    ws = _resolve_workspace(dataset, work_dir)
+    try:
+        html_path = write_report(ws, output_dir)
+    except FileNotFoundError as e:
+        _fail([str(e)])
+        return
+    click.echo(f"report: {html_path} and {html_path.with_name('report.md')}")
 
 
 @main.command()

@@ -331,11 +331,14 @@ def _number(value: Any) -> float:
         return math.nan
 
 
+def _finite_mean(values: Any) -> float:
+    finite = [v for v in map(_number, values) if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def _case_dice(case: dict[str, Any], labels: Sequence[int]) -> float:
     """Mean Dice over the foreground classes of one per-case entry (NaN when none is known)."""
-    values = [_number((case["metrics"].get(str(k)) or {}).get("dice")) for k in labels]
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return _finite_mean((case["metrics"].get(str(k)) or {}).get("dice") for k in labels)
 
 
 def _cv_summary(record: ConfigurationRecord, state: WorkFolderState) -> dict[str, Any] | None:
@@ -433,6 +436,22 @@ class _Section:
         return _slug(self.title.lower())
 
 
+def _new_figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure drawn by the Agg canvas.
+
+    Figures are rendered by :class:`FigureCanvasAgg` directly, never shown. Some matplotlib calls
+    (box plots read every rcParam) import pyplot, which resolves the default backend; unless pyplot is
+    already in use (a notebook), it is pinned to Agg first so no GUI toolkit is loaded.
+    """
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _png(fig: Any) -> bytes:
     """A matplotlib figure as PNG bytes (rendered with the Agg canvas; no pyplot state involved)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -510,14 +529,18 @@ def _missing_lines(state: WorkFolderState) -> list[str]:
             else:
                 summary = r.path / "validation" / "summary.json"
                 newest_validation = max(newest_validation, summary.stat().st_mtime if summary.is_file() else 0.0)
-        if any(r is not None and r.validated for r in folds) and record.postprocessing is None:
-            lines.append(f"{name}: no post-processing chosen yet ({name}/postprocessing.json; "
-                         "`automedseg find-best`)")
     if state.find_best is None:
-        lines.append("find_best.json: missing, no best configuration or ensemble chosen yet "
+        lines.append("find_best.json: missing, no best configuration, ensemble or post-processing chosen yet "
                      "(run `automedseg find-best`)")
     else:
-        lines += [f"find_best.json: {line}" for line in state.find_best.get("missing") or []]
+        best = state.find_best.get("best") or {}
+        if state.find_best.get("complete") is False:
+            lines.append("find_best.json: chosen on an incomplete cross-validation (see its notes under 'Best "
+                         "configuration and ensembles'); re-run `automedseg find-best` when every fold is validated")
+        pp = best.get("postprocessing")
+        if best.get("configuration") and (not isinstance(pp, dict) or pp.get("error")):
+            why = f": {pp['error']}" if isinstance(pp, dict) and pp.get("error") else ""
+            lines.append(f"find_best.json: no post-processing chosen for {best['configuration']}{why}")
         fb_path = state.root / "find_best.json"
         if fb_path.is_file() and fb_path.stat().st_mtime < newest_validation:
             lines.append("find_best.json: older than the newest validation results; re-run `automedseg find-best`")
@@ -643,21 +666,21 @@ def _section_ensembles(state: WorkFolderState) -> _Section:
                             f"{_f(after.get('mean'))} after post-processing."))
     if best.get("predict_command"):
         blocks.append(_Text(f"Predict with: {best['predict_command']}"))
-    not_evaluated = fb.get("not_evaluated") or {}
-    if not_evaluated:
-        blocks.append(_Bullets([f"{k}: not evaluated ({v})" for k, v in not_evaluated.items()]))
+    notes = [f"{k}: not evaluated ({v})" for k, v in (fb.get("not_evaluated") or {}).items()]
+    notes += [str(line) for line in fb.get("missing") or []]
+    if notes:
+        blocks.append(_Text("find-best noted:"))
+        blocks.append(_Bullets(notes))
     return _Section("Best configuration and ensembles", blocks)
 
 
 def _section_boxplots(state: WorkFolderState) -> _Section:
-    from matplotlib.figure import Figure
-
     data = {name: _cv_cases(r, state.expected_folds) for name, r in state.configurations.items()}
     data = {k: v for k, v in data.items() if v}
     if not data or not state.labels:
         return _Section("Per-case Dice", [_Text("No validated case yet.")])
     labels = list(state.labels)
-    fig = Figure(figsize=(max(4.0, 1.2 + 1.1 * len(data)) * len(labels), 3.8))
+    fig = _new_figure(figsize=(max(4.0, 1.2 + 1.1 * len(data)) * len(labels), 3.8))
     axes = fig.subplots(1, len(labels), squeeze=False)[0]
     names = list(data)
     for ax, label in zip(axes, labels):
@@ -683,14 +706,12 @@ def _section_boxplots(state: WorkFolderState) -> _Section:
 
 
 def _section_curves(state: WorkFolderState) -> _Section:
-    from matplotlib.figure import Figure
-
     blocks: list[_Block] = []
     for name, record in state.configurations.items():
         folds = [f for f in record.folds.values() if f.history]
         if not folds:
             continue
-        fig = Figure(figsize=(11, 3.6))
+        fig = _new_figure(figsize=(11, 3.6))
         ax_loss, ax_dice = fig.subplots(1, 2)
         for i, f in enumerate(folds):
             colour = f"C{i % 10}"
@@ -742,20 +763,19 @@ def _section_timing(state: WorkFolderState) -> _Section:
             epochs = f"{len(h)} of {f.planned_epochs}" if f.planned_epochs else str(len(h))
             ipe = h[-1].get("iterations") if h else (f.plan or {}).get("training", {}).get("iterations_per_epoch")
             per_epoch = f.train_seconds / len(h) if h else math.nan
-            spi = np.mean([_number(e.get("seconds_per_iteration")) for e in h]) if h else math.nan
-            wait = np.mean([_number(e.get("data_wait_fraction")) for e in h]) if h else math.nan
+            spi = _finite_mean(e.get("seconds_per_iteration") for e in h)
+            wait = _finite_mean(e.get("data_wait_fraction") for e in h)
             val = f.validation or {}
             n_val = len(val.get("cases") or []) or len(f.per_case())
             infer = _number(val.get("seconds")) / n_val if n_val else math.nan
-            ema = max((_number(e.get("ema_pseudo_dice")) for e in h), default=math.nan)
+            ema = max((v for e in h if math.isfinite(v := _number(e.get("ema_pseudo_dice")))), default=math.nan)
             last = h[-1].get("time") if h else None
             last_text = (datetime.fromtimestamp(float(last), timezone.utc).strftime("%Y-%m-%d %H:%M")
                          if isinstance(last, (int, float)) else "-")
             rows.append([name, f.fold, _fold_status(f), epochs, _compact(ipe), _seconds(f.train_seconds if h else None),
                          _seconds(per_epoch), f"{spi:.3f} s" if math.isfinite(spi) else "-",
                          f"{100 * wait:.0f}%" if math.isfinite(wait) else "-", _seconds(infer), _f(ema),
-                         _f(val.get("mean_dice"))])
-            rows[-1].append(last_text)
+                         _f(val.get("mean_dice")), last_text])
     if not rows:
         return _Section("Time", [_Text("No fold folder yet.")])
     return _Section("Time", [
@@ -827,7 +847,7 @@ def _load_overlay_inputs(state: WorkFolderState, record: ConfigurationRecord, fo
     from automedseg.io import read_image_file, read_label
 
     ident = record.data_identifier
-    meta_path = state.root / "preprocessed" / str(ident) / f"{case}.json"
+    meta_path = Workspace(state.root).preprocessed_dir(str(ident)) / f"{case}.json"
     meta = json.loads(meta_path.read_text()) if ident and meta_path.is_file() else None
     if meta is None:
         raise FileNotFoundError(f"{meta_path}: missing (the raw image path is recorded there)")

@@ -414,7 +414,8 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
     tr = config.training
     seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
-    train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed)
+    train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
+                                        worker_niceness=10 if device.type == "cpu" else 0)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None

@@ -29,7 +29,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
     root = tmp_path_factory.mktemp("report")
     dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=6, n_test=0)
     ws = Workspace.for_dataset(dataset)
-    run_plan(dataset, ws, configurations=list(CONFIGS), jobs=1, device="reference-cpu-2core", time_budget_s=600)
+    run_plan(dataset, ws, configurations=list(CONFIGS), jobs=1, device="reference-cpu-2core", time_budget_s=30)
     options = TrainOptions(epochs=1, iterations_per_epoch=2, num_workers=0, threads=1, progress=False, device="cpu")
     for cfg in CONFIGS:
         train_fold(ws, cfg, 0, options=options, log=lambda _: None)
@@ -77,7 +77,7 @@ def test_report_lists_what_is_missing(trained: tuple[Path, Workspace], tmp_path:
         assert "3d_fullres: folds 1, 2, 3, 4 not trained" in text
         assert "2d: folds 1, 2, 3, 4 not trained" in text
         assert "find_best.json: missing" in text
-        assert "no post-processing chosen yet" in text
+        assert "no best configuration, ensemble or post-processing chosen yet" in text
 
 
 @pytest.mark.parametrize("remove, expected", [
@@ -130,8 +130,8 @@ def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_p
     chosen = result["best"]["configuration"]
     html, md = _read(write_report(copy))
     assert "2d+3d_fullres" in html
-    row = re.search(r'<tr class="chosen">(.*?)</tr>', html)
-    assert row is not None and f"<td>{chosen}</td>" in row.group(1) and "<td>chosen</td>" in row.group(1)
+    rows = re.findall(r'<tr class="chosen">(.*?)</tr>', html)
+    assert any(f"<td>{chosen}</td>" in r and "<td>chosen</td>" in r for r in rows)  # the candidates table
     assert "find_best.json: missing" not in md
     if result["best"].get("postprocessing") and "dice_after" in result["best"]["postprocessing"]:
         assert "Post-processing chosen" in md
@@ -142,7 +142,7 @@ def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_p
 def test_collect_state_reads_folds(trained: tuple[Path, Workspace]) -> None:
     _, ws = trained
     state = collect_state(ws)
-    assert list(state.configurations) == list(CONFIGS)
+    assert sorted(state.configurations) == sorted(CONFIGS)
     assert state.expected_folds == ["0", "1", "2", "3", "4"]
     assert state.labels == {1: "outer", 2: "core"}
     for cfg in CONFIGS:
