@@ -192,7 +192,11 @@ def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
 
 
 def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> ConfigurationPlan:
-    """The configuration with the CLI's schedule overrides applied."""
+    """The configuration with the CLI's schedule overrides applied.
+
+    An explicit ``epochs`` or ``iterations_per_epoch`` without an explicit budget drops the plan's budget,
+    so the schedule is trained as given.
+    """
     tr = config.training
     changes: dict[str, Any] = {}
     if options.epochs is not None:
@@ -201,6 +205,8 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
         changes["iterations_per_epoch"] = int(options.iterations_per_epoch)
     if options.time_budget_s is not None:
         changes["time_budget_s"] = float(options.time_budget_s)
+    elif options.epochs is not None or options.iterations_per_epoch is not None:
+        changes["time_budget_s"] = None  # an explicit schedule is trained as given, not cut to the plan's budget
     if options.num_workers is not None:
         changes["num_workers"] = int(options.num_workers)
     if not changes:
@@ -216,6 +222,34 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
     own.update(ok)
     model.load_state_dict(own)
     return len(ok), len(own) - len(ok)
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torch.optim.Optimizer,
+               loss_fn: DeepSupervisionLoss, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+               amp: bool = True, grad_clip_norm: float = 12.0) -> float:
+    """One optimisation step on a batch from the training loader; returns the loss.
+
+    Mixed precision as :func:`~automedseg.inference.autocast_context` (bf16 on CPU, fp16 + ``scaler`` on
+    CUDA), channels-last inputs on CPU, gradient-norm clipping.
+    """
+    mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format
+    x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
+    targets = [torch.from_numpy(t).to(device, non_blocking=True) for t in batch["target"]]
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(device, amp):
+        outputs = model(x)
+    loss = loss_fn(outputs, targets)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
+    return float(loss.detach())
 
 
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
@@ -438,24 +472,9 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
                 bar = tqdm(total=tr.iterations_per_epoch, desc=f"epoch {epoch + 1}/{planned_epochs}",
                            dynamic_ncols=True, leave=False)
             for it in range(tr.iterations_per_epoch):
-                batch = next(train_loader)
-                x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
-                targets = [torch.from_numpy(t).to(device, non_blocking=True) for t in batch["target"]]
-                optimizer.zero_grad(set_to_none=True)
-                with autocast_context(device, options.amp):
-                    outputs = model(x)
-                loss = loss_fn(outputs, targets)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip_norm)
-                    optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(train_step(model, next(train_loader), optimizer=optimizer, loss_fn=loss_fn,
+                                         device=device, scaler=scaler, amp=options.amp,
+                                         grad_clip_norm=tr.grad_clip_norm))
                 if bar is not None:
                     el = time.perf_counter() - t_epoch
                     spi = el / (it + 1)

@@ -405,11 +405,17 @@ def process_tree(root_pid: int) -> dict[int, ProcSample]:
     return tree
 
 
-def _is_transient_fork(
-    st: ProcSample, tree: dict[int, ProcSample], now_boot_s: float, grace_s: float
-) -> bool:
-    """A child that forked less than ``grace_s`` ago and has not exec'd yet (its pages are the parent's)."""
-    return st.fork_no_exec and st.ppid in tree and now_boot_s - st.start_s < grace_s
+def _uss_kib(pid: int) -> int | None:
+    """Private (unshared) resident memory of a process in KiB, from smaps_rollup; None if unreadable."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    total += int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return total
 
 
 def run_measured(
@@ -419,7 +425,6 @@ def run_measured(
     cwd: str | Path | None = None,
     interval_s: float = 0.05,
     pss_interval_s: float | None = 0.5,
-    fork_grace_s: float = 1.0,
     log_path: Path | None = None,
     tail_chars: int = 4000,
 ) -> dict:
@@ -430,16 +435,16 @@ def run_measured(
 
     Two artefacts of summed RSS are handled or reported:
 
-    * Starting a worker (``subprocess``, multiprocessing ``spawn``/``forkserver``) forks the parent and
-      then execs; in between, the child's RSS equals the parent's whole RSS although it owns no page of
-      its own. A tool whose parent holds torch (~250 MiB) and starts pools would be charged that again for
-      every child caught in that window. ``peak_rss_mib`` therefore leaves out children that are still
-      in the fork-before-exec state (kernel flag PF_FORKNOEXEC) and younger than ``fork_grace_s``;
-      ``peak_rss_raw_mib`` is the literal sum. Long-lived ``fork`` workers (which never exec) are counted
-      once they are older than ``fork_grace_s``.
-    * Pages shared between processes (libraries, fork copy-on-write) are counted once per process; the
-      peak summed PSS (proportional set size: shared pages split between their users) is therefore also
-      sampled every ``pss_interval_s`` seconds (None disables it).
+    * A forked child shares all its parent's pages copy-on-write, yet its RSS counts them all again. This
+      hits every worker start (``subprocess``, multiprocessing ``spawn``: fork, then exec; in between the
+      child shows the parent's whole RSS, ~250 MiB for a process holding torch) and every ``fork`` worker
+      (which never execs). So a child that has not exec'd (kernel flag PF_FORKNOEXEC) and whose parent
+      is in the tree is counted by its private pages only (Private_Clean + Private_Dirty from
+      smaps_rollup, i.e. what it allocated or modified since the fork). That is ``peak_rss_mib``;
+      ``peak_rss_raw_mib`` is the literal sum of RSS.
+    * Other shared pages (libraries) still count once per process; the peak summed PSS (proportional
+      set size: shared pages split between their users) is also sampled every ``pss_interval_s``
+      seconds (None disables it).
 
     Args:
         cmd: the command and its arguments.
@@ -447,7 +452,6 @@ def run_measured(
         cwd: working directory.
         interval_s: RSS sampling period.
         pss_interval_s: PSS sampling period (slower, since smaps_rollup walks page tables) or None.
-        fork_grace_s: age below which a not-yet-exec'd forked child is treated as transient.
         log_path: if given, stdout+stderr are also kept in this file.
         tail_chars: how many trailing characters of combined stdout+stderr to return.
 
@@ -457,7 +461,7 @@ def run_measured(
         n_samples, returncode and stdout_tail.
     """
     cmd = [str(c) for c in cmd]
-    peak_pages = 0
+    peak_kib = 0
     peak_raw_pages = 0
     peak_pss_kib = 0
     peak_procs = 0
@@ -470,32 +474,26 @@ def run_measured(
         else:
             out = stack.enter_context(tempfile.TemporaryFile())
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         next_pss = t0
         while True:
             tree = process_tree(proc.pid)
             n_samples += 1
             if tree:
-                now_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
-                counted = {
-                    pid: st
-                    for pid, st in tree.items()
-                    if not _is_transient_fork(st, tree, now_boot, fork_grace_s)
-                }
+                counted_kib = {pid: st.rss_pages * _PAGE_SIZE // 1024 for pid, st in tree.items()}
+                for pid, st in tree.items():
+                    if st.fork_no_exec and st.ppid in tree:
+                        uss = _uss_kib(pid)
+                        counted_kib[pid] = counted_kib[pid] if uss is None else uss
                 peak_raw_pages = max(peak_raw_pages, sum(st.rss_pages for st in tree.values()))
-                total = sum(st.rss_pages for st in counted.values())
-                if total > peak_pages:
-                    peak_pages = total
+                total = sum(counted_kib.values())
+                if total > peak_kib:
+                    peak_kib = total
                     peak_tree = sorted(
-                        (
-                            (round(st.rss_pages * _PAGE_SIZE / _MIB, 1), _cmdline(pid))
-                            for pid, st in counted.items()
-                        ),
+                        ((round(kib / 1024.0, 1), _cmdline(pid)) for pid, kib in counted_kib.items()),
                         reverse=True,
                     )
-                peak_procs = max(peak_procs, len(counted))
+                peak_procs = max(peak_procs, len(tree))
                 now = time.perf_counter()
                 if pss_interval_s is not None and now >= next_pss:
                     peak_pss_kib = max(peak_pss_kib, sum(_pss_kib(pid) for pid in tree))
@@ -514,7 +512,7 @@ def run_measured(
     return {
         "cmd": cmd,
         "wall_s": round(wall_s, 3),
-        "peak_rss_mib": round(peak_pages * _PAGE_SIZE / _MIB, 1),
+        "peak_rss_mib": round(peak_kib / 1024.0, 1),
         "peak_rss_raw_mib": round(peak_raw_pages * _PAGE_SIZE / _MIB, 1),
         "peak_pss_mib": round(peak_pss_kib / 1024.0, 1) if pss_interval_s is not None else None,
         "peak_processes": peak_procs,

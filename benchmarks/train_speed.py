@@ -224,6 +224,35 @@ def _load_avg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its waited-for children)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    jiffies = [int(v) for v in fields]
+    busy = sum(jiffies) - jiffies[3] - (jiffies[4] if len(jiffies) > 4 else 0)  # minus idle and iowait
+    own = sum(os.times()[:4])
+    return busy / os.sysconf("SC_CLK_TCK"), own
+
+
+class ForeignCpu:
+    """Context manager measuring CPU seconds used by OTHER processes (a sign that timings are disturbed)."""
+
+    def __enter__(self) -> ForeignCpu:
+        self._t0 = time.perf_counter()
+        self._busy0, self._own0 = _cpu_seconds()
+        self.figures: dict = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own = _cpu_seconds()
+        wall = time.perf_counter() - self._t0
+        foreign = max(0.0, (busy - self._busy0) - (own - self._own0))
+        self.figures = {
+            "wall_s": round(wall, 1),
+            "foreign_cpu_s": round(foreign, 1),
+            "foreign_cpu_fraction_of_one_core": round(foreign / max(wall, 1e-9), 3),
+        }
+
+
 def time_steps(step: Callable[[], float], *, steps: int, min_seconds: float, warmup: int = WARMUP_STEPS) -> dict:
     """Run ``warmup`` untimed steps, then at least ``steps`` timed steps and at least ``min_seconds``."""
     losses = [step() for _ in range(warmup)]
@@ -295,10 +324,10 @@ def measure_automedseg(
     import numpy as np
     import torch
 
-    from automedseg.inference import autocast_context, cpu_supports_bf16, memory_format
+    from automedseg.inference import cpu_supports_bf16, memory_format
     from automedseg.network import build_network, count_parameters, output_shapes, output_strides
     from automedseg.plans import TrainingPlan
-    from automedseg.training import DeepSupervisionLoss
+    from automedseg.training import DeepSupervisionLoss, train_step
 
     dims = len(patch_size)
     device = torch.device("cpu")
@@ -324,23 +353,17 @@ def measure_automedseg(
     }
 
     def step() -> float:
-        # the body of the iteration loop of automedseg.training._run_epochs (CPU: no GradScaler)
-        x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
-        targets = [torch.from_numpy(t).to(device, non_blocking=True) for t in batch["target"]]
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, amp):
-            outputs = model(x)
-        loss = loss_fn(outputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip_norm)
-        optimizer.step()
-        return float(loss.detach())
+        # exactly the trainer's step (automedseg.training.train_step)
+        return train_step(model, batch, optimizer=optimizer, loss_fn=loss_fn, device=device, amp=amp,
+                          grad_clip_norm=tr.grad_clip_norm)
 
     load_before = _load_avg()
-    raw = time_steps(step, steps=steps, min_seconds=min_seconds)
+    with ForeignCpu() as foreign:
+        raw = time_steps(step, steps=steps, min_seconds=min_seconds)
     out = summarize_steps(raw, batch_size)
     out.update(
         {
+            "foreign_cpu": foreign.figures,
             "amp_requested": amp,
             "autocast_dtype": "bfloat16" if amp and cpu_supports_bf16() else "float32",
             "memory_format": str(mf),
@@ -404,7 +427,7 @@ def measure_nnunet(
     cmd = [str(bin_dir / "python"), "-c", NNUNET_SCRIPT, json.dumps(settings)]
     load_before = _load_avg()
     t0 = time.perf_counter()
-    with heartbeat("nnU-Net train_step"):
+    with heartbeat("nnU-Net train_step"), ForeignCpu() as foreign:
         proc = subprocess.run(cmd, env=env, cwd=scratch, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not out_path.exists():
@@ -413,8 +436,9 @@ def measure_nnunet(
     raw = json.loads(out_path.read_text())
     out = summarize_steps(raw, raw["batch_size"])
     out.update({k: v for k, v in raw.items() if k not in ("step_seconds", "losses")})
+    # foreign CPU covers the whole subprocess (start-up and trainer initialisation included)
     out.update({"load_avg_before": load_before, "load_avg_after": raw["load_avg_end"],
-                "process_wall_s": round(wall, 1)})
+                "process_wall_s": round(wall, 1), "foreign_cpu": foreign.figures})
     return out
 
 
@@ -445,7 +469,7 @@ def build_summary(figures: dict) -> str:
     ):
         r = runs.get(key)
         if r is None:
-            rows.append([label, "skipped", "", "", "", "", ""])
+            rows.append([label, "skipped", "", "", "", "", "", ""])
             continue
         rows.append(
             [
@@ -456,10 +480,12 @@ def build_summary(figures: dict) -> str:
                 r["n_timed_steps"],
                 _fmt(r.get("achieved_gflops"), 0),
                 _fmt(r.get("fraction_of_matmul_peak"), 2),
+                _fmt(r["foreign_cpu"]["foreign_cpu_fraction_of_one_core"], 2),
             ]
         )
     t = figures["targets"]
     params = figures["parameters"]
+    match = {True: "match", False: "DIFFER"}.get(params["match"], "n/a")
     lines = [
         "# train_speed: automedseg training step vs nnU-Net v2 nnUNetTrainer.train_step (CPU)",
         "",
@@ -467,7 +493,7 @@ def build_summary(figures: dict) -> str:
         f"PlainConvUNet, features {plan['features_per_stage']}, kernels {plan['kernel_sizes'][0]}, strides "
         f"{plan['strides']}, convs/stage {plan['n_conv_per_stage']}; patch {plan['patch_size']}, batch "
         f"{plan['batch_size']}. Parameters: automedseg {params['automedseg']:,}, nnU-Net "
-        f"{_fmt(params['nnunet'])} ({'match' if params['match'] else 'DIFFER' if params['match'] is False else 'n/a'}).",
+        f"{_fmt(params['nnunet'])} ({match}).",
         f"Machine: {m['cpu_model']}, {m['cpu_count_usable']} cores, {m['memory_total_gib']} GiB; "
         f"{figures['threads']} torch threads each; python {m['python']}, torch {m['torch']}, automedseg "
         f"{m['automedseg']}, nnunetv2 {m['nnunetv2']} (torch {m['nnunet_venv_torch']} in its venv).",
@@ -477,7 +503,7 @@ def build_summary(figures: dict) -> str:
         "",
         md_table(
             ["run", "batch", "s/step (median)", "samples/s", "timed steps", "GFLOP/s (model)",
-             "of bf16 peak"],
+             "of matmul peak (same dtype)", "other processes' CPU (cores)"],
             rows,
         ),
         "",
@@ -522,7 +548,9 @@ def build_summary(figures: dict) -> str:
     lines.append(
         "Differences that remain by design: automedseg's Dice term is a batch Dice (nnU-Net's plan has "
         "batch_dice false), automedseg computes the loss in fp32 outside autocast. Load average before each "
-        "run is stored in the JSON file (the machine must be otherwise idle)."
+        "run is stored in the JSON file. The machine must be otherwise idle: the last column is the CPU "
+        "time used by other processes during the row divided by its wall time (anything above ~0.05 means "
+        "the row was disturbed; rerun)."
     )
     return "\n".join(lines)
 
@@ -566,8 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     patch = tuple(plan["patch_size"])
     batch = plan["batch_size"]
     net = automedseg_network_plan(plan)
-    if len(os.getloadavg()) and os.getloadavg()[0] > 0.5:
-        print(f"warning: load average {_load_avg()}: the machine is not idle, timings will suffer", flush=True)
+    with ForeignCpu() as idle_check:
+        time.sleep(2.0)
+    if idle_check.figures["foreign_cpu_fraction_of_one_core"] > 0.05:
+        print(f"warning: other processes use {idle_check.figures['foreign_cpu_fraction_of_one_core']:.2f} "
+              "cores: the machine is not idle, timings will suffer", flush=True)
 
     print("matrix-multiply peak ...", flush=True)
     peaks = {name: matmul_peak(name) for name in ("bfloat16", "float32")}
@@ -592,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         run["peak_used"] = run["autocast_dtype"]
         runs[key] = run
         print(f"  {run['seconds_per_step_median']:.3f} s/step, {run['samples_per_s']:.2f} samples/s, "
-              f"{run['achieved_gflops']:.0f} GFLOP/s, loss {run['loss_first']:.3f} -> {run['loss_last']:.3f}",
-              flush=True)
+              f"{run['achieved_gflops']:.0f} GFLOP/s, loss {run['loss_first']:.3f} -> {run['loss_last']:.3f}, "
+              f"other processes {run['foreign_cpu']['foreign_cpu_fraction_of_one_core']:.2f} cores", flush=True)
 
     runs["nnunet"] = None
     if not args.skip_nnunet:
@@ -603,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
                                         steps=args.steps, min_seconds=args.min_seconds)
         n = runs["nnunet"]
         print(f"  {n['seconds_per_step_median']:.3f} s/step, {n['samples_per_s']:.2f} samples/s, "
-              f"loss {n['loss_first']:.3f} -> {n['loss_last']:.3f}", flush=True)
+              f"loss {n['loss_first']:.3f} -> {n['loss_last']:.3f}, "
+              f"other processes {n['foreign_cpu']['foreign_cpu_fraction_of_one_core']:.2f} cores", flush=True)
         if n["batch_size"] != batch or n["patch_size"] != list(patch):
             print("warning: nnU-Net trained another batch/patch than its plan says", flush=True)
 
@@ -641,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             "nnunet": params_n,
             "match": None if params_n is None else params_a == params_n,
         },
+        "idle_check": idle_check.figures,
         "matmul_peak": peaks,
         "runs": runs,
         "targets": {
@@ -654,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write_results("train_speed", figures, summary)
     print(summary)
     print(f"\nwrote {json_path} and {md_path}")
+    disturbed = [k for k, r in runs.items() if r and r["foreign_cpu"]["foreign_cpu_fraction_of_one_core"] > 0.05]
+    if disturbed:
+        print(f"warning: other processes used CPU during {', '.join(disturbed)}: rerun on an idle machine", flush=True)
     if figures["parameters"]["match"] is False:
         print(f"error: parameter counts differ (automedseg {params_a}, nnU-Net {params_n})", flush=True)
         return 1
