@@ -129,11 +129,12 @@ def _mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
 def predict_preprocessed(model: torch.nn.Module, data: np.ndarray, config: ConfigurationPlan, *,
                          device: torch.device, num_classes: int, step: float = 0.5,
                          mirror_axes: Sequence[int] | None = None, tile_batch: int = 4,
-                         amp: bool = True) -> np.ndarray:
+                         forward_batch: int = 8, amp: bool = True) -> np.ndarray:
     """Sliding-window logits over a preprocessed ``(C, Z, Y, X)`` image.
 
-    2D configurations predict each z-slice. Tiles are blended with a Gaussian, batched ``tile_batch``
-    at a time; with ``mirror_axes`` (patch axes) the logits of all flip combinations are averaged.
+    2D configurations predict each z-slice. Tiles are blended with a Gaussian, ``tile_batch`` at a time;
+    with ``mirror_axes`` (patch axes) the logits of all flip combinations are averaged. Tiles and their
+    mirrored copies run through the network ``forward_batch`` samples per call.
 
     Returns:
         float32 logits ``(K, Z, Y, X)``.
@@ -163,17 +164,15 @@ def predict_preprocessed(model: torch.nn.Module, data: np.ndarray, config: Confi
         for i in range(0, len(starts), tile_batch):
             chunk = starts[i:i + tile_batch]
             tiles = torch.stack([x[(slice(None), *[slice(s, s + p) for s, p in zip(st, patch)])] for st in chunk])
-            tiles = tiles.contiguous(memory_format=mf)
-            logits = None
-            for f in flips:
-                inp = torch.flip(tiles, f) if f else tiles
+            # All mirrored copies of all tiles go through the network together, ``forward_batch`` at a time:
+            # a few large batches use a CPU far better than many batches of one.
+            inputs = torch.cat([torch.flip(tiles, f) if f else tiles for f in flips])
+            outs = []
+            for j in range(0, len(inputs), forward_batch):
                 with autocast_context(device, amp):
-                    y = model(inp)
-                y = y.float()
-                y = torch.flip(y, f) if f else y
-                logits = y if logits is None else logits + y
-            assert logits is not None
-            logits = logits / len(flips)
+                    outs.append(model(inputs[j:j + forward_batch].contiguous(memory_format=mf)).float())
+            y = torch.cat(outs).view(len(flips), len(chunk), num_classes, *patch)
+            logits = sum(torch.flip(y[k], f) if f else y[k] for k, f in enumerate(flips)) / len(flips)
             for st, lg in zip(chunk, logits):
                 region = tuple(slice(s, s + p) for s, p in zip(st, patch))
                 acc[(slice(None), *region)] += lg * weight

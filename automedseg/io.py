@@ -83,6 +83,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def atomic_save_figure(fig: Any, path: Path, *, dpi: int = 90) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """Save one array as ``.npy`` atomically (loadable with ``mmap_mode='r'``)."""
     path = Path(path)

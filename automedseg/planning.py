@@ -71,7 +71,8 @@ def _host_memory_gib() -> float:
     return 8.0
 
 
-def _cpu_name() -> str:
+def cpu_model_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what :mod:`platform` knows)."""
     import platform
 
     try:
@@ -155,7 +156,7 @@ def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceP
         raise ValueError(f"unknown device {kind!r}; use cpu, cuda, mps or one of {sorted(NOMINAL_PROFILES)}")
     n = threads or os.cpu_count() or 1
     return DeviceProfile(
-        kind="cpu", name=f"{_cpu_name()}, {n} threads", cpu_threads=n,
+        kind="cpu", name=f"{cpu_model_name()}, {n} threads", cpu_threads=n,
         memory_gib=_host_memory_gib(), gflops_by_width=calibrate_conv_gflops(device="cpu", threads=n),
     )
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from automedseg.planning import cpu_model_name
 from automedseg.workspace import Workspace
 
 PRED_COLOUR = (1.0, 0.15, 0.1)
@@ -908,20 +909,10 @@ def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int
     return _Section("Validation overlays", blocks)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine_info() -> dict[str, str]:
     """This machine: CPU model, cores and threads, memory, GPUs, Python and torch versions."""
     info = {
-        "CPU": _cpu_model(),
+        "CPU": cpu_model_name(),
         "CPU cores (logical)": str(os.cpu_count() or "?"),
         "Platform": platform.platform(),
         "Python": sys.version.split()[0],

@@ -41,7 +41,7 @@ from automedseg.inference import (
     predict_probabilities_preprocessed,
     select_device,
 )
-from automedseg.io import atomic_write_json, atomic_write_text
+from automedseg.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from automedseg.network import build_network, output_strides
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.workspace import Workspace
@@ -612,13 +612,7 @@ def plot_progress(history: list[dict[str, Any]], path: Path) -> None:
     axes[3].set_ylabel("epoch time (s)")
     axes[3].set_xlabel("epoch")
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        fig.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic_save_figure(fig, path, dpi=80)
 
 
 # --- final validation -----------------------------------------------------------------------------------

@@ -51,13 +51,9 @@ _MIB = 1024.0 * 1024.0
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from automedseg.planning import cpu_model_name
+
+    return cpu_model_name()
 
 
 def _mem_total_gib() -> float | None:
