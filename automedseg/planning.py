@@ -40,6 +40,9 @@ MIN_ITERATIONS = 4000  # below this the planner trades width, then batch, then p
 DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
 # Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
 CPU_STEP_OVERHEAD = 1.6
+# 2D convolutions reach ~60% of the 3D calibration's throughput on CPU (measured: 2D U-Net, width 32, batch 92,
+# 56x40: 362 GFLOP/s vs 3D width 24: 441 GFLOP/s at a calibrated 800 vs 1000 GFLOP/s; see train_speed).
+CPU_2D_CONV_EFFICIENCY = 0.6
 SHORTEST_USEFUL_STEP_S = 0.1
 WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
 CALIBRATION_WIDTHS = (8, 16, 32, 64)
@@ -279,6 +282,8 @@ def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: in
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else 1.15
+    if dims == 2 and device.kind == "cpu":
+        overhead /= CPU_2D_CONV_EFFICIENCY
     return overhead * flops / (device.gflops_at(net.features_per_stage[0]) * 1e9) + 0.01
 
 
