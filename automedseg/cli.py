@@ -91,9 +91,12 @@ def check(dataset: Path, jobs: int) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for training (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Recompute the fingerprint and every cached case.")
 @click.option("--no-preprocess", is_flag=True, help="Stop after writing plans.json.")
+@click.option("--search", "search_trials", type=int, default=0, show_default=True, metavar="N",
+              help="Then refine each planned configuration with N Optuna trials (as `automedseg search`; "
+                   "each trial gets 1/4 of the fold budget).")
 def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], jobs: int, device: str,
          time_budget: str | None, architecture: str, seed: int, threads: int | None, overwrite: bool,
-         no_preprocess: bool) -> None:
+         no_preprocess: bool, search_trials: int) -> None:
     """Check, fingerprint, plan and preprocess a raw dataset."""
     from automedseg.pipeline import run_plan
 
@@ -116,6 +119,11 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     for name, cfg in plans.configurations.items():
         click.echo(f"  {name}: {cfg.notes[-1] if cfg.notes else ''}")
     click.echo(f"done in {time.perf_counter() - t0:.1f} s; work folder {ws.root}")
+    if search_trials:
+        if no_preprocess:
+            _fail(["--search needs the preprocessed cache; drop --no-preprocess"])
+        for name in [n for n in plans.configurations if not n.endswith("_searched")]:
+            _run_search(ws, dataset, name, n_trials=search_trials, seed=seed, threads=threads)
 
 
 def _cuda_available() -> bool:
@@ -258,6 +266,64 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
                f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
     if report.failed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
+@click.option("-c", "--configuration", default="3d_fullres", show_default=True,
+              help="Rule-based configuration to refine; the result is added as CONFIGURATION_searched.")
+@click.option("--trials", "n_trials", type=int, required=True,
+              help="Finished (complete + pruned) trials the study should hold; re-running continues.")
+@click.option("--time-budget", default=None,
+              help="Wall time of this worker's search, e.g. 2h; each trial gets time-budget / trials.")
+@click.option("--trial-budget", default=None,
+              help="Wall time of one trial, e.g. 10m (default: --time-budget / --trials, else 1/4 of the plan's "
+                   "fold budget).")
+@click.option("--storage", default=None,
+              help="Optuna RDB URL shared by all workers, e.g. postgresql://user:pw@host/db "
+                   "(default: sqlite:///WORK/search/search.db).")
+@click.option("--study-name", default=None, help="Optuna study name (default: <dataset>_<configuration>).")
+@click.option("--pruner", type=click.Choice(["hyperband", "sha", "none"]), default="hyperband", show_default=True)
+@click.option("--seed", default=12345, show_default=True, help="Sampler seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+              help="Default: CUDA if present, else MPS, else CPU.")
+@click.option("--threads", type=int, default=None, help="Torch CPU threads per trial.")
+@click.option("--keep-trial-files", is_flag=True, help="Keep every trial's checkpoints and validation outputs.")
+def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: int, time_budget: str | None,
+           trial_budget: str | None, storage: str | None, study_name: str | None, pruner: str, seed: int,
+           device: str | None, threads: int | None, keep_trial_files: bool) -> None:
+    """Refine a planned configuration with Optuna (fold-0 trials, pruned when they lag).
+
+    Workers on other machines join with the same --storage and --study-name (and a copy of the work folder).
+    """
+    ws = _workspace(dataset, work_dir)
+    if not ws.plans_path.is_file():
+        _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    _run_search(ws, dataset, configuration, n_trials=n_trials, time_budget_s=parse_duration(time_budget),
+                storage=storage, study_name=study_name, seed=seed, trial_budget_s=parse_duration(trial_budget),
+                pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files)
+
+
+def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noqa: ANN001, ANN003
+    from automedseg.search import run_search
+
+    try:
+        result = run_search(ws, configuration, log=click.echo, **kwargs)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to continue (the interrupted trial is retried)",
+                   err=True)
+        sys.exit(130)
+    except ValueError as e:  # PlanError, unknown configuration, no budget, study of another configuration
+        _fail([str(e)])
+        return
+    c = result.counts
+    click.echo(f"study {result.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed")
+    if result.searched_configuration:
+        click.echo(f"best trial {result.best_trial} (fold-0 Dice {result.best_value:.4f}) -> "
+                   f"{result.searched_configuration}; train it with `automedseg train {dataset} "
+                   f"-c {result.searched_configuration} -f 0` ... `-f 4`")
+    click.echo(f"report: {result.report_path}")
 
 
 @main.command("find-best")

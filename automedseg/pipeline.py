@@ -38,6 +38,23 @@ def files_signature(spec: DatasetSpec) -> str:
     return h.hexdigest()[:20]
 
 
+def _keep_searched(plans: Plans, ws: Workspace, log: Log) -> Plans:
+    """Carry ``*_searched`` configurations (from ``automedseg search``) over from the previous plans.json."""
+    from automedseg.plans import PlanError
+
+    if not ws.plans_path.is_file():
+        return plans
+    try:
+        previous = Plans.load(ws.plans_path)
+    except PlanError:
+        return plans
+    for name, cfg in previous.configurations.items():
+        if name.endswith("_searched") and name[: -len("_searched")] in plans.configurations:
+            plans = plans.with_configuration(cfg)
+            log(f"plans: keeping {name} (from automedseg search; its notes say how it was found)")
+    return plans
+
+
 def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | None = None, jobs: int = 2,
              device: str = "auto", time_budget_s: float | None = None, architecture: str = "plain_unet",
              seed: int = 12345, threads: int | None = None, overwrite: bool = False, preprocess: bool = True,
@@ -77,6 +94,7 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
         log(f"fingerprint: {fingerprint['num_cases']} cases -> {ws.fingerprint_path}")
     plans = plan_dataset(fingerprint, device=profile, time_budget_s=time_budget_s, seed=seed,
                          configurations=configurations, architecture=architecture)
+    plans = _keep_searched(plans, ws, log)
     plans.save(ws.plans_path)
     if preprocess:
         counts = preprocess_dataset(spec, plans, ws.preprocessed_root, jobs=jobs, overwrite=overwrite,

@@ -407,7 +407,10 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The lowest deep-supervision head has loss weight 0 (nnU-Net's scheme), so its parameters get no
+        # gradient: DDP must be told to expect unused parameters.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True)
         log(f"rank {dist.rank}/{dist.world}: DistributedDataParallel on {device}")
     if dist.is_main:
         _save_plan_copy(plans, config, fold_dir, planned_epochs)

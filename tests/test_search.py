@@ -1,0 +1,284 @@
+"""Search tests on a tiny planned demo dataset: the space, pruning, resuming, two workers, the searched plan.
+
+Trials train 2 epochs x 2 iterations; the pruning and resume tests replace the trainer by a stub that
+reports planted pseudo-Dice values, so they exercise the Optuna wiring without training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from automedseg import training
+from automedseg.demo import make_demo_dataset
+from automedseg.pipeline import run_plan
+from automedseg.planning import activation_bytes
+from automedseg.plans import Plans
+from automedseg.search import (
+    LR_FACTOR_RANGE,
+    InfeasibleParams,
+    apply_params,
+    default_params,
+    default_storage_url,
+    fit_schedule,
+    make_storage,
+    run_search,
+    search_space,
+)
+from automedseg.training import FoldResult, TrainOptions, train_fold
+from automedseg.workspace import Workspace
+
+torch.set_num_threads(1)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FAST = {"epochs": 2, "iterations_per_epoch": 2, "val_iterations": 2, "num_workers": 0}
+COMMON: dict[str, Any] = {"trial_budget_s": 20.0, "device": "cpu", "threads": 1, "heartbeat_interval_s": 1,
+                          "log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
+    root = tmp_path_factory.mktemp("search")
+    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=8, n_test=0, seed=1)
+    ws = Workspace.for_dataset(dataset)
+    run_plan(dataset, ws, configurations=["3d_fullres"], jobs=1, device="reference-cpu-2core", time_budget_s=30.0)
+    return dataset, ws
+
+
+def _base(ws: Workspace) -> tuple[Plans, Any]:
+    plans = Plans.load(ws.plans_path)
+    return plans, plans.configuration("3d_fullres")
+
+
+def _study(ws: Workspace, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=default_storage_url(ws))
+
+
+# --- the space ------------------------------------------------------------------------------------------
+
+
+def test_rule_defaults_are_in_the_space_and_map_back_to_the_rule_plan(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    plans, base = _base(ws)
+    space = search_space(base)
+    assert {"optimizer", "lr_factor", "batch_size", "base_features", "architecture", "aug_strength",
+            "oversample_foreground", "dice_fraction"} <= {p.name for p in space}
+    for p in space:
+        if p.kind == "categorical":
+            assert p.default in p.choices and len(p.choices) > 1, p
+        else:
+            assert p.low <= p.default <= p.high, p
+    assert apply_params(plans, base, default_params(base)) == base
+    assert apply_params(plans, base, {}) == base
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_batch_trades_against_patch_at_constant_memory(planned: tuple[Path, Workspace], factor: int) -> None:
+    _, ws = planned
+    plans, base = _base(ws)
+    variant = apply_params(plans, base, {"batch_size": base.batch_size * factor})
+    assert variant.batch_size == base.batch_size * factor
+    assert math.prod(variant.patch_size) < math.prod(base.patch_size)
+    ratio = activation_bytes(variant.network, variant.patch_size, batch=variant.batch_size) / activation_bytes(
+        base.network, base.patch_size, batch=base.batch_size)
+    assert 0.5 < ratio < 2.0
+    for axis, size in enumerate(variant.patch_size):  # the patch stays divisible by the total stride
+        assert size % math.prod(s[axis] for s in variant.network.strides) == 0
+
+
+def test_params_reach_the_plan_and_infeasible_ones_are_refused(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    plans, base = _base(ws)
+    v = apply_params(plans, base, {"optimizer": "adamw", "lr_factor": 2.0, "architecture": "residual_unet",
+                                   "depth_delta": -1, "aug_strength": 0.0, "dice_fraction": 0.25,
+                                   "oversample_foreground": 0.8}, name="x")
+    assert v.name == "x" and v.training.optimizer == "adamw" and v.training.initial_lr == pytest.approx(2e-3)
+    assert v.network.architecture == "residual_unet" and v.network.n_stages == base.network.n_stages - 1
+    assert v.augmentation.rotation_p == 0.0 and v.augmentation.mirror_axes == base.augmentation.mirror_axes
+    assert v.training.dice_weight == pytest.approx(0.5) and v.training.ce_weight == pytest.approx(1.5)
+    assert v.training.oversample_foreground == 0.8 and v.data_identifier == base.data_identifier
+    tiny = dataclasses.replace(plans, device=dataclasses.replace(plans.device, memory_gib=1e-6))
+    with pytest.raises(InfeasibleParams):
+        apply_params(tiny, base, {"base_features": 2 * base.network.features_per_stage[0]})
+
+
+def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    plans, base = _base(ws)
+    full = fit_schedule(plans, base, base.training.time_budget_s).training
+    assert (full.epochs, full.iterations_per_epoch) == (base.training.epochs, base.training.iterations_per_epoch)
+    short = fit_schedule(plans, base, 5.0, trial_epochs=4).training
+    longer = fit_schedule(plans, base, 20.0, trial_epochs=4).training
+    assert short.epochs == longer.epochs == 4
+    assert longer.iterations_per_epoch > short.iterations_per_epoch
+
+
+# --- optuna wiring with a stub trainer ---------------------------------------------------------------------
+
+
+def _stub_trainer(calls: list[tuple[str, int]], *, interrupt_first: bool = False):
+    """A ``train_fold`` stand-in: pseudo-Dice 0.5 + 0.02 * epoch, or 0 for the planted bad trial."""
+
+    def fake(ws: Workspace, name: str, fold: int, *, plans: Plans, options: TrainOptions, log: Any,
+             epoch_callback: Any) -> FoldResult:
+        if interrupt_first and not calls:
+            calls.append((name, -1))
+            raise KeyboardInterrupt
+        cfg = plans.configuration(name)
+        bad = cfg.training.initial_lr == pytest.approx(1e-2 * LR_FACTOR_RANGE[0]) and cfg.augmentation.gamma_p == 0
+        for epoch in range(cfg.training.epochs):
+            calls.append((name, epoch))
+            epoch_callback(epoch, 0.0 if bad else 0.5 + 0.02 * epoch)
+        return FoldResult(Path(options.output_dir), cfg.training.epochs, 0.6, 1.0, {"mean_dice": 0.6})
+
+    return fake
+
+
+def test_a_planted_bad_trial_is_pruned(planned: tuple[Path, Workspace], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ws = planned
+    plans, base = _base(ws)
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(training, "train_fold", _stub_trainer(calls))
+    storage = make_storage(default_storage_url(ws), heartbeat_interval_s=1)
+    study = optuna.create_study(storage=storage, study_name="planted", direction="maximize")
+    good = default_params(base)
+    study.enqueue_trial(good)
+    study.enqueue_trial({**good, "aug_strength": 0.5})
+    study.enqueue_trial({**good, "lr_factor": LR_FACTOR_RANGE[0], "aug_strength": 0.0})  # planted: bad
+    res = run_search(ws, "3d_fullres", n_trials=3, study_name="planted", pruner="sha",
+                     trial_options={"epochs": 4}, **COMMON)
+    trials = _study(ws, "planted").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[2].user_attrs["pruned_at_epoch"] == 1
+    assert [e for n, e in calls if n.endswith("trial2")] == [0]  # training stopped at the pruning epoch
+    assert sorted(trials[0].intermediate_values) == [1, 2, 3, 4]
+    assert res.counts["pruned"] == 1 and res.best_trial in (0, 1)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_interrupted_and_dead_trials_are_retried(planned: tuple[Path, Workspace],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ws = planned
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(training, "train_fold", _stub_trainer(calls, interrupt_first=True))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during trial 0
+        run_search(ws, "3d_fullres", n_trials=2, study_name="resume", trial_options={"epochs": 2}, **COMMON)
+    # A worker that died mid-trial: its trial stays RUNNING with a heartbeat that goes stale.
+    storage = make_storage(default_storage_url(ws), heartbeat_interval_s=1)
+    dead = optuna.load_study(study_name="resume", storage=storage).ask()
+    storage.record_heartbeat(dead._trial_id)
+    res = run_search(ws, "3d_fullres", n_trials=2, study_name="resume", trial_options={"epochs": 2}, **COMMON)
+    trials = _study(ws, "resume").get_trials()
+    by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
+    assert [t.number for t in by_state[TrialState.FAIL]] == [0, dead.number]
+    assert by_state[TrialState.FAIL][0].user_attrs["interrupted"] is True
+    assert sorted(t.system_attrs["failed_trial"] for t in by_state[TrialState.COMPLETE]) == [0, dead.number]
+    assert by_state[TrialState.COMPLETE][0].params == by_state[TrialState.FAIL][0].params
+    assert res.counts["finished"] == 2 and res.counts["running"] == 0
+
+
+# --- real trials ----------------------------------------------------------------------------------------------
+
+
+def test_search_writes_a_searched_plan_that_trains(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    res = run_search(ws, "3d_fullres", n_trials=3, study_name="e2e", seed=0, trial_options=FAST, **COMMON)
+    assert res.counts["finished"] == 3 and res.counts["complete"] >= 1
+    plans = Plans.load(ws.plans_path)
+    searched = plans.configuration("3d_fullres_searched")
+    assert "3d_fullres" in plans.configurations and searched.data_identifier == "fullres"
+    assert any(n.startswith(f"searched: study=e2e, trial={res.best_trial}, value=") for n in searched.notes)
+    assert searched.training.time_budget_s == plans.configuration("3d_fullres").training.time_budget_s
+    out = ws.root / "search" / "e2e"
+    report = (out / "search_report.md").read_text()
+    assert "rule default" in report and (out / "search_history.png").stat().st_size > 0
+    assert (out / "param_importances.png").is_file() == (res.counts["complete"] >= 2)
+    assert not list(out.glob("trial_*/*.pt"))
+    summary = json.loads((out / f"trial_{res.best_trial}" / "validation" / "summary.json").read_text())
+    assert summary["mean_dice"] is not None
+    # Running the same command again continues the study: it is complete, so nothing new runs.
+    again = run_search(ws, "3d_fullres", n_trials=3, study_name="e2e", seed=0, trial_options=FAST, **COMMON)
+    assert len(_study(ws, "e2e").get_trials()) == 3 and again.best_trial == res.best_trial
+    fold = train_fold(ws, "3d_fullres_searched", 0, options=TrainOptions(
+        epochs=1, iterations_per_epoch=2, num_workers=0, threads=1, device="cpu", progress=False,
+        validate=False, restart=True), log=lambda m: None)
+    assert fold.fold_dir == ws.fold_dir("3d_fullres_searched", 0) and (fold.fold_dir / "checkpoint_final.pt").is_file()
+
+
+WORKER = """
+import sys, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from automedseg.search import run_search
+from automedseg.workspace import Workspace
+run_search(Workspace(Path(sys.argv[1])), "3d_fullres", n_trials=4, study_name=sys.argv[3], seed=0,
+           storage=sys.argv[2] or None, trial_budget_s=20.0, device="cpu", threads=1, heartbeat_interval_s=1,
+           trial_options={"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 2, "num_workers": 0})
+"""
+
+POSTGRES_URL = os.environ.get("AUTOMEDSEG_TEST_POSTGRES")  # set by .ci/run, which starts a throwaway server
+STORAGES = [
+    pytest.param("", id="sqlite"),
+    pytest.param(POSTGRES_URL or "", id="postgresql", marks=pytest.mark.skipif(
+        not POSTGRES_URL, reason="no PostgreSQL server: set AUTOMEDSEG_TEST_POSTGRES (.ci/run starts one)")),
+]
+
+
+def _worker(ws: Workspace, storage: str, study: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(ws.root), storage, study], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_two_workers_share_one_study(planned: tuple[Path, Workspace], storage: str) -> None:
+    _, ws = planned
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    procs = [_worker(ws, storage, name) for _ in range(2)]
+    t0 = time.time()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    study = optuna.load_study(study_name=name, storage=storage or default_storage_url(ws))
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2, outputs
+    assert "3d_fullres_searched" in Plans.load(ws.plans_path).configurations
+    assert time.time() - t0 < 300
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL server: set AUTOMEDSEG_TEST_POSTGRES (.ci/run starts one)")
+def test_killing_one_postgres_worker_keeps_the_others_results(planned: tuple[Path, Workspace]) -> None:
+    _, ws = planned
+    assert POSTGRES_URL
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    victim, survivor = _worker(ws, POSTGRES_URL, name), _worker(ws, POSTGRES_URL, name)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill the victim once the study has a trial under way
+        try:
+            if optuna.load_study(study_name=name, storage=POSTGRES_URL).get_trials():
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out = survivor.communicate(timeout=300)[0]
+    assert survivor.returncode == 0, out
+    trials = optuna.load_study(study_name=name, storage=POSTGRES_URL).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4, [t.state for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
