@@ -327,11 +327,23 @@ def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[int, int, flo
         notes.append(f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold")
     if budget is None:
         return GPU_DEFAULT_EPOCHS, ITERATIONS_PER_EPOCH_MAX, None, notes
-    # 8% goes to per-epoch validation batches and the final sliding-window validation.
-    total = max(20, int(budget * 0.92 / step_s))
-    ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
-    epochs = max(1, total // ipe)
+    epochs, ipe = schedule_for_budget(step_s, budget)
     return epochs, ipe, budget, notes
+
+
+def schedule_for_budget(step_s: float, budget_s: float) -> tuple[int, int]:
+    """Epochs and iterations per epoch that fill ``budget_s`` with steps of ``step_s`` seconds.
+
+    8% of the budget is left for per-epoch validation batches and the final sliding-window validation;
+    epochs hold 20 to 250 iterations, so there are about 20 epochs (checkpoints) or more.
+
+    Example:
+        >>> schedule_for_budget(0.25, 1200.0)
+        (20, 220)
+    """
+    total = max(20, int(budget_s * 0.92 / step_s))
+    ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
+    return max(1, total // ipe), ipe
 
 
 def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,

@@ -43,6 +43,7 @@ from automedseg.inference import (
 )
 from automedseg.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from automedseg.network import build_network, output_strides
+from automedseg.planning import schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.workspace import Workspace
 
@@ -195,7 +196,8 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
     """The configuration with the CLI's schedule overrides applied.
 
     An explicit ``epochs`` or ``iterations_per_epoch`` without an explicit budget drops the plan's budget,
-    so the schedule is trained as given.
+    so the schedule is trained as given. A budget alone refits epochs and iterations per epoch to it with the
+    plan's step estimate (:func:`~automedseg.planning.schedule_for_budget`).
     """
     tr = config.training
     changes: dict[str, Any] = {}
@@ -205,6 +207,11 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
         changes["iterations_per_epoch"] = int(options.iterations_per_epoch)
     if options.time_budget_s is not None:
         changes["time_budget_s"] = float(options.time_budget_s)
+        step_s = tr.estimated_seconds_per_iteration
+        if options.iterations_per_epoch is None and options.epochs is None and step_s:
+            # Another budget than the plan's: refit the schedule with the plan's step estimate (the trainer
+            # then corrects it with measured epoch times).
+            changes["epochs"], changes["iterations_per_epoch"] = schedule_for_budget(step_s, options.time_budget_s)
     elif options.epochs is not None or options.iterations_per_epoch is not None:
         changes["time_budget_s"] = None  # an explicit schedule is trained as given, not cut to the plan's budget
     if options.num_workers is not None:
