@@ -82,6 +82,7 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.io import atomic_save_figure
 from automedseg.plans import AugmentationPlan, ConfigurationPlan, NetworkPlan, Plans
 from automedseg.workspace import Workspace
 
@@ -823,15 +824,7 @@ def finalize_search(ws: Workspace, configuration: str, study: Any, *, storage_ur
 
 
 def _savefig(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic_save_figure(fig, path, dpi=90)
 
 
 def _plot_history(trials: Sequence[Any], path: Path) -> None:

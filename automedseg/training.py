@@ -637,7 +637,7 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
     and ``validation/summary.json`` (per-case, per-class Dice and the mean), which the post-processing
     and ensemble choices read.
     """
-    from automedseg.io import Geometry, read_label, write_segmentation
+    from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
     from automedseg.metrics import compute_case_metrics, summarize
     from automedseg.preprocessing import load_case_properties, restore_probabilities
 
@@ -657,8 +657,6 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
                                                    mirror=mirror)
         probs = restore_probabilities(probs, props, plans, config)
         seg = probs.argmax(0).astype(np.uint8)
-        from automedseg.io import atomic_save_npz
-
         atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
         write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         meta = json.loads((cache / f"{cid}.json").read_text())
