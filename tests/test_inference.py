@@ -138,3 +138,23 @@ def test_fold_ensemble_averages_probabilities(tmp_path: Path) -> None:
     assert np.allclose(both, (single[0] + single[1]) / 2, atol=1e-5)
     assert np.allclose(both.sum(0), 1, atol=1e-5)
     assert isinstance(folds[0], LoadedFold) and folds[0].model.deep_supervision is False
+
+
+def test_channels_last_norms_keep_the_function(tmp_path: Path) -> None:
+    from automedseg.inference import channels_last_norms
+    from automedseg.planning import network_for
+
+    net, patch = network_for([1.0, 1.0, 1.0], [16, 16, 16], dims=3, base=4)
+    model = build_network(net, in_channels=1, num_classes=3, dims=3).eval()
+    model.deep_supervision = False
+    for m in model.modules():  # non-trivial affine parameters
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 1, *patch)
+    with torch.inference_mode():
+        before = model(x)
+        converted = channels_last_norms(model)
+        after = converted(x)
+    assert not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in converted.modules())
+    assert torch.allclose(before, after, atol=1e-4)
