@@ -21,7 +21,7 @@ import torch
 from automedseg.io import Geometry
 from automedseg.network import build_network
 from automedseg.plans import ConfigurationPlan, Plans
-from automedseg.preprocessing import CaseProperties, preprocess_image, restore_probabilities
+from automedseg.preprocessing import preprocess_image, restore_probabilities
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 
@@ -237,10 +237,6 @@ def predict_probabilities_preprocessed(folds: Sequence[LoadedFold], data: np.nda
     assert total is not None
     return total / len(folds)
 
-
-def restore_case(probs: np.ndarray, props: CaseProperties, plans: Plans, config: ConfigurationPlan) -> np.ndarray:
-    """Probabilities in preprocessed space -> raw image grid (alias kept for readability at call sites)."""
-    return restore_probabilities(probs, props, plans, config)
 
 
 # --- folders -------------------------------------------------------------------------------------------
