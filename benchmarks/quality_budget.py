@@ -259,15 +259,15 @@ def _labels(msd_dir: Path) -> list[int]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_automedseg_fold(work: Path) -> dict:
-    """Training figures and validation Dice of ``work/3d_fullres/fold_0``."""
-    fold_dir = work / CONFIGURATION / f"fold_{FOLD}"
+def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict:
+    """Training figures and validation Dice of ``work/<configuration>/fold_0``."""
+    fold_dir = work / configuration / f"fold_{FOLD}"
     summary_path = fold_dir / "validation" / "summary.json"
     if not summary_path.is_file():
         raise SystemExit(f"{summary_path}: missing (fold {FOLD} not trained and validated yet)")
     history = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads(summary_path.read_text())
-    plan = json.loads((fold_dir / "plans.json").read_text())["configurations"][CONFIGURATION]
+    plan = json.loads((fold_dir / "plans.json").read_text())["configurations"][configuration]
     tr = plan["training"]
     return {
         "fold_dir": str(fold_dir),

@@ -158,3 +158,41 @@ def test_channels_last_norms_keep_the_function(tmp_path: Path) -> None:
         after = converted(x)
     assert not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in converted.modules())
     assert torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize(("flags", "oneDNN", "expected"), [
+    (frozenset({"avx2", "avx512f", "avx512bw"}), True, False),  # AVX-512 without BF16: oneDNN would emulate
+    (frozenset({"avx512f", "avx512_bf16"}), True, True),
+    (frozenset({"avx512f", "amx_bf16", "amx_tile"}), True, True),
+    (frozenset({"fp", "asimd", "bf16"}), True, True),  # Arm "Features" line
+    (frozenset({"avx512f", "avx512_bf16"}), False, False),  # flag present but this torch cannot use it
+    (None, True, True),  # no /proc/cpuinfo: trust oneDNN
+    (None, False, False),
+])
+def test_bf16_autocast_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str] | None,
+                                             oneDNN: bool, expected: bool) -> None:
+    import automedseg.inference as inf
+
+    monkeypatch.setattr(inf, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN, raising=False)
+    inf.cpu_supports_bf16.cache_clear()
+    try:
+        assert inf.cpu_supports_bf16() is expected
+        ctx = inf.autocast_context(torch.device("cpu"))
+        with ctx:
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        assert (dtype == torch.bfloat16) is expected
+    finally:
+        inf.cpu_supports_bf16.cache_clear()
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo() -> None:
+    import automedseg.inference as inf
+
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    first = next((ln for ln in lines if ln.split(":", 1)[0].strip().lower() in ("flags", "features")), None)
+    if first is None:
+        assert inf._cpu_flags() is None
+    else:
+        assert inf._cpu_flags() == frozenset(first.split(":", 1)[1].split())
