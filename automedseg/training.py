@@ -125,13 +125,14 @@ class TrainOptions:
         device: ``cpu``, ``cuda``, ``mps`` or ``None`` (what exists).
         epochs: Override the plan's number of epochs.
         iterations_per_epoch: Override the plan's iterations per epoch.
-        time_budget_s: Wall-clock training budget; the schedule is shortened to fit after the first epoch.
+        time_budget_s: Wall-clock training budget; the number of epochs is refitted to it after every epoch
+            (:func:`budget_epochs`; never more than planned).
         restart: Ignore an existing checkpoint and start again.
         pretrained: Checkpoint to initialise from (matching layers only).
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
         threads: Torch CPU threads (default: the plan's device profile).
         num_workers: Override augmentation worker processes (0: in-process).
-        amp: Mixed precision (bf16 on supporting CPUs, fp16 on CUDA).
+        amp: Mixed precision (bf16 on CPUs with native bf16, fp16 on CUDA; fp32 elsewhere).
         validate: Run the final sliding-window validation of the held-out cases.
         progress: Show a progress bar.
         output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
@@ -257,6 +258,26 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
     return float(loss.detach())
+
+
+def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float
+                  ) -> int:
+    """Epochs to train in all so that the rest fits the time budget: at least ``done``, at most ``ceiling``.
+
+    The mean of the last three epochs predicts the next ones and 5% of the budget is kept in reserve.
+    Recomputed after every epoch, so a slow first epoch (start-up, a busy moment on the machine) shortens
+    the schedule only until faster epochs give the time back; it never exceeds the planned ``ceiling``.
+
+    Example:
+        >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
+        14
+        >>> budget_epochs(done=5, ceiling=20, epoch_seconds=[16.4, 14.7, 12.7, 11.9, 13.0], budget_s=255.0,
+        ...               spent_s=68.7)
+        18
+    """
+    mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
+    left = max(0.0, budget_s - 0.05 * budget_s - spent_s)
+    return max(int(done), min(int(ceiling), int(done) + int(left // mean_epoch)))
 
 
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
@@ -518,10 +539,9 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
                 no_improve += 1
             # Fit the rest of the schedule into the time budget, now that an epoch has been measured.
             if tr.time_budget_s is not None:
-                mean_epoch = float(np.mean([h["epoch_seconds"] for h in history[-3:]]))
-                reserve = 0.05 * tr.time_budget_s
-                affordable = epoch + 1 + int(max(0.0, tr.time_budget_s - reserve - train_seconds) // mean_epoch)
-                planned_epochs = dist.min_int(max(epoch + 1, min(planned_epochs, affordable)))
+                planned_epochs = dist.min_int(budget_epochs(
+                    done=epoch + 1, ceiling=tr.epochs, epoch_seconds=[h["epoch_seconds"] for h in history],
+                    budget_s=tr.time_budget_s, spent_s=train_seconds))
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,27 @@ def _fast(**kw) -> TrainOptions:
     base = dict(epochs=2, iterations_per_epoch=4, num_workers=0, threads=1, progress=False, device="cpu")
     base.update(kw)
     return TrainOptions(**base)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc; empty elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _history(fold_dir: Path) -> list[dict]:
@@ -157,9 +180,10 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
            "-c", "3d_fullres", "-f", "0", "--epochs", "6", "--iterations-per-epoch", "15", "--workers", "1",
            "--threads", "1", "--device", "cpu", "--no-validate", "--restart"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fold_dir = ws.fold_dir("3d_fullres", 0)
+    shutil.rmtree(fold_dir, ignore_errors=True)  # wait for this run's first epoch, not an earlier test's log
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    fold_dir = ws.fold_dir("3d_fullres", 0)
     log_path = fold_dir / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -169,8 +193,19 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
             pytest.fail(f"training ended early: {proc.stdout.read().decode() if proc.stdout else ''}")
         time.sleep(0.05)
     time.sleep(0.3)  # inside epoch 2
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # the trainer only, as the kernel's OOM killer would
     proc.wait()
+    try:
+        if sys.platform.startswith("linux"):  # its augmentation workers follow it (PR_SET_PDEATHSIG)
+            assert workers, "no augmentation worker found"
+            deadline = time.time() + 15
+            while time.time() < deadline and any(_alive(pid) for pid in workers):
+                time.sleep(0.1)
+            assert not [pid for pid in workers if _alive(pid)], "orphaned augmentation workers"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     done_before = len(_history(fold_dir))
     assert 1 <= done_before < 6
     resumed = subprocess.run([c for c in cmd if c != "--restart"], capture_output=True, text=True, env=env,
@@ -181,3 +216,16 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
     assert [h["epoch"] for h in hist] == list(range(6))
     ckpt = torch.load(fold_dir / "checkpoint_final.pt", weights_only=True)
     assert ckpt["epoch"] == 5
+
+
+@pytest.mark.parametrize(("done", "epoch_seconds", "spent_s", "expected"), [
+    (1, [16.4], 16.4, 14),  # a slow first epoch shortens the schedule ...
+    (5, [16.4, 14.7, 12.7, 11.9, 13.0], 68.7, 18),  # ... until faster epochs give the time back
+    (3, [1.0, 1.0, 1.0], 3.0, 20),  # never more than planned
+    (4, [80.0, 80.0, 80.0, 80.0], 320.0, 4),  # over budget: stop after what is done
+])
+def test_budget_epochs_refits_both_ways(done: int, epoch_seconds: list[float], spent_s: float, expected: int) -> None:
+    from automedseg.training import budget_epochs
+
+    got = budget_epochs(done=done, ceiling=20, epoch_seconds=epoch_seconds, budget_s=255.0, spent_s=spent_s)
+    assert got == expected
