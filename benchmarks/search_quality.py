@@ -77,7 +77,7 @@ def train_or_reuse(dataset: Path, work: Path, configuration: str, *, budget: str
     if reuse and summary.is_file():
         fold = read_automedseg_fold(work, configuration)
         if fold["plan_time_budget_s"] and abs(float(fold["plan_time_budget_s"]) - budget_s) < 1:
-            fold["source"] = "reused"
+            fold["source"] = "already trained with this budget (reused)"
             return fold
     args = ["train", dataset, "--work-dir", work, "-c", configuration, "-f", FOLD, "--time-budget", budget,
             "--threads", BENCH_THREADS, "--restart"]
@@ -101,10 +101,12 @@ def build_summary(f: dict) -> str:
                    _fmt(t["seconds"], 0, " s"), t["retry_of"] if t["retry_of"] is not None else "-",
                    ", ".join(f"{k}={_fmt(v, 3)}" for k, v in t["params"].items())] for t in study["trials"]]
     m = f["machine"]
+    cases = rule["val_cases"]
+    n_cases = len(cases) if isinstance(cases, list) else cases
     lines = [
         "# Searched vs rule-based plan at the same training budget",
         "",
-        f"Fold-0 validation mean Dice ({rule['val_cases']} held-out cases), both trained with "
+        f"Fold-0 validation mean Dice ({n_cases} held-out cases), both trained with "
         f"`--time-budget {f['budget']}` on the same split and machine; searched - rule-based = **{_fmt(delta)}** "
         f"(goal: >= +0.01).",
         "",
