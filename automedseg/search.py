@@ -856,7 +856,7 @@ def _plot_history(trials: Sequence[Any], path: Path) -> None:
     ax0.set_xlabel("trial")
     ax0.set_ylabel("objective")
     ax0.set_title("optimisation history")
-    ax0.legend(loc="lower right", fontsize=8)
+    ax0.legend(loc="best", fontsize=8)  # "best" keeps clear of the points (a fixed corner hid a pruned trial)
     for t in trials:
         if not t.intermediate_values:
             continue
