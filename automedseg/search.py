@@ -444,7 +444,8 @@ def _retry_interrupted(study: Any, max_retry: int) -> int:
     return n
 
 
-def _counts(study: Any) -> dict[str, int]:
+def trial_counts(study: Any) -> dict[str, int]:
+    """Trials per state (``complete``, ``pruned``, ``fail``, ``running``, ``waiting``) and ``finished``."""
     from optuna.trial import TrialState
 
     out = {s.name.lower(): 0 for s in TrialState}
@@ -452,6 +453,14 @@ def _counts(study: Any) -> dict[str, int]:
         out[t.state.name.lower()] += 1
     out["finished"] = out["complete"] + out["pruned"]
     return out
+
+
+def best_trial(study: Any) -> Any | None:
+    """The complete trial with the highest value (the earliest of equals), or ``None``."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 
 def _plan_sha1(config: ConfigurationPlan) -> str:
@@ -620,7 +629,7 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
             retried = _retry_interrupted(study, max_retry)
         if retried:
             log(f"search: re-queued {retried} interrupted trial(s)")
-        c = _counts(study)
+        c = trial_counts(study)
         if c["finished"] >= n_trials:
             break
         if time_budget_s is not None and time.monotonic() - t0 + 0.5 * per_trial > time_budget_s:
@@ -798,13 +807,10 @@ def searched_configuration(plans: Plans, configuration: str, params: Mapping[str
 def finalize_search(ws: Workspace, configuration: str, study: Any, *, storage_url: str = "", log: Log = print
                     ) -> SearchResult:
     """Write ``<configuration>_searched`` (best trial so far) into plans.json and the report; safe to repeat."""
-    from optuna.trial import TrialState
-
     attrs = study.user_attrs
     per_trial = float(attrs.get("trial_budget_s", 0.0))
-    counts = _counts(study)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    counts = trial_counts(study)
+    best = best_trial(study)
     written = None
     if best is not None:
         with _plans_lock(ws):
@@ -898,9 +904,9 @@ def write_search_report(ws: Workspace, configuration: str, study: Any, *, storag
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
-    counts = _counts(study)
+    counts = trial_counts(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    best = best_trial(study)
     _plot_history(trials, out / "search_history.png")
     importances: dict[str, float] = {}
     imp_note = "needs at least 2 complete trials"

@@ -36,20 +36,19 @@ def study_summary(work: Path, configuration: str, study_name: str | None) -> dic
     import optuna
 
     from automedseg.plans import Plans
-    from automedseg.search import default_study_name
+    from automedseg.search import best_trial, default_storage_url, default_study_name, trial_counts
+    from automedseg.workspace import Workspace
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{(work / 'search' / 'search.db').resolve()}"
-    name = study_name or default_study_name(Plans.load(work / "plans.json"), configuration)
+    ws = Workspace(work)
+    url = default_storage_url(ws)
+    name = study_name or default_study_name(Plans.load(ws.plans_path), configuration)
     study = optuna.load_study(study_name=name, storage=url)
     trials = study.get_trials(deepcopy=False)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    states: dict[str, int] = {}
-    for t in trials:
-        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    states = {k: v for k, v in trial_counts(study).items() if v and k != "finished"}
+    best = best_trial(study)
     return {
         "study": name,
         "storage": url,
