@@ -108,7 +108,8 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     try:
         plans = run_plan(dataset, ws, configurations=configurations or None, jobs=jobs, device=device,
                          time_budget_s=budget, architecture=architecture, seed=seed, threads=threads,
-                         overwrite=overwrite, preprocess=not no_preprocess, progress=True, log=click.echo)
+                         overwrite=overwrite, preprocess=not no_preprocess, progress=sys.stderr.isatty(),
+                         log=click.echo)
     except DatasetError as e:
         _fail(e.problems)
         return
@@ -404,7 +405,8 @@ def demo(out: Path, cases: int, time_budget: str) -> None:
     """Generate the synthetic demo dataset and run the whole pipeline on it."""
     from automedseg.pipeline import run_demo
 
-    run_demo(out, n_cases=cases, time_budget_s=parse_duration(time_budget), log=click.echo)
+    run_demo(out, n_cases=cases, time_budget_s=parse_duration(time_budget), progress=sys.stderr.isatty(),
+             log=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

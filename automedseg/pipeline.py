@@ -104,8 +104,12 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
     return plans
 
 
-def run_demo(out: Path, *, n_cases: int = 24, time_budget_s: float | None = 120.0, log: Log = print) -> dict:
+def run_demo(out: Path, *, n_cases: int = 24, time_budget_s: float | None = 120.0, progress: bool = True,
+             log: Log = print) -> dict:
     """Generate the demo dataset under ``out`` and run plan -> train -> predict -> evaluate on it.
+
+    ``progress`` shows progress bars (the CLI turns them off when stderr is not a terminal, so logs stay
+    one line per epoch).
 
     Returns:
         The evaluation summary of the test cases.
@@ -121,12 +125,13 @@ def run_demo(out: Path, *, n_cases: int = 24, time_budget_s: float | None = 120.
         log(f"demo dataset written to {dataset}")
     ws = Workspace.for_dataset(dataset)
     log("== plan")
-    plans = run_plan(dataset, ws, configurations=["3d_fullres"], time_budget_s=time_budget_s, progress=True,
+    plans = run_plan(dataset, ws, configurations=["3d_fullres"], time_budget_s=time_budget_s, progress=progress,
                      log=log)
     for name, cfg in plans.configurations.items():
         log(f"  {name}: {cfg.notes[-1] if cfg.notes else ''}")
     log("== train 3d_fullres fold 0")
-    result = train_fold(ws, "3d_fullres", 0, options=TrainOptions(time_budget_s=time_budget_s), log=log)
+    result = train_fold(ws, "3d_fullres", 0, options=TrainOptions(time_budget_s=time_budget_s, progress=progress),
+                        log=log)
     log("== predict imagesTs")
     pred_dir = ws.root / "predictions_imagesTs"
     report = predict_folder(dataset / "imagesTs", pred_dir, [find_folds(ws.configuration_dir("3d_fullres"), [0])],
