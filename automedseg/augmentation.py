@@ -266,8 +266,7 @@ class PatchSampler(SlimDataLoaderBase):
         batch; batchgenerators' transforms also draw from ``random``.
         """
         self.thread_id = int(thread_id)
-        if multiprocessing.parent_process() is not None:
-            _terminate_with_parent()
+        _terminate_with_parent()
         if self.worker_niceness > 0:  # in a worker process: yield the cores to the training threads first
             os.nice(self.worker_niceness)
         self.rng = np.random.default_rng([self.seed, _TAG_SAMPLER, self.thread_id])
@@ -714,25 +713,25 @@ def build_validation_transforms(*, deep_supervision_strides: Sequence[Stride] | 
 
 
 def _terminate_with_parent() -> None:
-    """Ask Linux to send this (worker) process SIGTERM when its parent dies; no-op elsewhere.
+    """In a worker process, ask Linux to send SIGTERM when the parent dies; no-op in a main process or elsewhere.
 
     A training process killed with SIGKILL cannot tell its augmentation workers to stop; without this
     they would poll their full queues forever, holding memory and a little CPU (seen after killing a
     search: a 760 MiB worker at 12% of a core, reparented to PID 1). Linux signals the death of the
     *thread* that started the worker; loaders are started from the training's main thread.
     """
-    if not sys.platform.startswith("linux"):
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
-    parent = multiprocessing.parent_process()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if parent is not None and parent.pid is not None and os.getppid() != parent.pid:
+    if parent.pid is not None and os.getppid() != parent.pid:
         os._exit(1)  # the parent died before the request took effect
 
 
