@@ -28,11 +28,16 @@ def parse_duration(text: str | None) -> float | None:
         return None
     t = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
-    if not parts or "".join(a + b for a, b in parts) != t.replace(" ", ""):
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1h30m")
-    return float(sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts))
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
+        if not parts or "".join(a + b for a, b in parts) != t.replace(" ", ""):
+            raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1h30m",
+                                     param_hint="'--time-budget'")
+        seconds = float(sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts))
+    if seconds <= 0:
+        raise click.BadParameter(f"{text!r}: a duration must be longer than 0", param_hint="'--time-budget'")
+    return seconds
 
 
 def _workspace(dataset: Path, work_dir: Path | None):
@@ -51,7 +56,47 @@ def _fail(problems: list[str]) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Commands whose input errors end as one line per problem and exit status 2, never a traceback.
+
+    ``InputError`` (and its kinds: ``DatasetError``, ``PlanError``, ``LockedError``), ``OSError`` and
+    ``ValueError`` name the file or option in their message; a truncated file read by a library that raises
+    ``EOFError`` is reported the same way. Anything else is a bug: one line and status 1, with the traceback
+    only when ``AUTOMEDSEG_DEBUG`` is set.
+    """
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+            if os.environ.get("AUTOMEDSEG_DEBUG"):
+                raise
+            _report_exception(e)
+
+
+def _report_exception(e: BaseException) -> None:
+    from automedseg.errors import InputError
+
+    problems = getattr(e, "problems", None)
+    if isinstance(e, (InputError, OSError, ValueError, EOFError)):
+        if isinstance(problems, list) and len(problems) > 1:
+            _fail(problems)
+        text = str(e).strip() or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text = f"{e.filename}: {e.strerror or text}"
+        click.echo(text.splitlines()[0], err=True)
+        sys.exit(2)
+    click.echo(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+               "(set AUTOMEDSEG_DEBUG=1 for the traceback)", err=True)
+    sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="automedseg")
 def main() -> None:
     """Self-configuring medical image segmentation: plan, train, predict, evaluate."""
@@ -64,7 +109,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("-j", "--jobs", default=2, show_default=True, help="Parallel processes.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel processes.")
 def check(dataset: Path, jobs: int) -> None:
     """Check a raw dataset folder and list every problem (exit 2 if any)."""
     from automedseg.checks import check_dataset
@@ -81,14 +126,15 @@ def check(dataset: Path, jobs: int) -> None:
               help="Work folder (default: DATASET/automedseg, or $AUTOMEDSEG_WORK_DIR/<name>).")
 @click.option("-c", "--configurations", multiple=True, type=click.Choice(DEFAULT_CONFIGS),
               help="Configurations to plan and preprocess (default: all that apply).")
-@click.option("-j", "--jobs", default=2, show_default=True, help="Parallel processes.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel processes.")
 @click.option("--device", default="auto", show_default=True,
               help="Plan for: auto, cpu, cuda, mps, or a nominal profile (reference-cpu-2core, reference-gpu-24g).")
 @click.option("--time-budget", default=None, help="Training wall-clock budget per fold, e.g. 30m or 2h.")
 @click.option("--architecture", type=click.Choice(["plain_unet", "residual_unet"]), default="plain_unet",
               show_default=True)
 @click.option("--seed", default=12345, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for training (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for training (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Recompute the fingerprint and every cached case.")
 @click.option("--no-preprocess", is_flag=True, help="Stop after writing plans.json.")
 @click.option("--search", "search_trials", type=int, default=0, show_default=True, metavar="N",
@@ -134,12 +180,14 @@ def _cuda_available() -> bool:
 
 
 def _fold_arg(value: str) -> int | str:
-    if value == "all":
+    if value.strip() == "all":
         return "all"
     try:
         fold = int(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: use 0-4 or 'all'") from None
+        fold = -1
+    if not 0 <= fold < 5:
+        raise click.BadParameter(f"{value!r}: use a fold 0-4 or 'all'", param_hint="'-f' / '--fold'")
     return fold
 
 
@@ -150,16 +198,18 @@ def _fold_arg(value: str) -> int | str:
 @click.option("-f", "--fold", "fold", default="0", show_default=True, help="Fold 0-4, or 'all'.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU (under torchrun: cuda:LOCAL_RANK).")
-@click.option("--epochs", type=int, default=None, help="Override the plan's number of epochs.")
-@click.option("--iterations-per-epoch", type=int, default=None, help="Override the plan's iterations per epoch.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the plan's number of epochs.")
+@click.option("--iterations-per-epoch", type=click.IntRange(min=1), default=None,
+              help="Override the plan's iterations per epoch.")
 @click.option("--time-budget", default=None, help="Fit training into this wall time, e.g. 20m.")
-@click.option("--early-stopping", type=int, default=None, metavar="EPOCHS",
+@click.option("--early-stopping", type=click.IntRange(min=1), default=None, metavar="EPOCHS",
               help="Stop after this many epochs without a better EMA pseudo-Dice.")
 @click.option("--pretrained", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Initialise from another automedseg checkpoint (matching layers).")
 @click.option("--restart", is_flag=True, help="Discard existing checkpoints of this fold and start again.")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads.")
-@click.option("--workers", type=int, default=None, help="Augmentation worker processes (0: in-process).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Augmentation worker processes (0: in-process).")
 @click.option("--no-amp", is_flag=True, help="Train in float32.")
 @click.option("--no-validate", is_flag=True, help="Skip the final sliding-window validation.")
 def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, device: str | None,
@@ -212,16 +262,19 @@ def _resolve_workspace(target: Path, work_dir: Path | None):
 @click.option("-c", "--configuration", default=None,
               help="Configuration, or an ensemble like 2d+3d_fullres (default: find_best.json's choice).")
 @click.option("-f", "--folds", multiple=True, help="Folds to ensemble (default: all trained).")
-@click.option("--step", default=0.5, show_default=True, help="Tile step as a fraction of the patch.")
+@click.option("--step", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Tile step as a fraction of the patch, in (0, 1].")
 @click.option("--no-mirror", is_flag=True, help="Disable test-time mirroring.")
 @click.option("--no-postprocessing", is_flag=True, help="Do not apply postprocessing.json.")
 @click.option("--save-probabilities", is_flag=True, help="Also write class probabilities (.npz).")
 @click.option("--overlays", is_flag=True, help="Write PNG overlays of a few slices per case.")
 @click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None)
-@click.option("--threads", type=int, default=None, help="Torch CPU threads.")
-@click.option("--num-parts", default=1, show_default=True, help="Split the cases over this many workers ...")
-@click.option("--part-id", default=0, show_default=True, help="... and predict this part (0-based).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Split the cases over this many workers ...")
+@click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
+              help="... and predict this part (0-based).")
 def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | None, configuration: str | None,
             folds: tuple[str, ...], step: float, no_mirror: bool, no_postprocessing: bool,
             save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
@@ -230,11 +283,20 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
     import json
 
     ws = _resolve_workspace(target, work_dir)
+    if not ws.root.is_dir():
+        _fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
+    from automedseg.inference import check_output_folder, check_step
+
+    check_step(step)
+    check_output_folder(input_dir, output_dir)  # before anything is loaded or written
     if configuration is None:
         best = ws.root / "find_best.json"
         if not best.is_file():
             _fail([f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first"])
-        configuration = json.loads(best.read_text())["best"]["configuration"]
+        try:
+            configuration = str(json.loads(best.read_text())["best"]["configuration"])
+        except (ValueError, KeyError, TypeError):
+            _fail([f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c"])
     import torch
 
     from automedseg.inference import find_folds, predict_folder
@@ -262,11 +324,11 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
     report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=not no_mirror,
                             overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
                             overlays=overlays, progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id,
-                            log=click.echo)
+                            log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
                f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
-    if report.failed:
-        sys.exit(1)
+    if report.failed:  # each named above; 2 when nothing could be predicted, 1 when some cases were
+        sys.exit(2 if not report.written and not report.skipped_existing else 1)
 
 
 @main.command()
@@ -289,7 +351,7 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
 @click.option("--seed", default=12345, show_default=True, help="Sampler seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU.")
-@click.option("--threads", type=int, default=None, help="Torch CPU threads per trial.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads per trial.")
 @click.option("--keep-trial-files", is_flag=True, help="Keep every trial's checkpoints and validation outputs.")
 def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: int, time_budget: str | None,
            trial_budget: str | None, storage: str | None, study_name: str | None, pruner: str, seed: int,
@@ -373,6 +435,8 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
     for label, m in summary["per_label"].items():
         click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
                    f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}")
+    for note in summary.get("geometry_warnings", []):
+        click.echo(f"warning: {note}", err=True)
     if summary.get("missing_predictions"):
         click.echo(f"missing predictions: {', '.join(summary['missing_predictions'])}", err=True)
     click.echo(f"written to {output_dir or prediction_dir}")

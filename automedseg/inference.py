@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from automedseg.io import Geometry
+from automedseg.atomic import remove_stale_temp_files
+from automedseg.errors import InputError
+from automedseg.io import CaseFiles, Geometry
+from automedseg.locks import folder_lock
 from automedseg.network import build_network
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import preprocess_image, restore_probabilities
@@ -109,8 +112,33 @@ def channels_last_norms(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
-    return torch.load(Path(path), map_location=device, weights_only=True)
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
+
+    Raises:
+        CheckpointError: The file is missing, empty, truncated or not a checkpoint (message names the file).
+    """
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file is missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not an automedseg checkpoint (no model weights)")
+    return ckpt
+
+
+class CheckpointError(InputError):
+    """A checkpoint file cannot be used; the message names it."""
 
 
 @dataclass
@@ -123,20 +151,39 @@ class LoadedFold:
     path: Path
 
 
-def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = None) -> LoadedFold:
-    """Rebuild the network of a trained fold from its ``plans.json`` and weights."""
+def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = None,
+              warn: Callable[[str], None] = print) -> LoadedFold:
+    """Rebuild the network of a trained fold from its ``plans.json`` and weights.
+
+    A damaged checkpoint is skipped with a warning (``warn``) when a later one of
+    :data:`CHECKPOINT_PREFERENCE` loads.
+    """
     fold_dir = Path(fold_dir)
     plans = Plans.load(fold_dir / "plans.json")
     (name,) = plans.configurations  # a fold's plan copy holds exactly its configuration
     config = plans.configurations[name]
     names = [checkpoint] if checkpoint else list(CHECKPOINT_PREFERENCE)
-    path = next((fold_dir / n for n in names if (fold_dir / n).is_file()), None)
-    if path is None:
+    paths = [fold_dir / n for n in names if (fold_dir / n).is_file()]
+    if not paths:
         raise FileNotFoundError(f"{fold_dir}: no checkpoint ({', '.join(names)})")
-    ckpt = load_checkpoint(path, device)
+    ckpt, path, damaged = None, paths[0], []
+    for path in paths:  # a damaged final checkpoint falls back to the best, then the latest one
+        try:
+            ckpt = load_checkpoint(path, device)
+            break
+        except CheckpointError as e:
+            damaged.append(str(e))
+    if ckpt is None:
+        raise CheckpointError("; ".join(damaged))
+    if damaged:
+        warn(f"{damaged[0]}; using {path.name} instead")
     model = build_network(config.network, in_channels=len(plans.channel_names), num_classes=plans.num_classes,
                           dims=config.dims)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: weights do not fit the network of {fold_dir / 'plans.json'} "
+                              f"({str(e).strip().splitlines()[0][:120]})") from None
     model.deep_supervision = False
     model.to(device).eval()
     if device.type == "cpu":
@@ -322,26 +369,67 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         part_id: ... and predict only this one (0-based): case ``i`` belongs to part ``i % num_parts``.
         log: Where per-case problems are reported.
     """
-    import time
+    from automedseg.io import discover_images
 
-    from automedseg.io import (
-        DatasetError,
-        atomic_save_npz,
-        discover_images,
-        file_ending,
-        read_images,
-        write_segmentation,
-    )
-
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--num-parts {num_parts} / --part-id {part_id}: need num_parts >= 1 and "
+                         "0 <= part_id < num_parts")
+    check_step(step)
+    output_dir = Path(output_dir)
+    check_output_folder(Path(input_dir), output_dir)
     dev = select_device(device)
-    groups = [[load_fold(d, device=dev) for d in group] for group in fold_groups]
+    groups = [[load_fold(d, device=dev, warn=log) for d in group] for group in fold_groups]
     plans = groups[0][0].plans
     n_ch = len(plans.channel_names)
-    if not 0 <= part_id < num_parts:
-        raise ValueError(f"part_id {part_id} must be in [0, {num_parts})")
     cases = discover_images(Path(input_dir), n_channels=n_ch)[part_id::num_parts]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir, purpose="predict"):
+        remove_stale_temp_files(output_dir)
+        remove_stale_temp_files(output_dir / "overlays")
+        return _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror, amp=amp,
+                              overwrite=overwrite, save_probabilities=save_probabilities,
+                              postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
+                              progress=progress, log=log)
+
+
+def check_step(step: float) -> None:
+    """Refuse a tile step outside (0, 1]: larger steps leave voxels no tile covers.
+
+    Example:
+        >>> check_step(0.5)
+        >>> check_step(5)
+        Traceback (most recent call last):
+        ...
+        automedseg.errors.InputError: --step 5: the tile step must be in (0, 1] (a fraction of the patch)
+    """
+    if not (0 < step <= 1):
+        raise InputError(f"--step {step:g}: the tile step must be in (0, 1] (a fraction of the patch)")
+
+
+def check_output_folder(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside the input folder (inputs are never written).
+
+    Raises:
+        InputError: The folders overlap.
+    """
+    src, dst = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        how = "is" if src == dst else "lies inside" if src in dst.parents else "contains"
+        raise InputError(f"{output_dir}: the output folder {how} the input folder {input_dir}; "
+                         "choose a folder outside it (input images are never overwritten)")
+
+
+def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequence[Sequence[LoadedFold]], *,
+                   plans: Plans, device: torch.device, step: float, mirror: bool, amp: bool, overwrite: bool,
+                   save_probabilities: bool, postprocessing: Callable[[np.ndarray], np.ndarray] | None,
+                   output_ending: str | None, overlays: bool, progress: bool, log: Callable[[str], None]
+                   ) -> FolderReport:
+    import time
+
+    from automedseg.io import atomic_save_npz, file_ending, read_images, write_segmentation
+
+    dev = device
+    n_ch = len(plans.channel_names)
+    trained_2d = plans.original_median_shape[0] == 1
     report = FolderReport([], [], {}, 0.0)
     bar = None
     if progress:
@@ -357,6 +445,9 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                 report.skipped_existing.append(case.case_id)
                 continue
             image, geometry = read_images(case, n_channels=n_ch)
+            if (geometry.ndim == 2 or geometry.size[-1] == 1) != trained_2d:
+                raise InputError(f"{case.images[0]}: a {'2D image' if not trained_2d else '3D volume'}, but the "
+                                 f"model was trained on {'2D images' if trained_2d else '3D volumes'}")
             if not np.all(np.isfinite(image)):
                 raise ValueError(f"{case.images[0]}: NaN or infinite intensities")
             probs = sum(predict_case(g, image, geometry, device=dev, step=step, mirror=mirror, amp=amp)
@@ -364,16 +455,17 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
             seg = probs.argmax(0).astype(np.uint8)
             if postprocessing is not None:
                 seg = postprocessing(seg)
-            if save_probabilities:
-                atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
-                                probabilities=probs.astype(np.float16))
-            write_segmentation(seg, geometry, out)
+            # The mask is written last: its presence marks a finished case (a kill before it redoes the case).
             if overlays:
                 from automedseg.report import save_overlay
 
                 save_overlay(image[0], seg, output_dir / "overlays" / f"{case.case_id}.png")
+            if save_probabilities:
+                atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
+                                probabilities=probs.astype(np.float16))
+            write_segmentation(seg, geometry, out)
             report.written.append(case.case_id)
-        except (OSError, ValueError, DatasetError) as e:
+        except (OSError, ValueError, EOFError) as e:
             report.failed[case.case_id] = str(e)
             log(f"{case.images[0]}: skipped: {e}")
         finally:

@@ -22,8 +22,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +30,24 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from automedseg.atomic import (  # noqa: F401  (re-exported: the writers callers know from here)
+    _temp_path,
+    atomic_save_figure,
+    atomic_save_npy,
+    atomic_save_npz,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from automedseg.errors import InputError
+
 IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 IMAGE_ENDINGS = IMAGE_ENDINGS_3D + IMAGE_ENDINGS_2D
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset folder cannot be used; ``problems`` holds one line per problem found."""
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -47,82 +55,7 @@ class DatasetError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-# --- atomic writes ---------------------------------------------------------------------------------
-
-
-def _temp_path(path: Path) -> Path:
-    """A unique temporary name next to ``path`` that keeps its file ending (SimpleITK needs it)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix="-" + path.name, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text atomically (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write indented JSON atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def atomic_save_figure(fig: Any, path: Path, *, dpi: int = 90) -> None:
-    """Save a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Save one array as ``.npy`` atomically (loadable with ``mmap_mode='r'``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save_npz(path: Path, *, compressed: bool = False, **arrays: np.ndarray) -> None:
-    """Save several arrays as ``.npz`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if compressed else np.savez)(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+# --- atomic writes (re-exported from automedseg.atomic, their owner) ------------------------------------
 
 # --- geometry and image files -------------------------------------------------------------------------
 
@@ -297,13 +230,7 @@ def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
         img.SetSpacing(geometry.spacing)
         img.SetOrigin(geometry.origin)
         img.SetDirection(geometry.direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
 
 
 # --- dataset discovery ------------------------------------------------------------------------------
@@ -590,6 +517,12 @@ def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | No
         else:
             ungrouped.append(p)
     cases: list[CaseFiles] = []
+    extra = [f"{chans[c]}: channel {c} beside {chans[0].name}, but the model takes {n_channels} channel(s) "
+             f"(_0000 to _{n_channels - 1:04d}); move it out of the folder"
+             for chans in groups.values() if set(range(n_channels)) <= set(chans) for c in sorted(chans)
+             if c >= n_channels]
+    if extra:
+        raise DatasetError(extra)
     for cid, chans in sorted(groups.items()):
         if sorted(chans) == list(range(n_channels)):
             cases.append(CaseFiles(cid, tuple(chans[c] for c in range(n_channels))))

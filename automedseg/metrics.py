@@ -58,8 +58,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,6 +65,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from automedseg.errors import InputError
 
 METRIC_NAMES: tuple[str, ...] = (
     "dice",
@@ -465,22 +465,23 @@ def _list_images(folder: Path) -> dict[str, str]:
     return found
 
 
-def _read_segmentation(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import SimpleITK as sitk
+def _read_segmentation(path: Path) -> tuple[np.ndarray, Any]:
+    """A label map ``(Z, Y, X)`` as int64 and its :class:`~automedseg.io.Geometry`.
 
-    image = sitk.ReadImage(str(path))
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(
-            f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per pixel; "
-            "segmentations must be single-channel label maps"
-        )
-    array = sitk.GetArrayFromImage(image)
-    spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    Raises:
+        ValueError: The file is unreadable, truncated, multi-channel or has non-integer values (names it).
+    """
+    from automedseg.io import read_image_file
+
+    array, geometry = read_image_file(path)
+    if array.shape[0] != 1:
+        raise ValueError(f"{path}: has {array.shape[0]} components per pixel; "
+                         "segmentations must be single-channel label maps")
+    array = array[0]
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
             raise ValueError(f"{path}: label map has non-integer values")
-        array = array.astype(np.int64)
-    return array, spacing
+    return array.astype(np.int64), geometry
 
 
 def _jsonable(value: Any) -> Any:
@@ -496,16 +497,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    from automedseg.atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def evaluate_folders(
@@ -554,6 +548,9 @@ def evaluate_folders(
     predictions = _list_images(prediction_dir)
     paired = [name for name in references if name in predictions]
     missing = [name for name in references if name not in predictions]
+    if not paired:
+        raise InputError(f"{prediction_dir}: no prediction matches a reference file name of {reference_dir} "
+                         f"({len(predictions)} image file(s) there)")
 
     if labels is None:
         found: set[int] = set()
@@ -565,19 +562,23 @@ def evaluate_folders(
         label_list = [int(label) for label in labels]
 
     per_case: list[dict[str, Any]] = []
+    notes: list[str] = []
     for name in paired:
-        ref, spacing = _read_segmentation(reference_dir / name)
-        pred, pred_spacing = _read_segmentation(prediction_dir / name)
+        ref, ref_geom = _read_segmentation(reference_dir / name)
+        pred, pred_geom = _read_segmentation(prediction_dir / name)
+        spacing = tuple(reversed(ref_geom.spacing))  # array order; 2 entries for 2D images
         if ref.shape != pred.shape:
             raise ValueError(
-                f"{name}: reference shape {ref.shape} differs from prediction shape {pred.shape}"
+                f"{prediction_dir / name}: prediction shape {pred.shape} differs from reference shape {ref.shape}"
             )
-        if not np.allclose(spacing, pred_spacing, rtol=1e-3, atol=1e-5):
-            warnings.warn(
-                f"{name}: prediction spacing {pred_spacing} differs from reference spacing {spacing}; "
-                "using the reference spacing",
-                stacklevel=2,
-            )
+        if ref_geom.ndim == 2:
+            ref, pred = ref[0], pred[0]
+        diff = ref_geom.matches(pred_geom)
+        if diff:
+            message = (f"{prediction_dir / name}: geometry differs from the reference ({'; '.join(diff)}); "
+                       "scored voxel by voxel with the reference spacing")
+            notes.append(message)
+            warnings.warn(message, stacklevel=2)
         metrics = compute_case_metrics(
             ref, pred, labels=label_list, spacing_mm=spacing, tolerance_mm=tolerance_mm
         )
@@ -587,6 +588,7 @@ def evaluate_folders(
         "labels": label_list,
         "tolerance_mm": float(tolerance_mm),
         "missing_predictions": missing,
+        "geometry_warnings": notes,
         **summarize([record["metrics"] for record in per_case]),
     }
 

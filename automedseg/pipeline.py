@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from automedseg.atomic import remove_stale_temp_files
 from automedseg.fingerprint import FINGERPRINT_VERSION, compute_fingerprint, save_fingerprint
 from automedseg.io import DatasetSpec, load_dataset_spec
-from automedseg.plans import Plans
+from automedseg.locks import folder_lock
+from automedseg.plans import DeviceProfile, Plans
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -67,14 +69,29 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
     Raises:
         DatasetError: Integrity problems, all listed.
     """
-    import json
-
-    from automedseg.planning import measure_device, plan_dataset
-    from automedseg.preprocessing import preprocess_dataset
+    from automedseg.planning import measure_device
 
     profile = measure_device(device, threads=threads)  # fails fast on a bad --device
     spec = load_dataset_spec(dataset)
-    ws.root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(ws.root, purpose="plan", name=PLAN_LOCK):
+        remove_stale_temp_files(ws.root)
+        return _plan_locked(spec, ws, profile, configurations=configurations, jobs=jobs,
+                            time_budget_s=time_budget_s, architecture=architecture, seed=seed, overwrite=overwrite,
+                            preprocess=preprocess, progress=progress, log=log)
+
+
+#: One ``plan`` at a time per work folder (another name than the fold and output-folder locks).
+PLAN_LOCK = ".automedseg-plan.lock"
+
+
+def _plan_locked(spec: DatasetSpec, ws: Workspace, profile: DeviceProfile, *, configurations: Sequence[str] | None,
+                 jobs: int, time_budget_s: float | None, architecture: str, seed: int, overwrite: bool,
+                 preprocess: bool, progress: bool, log: Log) -> Plans:
+    import json
+
+    from automedseg.planning import plan_dataset
+    from automedseg.preprocessing import preprocess_dataset
+
     signature = files_signature(spec)
     fingerprint = None
     if ws.fingerprint_path.is_file() and not overwrite:

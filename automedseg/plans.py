@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automedseg.errors import InputError
+
 SCHEMA_VERSION = 1
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
@@ -28,8 +30,17 @@ ARCHITECTURES = ("plain_unet", "residual_unet")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A plan file is malformed; the message names the field and the problem."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise PlanError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,11 @@ class NetworkPlan:
             raise PlanError("features_per_stage, kernel_sizes, strides and n_conv_per_stage_encoder differ in length")
         if len(self.n_conv_per_stage_decoder) != n - 1:
             raise PlanError("n_conv_per_stage_decoder must have one entry fewer than features_per_stage")
+        _require(all(f >= 1 for f in self.features_per_stage), "features_per_stage must be at least 1")
+        _require(all(v >= 1 for k in self.kernel_sizes + self.strides for v in k),
+                 "kernel_sizes and strides must be at least 1")
+        _require(all(c >= 1 for c in self.n_conv_per_stage_encoder + self.n_conv_per_stage_decoder),
+                 "n_conv_per_stage_encoder and n_conv_per_stage_decoder must be at least 1")
 
     @property
     def n_stages(self) -> int:
@@ -124,6 +140,17 @@ class AugmentationPlan:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     do_dummy_2d: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_p"):
+                _require(0.0 <= value <= 1.0, f"{f.name} must be a probability in [0, 1], got {value}")
+            elif isinstance(value, tuple) and f.name != "mirror_axes":
+                _require(all(_finite(v) for v in value) and value[0] <= value[1],
+                         f"{f.name} must be a finite (low, high) range, got {list(value)}")
+        _require(all(a in (0, 1, 2) for a in self.mirror_axes) and len(set(self.mirror_axes)) == len(self.mirror_axes),
+                 f"mirror_axes must be distinct axes among 0, 1, 2, got {list(self.mirror_axes)}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +200,17 @@ class TrainingPlan:
             raise PlanError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise PlanError("epochs and iterations_per_epoch must be at least 1")
+        _require(self.val_iterations >= 1, "val_iterations must be at least 1")
+        for name in ("initial_lr", "grad_clip_norm", "poly_exponent"):
+            _require(_finite(getattr(self, name)) and getattr(self, name) > 0, f"{name} must be a positive number")
+        for name in ("weight_decay", "momentum", "dice_weight", "ce_weight"):
+            _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must not be negative")
+        _require(self.dice_weight + self.ce_weight > 0, "dice_weight and ce_weight cannot both be 0")
+        _require(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must be in [0, 1]")
+        _require(self.num_workers >= 0, "num_workers must not be negative")
+        for name in ("time_budget_s", "estimated_seconds_per_iteration", "estimated_fold_seconds"):
+            value = getattr(self, name)
+            _require(value is None or (_finite(value) and value > 0), f"{name} must be a positive number or null")
 
 
 @dataclass(frozen=True)
@@ -227,6 +265,14 @@ class ConfigurationPlan:
             raise PlanError(f"configuration {self.name}: kernel sizes and strides need {self.dims} entries each")
         if self.batch_size < 1:
             raise PlanError(f"configuration {self.name}: batch_size must be at least 1")
+        where = f"configuration {self.name}"
+        _require(all(_finite(v) and v > 0 for v in self.spacing_mm),
+                 f"{where}: spacing_mm must be positive, got {list(self.spacing_mm)}")
+        _require(all(v >= 1 for v in self.patch_size), f"{where}: patch_size entries must be at least 1")
+        _require(all(v >= 1 for v in self.median_shape), f"{where}: median_shape entries must be at least 1")
+        for name, top in (("image_order", 5), ("label_order", 1), ("out_of_plane_order", 5)):
+            _require(0 <= getattr(self, name) <= top,
+                     f"{where}: {name} must be a spline order 0-{top}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

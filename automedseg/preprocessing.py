@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from automedseg.atomic import fsync_dir, remove_stale_temp_files
+from automedseg.errors import InputError
 from automedseg.fingerprint import nonzero_bbox, parallel_map
 from automedseg.io import (
     CaseFiles,
@@ -312,13 +314,64 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, preprocessed_root: Path,
             continue
         folder = Path(preprocessed_root) / ident
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(folder)
         key = preprocessing_key(plans, config)
+        case_ids = [c.case_id for c in spec.cases]
         todo = [c for c in spec.cases if overwrite or not case_is_cached(folder, c.case_id, key)]
+        done[ident] = len(todo)
+        if not todo and read_cache_manifest(folder) == CacheManifest(key, tuple(case_ids)):
+            continue  # complete and vouched for: nothing is rewritten
+        # Withdraw the completion mark first: a run killed from here on leaves a cache training refuses.
+        (folder / CACHE_MANIFEST).unlink(missing_ok=True)
+        fsync_dir(folder)
         for _ in parallel_map(_preprocess_worker, [(c, spec, plans, name, folder, key) for c in todo],
                               jobs=jobs, desc=f"preprocess {ident}", progress=progress):
             pass
-        done[ident] = len(todo)
+        atomic_write_json(folder / CACHE_MANIFEST, {"preprocessing_key": key, "cases": case_ids})
     return done
+
+
+# --- the completion mark of a cache ----------------------------------------------------------------------
+
+#: Written last by :func:`preprocess_dataset`: the cache is complete for this key and exactly these cases.
+CACHE_MANIFEST = "cache_complete.json"
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """What a completed preprocessing run vouches for."""
+
+    preprocessing_key: str
+    cases: tuple[str, ...]
+
+
+def read_cache_manifest(folder: Path) -> CacheManifest | None:
+    """The completion mark of a cache folder, or ``None`` when absent or unreadable."""
+    try:
+        data = json.loads((Path(folder) / CACHE_MANIFEST).read_text())
+        return CacheManifest(str(data["preprocessing_key"]), tuple(str(c) for c in data["cases"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def complete_cases(folder: Path, plans: Plans, config: ConfigurationPlan) -> list[str]:
+    """The case ids of a complete cache made with this plan's preprocessing.
+
+    Raises:
+        InputError: The cache is missing, incomplete (``plan`` was interrupted) or made for another plan.
+    """
+    folder = Path(folder)
+    manifest = read_cache_manifest(folder)
+    if manifest is None:
+        state = "is incomplete (was `automedseg plan` interrupted?)" if folder.is_dir() else "does not exist"
+        raise InputError(f"{folder}: the preprocessed cache {state}; run `automedseg plan` again to finish it")
+    if manifest.preprocessing_key != preprocessing_key(plans, config):
+        raise InputError(f"{folder}: the preprocessed cache was made for another plan; run `automedseg plan` again")
+    missing = [c for c in manifest.cases if not case_is_cached(folder, c, manifest.preprocessing_key)]
+    if missing:
+        raise InputError(f"{folder}: {len(missing)} cached case(s) are missing or damaged (e.g. {missing[0]}); "
+                         "run `automedseg plan` again")
+    return sorted(manifest.cases)
 
 
 def load_case_properties(folder: Path, case_id: str) -> CaseProperties:

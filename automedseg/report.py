@@ -93,14 +93,9 @@ def save_overlay(image: np.ndarray, seg: np.ndarray, path: Path, *, reference: n
 
     rgb = overlay_slices(image, seg, reference=reference, n_slices=n_slices)
     rgb = np.kron(rgb, np.ones((scale, scale, 1)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        mpimg.imsave(tmp, rgb, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from automedseg.atomic import atomic_write
+
+    atomic_write(Path(path), lambda tmp: mpimg.imsave(tmp, rgb, format="png"))
 
 
 # ====================================================================================================

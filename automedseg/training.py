@@ -17,10 +17,10 @@ Fold folder (``<work>/<configuration>/fold_K/``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.errors import InputError
 from automedseg.inference import (
     LoadedFold,
     autocast_context,
@@ -41,10 +43,12 @@ from automedseg.inference import (
     predict_probabilities_preprocessed,
     select_device,
 )
-from automedseg.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from automedseg.io import atomic_save_figure, atomic_write, atomic_write_json, atomic_write_text
+from automedseg.locks import folder_lock
 from automedseg.network import build_network, output_strides
 from automedseg.planning import schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.preprocessing import complete_cases
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -57,21 +61,69 @@ SPLIT_SEED = 12345
 
 def load_or_create_splits(ws: Workspace, case_ids: Sequence[str], *, n_splits: int = N_SPLITS,
                           seed: int = SPLIT_SEED) -> list[dict[str, list[str]]]:
-    """The cross-validation split, made once (scikit-learn KFold, shuffled) and then read from splits.json."""
+    """The cross-validation split, made once (scikit-learn KFold, shuffled) and then read from splits.json.
+
+    A split read back (possibly edited by hand) must name exactly the cases of ``case_ids`` and never train
+    and validate one fold on the same case.
+
+    Raises:
+        InputError: splits.json is unreadable, malformed or made for another case list; too few cases.
+    """
     if ws.splits_path.is_file():
-        splits = json.loads(ws.splits_path.read_text())
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s for s in splits):
-            raise ValueError(f"{ws.splits_path}: expected a list of {{'train': [...], 'val': [...]}}")
+        splits = read_splits(ws.splits_path)
+        _check_splits(splits, case_ids, ws.splits_path)
         return splits
     from sklearn.model_selection import KFold
 
     ids = sorted(case_ids)
     if len(ids) < n_splits:
-        raise ValueError(f"{len(ids)} cases are too few for {n_splits}-fold cross-validation")
+        raise InputError(f"{len(ids)} training case(s) are too few for {n_splits}-fold cross-validation "
+                         f"(at least {n_splits} needed); use --fold all to train on every case")
     kf = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
     splits = [{"train": [ids[i] for i in tr], "val": [ids[i] for i in va]} for tr, va in kf.split(ids)]
     atomic_write_json(ws.splits_path, splits)
     return splits
+
+
+def read_splits(path: Path) -> list[dict[str, list[str]]]:
+    """Read splits.json: a list of ``{"train": [case ids], "val": [case ids]}``, one per fold.
+
+    Raises:
+        InputError: The file is not valid JSON or not of that shape (the message names the file).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); move it aside to make a new split"
+                         ) from None
+    ok = isinstance(data, list) and len(data) >= 2 and all(
+        isinstance(s, dict) and set(s) >= {"train", "val"}
+        and all(isinstance(s[k], list) and all(isinstance(c, str) for c in s[k]) for k in ("train", "val"))
+        for s in data)
+    if not ok:
+        raise InputError(f"{path}: expected a list of at least 2 {{\"train\": [case ids], \"val\": [case ids]}} "
+                         "objects; move it aside to make a new split")
+    return [{"train": list(s["train"]), "val": list(s["val"])} for s in data]
+
+
+def _check_splits(splits: list[dict[str, list[str]]], case_ids: Sequence[str], path: Path) -> None:
+    known = set(case_ids)
+    hint = "it was made for another case list; move it aside to make a new split"
+    named = {c for s in splits for c in s["train"] + s["val"]}
+    unknown = sorted(named - known)
+    if unknown:
+        raise InputError(f"{path}: names {len(unknown)} case(s) not in the preprocessed dataset "
+                         f"(e.g. {unknown[0]}); {hint}")
+    left_out = sorted(known - named)
+    if left_out:
+        raise InputError(f"{path}: {len(left_out)} case(s) of the dataset are in no fold "
+                         f"(e.g. {left_out[0]}); {hint}")
+    for k, s in enumerate(splits):
+        both = set(s["train"]) & set(s["val"])
+        if both:
+            raise InputError(f"{path}: fold {k} trains and validates on {sorted(both)[0]}; move it aside")
 
 
 # --- loss -------------------------------------------------------------------------------------------
@@ -185,12 +237,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> ConfigurationPlan:
@@ -364,39 +411,53 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     plans = plans or Plans.load(ws.plans_path)
     base_config = plans.configuration(configuration)
     fold_dir = Path(options.output_dir) if options.output_dir else ws.fold_dir(configuration, fold)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    latest = fold_dir / "checkpoint_latest.pt"
-    final = fold_dir / "checkpoint_final.pt"
-    if options.restart:
-        for p in fold_dir.glob("checkpoint_*.pt"):
-            p.unlink()
-        (fold_dir / "log.jsonl").unlink(missing_ok=True)
-
-    resume = latest.is_file() and not options.restart
+    resume = (fold_dir / "checkpoint_latest.pt").is_file() and not options.restart
     if resume and (fold_dir / "plans.json").is_file():
-        config = Plans.load(fold_dir / "plans.json").configurations[configuration]
+        config = Plans.load(fold_dir / "plans.json").configuration(configuration)
         config = apply_overrides(config, options)
     else:
         config = apply_overrides(base_config, options)
-    tr = config.training
+    # Everything is checked before the fold folder is made or touched.
+    cache = ws.preprocessed_dir(config.data_identifier)
+    all_cases = complete_cases(cache, plans, config)
+    if fold == "all":
+        train_ids, val_ids = all_cases, all_cases
+    else:
+        splits = load_or_create_splits(ws, all_cases)
+        if not str(fold).isdigit() or int(fold) >= len(splits):
+            raise InputError(f"fold {fold}: {ws.splits_path} has folds 0-{len(splits) - 1} (or use 'all')")
+        train_ids, val_ids = splits[int(fold)]["train"], splits[int(fold)]["val"]
     device = select_device(options.device)
     dist = _Dist.start(device) if options.distributed else _Dist()
+    # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).
+    lock = folder_lock(fold_dir, purpose=f"train {configuration} fold {fold}") if dist.is_main else \
+        contextlib.nullcontext()
+    with lock:
+        for folder in (fold_dir, fold_dir / "validation"):
+            remove_stale_temp_files(folder)
+        if options.restart and dist.is_main:
+            for p in fold_dir.glob("checkpoint_*.pt"):
+                p.unlink()
+            (fold_dir / "log.jsonl").unlink(missing_ok=True)
+        return _train_locked(ws, plans, config, configuration, fold, fold_dir=fold_dir, resume=resume, cache=cache,
+                             train_ids=train_ids, val_ids=val_ids, device=device, dist=dist, options=options, log=log,
+                             epoch_callback=epoch_callback)
+
+
+def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, configuration: str, fold: int | str, *,
+                  fold_dir: Path, resume: bool, cache: Path, train_ids: Sequence[str], val_ids: Sequence[str],
+                  device: torch.device, dist: _Dist, options: TrainOptions, log: Log,
+                  epoch_callback: Callable[[int, float], bool] | None) -> FoldResult:
+    """The body of :func:`train_fold` once the inputs are checked and the fold folder is locked."""
+    latest = fold_dir / "checkpoint_latest.pt"
+    final = fold_dir / "checkpoint_final.pt"
+    tr = config.training
     threads = options.threads or (plans.device.cpu_threads if plans.device.kind == "cpu" else None)
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(tr.seed)
     np.random.seed(tr.seed % 2**32)
     random.seed(tr.seed)
-
-    cache = ws.preprocessed_dir(config.data_identifier)
-    all_cases = sorted(p.name[:-5] for p in cache.glob("*.json"))
-    if not all_cases:
-        raise FileNotFoundError(f"{cache}: no preprocessed cases; run `automedseg plan` first")
-    if fold == "all":
-        train_ids, val_ids = all_cases, all_cases
-    else:
-        split = load_or_create_splits(ws, all_cases)[int(fold)]
-        train_ids, val_ids = split["train"], split["val"]
 
     n_classes = plans.num_classes
     model = build_network(config.network, in_channels=len(plans.channel_names), num_classes=n_classes,

@@ -12,9 +12,11 @@ from automedseg.io import load_dataset_spec, read_images, read_label
 from automedseg.planning import NOMINAL_PROFILES, plan_dataset
 from automedseg.plans import ChannelNormalization
 from automedseg.preprocessing import (
+    CACHE_MANIFEST,
     MAX_LOCATIONS_PER_CLASS,
     case_is_cached,
     class_locations,
+    complete_cases,
     load_case_properties,
     normalize,
     preprocess_dataset,
@@ -259,7 +261,9 @@ def test_preprocess_dataset_writes_cache(planned, tmp_path):
     folder = root / config.data_identifier
     key = preprocessing_key(plans, config)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(f"{c.case_id}{s}" for c in spec.cases for s in (".npy", "_seg.npy", "_locs.npz", ".json"))
+    expected = [f"{c.case_id}{s}" for c in spec.cases for s in (".npy", "_seg.npy", "_locs.npz", ".json")]
+    assert names == sorted([*expected, CACHE_MANIFEST])
+    assert complete_cases(folder, plans, config) == sorted(c.case_id for c in spec.cases)
     for case in spec.cases:
         data = np.load(folder / f"{case.case_id}.npy", mmap_mode="r")
         seg = np.load(folder / f"{case.case_id}_seg.npy", mmap_mode="r")
