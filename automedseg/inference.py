@@ -361,10 +361,10 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                 raise ValueError(f"{case.images[0]}: NaN or infinite intensities")
             probs = sum(predict_case(g, image, geometry, device=dev, step=step, mirror=mirror, amp=amp)
                         for g in groups) / len(groups)
-            seg = probs.argmax(0).astype(np.uint8)
+            seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
             if postprocessing is not None:
                 seg = postprocessing(seg)
-            if save_probabilities:
+            if save_probabilities:  # channel k: training index k, the k-th smallest declared label value
                 atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
                                 probabilities=probs.astype(np.float16))
             write_segmentation(seg, geometry, out)
