@@ -21,6 +21,7 @@ from automedseg.io import (
     DatasetError,
     DatasetSpec,
     Geometry,
+    label_dtype,
     load_dataset_spec,
     read_image_file,
 )
@@ -128,7 +129,7 @@ def _inspect_label(case: CaseFiles, spec: DatasetSpec, ref: Geometry | None, out
     if undeclared:
         out.problems.append(f"{path}: label values {undeclared} are not declared in dataset.json")
         return
-    out.label = lab.astype(np.int16 if values.max(initial=0) > 127 else np.int8, copy=False)
+    out.label = lab.astype(label_dtype(values.max(initial=0)), copy=False)
 
 
 def dataset_level_problems(spec: DatasetSpec) -> list[str]:

@@ -219,6 +219,8 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
     from automedseg.training import TrainOptions, train_fold
 
+    if work_dir is None and not Path(dataset).is_dir():
+        _fail([f"{dataset}: dataset folder does not exist"])
     ws = _workspace(dataset, work_dir)
     if not ws.plans_path.is_file():
         _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])

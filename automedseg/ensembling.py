@@ -1,8 +1,9 @@
 """Cross-validation scores of configurations and their ensembles, and the choice of the best one.
 
 After cross-validation every fold folder ``<work>/C/fold_K/validation/`` holds, for each held-out case,
-``<case>.npz`` (``probabilities``: float16 ``(K, Z, Y, X)`` on the original image grid),
-``<case>.nii.gz`` (the argmax segmentation) and ``summary.json``. Over the folds of a 5-fold split every
+``<case>.npz`` (``probabilities``: float16 ``(K, Z, Y, X)`` on the original image grid, channel ``k`` for
+training index ``k``, the ``k``-th smallest declared label value), ``<case>.nii.gz`` (the argmax
+segmentation in declared label values) and ``summary.json``. Over the folds of a 5-fold split every
 training case is validated exactly once, so a configuration's cross-validation score covers all cases.
 
 * A configuration is scored on its segmentations; an ensemble ``A+B`` on the argmax of the mean of its
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from automedseg.io import atomic_write_json, read_label
-from automedseg.plans import PlanError, Plans
+from automedseg.plans import PlanError, Plans, indices_to_values
 from automedseg.postprocessing import dice_per_label
 from automedseg.workspace import Workspace
 
@@ -78,8 +79,9 @@ def average_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
     return total
 
 
-def _argmax(probs: np.ndarray) -> np.ndarray:
-    return probs.argmax(0).astype(np.uint8 if probs.shape[0] <= 256 else np.int16)
+def _argmax(probs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Argmax of ``(K, ...)`` probabilities as declared label values; ``labels``: the foreground values."""
+    return indices_to_values(probs.argmax(0), (0, *sorted(labels)))
 
 
 def load_probabilities(path: Path) -> np.ndarray:
@@ -315,9 +317,9 @@ def _predict(members: Sequence[ValidationOutputs], case: str,
             if outputs.segmentation is not None:
                 seg_cache[m.configuration] = read_label(outputs.segmentation)[0]
             else:
-                seg_cache[m.configuration] = _argmax(probs(m))
+                seg_cache[m.configuration] = _argmax(probs(m), m.labels)
         return seg_cache[m.configuration]
-    return _argmax(average_probabilities([probs(m) for m in members]))
+    return _argmax(average_probabilities([probs(m) for m in members]), members[0].labels)
 
 
 def _collect_members(ws: Workspace, names: Sequence[str], folds: Sequence[int | str] | None,

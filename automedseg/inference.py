@@ -452,7 +452,7 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                 raise ValueError(f"{case.images[0]}: NaN or infinite intensities")
             probs = sum(predict_case(g, image, geometry, device=dev, step=step, mirror=mirror, amp=amp)
                         for g in groups) / len(groups)
-            seg = probs.argmax(0).astype(np.uint8)
+            seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
             if postprocessing is not None:
                 seg = postprocessing(seg)
             # The mask is written last: its presence marks a finished case (a kill before it redoes the case).
@@ -460,7 +460,7 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                 from automedseg.report import save_overlay
 
                 save_overlay(image[0], seg, output_dir / "overlays" / f"{case.case_id}.png")
-            if save_probabilities:
+            if save_probabilities:  # channel k: training index k, the k-th smallest declared label value
                 atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
                                 probabilities=probs.astype(np.float16))
             write_segmentation(seg, geometry, out)

@@ -212,7 +212,8 @@ def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path)
         geometry: Geometry of the input image.
         path: Output file; its ending chooses the format.
     """
-    write_array(segmentation.astype(np.uint8 if segmentation.max(initial=0) < 256 else np.uint16),
+    top = int(segmentation.max(initial=0))
+    write_array(segmentation.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32),
                 geometry, path)
 
 
@@ -343,6 +344,15 @@ def _channel_names(raw: Any, key: str, where: Path, problems: list[str]) -> tupl
     return tuple(v for _, v in items)
 
 
+def _label_value_problems(labels: dict[str, int], where: Path, zero: str, problems: list[str]) -> None:
+    """Background 0 must be declared and no value be negative (training indices map sorted values to 0..K-1)."""
+    if labels and 0 not in labels.values():
+        problems.append(f"{where}: 'labels' must declare background as {zero}")
+    negative = sorted(n for n, v in labels.items() if v < 0)
+    if negative:
+        problems.append(f"{where}: label(s) {negative} have negative values; labels must be >= 0")
+
+
 def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
     where = root / "dataset.json"
     problems: list[str] = []
@@ -366,8 +376,7 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
                     )
                 else:
                     labels[str(name)] = value
-            if labels and 0 not in labels.values():
-                problems.append(f"{where}: 'labels' must declare background as 0")
+            _label_value_problems(labels, where, "0", problems)
     ending = data.get("file_ending")
     if ending is not None and (not isinstance(ending, str) or not ending.startswith(".")):
         problems.append(f"{where}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
@@ -442,8 +451,7 @@ def _load_msd(root: Path, data: dict[str, Any]) -> DatasetSpec:
                     labels[str(name)] = int(value)
                 except ValueError:
                     problems.append(f"{where}: label key {value!r} is not an integer")
-            if labels and 0 not in labels.values():
-                problems.append(f"{where}: 'labels' must declare background as \"0\"")
+            _label_value_problems(labels, where, '"0"', problems)
     training = data.get("training")
     entries: list[tuple[str, str]] = []
     if training is not None:
@@ -573,4 +581,9 @@ def read_label(path: Path, *, spacing_2d_mm: Sequence[float] | None = None) -> t
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{path}: label has non-integral values")
-    return arr.astype(np.int16 if arr.max(initial=0) > 127 else np.int8, copy=False), geom
+    return arr.astype(label_dtype(arr.max(initial=0)), copy=False), geom
+
+
+def label_dtype(max_value: int) -> type[np.signedinteger]:
+    """Smallest signed dtype for a label map whose largest value is ``max_value`` (int8, int16 or int32)."""
+    return np.int8 if max_value <= 127 else np.int16 if max_value <= 32767 else np.int32

@@ -27,6 +27,7 @@ from automedseg.plans import (
     NetworkPlan,
     Plans,
     TrainingPlan,
+    label_values,
 )
 
 ANISO_THRESHOLD = 3.0
@@ -486,7 +487,7 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
     labels = {str(k): int(v) for k, v in fingerprint["labels"].items()}
     ctx = _Context(
         fingerprint=fingerprint, device=device, time_budget_s=time_budget_s, seed=seed,
-        in_channels=len(fingerprint["channel_names"]), num_classes=max(labels.values()) + 1,
+        in_channels=len(fingerprint["channel_names"]), num_classes=len(label_values(labels)),
         normalization=_normalization(fingerprint),
         total_voxels=float(np.prod(new_shapes, axis=1).sum()), architecture=architecture,
     )

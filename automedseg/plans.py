@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from automedseg.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -41,6 +43,79 @@ def _require(condition: bool, message: str) -> None:
 
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
+# --- label values <-> training indices ------------------------------------------------------------------
+
+
+def label_values(labels: dict[str, int]) -> tuple[int, ...]:
+    """The distinct declared label values, sorted: training index ``k`` stands for the ``k``-th.
+
+    Background (0) is always index 0, so sparse or large values (``{0, 1, 200}``) train as consecutive
+    classes ``0..K-1`` and the network has ``K`` outputs.
+
+    Raises:
+        PlanError: No background 0 declared, or a negative value.
+
+    Example:
+        >>> label_values({"background": 0, "lesion": 200, "organ": 1})
+        (0, 1, 200)
+    """
+    values = tuple(sorted({int(v) for v in labels.values()}))
+    if not values or values[0] != 0:
+        raise PlanError(f"labels {dict(labels)} must declare background as 0 and no negative value")
+    return values
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """Smallest signed integer dtype that holds training indices ``0..num_classes-1`` (int8 up to 128 classes)."""
+    return np.dtype(np.int8 if num_classes <= 128 else np.int16 if num_classes <= 32768 else np.int32)
+
+
+def value_dtype(values: tuple[int, ...]) -> np.dtype:
+    """Unsigned dtype that holds every label value: uint8 below 256, uint16 below 65536, else int32."""
+    top = max(values, default=0)
+    return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32)
+
+
+def values_to_indices(seg: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """Map a label map of declared values to training indices (lookup table), in :func:`index_dtype`.
+
+    Raises:
+        ValueError: ``seg`` holds a value that is not in ``values`` (the message lists them).
+    """
+    seg = np.asarray(seg)
+    dtype = index_dtype(len(values))
+    if seg.size == 0:
+        return seg.astype(dtype)
+    lo, hi = int(seg.min()), int(seg.max())
+    if values == tuple(range(len(values))) and lo >= 0 and hi < len(values):
+        return seg.astype(dtype, copy=False)  # consecutive labels: indices are the values
+    out = None
+    if lo >= 0:
+        lut = np.full(max(hi, values[-1]) + 1, -1, dtype=dtype)
+        lut[list(values)] = np.arange(len(values))
+        out = lut[seg]
+    if out is None or (out < 0).any():
+        undeclared = sorted(set(np.unique(seg).tolist()) - set(values))
+        raise ValueError(f"label values {undeclared} are not declared (declared: {list(values)})")
+    return out
+
+
+def indices_to_values(index_map: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """Map training indices (e.g. an argmax over class probabilities) back to the declared label values.
+
+    The result has :func:`value_dtype`, so every value survives (200 stays 200, 40000 stays 40000).
+
+    Raises:
+        ValueError: An index outside ``0..len(values)-1``.
+    """
+    idx = np.asarray(index_map)
+    lut = np.asarray(values, dtype=value_dtype(values))
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(values)):
+        raise ValueError(f"training indices must lie in [0, {len(values) - 1}], got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return lut[idx.astype(np.intp, copy=False)]
 
 
 @dataclass(frozen=True)
@@ -319,7 +394,9 @@ class Plans:
     Attributes:
         dataset_name: Name from dataset.json.
         channel_names: Input channel names, in file order.
-        labels: Label name -> integer value, background included.
+        labels: Label name -> integer value, background included. The network predicts training indices
+            ``0..K-1``, index ``k`` being the ``k``-th smallest value (:attr:`label_values`,
+            :meth:`to_indices`, :meth:`to_values`); caches and probabilities are in index order.
         transpose_forward: Axis permutation applied to (z, y, x) arrays before everything else.
         original_median_spacing_mm: Median spacing of the raw data (z, y, x, before transposition).
         original_median_shape: Median raw shape (z, y, x, before transposition).
@@ -347,6 +424,7 @@ class Plans:
             )
         if sorted(self.transpose_forward) != [0, 1, 2]:
             raise PlanError(f"transpose_forward {self.transpose_forward} is not a permutation of (0, 1, 2)")
+        label_values(self.labels)  # validates: background 0, no negative value
 
     @property
     def transpose_backward(self) -> tuple[int, int, int]:
@@ -354,9 +432,22 @@ class Plans:
         return tuple(int(i) for i in sorted(range(3), key=lambda a: self.transpose_forward[a]))  # type: ignore[return-value]
 
     @property
+    def label_values(self) -> tuple[int, ...]:
+        """Declared label values, sorted; position ``k`` is training index ``k`` (see :func:`label_values`)."""
+        return label_values(self.labels)
+
+    @property
     def num_classes(self) -> int:
-        """Number of output classes, background included."""
-        return max(self.labels.values()) + 1
+        """Number of output classes (distinct declared label values), background included."""
+        return len(self.label_values)
+
+    def to_indices(self, seg: np.ndarray) -> np.ndarray:
+        """Label map of declared values -> training indices (see :func:`values_to_indices`)."""
+        return values_to_indices(seg, self.label_values)
+
+    def to_values(self, index_map: np.ndarray) -> np.ndarray:
+        """Training indices (an argmax) -> declared label values (see :func:`indices_to_values`)."""
+        return indices_to_values(index_map, self.label_values)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         """Return a configuration by name, with an error that lists the available ones."""

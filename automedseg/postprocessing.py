@@ -61,6 +61,7 @@ DEFAULT_TOLERANCE = 1e-6
 """Dice differences smaller than this count as equal (neither a gain nor a loss)."""
 
 _CHUNK_VOXELS = 1 << 22
+_MAX_DENSE_LABEL = 1024  # above: dice_per_label counts over the label values present
 
 Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
 """One cross-validation case: (reference label map, predicted label map, spacing (z, y, x) in mm)."""
@@ -187,16 +188,27 @@ def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *,
         raise ValueError("label maps must not hold negative values")
     k = int(max([0, *labels, int(ref.max(initial=0)), int(pred.max(initial=0))])) + 1
     flat_ref, flat_pred = ref.ravel(), pred.ravel()
+    lut = None
+    if k > _MAX_DENSE_LABEL:  # sparse large values (e.g. 40000): count over the values present only
+        present = np.union1d(np.asarray(labels, dtype=np.int64),
+                             np.union1d(np.flatnonzero(np.bincount(flat_ref, minlength=1)),
+                                        np.flatnonzero(np.bincount(flat_pred, minlength=1))))
+        lut = np.zeros(k, dtype=np.int64)
+        lut[present] = np.arange(len(present))
+        k = len(present)
     confusion = np.zeros(k * k, dtype=np.int64)
     for start in range(0, flat_ref.size, _CHUNK_VOXELS):  # chunks bound the int64 temporaries
         stop = start + _CHUNK_VOXELS
-        confusion += np.bincount(flat_ref[start:stop].astype(np.int64) * k + flat_pred[start:stop],
-                                 minlength=k * k)
+        r, p = flat_ref[start:stop].astype(np.int64), flat_pred[start:stop]
+        if lut is not None:
+            r, p = lut[r], lut[p]
+        confusion += np.bincount(r * k + p, minlength=k * k)
     confusion = confusion.reshape(k, k)
     out = {}
     for label in labels:
-        tp = int(confusion[label, label])
-        n_ref, n_pred = int(confusion[label].sum()), int(confusion[:, label].sum())
+        i = label if lut is None else int(lut[label])
+        tp = int(confusion[i, i])
+        n_ref, n_pred = int(confusion[i].sum()), int(confusion[:, i].sum())
         out[label] = 1.0 if n_ref + n_pred == 0 else 2.0 * tp / (n_ref + n_pred)
     return out
 

@@ -1,9 +1,10 @@
 """Preprocessing: crop to nonzero, transpose, normalise, resample; and the exact inverse for predictions.
 
 Training cases are written to a cache the trainer memory-maps (``preprocessed/<data_identifier>/``):
-``<case>.npy`` (float32 ``(C, Z, Y, X)``), ``<case>_seg.npy`` (int8 ``(1, Z, Y, X)``),
-``<case>_locs.npz`` (per-class voxel coordinates for foreground oversampling) and ``<case>.json`` (the
-geometry and bookkeeping needed to undo every step). Inference calls :func:`preprocess_image` and
+``<case>.npy`` (float32 ``(C, Z, Y, X)``), ``<case>_seg.npy`` (``(1, Z, Y, X)`` training indices
+``0..K-1`` of :meth:`Plans.to_indices`, int8 up to 128 classes, else int16), ``<case>_locs.npz``
+(per-class voxel coordinates for foreground oversampling, keyed ``class_<index>``) and ``<case>.json``
+(the geometry and bookkeeping needed to undo every step). Inference calls :func:`preprocess_image` and
 :func:`restore_probabilities` from here, so it needs the plan and nothing of the training code.
 
 Example:
@@ -236,7 +237,11 @@ def restore_probabilities(probabilities: np.ndarray, props: CaseProperties, plan
 
 
 def class_locations(seg: np.ndarray, *, labels: Sequence[int], seed: int) -> dict[str, np.ndarray]:
-    """Coordinates ``(N, 3)`` of each foreground class, subsampled to at most 10000 per class."""
+    """Coordinates ``(N, 3)`` of each foreground class, subsampled to at most 10000 per class.
+
+    ``labels`` are the classes as ``seg`` holds them (the cache: training indices); the keys are
+    ``class_<label>``, the key space :class:`automedseg.augmentation.PatchSampler` draws from.
+    """
     rng = np.random.default_rng(seed)
     out = {}
     for k in labels:
@@ -259,6 +264,8 @@ def preprocessing_key(plans: Plans, config: ConfigurationPlan) -> str:
         "orders": [config.image_order, config.label_order, config.separate_z, config.out_of_plane_order],
         "labels": plans.labels,
     }
+    if plans.label_values != tuple(range(plans.num_classes)):  # sparse values: the cache holds indices
+        payload["label_indices"] = list(plans.label_values)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -283,9 +290,10 @@ def _preprocess_worker(args: tuple[CaseFiles, DatasetSpec, Plans, str, Path, str
     label, _ = read_label(case.label, spacing_2d_mm=spec.spacing_2d_mm)
     data, seg, props = preprocess_image(image, geometry, plans, config, case_id=case.case_id, label=label)
     assert seg is not None
-    locs = class_locations(seg, labels=sorted(plans.labels.values()), seed=zlib.crc32(case.case_id.encode()))
+    seg = plans.to_indices(seg)  # declared values -> training indices 0..K-1 (int8, int16 above 128 classes)
+    locs = class_locations(seg, labels=range(plans.num_classes), seed=zlib.crc32(case.case_id.encode()))
     atomic_save_npy(folder / f"{case.case_id}.npy", data)
-    atomic_save_npy(folder / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
+    atomic_save_npy(folder / f"{case.case_id}_seg.npy", seg[None])
     atomic_save_npz(folder / f"{case.case_id}_locs.npz", **locs)
     # The properties file is written last: its presence marks a complete case.
     atomic_write_json(folder / f"{case.case_id}.json", {

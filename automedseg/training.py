@@ -714,9 +714,10 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
                   step: float = 0.5, mirror: bool = False) -> dict[str, Any]:
     """Sliding-window prediction of the held-out cases at original resolution.
 
-    Writes ``validation/<case>.npz`` (float16 probabilities, compressed), ``validation/<case>.nii.gz``
-    and ``validation/summary.json`` (per-case, per-class Dice and the mean), which the post-processing
-    and ensemble choices read.
+    Writes ``validation/<case>.npz`` (float16 probabilities, compressed; channel ``k`` is training index
+    ``k``, i.e. the ``k``-th smallest declared label value), ``validation/<case>.nii.gz`` (the argmax
+    mapped back to the declared label values) and ``validation/summary.json`` (per-case, per-class Dice
+    and the mean, keyed by declared value), which the post-processing and ensemble choices read.
     """
     from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
     from automedseg.metrics import compute_case_metrics, summarize
@@ -737,7 +738,7 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
         probs = predict_probabilities_preprocessed([fold], np.asarray(data), device=device, step=step,
                                                    mirror=mirror)
         probs = restore_probabilities(probs, props, plans, config)
-        seg = probs.argmax(0).astype(np.uint8)
+        seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
         atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
         write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         meta = json.loads((cache / f"{cid}.json").read_text())

@@ -106,14 +106,23 @@ class SynthDataset:
 def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_names: Sequence[str] = ("T2",),
                     spacing_zyx: Sequence[float] = SPACING_ANISO, shape: tuple[int, int, int] = SHAPE_3D,
                     oblique_every: int = 2, seed: int = 0, prefix: str = "case",
-                    labels: dict[str, int] | None = None, ending: str = ".nii.gz") -> SynthDataset:
-    """nnU-Net v2 layout, one file per channel; every ``oblique_every``-th case has an oblique direction."""
+                    labels: dict[str, int] | None = None, ending: str = ".nii.gz",
+                    label_values: tuple[int, int] = (1, 2)) -> SynthDataset:
+    """nnU-Net v2 layout, one file per channel; every ``oblique_every``-th case has an oblique direction.
+
+    ``label_values`` are the values the planted outer and inner blocks are written with (e.g. ``(1, 200)``
+    for sparse labels); without ``labels`` they are declared as "outer" and "inner".
+    """
     rng = np.random.default_rng(seed)
-    labels = dict(LABELS if labels is None else labels)
+    if labels is None:
+        labels = dict(zip(LABELS, (0, *label_values)))
+    labels = dict(labels)
+    lut = np.array([0, *label_values], dtype=np.uint8 if max(label_values) < 256 else np.uint16)
     ids, test_ids, oblique = [], [], []
     for i in range(n_cases + n_test):
         cid = f"{prefix}_{i:03d}"
         image, label = planted_case(rng, shape)
+        label = lut[label]
         direction = oblique_direction(30.0 + i) if oblique_every and i % oblique_every == 1 else None
         origin = (float(-10 + i), float(5 * i), float(2.5 * i))
         folder = "imagesTr" if i < n_cases else "imagesTs"

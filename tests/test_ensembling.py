@@ -72,18 +72,21 @@ def _dice_missing(n_missed: int) -> float:
     return 2 * (144 - n_missed) / (144 + 144 - n_missed)
 
 
-def _make_work(root: Path, *, folds: dict[str, list[int]] | None = None) -> Workspace:
-    """Plans with 2d, 3d_fullres, 3d_lowres; validation outputs of the 3D ones for the folds given."""
+def _make_work(root: Path, *, folds: dict[str, list[int]] | None = None, value: int = 1) -> Workspace:
+    """Plans with 2d, 3d_fullres, 3d_lowres; validation outputs of the 3D ones for the folds given.
+
+    ``value``: the declared label value of the organ (training index 1); masks on disk hold it.
+    """
     folds = {"3d_fullres": [0, 1], "3d_lowres": [0, 1]} if folds is None else folds
     ws = Workspace(root / "work")
     configs = {n: _configuration(n) for n in ("2d", "3d_fullres", "3d_lowres")}
     device = DeviceProfile("cpu", "test", 1, 1.0, ((8, 1.0),))
-    Plans("Test", ("T2",), {"background": 0, "organ": 1}, (0, 1, 2), SPACING, SHAPE, device, configs
+    Plans("Test", ("T2",), {"background": 0, "organ": value}, (0, 1, 2), SPACING, SHAPE, device, configs
           ).save(ws.plans_path)
     ws.splits_path.write_text(json.dumps(SPLITS))
     for case in CASES:
         label_file = root / "raw" / "labelsTr" / f"{case}.nii.gz"
-        write_segmentation(_reference(), GEOMETRY, label_file)
+        write_segmentation(_reference().astype(np.uint16) * value, GEOMETRY, label_file)
         for did in ("data_2d", "data_3d"):
             ws.preprocessed_dir(did).mkdir(parents=True, exist_ok=True)
             meta = json.dumps({"label_file": str(label_file)})
@@ -95,7 +98,7 @@ def _make_work(root: Path, *, folds: dict[str, list[int]] | None = None) -> Work
             vdir.mkdir(parents=True)
             for case in SPLITS[fold]["val"]:
                 np.savez_compressed(vdir / f"{case}.npz", probabilities=probs)
-                write_segmentation(probs.argmax(0).astype(np.uint8), GEOMETRY, vdir / f"{case}.nii.gz")
+                write_segmentation(probs.argmax(0) * value, GEOMETRY, vdir / f"{case}.nii.gz")
             (vdir / "summary.json").write_text(json.dumps({"cases": SPLITS[fold]["val"], "mean_dice": 0.0}))
     return ws
 
@@ -146,6 +149,17 @@ def test_cross_validation_dice_single_and_ensemble(tmp_path: Path):
     assert ensemble["members"] == ["3d_fullres", "3d_lowres"]
     assert ensemble["mean_dice"] == pytest.approx(1.0)
     assert [c["case"] for c in ensemble["per_case"]] == CASES
+
+
+def test_sparse_label_value_is_scored_and_ensembled_in_declared_values(tmp_path: Path):
+    ws = _make_work(tmp_path, value=200)  # probabilities in index order: channel 1 is value 200
+    single = cross_validation_dice(ws, ["3d_fullres"])
+    assert single["dice_per_class"] == {"200": pytest.approx(_dice_missing(36))}
+    ensemble = cross_validation_dice(ws, "3d_fullres+3d_lowres")
+    assert ensemble["dice_per_class"] == {"200": pytest.approx(1.0)}
+    ref, pred, _ = ValidationCases(ws, ["3d_fullres", "3d_lowres"])[0]
+    assert pred.dtype == np.uint8 and set(np.unique(pred).tolist()) == {0, 200}
+    np.testing.assert_array_equal(pred, ref)
 
 
 def test_cross_validation_dice_reports_missing_reference(tmp_path: Path):

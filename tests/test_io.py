@@ -263,6 +263,30 @@ def test_write_segmentation_uses_uint16_for_many_labels(nnunet_3d, tmp_path):
     assert back[0, 0, 0, :3].tolist() == [255, 256, 300]
 
 
+@pytest.mark.parametrize("values, dtype", [((0, 1, 127), np.int8), ((0, 1, 200), np.int16),
+                                           ((0, 5, 40000), np.int32), ((0, 70000), np.int32)])
+def test_label_values_survive_write_and_read(nnunet_3d, tmp_path, values, dtype):
+    """Large label values are neither wrapped when written nor when read (40000 does not fit int16)."""
+    _, geom = read_image_file(nnunet_3d.root / "labelsTr" / f"{nnunet_3d.case_ids[0]}.nii.gz")
+    seg = np.zeros(geom.shape_zyx, dtype=np.int64)
+    seg[0, 0, :len(values)] = values
+    write_segmentation(seg, geom, tmp_path / "lab.nii.gz")
+    back, _ = read_label(tmp_path / "lab.nii.gz")
+    assert back.dtype == dtype and back[0, 0, :len(values)].tolist() == list(values)
+
+
+@pytest.mark.parametrize("labels, layout", [({"background": 0, "ignore": -1}, "nnunet"),
+                                            ({"0": "background", "-1": "ignore"}, "msd")])
+def test_negative_label_values_are_rejected(nnunet_3d, labels, layout):
+    meta = json.loads((nnunet_3d.root / "dataset.json").read_text())
+    meta["labels"] = labels
+    if layout == "msd":
+        meta = {"modality": {"0": "T2"}, "labels": labels, "training": []}
+    (nnunet_3d.root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="negative values"):
+        load_dataset_spec(nnunet_3d.root)
+
+
 def test_write_array_rejects_wrong_shape(nnunet_3d, tmp_path):
     _, geom = read_image_file(nnunet_3d.root / "labelsTr" / f"{nnunet_3d.case_ids[0]}.nii.gz")
     with pytest.raises(ValueError, match="does not match"):

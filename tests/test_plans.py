@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from automedseg.planning import NOMINAL_PROFILES, plan_dataset
@@ -15,6 +16,11 @@ from automedseg.plans import (
     DeviceProfile,
     PlanError,
     Plans,
+    index_dtype,
+    indices_to_values,
+    label_values,
+    value_dtype,
+    values_to_indices,
 )
 
 CPU = NOMINAL_PROFILES["reference-cpu-2core"]
@@ -189,6 +195,77 @@ def test_transpose_backward_inverts_forward(plan_3d, forward):
 
 def test_num_classes(plan_3d):
     assert plan_3d.num_classes == 3
+
+
+# --- label values <-> training indices ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels, values, value_type", [
+    ({"background": 0, "a": 1, "b": 2}, (0, 1, 2), np.uint8),
+    ({"background": 0, "a": 1, "b": 200}, (0, 1, 200), np.uint8),
+    ({"b": 200, "background": 0, "a": 1}, (0, 1, 200), np.uint8),  # declaration order does not matter
+    ({"background": 0, "a": 5, "b": 40000}, (0, 5, 40000), np.uint16),
+    ({"background": 0, "a": 255}, (0, 255), np.uint8),
+    ({"background": 0, "a": 256}, (0, 256), np.uint16),
+    ({"background": 0, "a": 70000}, (0, 70000), np.int32),
+    ({"background": 0, "a": 3, "b": 3}, (0, 3), np.uint8),  # two names, one value: one class
+])
+def test_label_mapping_round_trip(labels, values, value_type):
+    assert label_values(labels) == values
+    seg = np.array(values * 2 + values[::-1]).reshape(1, 3, -1)
+    idx = values_to_indices(seg, values)
+    assert idx.dtype == np.int8 and idx.shape == seg.shape
+    np.testing.assert_array_equal(idx.ravel(), list(range(len(values))) * 2 + list(range(len(values)))[::-1])
+    back = indices_to_values(idx, values)
+    assert back.dtype == value_type
+    np.testing.assert_array_equal(back, seg)
+    # an argmax (int64) maps back the same way
+    np.testing.assert_array_equal(indices_to_values(idx.astype(np.int64), values), seg)
+
+
+def test_plans_label_methods(plan_3d):
+    plans = dataclasses.replace(plan_3d, labels={"background": 0, "organ": 1, "lesion": 200})
+    assert plans.label_values == (0, 1, 200) and plans.num_classes == 3
+    seg = np.array([[0, 200], [1, 200]], dtype=np.int16)
+    np.testing.assert_array_equal(plans.to_indices(seg), [[0, 2], [1, 2]])
+    np.testing.assert_array_equal(plans.to_values(plans.to_indices(seg)), seg)
+    assert Plans.from_json(plans.to_json()).label_values == (0, 1, 200)  # the labels dict is the whole record
+
+
+@pytest.mark.parametrize("num_classes, dtype", [(2, np.int8), (128, np.int8), (129, np.int16), (300, np.int16),
+                                                (40000, np.int32)])
+def test_index_dtype_holds_every_index(num_classes, dtype):
+    assert index_dtype(num_classes) == dtype
+    values = tuple(range(0, 2 * num_classes, 2))
+    idx = values_to_indices(np.array(values), values)
+    assert idx.dtype == dtype and int(idx.max()) == num_classes - 1
+    assert value_dtype(values) == (np.uint8 if values[-1] < 256 else np.uint16 if values[-1] < 65536 else np.int32)
+
+
+@pytest.mark.parametrize("seg, message", [
+    (np.array([0, 1, 3]), r"values \[3\] are not declared"),
+    (np.array([0, -1]), r"values \[-1\] are not declared"),
+    (np.array([0, 300]), r"values \[300\] are not declared"),
+])
+def test_values_to_indices_rejects_undeclared_values(seg, message):
+    with pytest.raises(ValueError, match=message):
+        values_to_indices(seg, (0, 1, 200))
+
+
+@pytest.mark.parametrize("index_map", [np.array([0, 3]), np.array([-1, 0])])
+def test_indices_to_values_rejects_out_of_range(index_map):
+    with pytest.raises(ValueError, match="training indices"):
+        indices_to_values(index_map, (0, 1, 200))
+
+
+@pytest.mark.parametrize("labels", [{"a": 1}, {"background": 0, "ignore": -1}, {}])
+def test_plan_labels_need_background_and_no_negative_value(plan_3d, labels):
+    with pytest.raises(PlanError, match="background"):
+        dataclasses.replace(plan_3d, labels=labels)
+    data = plan_3d.to_dict()
+    data["labels"] = labels
+    with pytest.raises(PlanError, match="plans: labels"):
+        Plans.from_dict(data)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -102,6 +102,16 @@ def test_dice_per_label_matches_definition():
     assert d[1] == pytest.approx(2 * 1 / (2 + 2)) and d[2] == 0.0 and d[3] == 1.0
 
 
+@pytest.mark.parametrize("values", [(1, 2), (1, 200), (5, 40000)])
+def test_dice_per_label_sparse_values(values):
+    """Sparse or large label values (up to 40000) give the same Dice as consecutive ones, in small memory."""
+    a, b = values
+    ref = np.array([[0, a, a, b, b]], dtype=np.uint16)
+    pred = np.array([[a, a, 0, b, a]], dtype=np.uint16)
+    d = dice_per_label(ref, pred, labels=[a, b, 7])
+    assert d == {a: pytest.approx(2 * 1 / (2 + 3)), b: pytest.approx(2 * 1 / (2 + 1)), 7: 1.0}
+
+
 # --- choosing ----------------------------------------------------------------------------------------
 
 

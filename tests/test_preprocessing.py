@@ -328,6 +328,26 @@ def test_preprocessing_key_changes_with_the_plan(planned):
     assert preprocessing_key(dataclasses.replace(plans, transpose_forward=(1, 0, 2)), cfg) != key
 
 
+def test_sparse_label_values_are_cached_as_training_indices(write_nnunet_dataset, tmp_path):
+    ds = write_nnunet_dataset(tmp_path / "Dataset031_Sparse", n_cases=2, n_test=0, label_values=(1, 200))
+    assert ds.labels == {"background": 0, "outer": 1, "inner": 200}
+    spec = load_dataset_spec(ds.root)
+    plans = plan_dataset(compute_fingerprint(spec, jobs=1), device=CPU, time_budget_s=1200,
+                         configurations=["3d_fullres"])
+    assert plans.label_values == (0, 1, 200) and plans.num_classes == 3
+    preprocess_dataset(spec, plans, tmp_path / "pre", jobs=1)
+    folder = tmp_path / "pre" / plans.configuration("3d_fullres").data_identifier
+    for case in spec.cases:
+        raw, _ = read_label(case.label)
+        assert set(np.unique(raw).tolist()) == {0, 1, 200}
+        seg = np.load(folder / f"{case.case_id}_seg.npy")
+        assert seg.dtype == np.int8 and set(np.unique(seg).tolist()) == {0, 1, 2}
+        with np.load(folder / f"{case.case_id}_locs.npz", allow_pickle=False) as locs:
+            assert sorted(locs.files) == ["class_1", "class_2"]  # keyed by training index, as the sampler reads
+            assert np.all(seg[0][tuple(locs["class_2"].T)] == 2) and len(locs["class_2"]) > 0
+        np.testing.assert_array_equal(np.unique(plans.to_values(seg)), [0, 1, 200])
+
+
 def test_class_locations_subsamples_deterministically():
     seg = np.zeros((30, 30, 30), dtype=np.int8)
     seg[:, :, :15] = 1

@@ -218,6 +218,44 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
     assert ckpt["epoch"] == 5
 
 
+def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) -> None:
+    """Labels {0, 1, 200}: 3 output classes; validation and predicted masks hold the declared values, 200 too."""
+    from automedseg.inference import load_fold, predict_folder
+    from automedseg.io import read_label
+    from automedseg.postprocessing import apply_postprocessing, determine_postprocessing
+
+    ds = write_nnunet_dataset(tmp_path / "Dataset040_Sparse", n_cases=5, n_test=1, shape=(10, 32, 32),
+                              spacing_zyx=(1.0, 1.0, 1.0), oblique_every=0, label_values=(1, 200))
+    assert ds.labels == {"background": 0, "outer": 1, "inner": 200}
+    ws = Workspace.for_dataset(ds.root)
+    run_plan(ds.root, ws, configurations=["3d_fullres"], jobs=1, device="reference-cpu-2core",
+             time_budget_s=60.0, log=lambda s: None)
+    plans = Plans.load(ws.plans_path)
+    assert plans.num_classes == 3 and plans.label_values == (0, 1, 200)
+    res = train_fold(ws, "3d_fullres", 0, options=_fast(epochs=2, iterations_per_epoch=5), log=lambda s: None)
+    fold = load_fold(res.fold_dir, device=torch.device("cpu"))
+    patch = fold.config.patch_size
+    with torch.no_grad():
+        assert fold.model(torch.zeros(1, 1, *patch)).shape[1] == 3  # one output per declared value
+    summary = json.loads((res.fold_dir / "validation" / "summary.json").read_text())
+    assert set(summary["dice_per_class"]) == {"1", "200"}  # scored against the raw labels in declared values
+    assert summary["dice_per_class"]["200"] > 0.5
+    for case in summary["cases"]:
+        seg, _ = read_label(res.fold_dir / "validation" / f"{case}.nii.gz")
+        assert set(np.unique(seg).tolist()) == {0, 1, 200}
+        with np.load(res.fold_dir / "validation" / f"{case}.npz") as npz:
+            assert npz["probabilities"].shape[0] == 3  # index order: channel 2 is value 200
+    choice = determine_postprocessing(ws, "3d_fullres", folds=[0])
+    assert choice["labels"] == [1, 200]
+    out = tmp_path / "pred"
+    report = predict_folder(ds.root / "imagesTs", out, [[res.fold_dir]], device="cpu", mirror=False,
+                            postprocessing=lambda seg: apply_postprocessing(seg, choice), log=lambda s: None)
+    assert report.written == ds.test_ids
+    for case in ds.test_ids:
+        pred, _ = read_label(out / f"{case}{ds.ending}")
+        assert set(np.unique(pred).tolist()) == {0, 1, 200}
+
+
 @pytest.mark.parametrize(("done", "epoch_seconds", "spent_s", "expected"), [
     (1, [16.4], 16.4, 14),  # a slow first epoch shortens the schedule ...
     (5, [16.4, 14.7, 12.7, 11.9, 13.0], 68.7, 18),  # ... until faster epochs give the time back
