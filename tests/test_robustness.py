@@ -187,22 +187,22 @@ CASES: list[tuple[str, list[str], Callable[[Env], object] | None, str, int]] = [
     ("check-numtraining-not-int", CHECK, lambda e: _edit_json(e.dataset / "dataset.json",
                                                               lambda d: d.update(numTraining="six")),
      "numTraining", 2),
-    ("check-truncated-image", CHECK, lambda e: _truncate(e.image(1)), "case_001_0000.nii.gz", 2),
-    ("check-header-inflated", CHECK, lambda e: _inflate_header(e.image(2)), "case_002_0000.nii.gz", 2),
+    ("check-truncated-image", CHECK, lambda e: _truncate(e.image(1)), "demo_001_0000.nii.gz", 2),
+    ("check-header-inflated", CHECK, lambda e: _inflate_header(e.image(2)), "demo_002_0000.nii.gz", 2),
     ("check-nan-image", CHECK, lambda e: _set_voxels(e.image(1), lambda a: np.where(a > 0, np.nan, a)),
-     "case_001_0000.nii.gz", 2),
+     "demo_001_0000.nii.gz", 2),
     ("check-inf-image", CHECK, lambda e: _set_voxels(e.image(1), lambda a: np.where(a > 0, np.inf, a)),
-     "case_001_0000.nii.gz", 2),
-    ("check-zero-byte-image", CHECK, lambda e: _write(e.image(3), b""), "case_003_0000.nii.gz", 2),
-    ("check-garbage-label", CHECK, lambda e: _write(e.label(0), GARBAGE), "case_000.nii.gz", 2),
+     "demo_001_0000.nii.gz", 2),
+    ("check-zero-byte-image", CHECK, lambda e: _write(e.image(3), b""), "demo_003_0000.nii.gz", 2),
+    ("check-garbage-label", CHECK, lambda e: _write(e.label(0), GARBAGE), "demo_000.nii.gz", 2),
     ("check-undeclared-label", CHECK, lambda e: _set_voxels(e.label(1), lambda a: np.where(a > 0, 7, a), np.uint8),
-     "case_001.nii.gz", 2),
-    ("check-missing-label", CHECK, lambda e: e.label(2).unlink(), "case_002", 2),
+     "demo_001.nii.gz", 2),
+    ("check-missing-label", CHECK, lambda e: e.label(2).unlink(), "demo_002", 2),
     ("check-too-few-cases", CHECK, _only_one_case, "5-fold", 2),
     ("check-no-foreground", CHECK, _no_foreground, "foreground", 2),
     # plan
     ("plan-missing-folder", ["plan", "{root}/nope"], None, "nope", 2),
-    ("plan-truncated-image", PLAN, lambda e: _truncate(e.image(1), 0.3), "case_001_0000.nii.gz", 2),
+    ("plan-truncated-image", PLAN, lambda e: _truncate(e.image(1), 0.3), "demo_001_0000.nii.gz", 2),
     ("plan-too-few-cases", PLAN, _only_one_case, "5-fold", 2),
     ("plan-budget-zero", _with(PLAN, "--time-budget", "0"), None, "--time-budget", 2),
     ("plan-budget-text", _with(PLAN, "--time-budget", "soon"), None, "--time-budget", 2),
@@ -234,8 +234,8 @@ CASES: list[tuple[str, list[str], Callable[[Env], object] | None, str, int]] = [
      "splits.json", 2),
     ("train-cache-incomplete", TRAIN, lambda e: (e.work / "preprocessed" / "fullres" / "cache_complete.json").unlink(),
      "incomplete", 2),
-    ("train-cache-case-missing", TRAIN, lambda e: (e.work / "preprocessed" / "fullres" / "case_001_seg.npy").unlink(),
-     "case_001", 2),
+    ("train-cache-case-missing", TRAIN, lambda e: (e.work / "preprocessed" / "fullres" / "demo_001_seg.npy").unlink(),
+     "demo_001", 2),
     ("train-checkpoint-truncated", TRAIN, lambda e: _truncate(e.fold / "checkpoint_latest.pt"),
      "checkpoint_latest.pt", 2),
     ("train-checkpoint-zero-bytes", TRAIN, lambda e: _write(e.fold / "checkpoint_latest.pt", b""),
@@ -258,12 +258,12 @@ CASES: list[tuple[str, list[str], Callable[[Env], object] | None, str, int]] = [
     ("predict-num-parts-zero", _with(PREDICT, "--num-parts", "0"), None, "--num-parts", 2),
     ("predict-part-id-out-of-range", _with(PREDICT, "--num-parts", "2", "--part-id", "3"), None, "--part-id", 2),
     ("predict-extra-channel", PREDICT, lambda e: shutil.copy(sorted(e.images_ts.iterdir())[0],
-                                                             e.images_ts / "case_006_0001.nii.gz"),
-     "case_006_0001.nii.gz", 2),
+                                                             e.images_ts / "demo_006_0001.nii.gz"),
+     "demo_006_0001.nii.gz", 2),
     ("predict-2d-into-3d-model", PREDICT, lambda e: [p.unlink() for p in e.images_ts.iterdir()]
      and _png(e.images_ts / "flat_0000.png"), "flat_0000.png", 2),
     ("predict-truncated-image", PREDICT, lambda e: [_truncate(p) for p in e.images_ts.iterdir()],
-     "case_006_0000.nii.gz", 2),
+     "demo_006_0000.nii.gz", 2),
     ("predict-all-checkpoints-damaged", PREDICT, lambda e: [_write(p, GARBAGE) for p in e.fold.glob("*.pt")],
      "checkpoint_final.pt", 2),
     ("predict-no-such-configuration", _with(PREDICT, drop=("-c",)) + ["-c", "2d"], None, "2d", 2),
@@ -273,12 +273,12 @@ CASES: list[tuple[str, list[str], Callable[[Env], object] | None, str, int]] = [
     ("predict-output-locked", PREDICT, lambda e: _hold_lock(e.out)(), "in use by process", 2),
     # evaluate
     ("evaluate-empty-predictions", EVALUATE, lambda e: e.out.mkdir(), "no prediction", 2),
-    ("evaluate-garbage-prediction", EVALUATE, lambda e: [_predicted(e), _write(e.out / "case_006.nii.gz", GARBAGE)],
-     "case_006.nii.gz", 2),
-    ("evaluate-truncated-prediction", EVALUATE, lambda e: [_predicted(e), _truncate(e.out / "case_007.nii.gz")],
-     "case_007.nii.gz", 2),
-    ("evaluate-shape-mismatch", EVALUATE, lambda e: [_predicted(e), _png(e.out / "case_006.nii.gz")],
-     "case_006.nii.gz", 2),
+    ("evaluate-garbage-prediction", EVALUATE, lambda e: [_predicted(e), _write(e.out / "demo_006.nii.gz", GARBAGE)],
+     "demo_006.nii.gz", 2),
+    ("evaluate-truncated-prediction", EVALUATE, lambda e: [_predicted(e), _truncate(e.out / "demo_007.nii.gz")],
+     "demo_007.nii.gz", 2),
+    ("evaluate-shape-mismatch", EVALUATE, lambda e: [_predicted(e), _png(e.out / "demo_006.nii.gz")],
+     "demo_006.nii.gz", 2),
     ("evaluate-missing-reference-folder", ["evaluate", "{root}/nope", "{images_ts}"], None, "nope", 2),
 ]
 
@@ -328,13 +328,13 @@ def test_damaged_final_checkpoint_falls_back_with_a_warning(env: Env) -> None:
 
 def test_evaluate_warns_about_origin_mismatch(env: Env) -> None:
     _predicted(env)
-    pred = env.out / "case_006.nii.gz"
+    pred = env.out / "demo_006.nii.gz"
     img = sitk.ReadImage(str(pred))
     img.SetOrigin(tuple(v + 5.0 for v in img.GetOrigin()))
     sitk.WriteImage(img, str(pred))
     result = CliRunner().invoke(main, [a.format(**vars(env)) for a in EVALUATE])
     assert result.exit_code == 0, result.output
-    assert "warning:" in result.stderr and "case_006.nii.gz" in result.stderr and "origin" in result.stderr
+    assert "warning:" in result.stderr and "demo_006.nii.gz" in result.stderr and "origin" in result.stderr
 
 
 def test_stale_temp_files_are_removed_and_live_ones_kept(env: Env) -> None:
@@ -352,11 +352,11 @@ def test_interrupted_overlay_is_redone(env: Env) -> None:
     """The mask is written last, so a kill after the overlay but before the mask redoes the case."""
     args = [a.format(**vars(env)) for a in PREDICT] + ["--overlays"]
     assert CliRunner().invoke(main, args).exit_code == 0
-    (env.out / "case_006.nii.gz").unlink()
-    (env.out / "overlays" / "case_006.png").unlink()
+    (env.out / "demo_006.nii.gz").unlink()
+    (env.out / "overlays" / "demo_006.png").unlink()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and "1 written, 1 kept" in result.output
-    assert (env.out / "overlays" / "case_006.png").is_file()
+    assert (env.out / "overlays" / "demo_006.png").is_file()
 
 
 # --- real processes ---------------------------------------------------------------------------------------
@@ -375,12 +375,12 @@ def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
     proc = subprocess.Popen(plan, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache = work / "preprocessed" / "fullres"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("case_*.json"))) < 3:
+    while time.time() < deadline and len(list(cache.glob("demo_*.json"))) < 3:
         assert proc.poll() is None, "plan finished before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    cached = len(list(cache.glob("case_*.json")))
+    cached = len(list(cache.glob("demo_*.json")))
     assert 3 <= cached < 40 and not (cache / "cache_complete.json").exists()
     train = _cli("train", str(dataset), "--work-dir", str(work), "-f", "0", "--epochs", "1",
                  "--iterations-per-epoch", "1", "--workers", "0", "--threads", "1", "--device", "cpu", "--no-validate")
@@ -390,11 +390,11 @@ def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
     assert not (work / "splits.json").exists() and not (work / "3d_fullres").exists()
     again = subprocess.run(plan, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert json.loads((cache / "cache_complete.json").read_text())["cases"] == [f"case_{i:03d}" for i in range(40)]
+    assert json.loads((cache / "cache_complete.json").read_text())["cases"] == [f"demo_{i:03d}" for i in range(40)]
     done = subprocess.run(train, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     splits = json.loads((work / "splits.json").read_text())
-    assert sorted(c for s in splits for c in s["val"]) == [f"case_{i:03d}" for i in range(40)]
+    assert sorted(c for s in splits for c in s["val"]) == [f"demo_{i:03d}" for i in range(40)]
 
 
 def test_second_trainer_on_a_fold_is_refused(env: Env) -> None:
