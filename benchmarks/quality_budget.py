@@ -306,8 +306,11 @@ def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, ite
     from automedseg.plans import Plans
 
     ws = Workspace(work)
-    cfg = Plans.load(ws.plans_path).configuration(CONFIGURATION)
-    cases = sorted(p.name[:-5] for p in ws.preprocessed_dir(cfg.data_identifier).glob("*.json"))
+    from automedseg.preprocessing import complete_cases
+
+    plans = Plans.load(ws.plans_path)
+    cfg = plans.configuration(CONFIGURATION)
+    cases = complete_cases(ws.preprocessed_dir(cfg.data_identifier), plans, cfg)
     splits = load_or_create_splits(ws, cases)  # exactly what `automedseg train` would make
     if val_cases is not None:
         splits[FOLD] = {"train": splits[FOLD]["train"], "val": splits[FOLD]["val"][:val_cases]}
