@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.constants import N_SPLITS
 from automedseg.inference import (
     LoadedFold,
     autocast_context,
@@ -48,7 +49,6 @@ from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
-N_SPLITS = 5
 SPLIT_SEED = 12345
 
 
