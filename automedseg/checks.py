@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from automedseg.constants import N_SPLITS
 from automedseg.io import (
     IMAGE_ENDINGS_2D,
     CaseFiles,
@@ -36,14 +37,17 @@ class CaseInspection:
     image: np.ndarray | None = None  # float32 (C, Z, Y, X)
     label: np.ndarray | None = None  # int (Z, Y, X)
     geometry: Geometry | None = None
+    has_foreground: bool | None = None  # whether the label holds any nonzero value; None: label not read
 
 
 def inspect_case(case: CaseFiles, spec: DatasetSpec, *, need_label: bool = True) -> CaseInspection:
     """Read and check one case; never raises for a data problem.
 
-    Checks: missing or unreadable files, 4D where 3D is expected, channel count, geometry agreement
-    between channel files and the label (size, spacing, origin, direction, with tolerance), NaN or
-    infinite intensities, non-integral and undeclared label values.
+    Checks: missing, unreadable (permission) or unreadable-by-SimpleITK files, files that contradict their
+    header (truncated, inflated, invalid spacing: :func:`automedseg.imagefile.check_image_file`), 4D where 3D
+    is expected, channel count, geometry agreement between channel files and the label (size, spacing,
+    origin, direction, with tolerance), NaN or infinite intensities (naming the channel file), non-integral
+    and undeclared label values.
     """
     out = CaseInspection(case.case_id)
     n_channels = len(spec.channel_names)
@@ -66,6 +70,11 @@ def inspect_case(case: CaseFiles, spec: DatasetSpec, *, need_label: bool = True)
             if diff:
                 out.problems.append(f"{path}: geometry differs from {case.images[0].name}: {'; '.join(diff)}")
                 continue
+        if np.issubdtype(arr.dtype, np.floating):  # NIfTI NaN/inf already failed the read; MHA/NRRD keep them
+            bad = int((~np.isfinite(arr)).sum())
+            if bad:
+                out.problems.append(f"{path}: {bad} NaN or infinite intensity value(s)")
+                continue
         arrays.append(arr)
     if arrays and len(arrays) == len(case.images):
         image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
@@ -75,14 +84,10 @@ def inspect_case(case: CaseFiles, spec: DatasetSpec, *, need_label: bool = True)
             )
         else:
             image = image.astype(np.float32, copy=False)
-            bad = ~np.isfinite(image)
-            if bad.any():
-                out.problems.append(
-                    f"{case.images[0]}: {int(bad.sum())} NaN or infinite intensity value(s)"
-                )
-            else:
-                out.image = image
-                out.geometry = ref
+            if np.isfinite(image).all():
+                out.image, out.geometry = image, ref
+            else:  # finite float64 values beyond the float32 range
+                out.problems.append(f"{case.images[0]}: intensities beyond the float32 range (about 3.4e38)")
     if need_label:
         _inspect_label(case, spec, ref, out)
     return out
@@ -125,6 +130,7 @@ def _inspect_label(case: CaseFiles, spec: DatasetSpec, ref: Geometry | None, out
             )
             return
     values = np.unique(lab).astype(np.int64)
+    out.has_foreground = bool(np.any(values != 0))
     undeclared = sorted(set(values.tolist()) - set(spec.labels.values()))
     if undeclared:
         out.problems.append(f"{path}: label values {undeclared} are not declared in dataset.json")
@@ -132,17 +138,36 @@ def _inspect_label(case: CaseFiles, spec: DatasetSpec, ref: Geometry | None, out
     out.label = lab.astype(label_dtype(values.max(initial=0)), copy=False)
 
 
-def dataset_level_problems(spec: DatasetSpec) -> list[str]:
-    """Problems visible without opening images: empty dataset, count mismatches."""
+def dataset_level_problems(spec: DatasetSpec, *, min_cases: int = N_SPLITS) -> list[str]:
+    """Problems visible without opening images: no or too few training cases, count mismatches.
+
+    Args:
+        spec: The dataset.
+        min_cases: Fewer training cases than this (but at least one) is a problem; the default is the
+            number of cross-validation folds, which ``train --fold K`` needs (``check`` and ``plan``).
+    """
     problems = list(spec.notes)
+    where = spec.root / ("labelsTr" if spec.layout == "nnunet" else "dataset.json")
     if not spec.cases:
-        where = spec.root / ("labelsTr" if spec.layout == "nnunet" else "dataset.json")
         problems.append(f"{where}: the dataset has no training cases")
+    elif len(spec.cases) < min_cases:
+        problems.append(f"{where}: {len(spec.cases)} training case(s) are too few for {N_SPLITS}-fold "
+                        f"cross-validation (at least {min_cases} needed)")
     return problems
 
 
+def no_foreground_problem(spec: DatasetSpec) -> str:
+    """The problem line for a dataset whose labels are all background (shared by ``check`` and ``plan``)."""
+    label = spec.cases[0].label if spec.cases else None
+    return f"{label.parent if label is not None else spec.root}: no training case has any foreground label"
+
+
 def check_dataset(root: Path, *, jobs: int = 2, progress: bool = False) -> list[str]:
-    """Run every check on a dataset folder and return all problems (empty list: the dataset is fine)."""
+    """Run every check on a dataset folder and return all problems (empty list: the dataset is fine).
+
+    Per case see :func:`inspect_case`; per dataset see :func:`dataset_level_problems`, and, reported
+    last, labels that were all read but hold no foreground at all.
+    """
     try:
         spec = load_dataset_spec(root)
     except DatasetError as e:
@@ -150,12 +175,17 @@ def check_dataset(root: Path, *, jobs: int = 2, progress: bool = False) -> list[
     from automedseg.fingerprint import parallel_map
 
     problems = dataset_level_problems(spec)
-    for result in parallel_map(_problems_of_case, [(c, spec) for c in spec.cases], jobs=jobs,
-                               desc="checking", progress=progress):
+    foreground: list[bool | None] = []
+    for result, has_foreground in parallel_map(_problems_of_case, [(c, spec) for c in spec.cases], jobs=jobs,
+                                               desc="checking", progress=progress):
         problems.extend(result)
+        foreground.append(has_foreground)
+    if foreground and not any(foreground) and all(f is not None for f in foreground):
+        problems.append(no_foreground_problem(spec))
     return problems
 
 
-def _problems_of_case(args: tuple[CaseFiles, DatasetSpec]) -> list[str]:
+def _problems_of_case(args: tuple[CaseFiles, DatasetSpec]) -> tuple[list[str], bool | None]:
     case, spec = args
-    return inspect_case(case, spec).problems
+    insp = inspect_case(case, spec)
+    return insp.problems, insp.has_foreground

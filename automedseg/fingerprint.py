@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 from scipy import ndimage
 
-from automedseg.checks import CaseInspection, dataset_level_problems, inspect_case
+from automedseg.checks import CaseInspection, dataset_level_problems, inspect_case, no_foreground_problem
 from automedseg.io import CaseFiles, DatasetError, DatasetSpec, atomic_write_json
 
 FINGERPRINT_VERSION = 1
@@ -153,13 +153,20 @@ def _fingerprint_worker(
     return [], fp, sample
 
 
-def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = False) -> dict[str, Any]:
+def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = False,
+                        min_cases: int = 1) -> dict[str, Any]:
     """Check and fingerprint every training case.
+
+    Args:
+        spec: The dataset.
+        jobs: Parallel processes.
+        progress: Show a progress bar.
+        min_cases: Fewer training cases is a problem (``plan`` passes the cross-validation fold count).
 
     Raises:
         DatasetError: Any integrity problem (all of them listed, one line each).
     """
-    problems = dataset_level_problems(spec)
+    problems = dataset_level_problems(spec, min_cases=min_cases)
     cases: list[dict[str, Any]] = []
     samples: list[np.ndarray] = []
     for probs, fp, sample in parallel_map(_fingerprint_worker, [(c, spec) for c in spec.cases], jobs=jobs,
@@ -172,8 +179,7 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
         raise DatasetError(problems)
     if not any(c["foreground_voxels"] for c in cases):
         # Nothing to learn, and the pooled intensity statistics would be NaN (invalid JSON, NaN CT clipping).
-        raise DatasetError([f"{spec.cases[0].label.parent if spec.cases[0].label else spec.root}: "
-                            "no training case has any foreground label"])
+        raise DatasetError([no_foreground_problem(spec)])
     spacings = np.array([c["spacing_mm"] for c in cases], dtype=float)
     shapes = np.array([c["shape"] for c in cases], dtype=float)
     cropped = np.array([c["shape_after_crop"] for c in cases], dtype=float)

@@ -41,6 +41,7 @@ from automedseg.atomic import (  # noqa: F401  (re-exported: the writers callers
     atomic_write_text,
 )
 from automedseg.errors import InputError
+from automedseg.imagefile import check_image_file
 
 IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -142,8 +143,7 @@ def file_ending(path: Path | str) -> str:
 
 
 def _read_sitk(path: Path) -> sitk.Image:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file is missing")
+    check_image_file(path)  # missing, unreadable, truncated, inflated, NaN/inf: before SimpleITK allocates
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -166,6 +166,9 @@ def read_image_file(path: Path, *, spacing_2d_mm: Sequence[float] | None = None)
 
     Raises:
         FileNotFoundError: The file does not exist.
+        PermissionError: The file exists but cannot be read.
+        automedseg.imagefile.ImageFileError: The file contradicts its header (truncated, inflated, invalid
+            spacing) or holds NaN/inf in float NIfTI data (see :func:`automedseg.imagefile.check_image_file`).
         OSError: SimpleITK cannot read it.
     """
     path = Path(path)
@@ -330,9 +333,22 @@ def _spacing_2d(data: dict[str, Any], where: Path, problems: list[str]) -> tuple
     return (float(s[0]), float(s[1]))
 
 
+def _counts(data: dict[str, Any], where: Path, problems: list[str]) -> None:
+    for key in ("numTraining", "numTest"):
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            problems.append(f"{where}: '{key}' must be a non-negative integer, got {value!r}")
+
+
 def _channel_names(raw: Any, key: str, where: Path, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(raw, list):
+        raw = {str(i): v for i, v in enumerate(raw)}  # ["T1", "T2"]: channels in order
     if not isinstance(raw, dict) or not raw:
-        problems.append(f"{where}: '{key}' must be a non-empty object like {{\"0\": \"CT\"}}")
+        problems.append(f"{where}: '{key}' must be a non-empty object like {{\"0\": \"CT\"}} (or a list of names)")
+        return ()
+    bad = [v for v in raw.values() if not isinstance(v, str) or not v]
+    if bad:
+        problems.append(f"{where}: '{key}' values must be channel names (non-empty strings), got {bad[0]!r}")
         return ()
     try:
         items = sorted(((int(k), str(v)) for k, v in raw.items()))
@@ -382,6 +398,7 @@ def _load_nnunet(root: Path, data: dict[str, Any]) -> DatasetSpec:
         problems.append(f"{where}: 'file_ending' must be a string like \".nii.gz\", got {ending!r}")
         ending = None
     spacing_2d = _spacing_2d(data, where, problems)
+    _counts(data, where, problems)
     if problems:
         raise DatasetError(problems)
     assert isinstance(ending, str)
@@ -451,6 +468,8 @@ def _load_msd(root: Path, data: dict[str, Any]) -> DatasetSpec:
                     labels[str(name)] = int(value)
                 except ValueError:
                     problems.append(f"{where}: label key {value!r} is not an integer")
+                if not isinstance(name, str):
+                    problems.append(f"{where}: label {value!r} must be named by a string, got {name!r}")
             _label_value_problems(labels, where, '"0"', problems)
     training = data.get("training")
     entries: list[tuple[str, str]] = []
@@ -464,7 +483,10 @@ def _load_msd(root: Path, data: dict[str, Any]) -> DatasetSpec:
                     problems.append(f"{where}: training[{i}] must have string 'image' and 'label' paths")
                 else:
                     entries.append((item["image"], item["label"]))
+    if not isinstance(data.get("test", []), list):
+        problems.append(f"{where}: 'test' must be a list of image paths")
     spacing_2d = _spacing_2d(data, where, problems)
+    _counts(data, where, problems)
     if problems:
         raise DatasetError(problems)
     ending = file_ending(entries[0][0]) if entries else ".nii.gz"

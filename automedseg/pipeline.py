@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from automedseg.atomic import remove_stale_temp_files
+from automedseg.constants import N_SPLITS
 from automedseg.fingerprint import FINGERPRINT_VERSION, compute_fingerprint, save_fingerprint
 from automedseg.io import DatasetSpec, load_dataset_spec
 from automedseg.locks import folder_lock
@@ -67,7 +68,8 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
     re-derived (it is cheap and depends on the device and budget).
 
     Raises:
-        DatasetError: Integrity problems, all listed.
+        DatasetError: Integrity problems, all listed (the same rules as ``automedseg check``, including
+            at least ``N_SPLITS`` training cases and some foreground).
     """
     from automedseg.planning import measure_device
 
@@ -105,7 +107,7 @@ def _plan_locked(spec: DatasetSpec, ws: Workspace, profile: DeviceProfile, *, co
         elif fingerprint is not None:
             log(f"fingerprint: reusing {ws.fingerprint_path} (files unchanged)")
     if fingerprint is None:
-        fingerprint = compute_fingerprint(spec, jobs=jobs, progress=progress)
+        fingerprint = compute_fingerprint(spec, jobs=jobs, progress=progress, min_cases=N_SPLITS)
         fingerprint["files_signature"] = signature
         save_fingerprint(fingerprint, ws.fingerprint_path)
         log(f"fingerprint: {fingerprint['num_cases']} cases -> {ws.fingerprint_path}")

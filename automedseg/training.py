@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.constants import N_SPLITS
 from automedseg.errors import InputError
 from automedseg.inference import (
     LoadedFold,
@@ -52,7 +53,6 @@ from automedseg.preprocessing import complete_cases
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
-N_SPLITS = 5
 SPLIT_SEED = 12345
 
 

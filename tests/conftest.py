@@ -1,15 +1,18 @@
 """Shared fixtures: tiny synthetic datasets written to ``tmp_path`` in the layouts automedseg reads.
 
 Every volume is small (8 x 24 x 24 or less) so each test runs in well under a second. The helpers are
-exposed as fixtures (``write_volume``, ``write_nnunet_dataset``) so test modules need no imports from here.
+exposed as fixtures (``write_volume``, ``write_nnunet_dataset``, ``write_nifti`` for NIfTI files built byte by
+byte) so test modules need no imports from here.
 
 Conventions: arrays are (Z, Y, X), spacings (z, y, x) in mm; SimpleITK takes (x, y, z), the helpers convert.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from automedseg.constants import N_SPLITS
+
 torch.set_num_threads(1)
 
 SHAPE_3D = (8, 24, 24)  # (z, y, x)
 SPACING_ANISO = (3.0, 0.8, 0.8)  # (z, y, x) mm
 SHAPE_2D = (20, 24)  # (y, x)
 LABELS = {"background": 0, "outer": 1, "inner": 2}
+N_CASES = N_SPLITS  # training cases per fixture dataset: `check` and `plan` refuse fewer
 
 
 def oblique_direction(angle_deg: float = 30.0) -> tuple[float, ...]:
@@ -67,6 +73,73 @@ def _write_4d(path: Path, channels: np.ndarray, *, spacing_zyx: Sequence[float] 
     return path
 
 
+_NIFTI_CODES = {"u1": 2, "i2": 4, "i4": 8, "f4": 16, "f8": 64, "i1": 256, "u2": 512, "u4": 768, "i8": 1024,
+                "u8": 1280}
+
+
+def _nifti_bytes(array: np.ndarray, *, version: int = 1, byteorder: str = "<",
+                 spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0), extension: bytes = b"") -> bytes:
+    """A single-file NIfTI-1 or NIfTI-2 image (uncompressed) built byte by byte, in either byte order.
+
+    ``array`` is (Z, Y, X) or (T, Z, Y, X); the 4th axis gets pixdim 0 (as MSD files do). The orientation is
+    the identity qform (``qform_code`` 1); ``extension`` (a multiple of 16 bytes, 8-byte block header
+    included) goes between the header and the data.
+    """
+    arr = np.asarray(array)
+    code = _NIFTI_CODES[arr.dtype.str[1:]]
+    dim = [arr.ndim, *reversed(arr.shape)] + [1] * (7 - arr.ndim)
+    pixdim = [1.0, *reversed(tuple(spacing_zyx)[-3:])] + [0.0] * 4
+    ext = (b"\x01\0\0\0" + extension) if extension else b"\0\0\0\0"
+    bo = byteorder
+    if version == 1:
+        h = bytearray(348)
+        offset = 348 + len(ext)
+        struct.pack_into(bo + "i", h, 0, 348)
+        struct.pack_into(bo + "8h", h, 40, *dim)
+        struct.pack_into(bo + "2h", h, 70, code, 8 * arr.dtype.itemsize)
+        struct.pack_into(bo + "8f", h, 76, *pixdim)
+        struct.pack_into(bo + "f", h, 108, float(offset))
+        struct.pack_into(bo + "b", h, 123, 10)  # mm, s
+        struct.pack_into(bo + "h", h, 252, 1)  # qform_code; quaternion and offset stay 0
+        h[344:348] = b"n+1\0"
+    else:
+        h = bytearray(540)
+        offset = 540 + len(ext)
+        struct.pack_into(bo + "i", h, 0, 540)
+        h[4:12] = b"n+2\0\r\n\x1a\n"
+        struct.pack_into(bo + "2h", h, 12, code, 8 * arr.dtype.itemsize)
+        struct.pack_into(bo + "8q", h, 16, *dim)
+        struct.pack_into(bo + "8d", h, 104, *pixdim)
+        struct.pack_into(bo + "q", h, 168, offset)
+        struct.pack_into(bo + "i", h, 344, 1)  # qform_code
+        struct.pack_into(bo + "i", h, 500, 10)
+    return bytes(h) + ext + arr.astype(arr.dtype.newbyteorder(bo)).tobytes()
+
+
+def _write_nifti(path: Path, array: np.ndarray, **kwargs: Any) -> Path:
+    """Write :func:`_nifti_bytes` to ``path``, gzip-compressed when it ends with ``.gz``."""
+    data = _nifti_bytes(array, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _edit_nifti_header(path: Path, *, dims_xyz: Sequence[int] | None = None,
+                       pixdim_xyz: Sequence[float] | None = None) -> Path:
+    """Overwrite ``dim`` and/or ``pixdim`` of a little-endian NIfTI-1 file (``.nii`` or ``.nii.gz``) in place."""
+    path = Path(path)
+    zipped = path.read_bytes()[:2] == b"\x1f\x8b"
+    raw = bytearray(gzip.decompress(path.read_bytes()) if zipped else path.read_bytes())
+    assert struct.unpack_from("<i", raw, 0)[0] == 348, "little-endian NIfTI-1 expected"
+    if dims_xyz is not None:
+        struct.pack_into(f"<{1 + len(dims_xyz)}h", raw, 40, len(dims_xyz), *dims_xyz)
+    if pixdim_xyz is not None:
+        struct.pack_into(f"<{len(pixdim_xyz)}f", raw, 80, *pixdim_xyz)
+    path.write_bytes(gzip.compress(bytes(raw)) if zipped else bytes(raw))
+    return path
+
+
 def planted_case(rng: np.random.Generator, shape: tuple[int, int, int] = SHAPE_3D, *,
                  background: float = 0.0, outer: float = 60.0, inner: float = 150.0,
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +176,7 @@ class SynthDataset:
     ending: str = ".nii.gz"
 
 
-def _nnunet_dataset(root: Path, *, n_cases: int = 4, n_test: int = 1, channel_names: Sequence[str] = ("T2",),
+def _nnunet_dataset(root: Path, *, n_cases: int = N_CASES, n_test: int = 1, channel_names: Sequence[str] = ("T2",),
                     spacing_zyx: Sequence[float] = SPACING_ANISO, shape: tuple[int, int, int] = SHAPE_3D,
                     oblique_every: int = 2, seed: int = 0, prefix: str = "case",
                     labels: dict[str, int] | None = None, ending: str = ".nii.gz",
@@ -194,14 +267,26 @@ def write_4d() -> Callable[..., Path]:
 
 
 @pytest.fixture
+def write_nifti() -> Callable[..., Path]:
+    """``write_nifti(path, array_zyx, version=1|2, byteorder="<"|">", spacing_zyx=..., extension=b"")``."""
+    return _write_nifti
+
+
+@pytest.fixture
+def edit_nifti_header() -> Callable[..., Path]:
+    """``edit_nifti_header(path, dims_xyz=..., pixdim_xyz=...)``: lie about size or spacing in a NIfTI-1 header."""
+    return _edit_nifti_header
+
+
+@pytest.fixture
 def write_nnunet_dataset() -> Callable[..., SynthDataset]:
-    """Factory: ``write_nnunet_dataset(root, n_cases=4, channel_names=("T2",), spacing_zyx=..., ...)``."""
+    """Factory: ``write_nnunet_dataset(root, n_cases=5, channel_names=("T2",), spacing_zyx=..., ...)``."""
     return _nnunet_dataset
 
 
 @pytest.fixture
 def nnunet_3d(tmp_path: Path) -> SynthDataset:
-    """(a) nnU-Net v2 layout: 4 anisotropic (3.0, 0.8, 0.8) mm cases, labels 1 and 2, 2 oblique, 1 test case."""
+    """(a) nnU-Net v2 layout: 5 anisotropic (3.0, 0.8, 0.8) mm cases, labels 1 and 2, 2 oblique, 1 test case."""
     return _nnunet_dataset(tmp_path / "Dataset001_Aniso")
 
 
@@ -218,7 +303,7 @@ def msd_4d(tmp_path: Path) -> SynthDataset:
     rng = np.random.default_rng(1)
     spacing = (2.0, 1.0, 1.0)
     ids, training = [], []
-    for i in range(3):
+    for i in range(N_CASES):
         cid = f"multi_{i:03d}"
         image, label = planted_case(rng)
         channels = np.stack([image, 2.0 * image + 1.0]).astype(np.float32)
@@ -232,7 +317,7 @@ def msd_4d(tmp_path: Path) -> SynthDataset:
         "name": "Multi",
         "modality": {"0": "FLAIR", "1": "T1w"},
         "labels": {"0": "background", "1": "outer", "2": "inner"},
-        "numTraining": 3,
+        "numTraining": N_CASES,
         "numTest": 1,
         "training": training,
         "test": ["./imagesTs/multi_010.nii.gz"],
@@ -240,7 +325,7 @@ def msd_4d(tmp_path: Path) -> SynthDataset:
     return SynthDataset(root, ids, spacing, SHAPE_3D, ("FLAIR", "T1w"), dict(LABELS), ["multi_010"])
 
 
-def _png_dataset(root: Path, *, rgb: bool, n_cases: int = 3, n_test: int = 1) -> SynthDataset:
+def _png_dataset(root: Path, *, rgb: bool, n_cases: int = N_CASES, n_test: int = 1) -> SynthDataset:
     rng = np.random.default_rng(2 if rgb else 3)
     y, x = SHAPE_2D
     ids, test_ids = [], []
@@ -292,7 +377,7 @@ def ct_dataset(tmp_path: Path) -> SynthDataset:
     rng = np.random.default_rng(4)
     spacing = (2.5, 0.7, 0.7)
     ids = []
-    for i in range(3):
+    for i in range(N_CASES):
         cid = f"ct_{i:03d}"
         image, label = planted_case(rng, background=-1000.0, outer=40.0, inner=300.0)
         _write_volume(root / "imagesTr" / f"{cid}_0000.nii.gz", image, spacing_zyx=spacing)
@@ -302,7 +387,7 @@ def ct_dataset(tmp_path: Path) -> SynthDataset:
         "name": "CTlike",
         "channel_names": {"0": "CT"},
         "labels": dict(LABELS),
-        "numTraining": 3,
+        "numTraining": N_CASES,
         "file_ending": ".nii.gz",
     })
     return SynthDataset(root, ids, spacing, SHAPE_3D, ("CT",), dict(LABELS))
@@ -310,7 +395,7 @@ def ct_dataset(tmp_path: Path) -> SynthDataset:
 
 @pytest.fixture
 def demo_dataset(tmp_path: Path) -> Path:
-    """The package's own demo dataset, 3 training cases and 1 test case."""
+    """The package's own demo dataset, 5 training cases and 1 test case."""
     from automedseg.demo import make_demo_dataset
 
-    return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=3, n_test=1, seed=0)
+    return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=N_CASES, n_test=1, seed=0)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from automedseg.checks import check_dataset, inspect_case
 from automedseg.cli import main
+from automedseg.constants import N_SPLITS
 from automedseg.io import load_dataset_spec
 
 if TYPE_CHECKING:
@@ -151,7 +152,23 @@ def f_inf(ds: SynthDataset, cid: str) -> tuple[Path, str]:
         return a
 
     _set_array(_img(ds, cid, 1), plant)
-    return _img(ds, cid, 0), "2 NaN or infinite"
+    return _img(ds, cid, 1), "2 NaN or infinite"
+
+
+def f_truncated_image(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    data = _img(ds, cid, 0).read_bytes()
+    _img(ds, cid, 0).write_bytes(data[: len(data) // 2])
+    return _img(ds, cid, 0), "truncated"
+
+
+def f_nan_label(ds: SynthDataset, cid: str) -> tuple[Path, str]:
+    def plant(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        a[4, 6, 6] = np.nan
+        return a
+
+    _set_array(_lab(ds, cid), plant)
+    return _lab(ds, cid), "1 NaN or infinite"
 
 
 def f_4d_image(ds: SynthDataset, cid: str) -> tuple[Path, str]:
@@ -181,19 +198,18 @@ CASE_FAULTS = {
     "inf_intensity": f_inf,
     "4d_image": f_4d_image,
     "4d_label": f_4d_label,
+    "truncated_image": f_truncated_image,
+    "nan_label": f_nan_label,
 }
 
 
-# ITK's NIfTI reader silently replaces NaN and inf with 0 (nifticlib), so non-finite intensities can only be
-# planted, and detected, in the other formats.
-NONFINITE_FAULTS = {"nan_intensity", "inf_intensity"}
-FAULT_CASES = [(f, e) for e in (".nii.gz", ".mha") for f in sorted(CASE_FAULTS)
-               if not (e == ".nii.gz" and f in NONFINITE_FAULTS)]
+# ITK's NIfTI reader silently replaces NaN and inf with 0; automedseg.imagefile finds them in the raw data.
+FAULT_CASES = [(f, e) for e in (".nii.gz", ".mha") for f in sorted(CASE_FAULTS)]
 
 
 @pytest.fixture
 def two_channel(tmp_path, write_nnunet_dataset):
-    return write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=3, n_test=0, channel_names=("T1", "T2"),
+    return write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=5, n_test=0, channel_names=("T1", "T2"),
                                 oblique_every=0)
 
 
@@ -206,7 +222,7 @@ def test_clean_datasets_have_no_problems(nnunet_3d, nnunet_2ch, msd_4d, png_gray
 
 @pytest.mark.parametrize("fault,ending", FAULT_CASES)
 def test_case_fault(tmp_path, write_nnunet_dataset, fault, ending):
-    ds = write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=3, n_test=0, channel_names=("T1", "T2"),
+    ds = write_nnunet_dataset(tmp_path / "Dataset010_Faults", n_cases=5, n_test=0, channel_names=("T1", "T2"),
                               oblique_every=0, ending=ending)
     path, needle = CASE_FAULTS[fault](ds, ds.case_ids[1])
     problems = check_dataset(ds.root, jobs=1)
@@ -247,7 +263,7 @@ def test_msd_single_volume_where_two_modalities_declared(msd_4d):
 def test_msd_4d_where_3d_expected(msd_4d, write_4d):
     _edit_json(msd_4d.root, lambda m: m.update(modality={"0": "FLAIR"}))
     problems = check_dataset(msd_4d.root, jobs=1)
-    assert len(problems) == 3 and all("4D image" in p for p in problems)
+    assert len(problems) == len(msd_4d.case_ids) and all("4D image" in p for p in problems)
 
 
 # --- dataset-level faults ----------------------------------------------------------------------------
@@ -281,8 +297,42 @@ def _missing_json(root: Path) -> str:
     return "dataset.json is missing"
 
 
-@pytest.mark.parametrize("fault", [_malformed_json, _incomplete_json, _empty_dataset, _no_background,
-                                   _missing_json], ids=lambda f: f.__name__.strip("_"))
+def _num_training_text(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(numTraining="six"))
+    return "dataset.json: 'numTraining' must be a non-negative integer, got 'six'"
+
+
+def _num_training_negative(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(numTraining=-5))
+    return "dataset.json: 'numTraining' must be a non-negative integer, got -5"
+
+
+def _label_value_text(root: Path) -> str:
+    _edit_json(root, lambda m: m["labels"].update(inner="2"))
+    return "dataset.json: label 'inner' has value '2'"
+
+
+def _channel_names_number(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(channel_names=2))
+    return "dataset.json: 'channel_names' must be a non-empty object"
+
+
+def _channel_name_not_text(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(channel_names={"0": "T1", "1": 7}))
+    return "dataset.json: 'channel_names' values must be channel names (non-empty strings), got 7"
+
+
+def _file_ending_number(root: Path) -> str:
+    _edit_json(root, lambda m: m.update(file_ending=7))
+    return "dataset.json: 'file_ending' must be a string"
+
+
+DATASET_FAULTS = [_malformed_json, _incomplete_json, _empty_dataset, _no_background, _missing_json, _num_training_text,
+                  _num_training_negative, _label_value_text, _channel_names_number, _channel_name_not_text,
+                  _file_ending_number]
+
+
+@pytest.mark.parametrize("fault", DATASET_FAULTS, ids=lambda f: f.__name__.strip("_"))
 def test_dataset_fault(two_channel, fault):
     needle = fault(two_channel.root)
     problems = check_dataset(two_channel.root, jobs=1)
@@ -297,14 +347,77 @@ def test_msd_incomplete_json(msd_4d):
     assert len(problems) == 1 and "'training'" in problems[0]
 
 
+def test_msd_json_wrong_types(msd_4d):
+    _edit_json(msd_4d.root, lambda m: m.update(numTraining="six", numTest=1.5, test="imagesTs"))
+    problems = check_dataset(msd_4d.root, jobs=1)
+    where = msd_4d.root / "dataset.json"
+    assert problems == [f"{where}: 'test' must be a list of image paths",
+                        f"{where}: 'numTraining' must be a non-negative integer, got 'six'",
+                        f"{where}: 'numTest' must be a non-negative integer, got 1.5"]
+
+
+# --- dataset-level rules shared by check and plan: enough cases for the folds, some foreground -----------
+
+
+def _cli(command: str, root: Path, work: Path):
+    args = [command, str(root), "-j", "1"]
+    if command == "plan":
+        args += ["--work-dir", str(work), "--device", "reference-cpu-2core"]
+    return CliRunner().invoke(main, args)
+
+
+def _all_background(root: Path) -> None:
+    for path in (root / "labelsTr").iterdir():
+        _set_array(path, np.zeros_like)
+
+
+@pytest.mark.parametrize("command", ["check", "plan"])
+@pytest.mark.parametrize("layout", ["nnunet", "msd"])
+def test_too_few_cases_for_cross_validation(tmp_path, write_nnunet_dataset, msd_4d, command, layout):
+    if layout == "nnunet":
+        root = write_nnunet_dataset(tmp_path / "Dataset012_Four", n_cases=N_SPLITS - 1, n_test=0).root
+        where = root / "labelsTr"
+    else:
+        root = msd_4d.root
+        _edit_json(root, lambda m: m.update(training=m["training"][: N_SPLITS - 1], numTraining=N_SPLITS - 1))
+        where = root / "dataset.json"
+    expected = f"{where}: {N_SPLITS - 1} training case(s) are too few for {N_SPLITS}-fold cross-validation"
+    if command == "check":
+        problems = check_dataset(root, jobs=1)
+        assert len(problems) == 1 and problems[0].startswith(expected), problems
+    result = _cli(command, root, tmp_path / "work")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert expected in result.stderr and "1 problem(s) found." in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "plan"])
+def test_no_foreground_in_any_label(nnunet_3d, tmp_path, command):
+    _all_background(nnunet_3d.root)
+    expected = f"{nnunet_3d.root / 'labelsTr'}: no training case has any foreground label"
+    if command == "check":
+        assert check_dataset(nnunet_3d.root, jobs=2) == [expected]
+    result = _cli(command, nnunet_3d.root, tmp_path / "work")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [expected, "1 problem(s) found."]
+
+
+def test_no_foreground_needs_every_label_read(nnunet_3d):
+    """With one label unreadable nothing is claimed about foreground (that label may hold some)."""
+    _all_background(nnunet_3d.root)
+    broken = _lab(nnunet_3d, nnunet_3d.case_ids[0])
+    broken.write_bytes(GARBAGE)
+    problems = check_dataset(nnunet_3d.root, jobs=1)
+    assert len(problems) == 1 and problems[0].startswith(f"{broken}: ")
+
+
 # --- THE must-show test: a dozen faults at once, one line each, via the API and the CLI -------------
 
 
 @pytest.fixture(params=[".mha", ".nii.gz"])
 def many_faults(request, tmp_path, write_nnunet_dataset) -> tuple[Path, list[Path]]:
-    """Every case fault of CASE_FAULTS planted in its own case (16 in .mha, 14 in NIfTI) plus two clean cases."""
+    """Every case fault of CASE_FAULTS (18) planted in its own case, plus two clean cases."""
     ending = request.param
-    names = [f for f in sorted(CASE_FAULTS) if not (ending == ".nii.gz" and f in NONFINITE_FAULTS)]
+    names = sorted(CASE_FAULTS)
     ds = write_nnunet_dataset(tmp_path / "Dataset011_ManyFaults", n_cases=len(names) + 2, n_test=0,
                               channel_names=("T1", "T2"), oblique_every=0, ending=ending)
     expected = []
@@ -340,6 +453,37 @@ def test_cli_reports_all_faults_without_traceback(many_faults, tmp_path, command
     assert f"{len(expected)} problem(s) found." in result.stderr
     if command == "plan":
         assert not (tmp_path / "work" / "plans.json").exists()
+
+
+def test_cli_check_names_every_faulty_file_of_a_planted_corpus(tmp_path, write_nnunet_dataset, edit_nifti_header):
+    """Bad files of every kind SimpleITK used to accept, and classic ones, all named by `automedseg check`."""
+    ds = write_nnunet_dataset(tmp_path / "Dataset013_Corpus", n_cases=10, n_test=0, oblique_every=0)
+    c = ds.case_ids
+    expected: dict[Path, str] = {}
+    for cid, fault in ((c[1], f_truncated_image), (c[2], f_nan), (c[3], f_nan_label), (c[4], f_label_spacing),
+                       (c[5], f_undeclared_label)):
+        path, needle = fault(ds, cid)
+        expected[path] = needle
+    expected[edit_nifti_header(_img(ds, c[6]), dims_xyz=(1000, 1000, 500))] = "claims 2,000,000,000 bytes"
+    expected[edit_nifti_header(_img(ds, c[7]), pixdim_xyz=(0.8, 0.8, 0.0))] = "spacing 0 in header for the z axis"
+
+    def plant_inf(a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float64)
+        a[0, :2, :3] = -np.inf
+        return a
+
+    _set_array(_lab(ds, c[8]), plant_inf)
+    expected[_lab(ds, c[8])] = "6 NaN or infinite value(s) in the float64 voxel data (0 NaN, 0 +inf, 6 -inf)"
+    result = CliRunner().invoke(main, ["check", str(ds.root), "-j", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[-1] == f"{len(expected)} problem(s) found."
+    named = {Path(line.split(": ", 1)[0]): line for line in lines[:-1]}
+    assert set(named) == set(expected) and len(lines) == len(expected) + 1, "\n".join(lines)
+    for path, needle in expected.items():
+        assert needle in named[path], named[path]
 
 
 @pytest.mark.parametrize("command", ["check", "plan"])

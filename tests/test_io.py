@@ -115,6 +115,13 @@ def test_missing_dataset_json_and_folder(tmp_path, layout):
         load_dataset_spec(tmp_path / "empty")
 
 
+def test_channel_names_may_be_a_list(nnunet_2ch):
+    meta = json.loads((nnunet_2ch.root / "dataset.json").read_text())
+    meta["channel_names"] = ["T1", "T2"]
+    (nnunet_2ch.root / "dataset.json").write_text(json.dumps(meta))
+    assert load_dataset_spec(nnunet_2ch.root).channel_names == ("T1", "T2")
+
+
 def test_dataset_json_lists_every_problem(tmp_path):
     root = tmp_path / "bad"
     root.mkdir()
@@ -370,7 +377,8 @@ def test_discover_images_msd(msd_4d):
 
 def test_discover_images_rgb_png(png_rgb):
     cases = discover_images(png_rgb.root / "imagesTs", n_channels=3)
-    assert cases == [CaseFiles("img_003", (png_rgb.root / "imagesTs" / "img_003_0000.png",))]
+    (tid,) = png_rgb.test_ids
+    assert cases == [CaseFiles(tid, (png_rgb.root / "imagesTs" / f"{tid}_0000.png",))]
 
 
 def test_discover_images_skips_hidden_and_other_files(nnunet_3d):
