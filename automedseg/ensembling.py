@@ -39,6 +39,7 @@ import numpy as np
 from automedseg.io import atomic_write_json, read_label
 from automedseg.plans import PlanError, Plans, indices_to_values
 from automedseg.postprocessing import dice_per_label
+from automedseg.splits import read_splits
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -161,17 +162,8 @@ class ValidationOutputs:
         }
 
 
-def _read_splits(ws: Workspace) -> list[dict[str, Any]] | None:
-    if not ws.splits_path.is_file():
-        return None
-    try:
-        splits = json.loads(ws.splits_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{ws.splits_path}: cannot read ({e})") from None
-    if not (isinstance(splits, list) and all(isinstance(s, dict) and isinstance(s.get("val"), list)
-                                             for s in splits)):
-        raise ValueError(f"{ws.splits_path}: expected a list of {{'train': [...], 'val': [...]}}")
-    return splits
+def _read_splits(ws: Workspace) -> list[dict[str, list[str]]] | None:
+    return read_splits(ws.splits_path) if ws.splits_path.is_file() else None
 
 
 def _configuration_info(ws: Workspace, configuration: str) -> tuple[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ this CPU, each with its own 3d_fullres plan, and are then scored by their own fi
   validation batches, not checkpoint writing / plotting (as in automedseg). Then
   ``perform_actual_validation()`` (sliding window, mirroring as nnU-Net does by default) and its
   ``validation/summary.json`` (``foreground_mean`` Dice, per-class ``mean`` Dice).
-* Split: automedseg's ``splits.json`` (made by ``automedseg.training.load_or_create_splits`` before training)
+* Split: automedseg's ``splits.json`` (made by ``automedseg.splits.load_or_create_splits`` before training)
   is written to nnU-Net's preprocessed folder as ``splits_final.json``, so both train and validate on the
   same cases; whether it equals nnU-Net's own default split is reported.
 * Same metric: both validation folders' segmentations are also scored here with one Dice function against
@@ -293,7 +293,7 @@ def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict
 def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, iterations: int | None,
                      val_cases: int | None, fingerprint_from: Path, logs: Path) -> dict:
     """Plan, write the split, train fold 0 with the budget; returns the commands' timings."""
-    from automedseg.training import load_or_create_splits
+    from automedseg.splits import load_or_create_splits
     from automedseg.workspace import Workspace
 
     if work.exists():

@@ -19,12 +19,12 @@ import torch
 from automedseg.demo import make_demo_dataset
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
+from automedseg.splits import load_or_create_splits
 from automedseg.training import (
     DeepSupervisionLoss,
     TrainOptions,
     _rng_state,
     _set_rng_state,
-    load_or_create_splits,
     soft_dice_loss,
     train_fold,
 )
