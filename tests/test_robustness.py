@@ -8,6 +8,7 @@ two trainers on one fold) run real processes at the end.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -257,8 +258,8 @@ CASES: list[tuple[str, list[str], Callable[[Env], object] | None, str, int]] = [
     ("predict-step-five", _with(PREDICT, "--step", "5"), None, "--step", 2),
     ("predict-num-parts-zero", _with(PREDICT, "--num-parts", "0"), None, "--num-parts", 2),
     ("predict-part-id-out-of-range", _with(PREDICT, "--num-parts", "2", "--part-id", "3"), None, "--part-id", 2),
-    ("predict-extra-channel", PREDICT, lambda e: shutil.copy(sorted(e.images_ts.iterdir())[0],
-                                                             e.images_ts / "demo_006_0001.nii.gz"),
+    ("predict-extra-channel", PREDICT, lambda e: [shutil.copy(sorted(e.images_ts.iterdir())[0],
+                                                              e.images_ts / "demo_006_0001.nii.gz")],
      "demo_006_0001.nii.gz", 2),
     ("predict-2d-into-3d-model", PREDICT, lambda e: [p.unlink() for p in e.images_ts.iterdir()]
      and _png(e.images_ts / "flat_0000.png"), "flat_0000.png", 2),
@@ -290,7 +291,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(env: Env, args: list[str],
     held = plant(env) if plant is not None else None
     before = tree_hashes(env.root)
     argv = [a.format(**vars(env)) for a in args]
-    if hasattr(held, "__enter__"):
+    if isinstance(held, contextlib.AbstractContextManager):
         with held:  # type: ignore[union-attr]
             result = CliRunner().invoke(main, argv)
     else:
