@@ -45,6 +45,7 @@ from automedseg.io import atomic_save_figure, atomic_write_json, atomic_write_te
 from automedseg.network import build_network, output_strides
 from automedseg.planning import schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -167,21 +168,8 @@ class FoldResult:
     validation: dict[str, Any] | None
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": json.dumps(random.getstate()),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
+_rng_state = capture_rng_state  # names kept for callers; see automedseg.rng
+_set_rng_state = restore_rng_state
 
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:

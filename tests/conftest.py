@@ -305,3 +305,21 @@ def demo_dataset(tmp_path: Path) -> Path:
     from automedseg.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=3, n_test=1, seed=0)
+
+
+def _moved(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(torch.int16) if obj.dtype == torch.uint8 else obj.clone()
+    if isinstance(obj, dict):
+        return {k: _moved(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_moved(v) for v in obj]
+    return obj
+
+
+@pytest.fixture
+def moved() -> Callable[[Any], Any]:
+    """``moved(obj)``: ``obj`` with its tensors changed as a ``map_location`` to a GPU changes them, as far as a
+    CPU-only machine allows: byte tensors stop being CPU ``ByteTensor`` s (int16 here, same values), so
+    ``torch.set_rng_state`` rejects them exactly as it rejects a CUDA tensor."""
+    return _moved

@@ -155,6 +155,40 @@ def test_resume_continues_from_the_checkpoint(planned: tuple[Path, Workspace]) -
     assert len(_history(first.fold_dir)) == 3
 
 
+def test_resume_with_rng_states_moved_by_map_location(planned: tuple[Path, Workspace], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, moved) -> None:
+    """On CUDA the checkpoint is loaded with ``map_location`` = the GPU, which moved the RNG states there and
+    broke resuming (``RNG state must be a torch.ByteTensor``); resuming from moved states now trains exactly as
+    resuming from CPU states."""
+    import automedseg.training as training
+
+    _, ws = planned
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=1, restart=True, validate=False, output_dir=a),
+               log=lambda s: None)
+    shutil.copytree(a, b)
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=2, validate=False, output_dir=a), log=lambda s: None)
+    real = training.load_checkpoint
+    calls: list[Path] = []
+
+    def load_moved(path: Path, device: torch.device | str = "cpu") -> dict:
+        calls.append(Path(path))
+        return moved(real(path, device))
+
+    monkeypatch.setattr(training, "load_checkpoint", load_moved)
+    messages: list[str] = []
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=2, validate=False, output_dir=b), log=messages.append)
+    assert b / "checkpoint_latest.pt" in calls and any("resuming" in m for m in messages)
+    state = torch.get_rng_state()
+    assert state.device.type == "cpu" and state.dtype == torch.uint8
+    ha, hb = _history(a), _history(b)
+    assert len(ha) == len(hb) == 2
+    assert ha[1]["train_loss"] == hb[1]["train_loss"]
+    wa = torch.load(a / "checkpoint_final.pt", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoint_final.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_fold_all_trains_on_every_case(planned: tuple[Path, Workspace]) -> None:
     _, ws = planned
     res = train_fold(ws, "3d_fullres", "all", options=_fast(epochs=1, restart=True), log=lambda s: None)
