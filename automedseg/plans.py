@@ -26,6 +26,7 @@ SCHEMA_VERSION = 1
 NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
 ARCHITECTURES = ("plain_unet", "residual_unet")
 OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 class PlanError(ValueError):
@@ -148,6 +149,9 @@ class TrainingPlan:
         time_budget_s: Wall-clock budget the schedule was fitted to (``None``: rule default).
         estimated_seconds_per_iteration: Cost-model estimate of one training step on the planned device.
         estimated_fold_seconds: Estimated wall time of one fold (training only).
+        precision: Precision the fold trained with: ``bf16`` (autocast), ``fp16`` (autocast and a gradient
+            scaler) or ``fp32``; chosen by :func:`automedseg.inference.precision_for` and written by the trainer
+            into the fold's plan copy (``null`` in a plan from the planner).
     """
 
     epochs: int
@@ -167,10 +171,13 @@ class TrainingPlan:
     time_budget_s: float | None = None
     estimated_seconds_per_iteration: float | None = None
     estimated_fold_seconds: float | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise PlanError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise PlanError("epochs and iterations_per_epoch must be at least 1")
 

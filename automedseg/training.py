@@ -38,6 +38,8 @@ from automedseg.inference import (
     autocast_context,
     load_checkpoint,
     memory_format,
+    needs_grad_scaler,
+    precision_for,
     predict_probabilities_preprocessed,
     select_device,
 )
@@ -133,7 +135,9 @@ class TrainOptions:
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
         threads: Torch CPU threads (default: the plan's device profile).
         num_workers: Override augmentation worker processes (0: in-process).
-        amp: Mixed precision (bf16 on CPUs with native bf16, fp16 on CUDA; fp32 elsewhere).
+        amp: Mixed precision as :func:`~automedseg.inference.precision_for` decides (bf16 on CPUs with native
+            bf16 and on CUDA GPUs of compute capability 8.0 or newer, fp16 with a gradient scaler on older
+            GPUs, fp32 elsewhere); ``False``: fp32. The choice is recorded in the fold's plan copy.
         validate: Run the final sliding-window validation of the held-out cases.
         progress: Show a progress bar.
         output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
@@ -225,8 +229,8 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
                amp: bool = True, grad_clip_norm: float = 12.0) -> float:
     """One optimisation step on a batch from the training loader; returns the loss.
 
-    Mixed precision as :func:`~automedseg.inference.autocast_context` (bf16 on CPU, fp16 + ``scaler`` on
-    CUDA), channels-last inputs on CPU, gradient-norm clipping.
+    Mixed precision as :func:`~automedseg.inference.precision_for` decides (a ``scaler`` for fp16 only),
+    channels-last inputs on CPU, gradient-norm clipping.
     """
     mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format
     x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
@@ -397,7 +401,9 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
                                                            nesterov=True, weight_decay=tr.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.initial_lr, weight_decay=tr.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and options.amp else None
+    precision = precision_for(device, enabled=options.amp)
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, precision=precision))
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision) else None
     strides = output_strides(config.network)
     loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight)
 

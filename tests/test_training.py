@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
+from automedseg.inference import precision_for
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
 from automedseg.training import (
@@ -128,6 +129,7 @@ def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Work
     assert list(copy.configurations) == [configuration]
     assert copy.configurations[configuration].training.epochs == 2
     assert copy.configurations[configuration].training.iterations_per_epoch == 4
+    assert copy.configurations[configuration].training.precision == precision_for(torch.device("cpu"))
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     assert summary["mean_dice"] is not None and 0.0 <= summary["mean_dice"] <= 1.0
     val_ids = summary["cases"]
