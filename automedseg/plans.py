@@ -152,6 +152,9 @@ class TrainingPlan:
         precision: Precision the fold trained with: ``bf16`` (autocast), ``fp16`` (autocast and a gradient
             scaler) or ``fp32``; chosen by :func:`automedseg.inference.precision_for` and written by the trainer
             into the fold's plan copy (``null`` in a plan from the planner).
+        fixed_epochs: The number of epochs is fixed (search trials: the pruner's steps): a time budget sets
+            the iterations per epoch only, and the trainer does not refit the epochs to it
+            (:func:`automedseg.planning.schedule_for_budget`).
     """
 
     epochs: int
@@ -172,6 +175,7 @@ class TrainingPlan:
     estimated_seconds_per_iteration: float | None = None
     estimated_fold_seconds: float | None = None
     precision: str | None = None
+    fixed_epochs: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

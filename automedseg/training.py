@@ -45,7 +45,7 @@ from automedseg.inference import (
 )
 from automedseg.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from automedseg.network import build_network, output_strides
-from automedseg.planning import schedule_for_budget
+from automedseg.planning import budget_epochs, schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.workspace import Workspace
@@ -189,8 +189,9 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
     """The configuration with the CLI's schedule overrides applied.
 
     An explicit ``epochs`` or ``iterations_per_epoch`` without an explicit budget drops the plan's budget,
-    so the schedule is trained as given. A budget alone refits epochs and iterations per epoch to it with the
-    plan's step estimate (:func:`~automedseg.planning.schedule_for_budget`).
+    so the schedule is trained as given. A budget alone refits the schedule to it with the plan's step estimate
+    by the planner's rule (:func:`~automedseg.planning.schedule_for_budget`), keeping the epochs of a plan
+    with ``fixed_epochs`` (a search trial).
     """
     tr = config.training
     changes: dict[str, Any] = {}
@@ -204,7 +205,10 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
         if options.iterations_per_epoch is None and options.epochs is None and step_s:
             # Another budget than the plan's: refit the schedule with the plan's step estimate (the trainer
             # then corrects it with measured epoch times).
-            changes["epochs"], changes["iterations_per_epoch"] = schedule_for_budget(step_s, options.time_budget_s)
+            sched = schedule_for_budget(step_s, options.time_budget_s,
+                                        fixed_epochs=tr.epochs if tr.fixed_epochs else None)
+            changes.update(epochs=sched.epochs, iterations_per_epoch=sched.iterations_per_epoch,
+                           val_iterations=sched.val_iterations)
     elif options.epochs is not None or options.iterations_per_epoch is not None:
         changes["time_budget_s"] = None  # an explicit schedule is trained as given, not cut to the plan's budget
     if options.num_workers is not None:
@@ -250,26 +254,6 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
     return float(loss.detach())
-
-
-def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float
-                  ) -> int:
-    """Epochs to train in all so that the rest fits the time budget: at least ``done``, at most ``ceiling``.
-
-    The mean of the last three epochs predicts the next ones and 5% of the budget is kept in reserve.
-    Recomputed after every epoch, so a slow first epoch (start-up, a busy moment on the machine) shortens
-    the schedule only until faster epochs give the time back; it never exceeds the planned ``ceiling``.
-
-    Example:
-        >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
-        14
-        >>> budget_epochs(done=5, ceiling=20, epoch_seconds=[16.4, 14.7, 12.7, 11.9, 13.0], budget_s=255.0,
-        ...               spent_s=68.7)
-        18
-    """
-    mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
-    left = max(0.0, budget_s - 0.05 * budget_s - spent_s)
-    return max(int(done), min(int(ceiling), int(done) + int(left // mean_epoch)))
 
 
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
@@ -535,7 +519,7 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             if tr.time_budget_s is not None:
                 planned_epochs = dist.min_int(budget_epochs(
                     done=epoch + 1, ceiling=tr.epochs, epoch_seconds=[h["epoch_seconds"] for h in history],
-                    budget_s=tr.time_budget_s, spent_s=train_seconds))
+                    budget_s=tr.time_budget_s, spent_s=train_seconds, fixed_epochs=tr.fixed_epochs))
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,

@@ -265,3 +265,32 @@ def test_budget_epochs_refits_both_ways(done: int, epoch_seconds: list[float], s
 
     got = budget_epochs(done=done, ceiling=20, epoch_seconds=epoch_seconds, budget_s=255.0, spent_s=spent_s)
     assert got == expected
+
+
+@pytest.mark.parametrize(("fixed", "budget_s"), [(False, 30.0), (False, 600.0), (True, 30.0), (True, 600.0)])
+def test_time_budget_override_uses_the_planner_schedule(planned: tuple[Path, Workspace], fixed: bool,
+                                                        budget_s: float) -> None:
+    """``train --time-budget`` refits with the planner's rule; a plan with fixed epochs (a trial) keeps them."""
+    import dataclasses
+
+    from automedseg.planning import schedule_for_budget
+    from automedseg.training import apply_overrides
+
+    _, ws = planned
+    config = Plans.load(ws.plans_path).configuration("3d_fullres")
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=7, fixed_epochs=fixed))
+    got = apply_overrides(config, TrainOptions(time_budget_s=budget_s)).training
+    want = schedule_for_budget(config.training.estimated_seconds_per_iteration, budget_s,
+                               fixed_epochs=7 if fixed else None)
+    assert (got.epochs, got.iterations_per_epoch, got.val_iterations) == tuple(want)
+    if fixed:
+        assert got.epochs == 7
+    assert got.time_budget_s == budget_s
+
+
+def test_fixed_epochs_are_not_refitted_to_the_budget() -> None:
+    from automedseg.training import budget_epochs
+
+    kw = dict(done=1, ceiling=20, epoch_seconds=[80.0], budget_s=100.0, spent_s=80.0)
+    assert budget_epochs(**kw) == 1
+    assert budget_epochs(**kw, fixed_epochs=True) == 20
