@@ -155,6 +155,9 @@ class TrainingPlan:
         fixed_epochs: The number of epochs is fixed (search trials: the pruner's steps): a time budget sets
             the iterations per epoch only, and the trainer does not refit the epochs to it
             (:func:`automedseg.planning.schedule_for_budget`).
+        augment_on_device: Augment batched on the training device (:mod:`automedseg.device_batches`; the CPU
+            workers only read windows) instead of in the CPU workers. ``null``: on CUDA devices only; the
+            trainer records its choice in the fold's plan copy.
     """
 
     epochs: int
@@ -176,6 +179,7 @@ class TrainingPlan:
     estimated_fold_seconds: float | None = None
     precision: str | None = None
     fixed_epochs: bool = False
+    augment_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

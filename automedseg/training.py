@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.inference import (
     LoadedFold,
     autocast_context,
@@ -143,6 +144,8 @@ class TrainOptions:
         output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
         distributed: Join the process group set up by ``torchrun`` (DistributedDataParallel; gloo on CPU,
             NCCL on CUDA). The global batch is split over the ranks; only rank 0 writes files.
+        augment_on_device: Augment batched on the training device, the CPU workers only reading windows
+            (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
     """
 
     device: str | None = None
@@ -159,6 +162,7 @@ class TrainOptions:
     progress: bool = True
     output_dir: Path | None = None
     distributed: bool = False
+    augment_on_device: bool | None = None
 
 
 @dataclass
@@ -228,6 +232,11 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
     return len(ok), len(own) - len(ok)
 
 
+def _on_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch array (numpy from the CPU workers, or a tensor already augmented on the device) on ``device``."""
+    return (a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(device, non_blocking=True)
+
+
 def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torch.optim.Optimizer,
                loss_fn: DeepSupervisionLoss, device: torch.device, scaler: torch.amp.GradScaler | None = None,
                amp: bool = True, grad_clip_norm: float = 12.0) -> float:
@@ -237,8 +246,8 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
     channels-last inputs on CPU, gradient-norm clipping.
     """
     mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format
-    x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
-    targets = [torch.from_numpy(t).to(device, non_blocking=True) for t in batch["target"]]
+    x = _on_device(batch["data"], device).contiguous(memory_format=mf)
+    targets = [_on_device(t, device) for t in batch["target"]]
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(device, amp):
         outputs = model(x)
@@ -386,7 +395,10 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.initial_lr, weight_decay=tr.weight_decay)
     precision = precision_for(device, enabled=options.amp)
-    config = dataclasses.replace(config, training=dataclasses.replace(config.training, precision=precision))
+    on_device = use_device_augmentation(device, options.augment_on_device if options.augment_on_device is not None
+                                        else config.training.augment_on_device)
+    config = dataclasses.replace(config, training=dataclasses.replace(
+        config.training, precision=precision, augment_on_device=on_device))
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision) else None
     strides = output_strides(config.network)
     loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight)
@@ -457,8 +469,13 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
     tr = config.training
     seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
-    train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
-                                        worker_niceness=10 if device.type == "cpu" else 0)
+    if tr.augment_on_device:  # the workers only read windows; spatial and intensity transforms on the device
+        train_loader = make_device_training_loader(cache, train_ids, local, device=device,
+                                                   deep_supervision_strides=strides, seed=seed,
+                                                   worker_niceness=10 if device.type == "cpu" else 0)
+    else:
+        train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
+                                            worker_niceness=10 if device.type == "cpu" else 0)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None

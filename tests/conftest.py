@@ -323,3 +323,32 @@ def moved() -> Callable[[Any], Any]:
     CPU-only machine allows: byte tensors stop being CPU ``ByteTensor`` s (int16 here, same values), so
     ``torch.set_rng_state`` rejects them exactly as it rejects a CUDA tensor."""
     return _moved
+
+
+@dataclass
+class WindowCache:
+    """A tiny preprocessed cache (what :class:`automedseg.augmentation.PatchSampler` reads) and its cases."""
+
+    folder: Path
+    case_ids: list[str]
+    shape: tuple[int, int, int]
+
+
+@pytest.fixture
+def window_cache(tmp_path: Path) -> WindowCache:
+    """Two cases of two channels, (12, 20, 20), label 1 in a block and label 2 in a smaller block inside it."""
+    folder = tmp_path / "preprocessed" / "data_id"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    shape = (12, 20, 20)
+    ids = ["win_a", "win_b"]
+    for i, case in enumerate(ids):
+        seg = np.zeros((1, *shape), dtype=np.int8)
+        seg[0, 2:10, 4 + i : 15 + i, 5:16] = 1
+        seg[0, 4:8, 7 + i : 11 + i, 8:12] = 2
+        data = (rng.normal(0, 0.1, (2, *shape)) + seg).astype(np.float32)
+        np.save(folder / f"{case}.npy", data)
+        np.save(folder / f"{case}_seg.npy", seg)
+        np.savez(folder / f"{case}_locs.npz",
+                 **{f"class_{k}": np.argwhere(seg[0] == k).astype(np.int64) for k in (1, 2)})
+    return WindowCache(folder, ids, shape)

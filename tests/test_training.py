@@ -130,6 +130,7 @@ def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Work
     assert copy.configurations[configuration].training.epochs == 2
     assert copy.configurations[configuration].training.iterations_per_epoch == 4
     assert copy.configurations[configuration].training.precision == precision_for(torch.device("cpu"))
+    assert copy.configurations[configuration].training.augment_on_device is False  # CPU: the workers augment
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     assert summary["mean_dice"] is not None and 0.0 <= summary["mean_dice"] <= 1.0
     val_ids = summary["cases"]
@@ -189,6 +190,20 @@ def test_resume_with_rng_states_moved_by_map_location(planned: tuple[Path, Works
     wa = torch.load(a / "checkpoint_final.pt", weights_only=True)["model"]
     wb = torch.load(b / "checkpoint_final.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_training_with_augmentation_on_the_device_forced_on(planned: tuple[Path, Workspace], tmp_path: Path,
+                                                            configuration: str) -> None:
+    """The CUDA path (workers read windows, the batch is augmented where the network runs), here on the CPU."""
+    _, ws = planned
+    res = train_fold(ws, configuration, 0, options=_fast(epochs=1, num_workers=1, validate=False,
+                                                         augment_on_device=True, output_dir=tmp_path / "fold"),
+                     log=lambda s: None)
+    (entry,) = _history(res.fold_dir)
+    assert np.isfinite(entry["train_loss"]) and 0.0 <= entry["data_wait_fraction"] <= 1.0
+    assert Plans.load(res.fold_dir / "plans.json").configurations[configuration].training.augment_on_device is True
+    assert (res.fold_dir / "checkpoint_final.pt").is_file()
 
 
 def test_fold_all_trains_on_every_case(planned: tuple[Path, Workspace]) -> None:
