@@ -857,6 +857,7 @@ def make_training_loader(
     nondeterministic: bool = False,
     num_cached_per_worker: int = 2,
     worker_niceness: int = 0,
+    windows_only: bool = False,
 ) -> BatchLoader:
     """Augmented training batches of ``config`` from the cache, made in background workers.
 
@@ -875,6 +876,8 @@ def make_training_loader(
         num_cached_per_worker: Batches each worker may queue ahead.
         worker_niceness: Raise the workers' nice value by this much, so that on a CPU with few cores the
             training threads (which synchronise with each other) are not the ones descheduled.
+        windows_only: Return the sampling windows untransformed (contiguous float32 / int8, no targets): the
+            augmentation then runs batched on the training device (:mod:`automedseg.device_batches`).
 
     Returns:
         A :class:`BatchLoader`; use it as a context manager or call :meth:`BatchLoader.close`.
@@ -892,7 +895,9 @@ def make_training_loader(
         seed=seed,
     )
     sampler.worker_niceness = int(worker_niceness)
-    if aug is None:
+    if windows_only:
+        transform = build_validation_transforms()
+    elif aug is None:
         transform = build_validation_transforms(deep_supervision_strides=deep_supervision_strides)
     else:
         transform = build_transforms(

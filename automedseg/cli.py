@@ -212,10 +212,13 @@ def _fold_arg(value: str) -> int | str:
               help="Augmentation worker processes (0: in-process).")
 @click.option("--no-amp", is_flag=True, help="Train in float32.")
 @click.option("--no-validate", is_flag=True, help="Skip the final sliding-window validation.")
+@click.option("--augment-on", type=click.Choice(["auto", "device", "workers"]), default="auto", show_default=True,
+              help="Where augmentation runs: batched on the training device (the workers only read windows), "
+                   "in the CPU workers, or auto (the device when it is CUDA).")
 def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, device: str | None,
           epochs: int | None, iterations_per_epoch: int | None, time_budget: str | None,
           early_stopping: int | None, pretrained: Path | None, restart: bool, threads: int | None,
-          workers: int | None, no_amp: bool, no_validate: bool) -> None:
+          workers: int | None, no_amp: bool, no_validate: bool, augment_on: str) -> None:
     """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
     from automedseg.training import TrainOptions, train_fold
 
@@ -236,6 +239,7 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         time_budget_s=parse_duration(time_budget), restart=restart, pretrained=pretrained,
         early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
         validate=not no_validate, progress=sys.stderr.isatty() and is_main,
+        augment_on_device={"auto": None, "device": True, "workers": False}[augment_on],
     )
     for f in folds:
         result = train_fold(ws, configuration, f, options=options, log=click.echo)

@@ -44,12 +44,41 @@ def select_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_context(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CPUs that support it, fp16 AMP on CUDA, nothing elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if enabled and device.type == "cpu" and cpu_supports_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+#: Autocast dtype of each precision (``fp32``: no autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_for(device: torch.device, *, enabled: bool = True) -> str:
+    """The precision training and inference use on ``device``: ``bf16``, ``fp16`` or ``fp32``.
+
+    CUDA GPUs with native bf16 (compute capability 8.0 or newer: Ampere, Hopper ...) use bf16 autocast, which
+    needs no gradient scaler; older GPUs fp16 autocast with a gradient scaler (:func:`needs_grad_scaler`).
+    CPUs with native bf16 arithmetic (:func:`cpu_supports_bf16`) use bf16, other CPUs and MPS fp32.
+
+    Args:
+        device: The device computations run on.
+        enabled: ``False`` forces fp32 (``train --no-amp``).
+    """
+    if not enabled:
+        return "fp32"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
+    if device.type == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def needs_grad_scaler(precision: str) -> bool:
+    """Whether training in ``precision`` needs a gradient scaler (fp16 only: bf16 has fp32's exponent range)."""
+    return precision == "fp16"
+
+
+def autocast_context(device: torch.device, enabled: bool = True, *, precision: str | None = None):
+    """Autocast to ``precision`` (default: :func:`precision_for` the device), nothing for fp32."""
+    precision = precision or precision_for(device, enabled=enabled)
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
     return torch.autocast(device.type, enabled=False)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -324,32 +324,96 @@ def _normalization(fingerprint: dict[str, Any]) -> tuple[ChannelNormalization, .
     return tuple(out)
 
 
-def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[int, int, float | None, list[str]]:
-    """Epochs and iterations per epoch for a step time; also the budget used and notes."""
+def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[Schedule, float | None, list[str]]:
+    """The schedule for a step time; also the budget used and notes."""
     notes = []
     budget = ctx.time_budget_s
     if budget is None and ctx.device.kind == "cpu":
         budget = DEFAULT_CPU_BUDGET_S
         notes.append(f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold")
     if budget is None:
-        return GPU_DEFAULT_EPOCHS, ITERATIONS_PER_EPOCH_MAX, None, notes
-    epochs, ipe = schedule_for_budget(step_s, budget)
-    return epochs, ipe, budget, notes
+        ipe = ITERATIONS_PER_EPOCH_MAX
+        return Schedule(GPU_DEFAULT_EPOCHS, ipe, _val_iterations(ipe, fixed=False)), None, notes
+    return schedule_for_budget(step_s, budget), budget, notes
 
 
-def schedule_for_budget(step_s: float, budget_s: float) -> tuple[int, int]:
-    """Epochs and iterations per epoch that fill ``budget_s`` with steps of ``step_s`` seconds.
+# --- the schedule: one rule for the planner, `train --time-budget`, the trainer's refit and the search ---------
 
-    8% of the budget is left for per-epoch validation batches and the final sliding-window validation;
-    epochs hold 20 to 250 iterations, so there are about 20 epochs (checkpoints) or more.
+
+TRAIN_FRACTION = 0.92  # of a budget: training steps; the rest per-epoch validation and the final validation
+REFIT_RESERVE = 0.05  # of a budget kept back when the trainer refits epochs to measured epoch times
+MAX_VAL_ITERATIONS = 50
+
+
+class Schedule(NamedTuple):
+    """Epochs, training iterations per epoch and validation batches per epoch."""
+
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations: int
+
+
+def _val_iterations(ipe: int, *, fixed: bool, most: int = MAX_VAL_ITERATIONS) -> int:
+    if fixed:  # short trial epochs: a quarter of the training iterations, at least 2
+        return max(2, min(most, math.ceil(ipe / 4)))
+    return max(5, min(most, ipe // 5))
+
+
+def schedule_for_budget(step_s: float, budget_s: float, *, fixed_epochs: int | None = None,
+                        max_val_iterations: int = MAX_VAL_ITERATIONS) -> Schedule:
+    """The schedule that fills ``budget_s`` with training steps of ``step_s`` seconds.
+
+    :data:`TRAIN_FRACTION` of the budget is training; the rest is left for per-epoch validation batches and
+    the final sliding-window validation. This one rule schedules the planner's folds, ``train --time-budget``
+    (:func:`~automedseg.training.apply_overrides`) and the search's trials and searched plan; the trainer
+    then corrects the number of epochs with measured epoch times (:func:`budget_epochs`).
+
+    Args:
+        step_s: Seconds per training iteration (the cost model's estimate).
+        budget_s: Training wall time.
+        fixed_epochs: Train exactly this many epochs (search trials: the pruner's steps); the iterations per
+            epoch fill the budget. ``None``: a full fold, 20 to 250 iterations per epoch, so about 20 epochs
+            (checkpoints) or more.
+        max_val_iterations: At most this many validation batches per epoch.
 
     Example:
         >>> schedule_for_budget(0.25, 1200.0)
-        (20, 220)
+        Schedule(epochs=20, iterations_per_epoch=220, val_iterations=44)
+        >>> schedule_for_budget(0.25, 100.0, fixed_epochs=20)
+        Schedule(epochs=20, iterations_per_epoch=18, val_iterations=5)
     """
-    total = max(20, int(budget_s * 0.92 / step_s))
+    total = int(budget_s * TRAIN_FRACTION / step_s)
+    if fixed_epochs is not None:
+        epochs = max(1, int(fixed_epochs))
+        ipe = max(2, total // epochs)
+        return Schedule(epochs, ipe, _val_iterations(ipe, fixed=True, most=max_val_iterations))
+    total = max(20, total)
     ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
-    return max(1, total // ipe), ipe
+    return Schedule(max(1, total // ipe), ipe, _val_iterations(ipe, fixed=False, most=max_val_iterations))
+
+
+def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float,
+                  fixed_epochs: bool = False) -> int:
+    """Epochs to train in all so that the rest fits the time budget: at least ``done``, at most ``ceiling``.
+
+    The trainer's refit of :func:`schedule_for_budget` after every epoch, with measured epoch times: the mean
+    of the last three epochs predicts the next ones and :data:`REFIT_RESERVE` of the budget is kept back. A
+    slow first epoch (start-up, a busy moment on the machine) shortens the schedule only until faster epochs
+    give the time back; it never exceeds the planned ``ceiling``. A schedule with ``fixed_epochs`` (a search
+    trial, whose epochs are the pruner's steps) keeps its ``ceiling``.
+
+    Example:
+        >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
+        14
+        >>> budget_epochs(done=5, ceiling=20, epoch_seconds=[16.4, 14.7, 12.7, 11.9, 13.0], budget_s=255.0,
+        ...               spent_s=68.7)
+        18
+    """
+    if fixed_epochs:
+        return max(int(done), int(ceiling))
+    mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
+    left = max(0.0, budget_s - REFIT_RESERVE * budget_s - spent_s)
+    return max(int(done), min(int(ceiling), int(done) + int(left // mean_epoch)))
 
 
 def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,
@@ -410,7 +474,7 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         batch = nb
     step_s = step_seconds(net, rounded, batch=batch, dims=dims, in_channels=ctx.in_channels,
                           num_classes=ctx.num_classes, device=ctx.device)
-    epochs, ipe, used_budget, sched_notes = _schedule(step_s, ctx, dims=dims)
+    (epochs, ipe, val_iterations), used_budget, sched_notes = _schedule(step_s, ctx, dims=dims)
     notes += sched_notes
     fold_s = step_s * epochs * ipe
     notes.append(
@@ -428,7 +492,7 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     training = TrainingPlan(
         epochs=epochs,
         iterations_per_epoch=ipe,
-        val_iterations=max(5, min(50, ipe // 5)),
+        val_iterations=val_iterations,
         num_workers=workers,
         seed=ctx.seed,
         time_budget_s=used_budget,

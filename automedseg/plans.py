@@ -30,6 +30,7 @@ SCHEMA_VERSION = 1
 NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
 ARCHITECTURES = ("plain_unet", "residual_unet")
 OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 class PlanError(InputError):
@@ -250,6 +251,15 @@ class TrainingPlan:
         time_budget_s: Wall-clock budget the schedule was fitted to (``None``: rule default).
         estimated_seconds_per_iteration: Cost-model estimate of one training step on the planned device.
         estimated_fold_seconds: Estimated wall time of one fold (training only).
+        precision: Precision the fold trained with: ``bf16`` (autocast), ``fp16`` (autocast and a gradient
+            scaler) or ``fp32``; chosen by :func:`automedseg.inference.precision_for` and written by the trainer
+            into the fold's plan copy (``null`` in a plan from the planner).
+        fixed_epochs: The number of epochs is fixed (search trials: the pruner's steps): a time budget sets
+            the iterations per epoch only, and the trainer does not refit the epochs to it
+            (:func:`automedseg.planning.schedule_for_budget`).
+        augment_on_device: Augment batched on the training device (:mod:`automedseg.device_batches`; the CPU
+            workers only read windows) instead of in the CPU workers. ``null``: on CUDA devices only; the
+            trainer records its choice in the fold's plan copy.
     """
 
     epochs: int
@@ -269,10 +279,15 @@ class TrainingPlan:
     time_budget_s: float | None = None
     estimated_seconds_per_iteration: float | None = None
     estimated_fold_seconds: float | None = None
+    precision: str | None = None
+    fixed_epochs: bool = False
+    augment_on_device: bool | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise PlanError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.epochs < 1 or self.iterations_per_epoch < 1:
             raise PlanError("epochs and iterations_per_epoch must be at least 1")
         _require(self.val_iterations >= 1, "val_iterations must be at least 1")

@@ -25,8 +25,10 @@ dataset; the rule plan is always trial 0):
 The training length is not a free parameter: for every variant it is fitted to the time it is given by
 the planner's cost model (:func:`automedseg.planning.step_seconds`): a wider network or a bigger batch
 gets fewer iterations in the same time, so the search compares what each variant reaches *in the
-budget*. Trials train ``TRIAL_EPOCHS`` epochs in their share of the budget (multi-fidelity: a fraction
-of a full fold); the searched plan's schedule is fitted to the rule plan's full per-fold budget.
+budget*. Trials train exactly ``TRIAL_EPOCHS`` epochs (the pruner's steps; ``fixed_epochs`` in the trial's
+plan, so the trainer does not refit them) in their share of the budget (multi-fidelity: a fraction of a full
+fold); the searched plan's schedule is fitted to the rule plan's full per-fold budget. Both schedules are the
+planner's (:func:`automedseg.planning.schedule_for_budget`).
 
 How a trial is judged: :func:`automedseg.training.train_fold` (the trainer of ``automedseg train``,
 reading the same preprocessed cache) trains fold 0 of the variant; after every epoch the pseudo-Dice
@@ -285,27 +287,25 @@ def fit_schedule(plans: Plans, config: ConfigurationPlan, budget_s: float | None
         config: A configuration, e.g. from :func:`apply_params`.
         budget_s: Training wall time; ``None`` keeps the configuration's schedule.
         trial_epochs: For search trials: exactly this many epochs (the pruner's steps), iterations per
-            epoch filling the budget. ``None``: a full fold, scheduled like the planner does.
+            epoch filling the budget, and the trainer keeps them (``fixed_epochs``). ``None``: a full fold.
+
+    The schedule is the planner's (:func:`automedseg.planning.schedule_for_budget`).
     """
-    from automedseg.planning import ITERATIONS_PER_EPOCH_MAX, step_seconds
+    from automedseg.planning import schedule_for_budget, step_seconds
 
     if budget_s is None:
         return config
     step_s = step_seconds(config.network, config.patch_size, batch=config.batch_size, dims=config.dims,
                           in_channels=len(plans.channel_names), num_classes=plans.num_classes, device=plans.device)
     if trial_epochs is not None:
-        epochs = max(1, int(trial_epochs))
-        ipe = max(2, int(budget_s * 0.9 / step_s) // epochs)
-        val = max(2, min(config.training.val_iterations, math.ceil(ipe / 4)))
-    else:  # the planner's full-fold rule (planning._schedule)
-        total = max(20, int(budget_s * 0.92 / step_s))
-        ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
-        epochs = max(1, total // ipe)
-        val = max(5, min(50, ipe // 5))
+        epochs, ipe, val = schedule_for_budget(step_s, budget_s, fixed_epochs=trial_epochs,
+                                               max_val_iterations=config.training.val_iterations)
+    else:
+        epochs, ipe, val = schedule_for_budget(step_s, budget_s)
     training = dataclasses.replace(
         config.training, epochs=epochs, iterations_per_epoch=ipe, val_iterations=val,
-        time_budget_s=float(budget_s), estimated_seconds_per_iteration=round(step_s, 4),
-        estimated_fold_seconds=round(step_s * epochs * ipe, 1),
+        fixed_epochs=trial_epochs is not None, time_budget_s=float(budget_s),
+        estimated_seconds_per_iteration=round(step_s, 4), estimated_fold_seconds=round(step_s * epochs * ipe, 1),
     )
     return dataclasses.replace(config, training=training)
 
@@ -717,9 +717,10 @@ def _run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPl
             raise optuna.TrialPruned(f"pseudo-Dice {score:.4f} after epoch {epoch + 1}")
         return False
 
+    # No time_budget_s option: the trial's plan holds its budget and its fixed epochs, which the trainer keeps.
     options = TrainOptions(**{
-        "device": device, "threads": threads, "time_budget_s": TRAIN_SHARE * budget_s, "output_dir": out_dir,
-        "progress": False, "validate": True, "restart": True, **opts,
+        "device": device, "threads": threads, "output_dir": out_dir, "progress": False, "validate": True,
+        "restart": True, **opts,
     })
     try:
         result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,

@@ -34,21 +34,25 @@ import torch.nn.functional as F
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.errors import InputError
 from automedseg.inference import (
     LoadedFold,
     autocast_context,
     load_checkpoint,
     memory_format,
+    needs_grad_scaler,
+    precision_for,
     predict_probabilities_preprocessed,
     select_device,
 )
 from automedseg.io import atomic_save_figure, atomic_write, atomic_write_json, atomic_write_text
 from automedseg.locks import folder_lock
 from automedseg.network import build_network, output_strides
-from automedseg.planning import schedule_for_budget
+from automedseg.planning import budget_epochs, schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
+from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
 from automedseg.workspace import Workspace
 
@@ -116,12 +120,16 @@ class TrainOptions:
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
         threads: Torch CPU threads (default: the plan's device profile).
         num_workers: Override augmentation worker processes (0: in-process).
-        amp: Mixed precision (bf16 on CPUs with native bf16, fp16 on CUDA; fp32 elsewhere).
+        amp: Mixed precision as :func:`~automedseg.inference.precision_for` decides (bf16 on CPUs with native
+            bf16 and on CUDA GPUs of compute capability 8.0 or newer, fp16 with a gradient scaler on older
+            GPUs, fp32 elsewhere); ``False``: fp32. The choice is recorded in the fold's plan copy.
         validate: Run the final sliding-window validation of the held-out cases.
         progress: Show a progress bar.
         output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
         distributed: Join the process group set up by ``torchrun`` (DistributedDataParallel; gloo on CPU,
             NCCL on CUDA). The global batch is split over the ranks; only rank 0 writes files.
+        augment_on_device: Augment batched on the training device, the CPU workers only reading windows
+            (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
     """
 
     device: str | None = None
@@ -138,6 +146,7 @@ class TrainOptions:
     progress: bool = True
     output_dir: Path | None = None
     distributed: bool = False
+    augment_on_device: bool | None = None
 
 
 @dataclass
@@ -151,21 +160,8 @@ class FoldResult:
     validation: dict[str, Any] | None
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": json.dumps(random.getstate()),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
+_rng_state = capture_rng_state  # names kept for callers; see automedseg.rng
+_set_rng_state = restore_rng_state
 
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
@@ -176,8 +172,9 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
     """The configuration with the CLI's schedule overrides applied.
 
     An explicit ``epochs`` or ``iterations_per_epoch`` without an explicit budget drops the plan's budget,
-    so the schedule is trained as given. A budget alone refits epochs and iterations per epoch to it with the
-    plan's step estimate (:func:`~automedseg.planning.schedule_for_budget`).
+    so the schedule is trained as given. A budget alone refits the schedule to it with the plan's step estimate
+    by the planner's rule (:func:`~automedseg.planning.schedule_for_budget`), keeping the epochs of a plan
+    with ``fixed_epochs`` (a search trial).
     """
     tr = config.training
     changes: dict[str, Any] = {}
@@ -191,7 +188,10 @@ def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> Configu
         if options.iterations_per_epoch is None and options.epochs is None and step_s:
             # Another budget than the plan's: refit the schedule with the plan's step estimate (the trainer
             # then corrects it with measured epoch times).
-            changes["epochs"], changes["iterations_per_epoch"] = schedule_for_budget(step_s, options.time_budget_s)
+            sched = schedule_for_budget(step_s, options.time_budget_s,
+                                        fixed_epochs=tr.epochs if tr.fixed_epochs else None)
+            changes.update(epochs=sched.epochs, iterations_per_epoch=sched.iterations_per_epoch,
+                           val_iterations=sched.val_iterations)
     elif options.epochs is not None or options.iterations_per_epoch is not None:
         changes["time_budget_s"] = None  # an explicit schedule is trained as given, not cut to the plan's budget
     if options.num_workers is not None:
@@ -211,17 +211,22 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
     return len(ok), len(own) - len(ok)
 
 
+def _on_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch array (numpy from the CPU workers, or a tensor already augmented on the device) on ``device``."""
+    return (a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(device, non_blocking=True)
+
+
 def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torch.optim.Optimizer,
                loss_fn: DeepSupervisionLoss, device: torch.device, scaler: torch.amp.GradScaler | None = None,
                amp: bool = True, grad_clip_norm: float = 12.0) -> float:
     """One optimisation step on a batch from the training loader; returns the loss.
 
-    Mixed precision as :func:`~automedseg.inference.autocast_context` (bf16 on CPU, fp16 + ``scaler`` on
-    CUDA), channels-last inputs on CPU, gradient-norm clipping.
+    Mixed precision as :func:`~automedseg.inference.precision_for` decides (a ``scaler`` for fp16 only),
+    channels-last inputs on CPU, gradient-norm clipping.
     """
     mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format
-    x = torch.from_numpy(batch["data"]).to(device, non_blocking=True).contiguous(memory_format=mf)
-    targets = [torch.from_numpy(t).to(device, non_blocking=True) for t in batch["target"]]
+    x = _on_device(batch["data"], device).contiguous(memory_format=mf)
+    targets = [_on_device(t, device) for t in batch["target"]]
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(device, amp):
         outputs = model(x)
@@ -237,26 +242,6 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
     return float(loss.detach())
-
-
-def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float
-                  ) -> int:
-    """Epochs to train in all so that the rest fits the time budget: at least ``done``, at most ``ceiling``.
-
-    The mean of the last three epochs predicts the next ones and 5% of the budget is kept in reserve.
-    Recomputed after every epoch, so a slow first epoch (start-up, a busy moment on the machine) shortens
-    the schedule only until faster epochs give the time back; it never exceeds the planned ``ceiling``.
-
-    Example:
-        >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
-        14
-        >>> budget_epochs(done=5, ceiling=20, epoch_seconds=[16.4, 14.7, 12.7, 11.9, 13.0], budget_s=255.0,
-        ...               spent_s=68.7)
-        18
-    """
-    mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
-    left = max(0.0, budget_s - 0.05 * budget_s - spent_s)
-    return max(int(done), min(int(ceiling), int(done) + int(left // mean_epoch)))
 
 
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
@@ -402,7 +387,12 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
                                                            nesterov=True, weight_decay=tr.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.initial_lr, weight_decay=tr.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and options.amp else None
+    precision = precision_for(device, enabled=options.amp)
+    on_device = use_device_augmentation(device, options.augment_on_device if options.augment_on_device is not None
+                                        else config.training.augment_on_device)
+    config = dataclasses.replace(config, training=dataclasses.replace(
+        config.training, precision=precision, augment_on_device=on_device))
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision) else None
     strides = output_strides(config.network)
     loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight)
 
@@ -472,8 +462,13 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
     tr = config.training
     seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
-    train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
-                                        worker_niceness=10 if device.type == "cpu" else 0)
+    if tr.augment_on_device:  # the workers only read windows; spatial and intensity transforms on the device
+        train_loader = make_device_training_loader(cache, train_ids, local, device=device,
+                                                   deep_supervision_strides=strides, seed=seed,
+                                                   worker_niceness=10 if device.type == "cpu" else 0)
+    else:
+        train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
+                                            worker_niceness=10 if device.type == "cpu" else 0)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None
@@ -534,7 +529,7 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             if tr.time_budget_s is not None:
                 planned_epochs = dist.min_int(budget_epochs(
                     done=epoch + 1, ceiling=tr.epochs, epoch_seconds=[h["epoch_seconds"] for h in history],
-                    budget_s=tr.time_budget_s, spent_s=train_seconds))
+                    budget_s=tr.time_budget_s, spent_s=train_seconds, fixed_epochs=tr.fixed_epochs))
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,

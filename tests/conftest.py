@@ -399,3 +399,50 @@ def demo_dataset(tmp_path: Path) -> Path:
     from automedseg.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=N_CASES, n_test=1, seed=0)
+
+
+def _moved(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(torch.int16) if obj.dtype == torch.uint8 else obj.clone()
+    if isinstance(obj, dict):
+        return {k: _moved(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_moved(v) for v in obj]
+    return obj
+
+
+@pytest.fixture
+def moved() -> Callable[[Any], Any]:
+    """``moved(obj)``: ``obj`` with its tensors changed as a ``map_location`` to a GPU changes them, as far as a
+    CPU-only machine allows: byte tensors stop being CPU ``ByteTensor`` s (int16 here, same values), so
+    ``torch.set_rng_state`` rejects them exactly as it rejects a CUDA tensor."""
+    return _moved
+
+
+@dataclass
+class WindowCache:
+    """A tiny preprocessed cache (what :class:`automedseg.augmentation.PatchSampler` reads) and its cases."""
+
+    folder: Path
+    case_ids: list[str]
+    shape: tuple[int, int, int]
+
+
+@pytest.fixture
+def window_cache(tmp_path: Path) -> WindowCache:
+    """Two cases of two channels, (12, 20, 20), label 1 in a block and label 2 in a smaller block inside it."""
+    folder = tmp_path / "preprocessed" / "data_id"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    shape = (12, 20, 20)
+    ids = ["win_a", "win_b"]
+    for i, case in enumerate(ids):
+        seg = np.zeros((1, *shape), dtype=np.int8)
+        seg[0, 2:10, 4 + i : 15 + i, 5:16] = 1
+        seg[0, 4:8, 7 + i : 11 + i, 8:12] = 2
+        data = (rng.normal(0, 0.1, (2, *shape)) + seg).astype(np.float32)
+        np.save(folder / f"{case}.npy", data)
+        np.save(folder / f"{case}_seg.npy", seg)
+        np.savez(folder / f"{case}_locs.npz",
+                 **{f"class_{k}": np.argwhere(seg[0] == k).astype(np.int64) for k in (1, 2)})
+    return WindowCache(folder, ids, shape)

@@ -196,3 +196,38 @@ def test_cpu_flags_are_read_from_proc_cpuinfo() -> None:
         assert inf._cpu_flags() is None
     else:
         assert inf._cpu_flags() == frozenset(first.split(":", 1)[1].split())
+
+
+@pytest.mark.parametrize(("device", "capability", "cpu_bf16", "amp", "precision", "scaler"), [
+    ("cuda", (7, 0), False, True, "fp16", True),  # Volta: no native bf16, fp16 + gradient scaler
+    ("cuda", (7, 5), True, True, "fp16", True),  # Turing
+    ("cuda", (8, 0), False, True, "bf16", False),  # Ampere
+    ("cuda", (9, 0), False, True, "bf16", False),  # Hopper (H100, H200)
+    ("cuda", (9, 0), False, False, "fp32", False),  # --no-amp
+    ("cpu", None, True, True, "bf16", False),  # CPU with native bf16
+    ("cpu", None, False, True, "fp32", False),  # CPU without: oneDNN would emulate bf16
+    ("cpu", None, True, False, "fp32", False),
+    ("mps", None, True, True, "fp32", False),
+])
+def test_precision_for_device(monkeypatch: pytest.MonkeyPatch, device: str, capability: tuple[int, int] | None,
+                              cpu_bf16: bool, amp: bool, precision: str, scaler: bool) -> None:
+    import automedseg.inference as inf
+
+    def capability_of(dev: torch.device | None = None) -> tuple[int, int]:
+        assert capability is not None, "asked a CUDA capability for a non-CUDA device"
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(inf, "cpu_supports_bf16", lambda: cpu_bf16)
+    got = inf.precision_for(torch.device(device), enabled=amp)
+    assert got == precision
+    assert inf.needs_grad_scaler(got) is scaler
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", None)])
+def test_autocast_context_follows_the_precision(precision: str, dtype: torch.dtype | None) -> None:
+    import automedseg.inference as inf
+
+    with inf.autocast_context(torch.device("cpu"), precision=precision):
+        got = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    assert got == dtype

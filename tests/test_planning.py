@@ -385,3 +385,18 @@ def test_cli_plan_end_to_end(request, tmp_path, fixture):
             f"{c}.npy" for c in ds.case_ids)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and "0 case(s) computed" in again.output
+
+
+@pytest.mark.parametrize(("step_s", "budget_s", "fixed", "expected"), [
+    (0.25, 1200.0, None, (20, 220, 44)),  # a full fold: ~20 epochs of up to 250 iterations
+    (0.05, 7200.0, None, (529, 250, 50)),
+    (1.0, 5.0, None, (1, 20, 5)),  # at least 20 iterations
+    (0.25, 100.0, 20, (20, 18, 5)),  # a search trial: exactly its epochs, iterations fill the budget
+    (0.25, 10.0, 20, (20, 2, 2)),  # at least 2 iterations per epoch
+    (0.01, 3600.0, 4, (4, 82800, 50)),
+])
+def test_schedule_for_budget_table(step_s: float, budget_s: float, fixed: int | None,
+                                   expected: tuple[int, int, int]) -> None:
+    from automedseg.planning import schedule_for_budget
+
+    assert tuple(schedule_for_budget(step_s, budget_s, fixed_epochs=fixed)) == expected

@@ -127,6 +127,26 @@ def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(planned: tup
     assert longer.iterations_per_epoch > short.iterations_per_epoch
 
 
+@pytest.mark.parametrize("budget_s", [0.5, 20.0])
+def test_a_trial_trains_exactly_its_epochs(planned: tuple[Path, Workspace], budget_s: float) -> None:
+    """The trainer neither refits a trial's schedule to the full-fold rule nor cuts its epochs to the budget
+    (a 0.5 s trial would stop after one epoch): a trial trains the epochs the pruner counts."""
+    _, ws = planned
+    name = f"exact-{budget_s:g}"
+    run_search(ws, "3d_fullres", n_trials=1, study_name=name, seed=0, keep_trial_files=True,
+               trial_options={"epochs": 3, "val_iterations": 2, "num_workers": 0},
+               **{**COMMON, "trial_budget_s": budget_s})
+    (trial,) = _study(ws, name).get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["epochs_run"] == 3 and sorted(trial.intermediate_values) == [1, 2, 3]
+    fold_plan = Plans.load(ws.root / "search" / name / "trial_0" / "plans.json")
+    (cfg,) = fold_plan.configurations.values()
+    assert cfg.training.epochs == 3 and cfg.training.fixed_epochs
+    assert cfg.training.iterations_per_epoch == trial.user_attrs["plan"]["iterations_per_epoch"]
+    log = (ws.root / "search" / name / "trial_0" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
 # --- optuna wiring with a stub trainer ---------------------------------------------------------------------
 
 

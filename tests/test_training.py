@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
+from automedseg.inference import precision_for
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
 from automedseg.splits import load_or_create_splits
@@ -128,6 +129,8 @@ def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Work
     assert list(copy.configurations) == [configuration]
     assert copy.configurations[configuration].training.epochs == 2
     assert copy.configurations[configuration].training.iterations_per_epoch == 4
+    assert copy.configurations[configuration].training.precision == precision_for(torch.device("cpu"))
+    assert copy.configurations[configuration].training.augment_on_device is False  # CPU: the workers augment
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     assert summary["mean_dice"] is not None and 0.0 <= summary["mean_dice"] <= 1.0
     val_ids = summary["cases"]
@@ -153,6 +156,54 @@ def test_resume_continues_from_the_checkpoint(planned: tuple[Path, Workspace]) -
     train_fold(ws, "3d_fullres", 2, options=_fast(epochs=3, validate=False), log=msgs2.append)
     assert any("already trained" in m for m in msgs2)
     assert len(_history(first.fold_dir)) == 3
+
+
+def test_resume_with_rng_states_moved_by_map_location(planned: tuple[Path, Workspace], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, moved) -> None:
+    """On CUDA the checkpoint is loaded with ``map_location`` = the GPU, which moved the RNG states there and
+    broke resuming (``RNG state must be a torch.ByteTensor``); resuming from moved states now trains exactly as
+    resuming from CPU states."""
+    import automedseg.training as training
+
+    _, ws = planned
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=1, restart=True, validate=False, output_dir=a),
+               log=lambda s: None)
+    shutil.copytree(a, b)
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=2, validate=False, output_dir=a), log=lambda s: None)
+    real = training.load_checkpoint
+    calls: list[Path] = []
+
+    def load_moved(path: Path, device: torch.device | str = "cpu") -> dict:
+        calls.append(Path(path))
+        return moved(real(path, device))
+
+    monkeypatch.setattr(training, "load_checkpoint", load_moved)
+    messages: list[str] = []
+    train_fold(ws, "3d_fullres", 0, options=_fast(epochs=2, validate=False, output_dir=b), log=messages.append)
+    assert b / "checkpoint_latest.pt" in calls and any("resuming" in m for m in messages)
+    state = torch.get_rng_state()
+    assert state.device.type == "cpu" and state.dtype == torch.uint8
+    ha, hb = _history(a), _history(b)
+    assert len(ha) == len(hb) == 2
+    assert ha[1]["train_loss"] == hb[1]["train_loss"]
+    wa = torch.load(a / "checkpoint_final.pt", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoint_final.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_training_with_augmentation_on_the_device_forced_on(planned: tuple[Path, Workspace], tmp_path: Path,
+                                                            configuration: str) -> None:
+    """The CUDA path (workers read windows, the batch is augmented where the network runs), here on the CPU."""
+    _, ws = planned
+    res = train_fold(ws, configuration, 0, options=_fast(epochs=1, num_workers=1, validate=False,
+                                                         augment_on_device=True, output_dir=tmp_path / "fold"),
+                     log=lambda s: None)
+    (entry,) = _history(res.fold_dir)
+    assert np.isfinite(entry["train_loss"]) and 0.0 <= entry["data_wait_fraction"] <= 1.0
+    assert Plans.load(res.fold_dir / "plans.json").configurations[configuration].training.augment_on_device is True
+    assert (res.fold_dir / "checkpoint_final.pt").is_file()
 
 
 def test_fold_all_trains_on_every_case(planned: tuple[Path, Workspace]) -> None:
@@ -267,3 +318,32 @@ def test_budget_epochs_refits_both_ways(done: int, epoch_seconds: list[float], s
 
     got = budget_epochs(done=done, ceiling=20, epoch_seconds=epoch_seconds, budget_s=255.0, spent_s=spent_s)
     assert got == expected
+
+
+@pytest.mark.parametrize(("fixed", "budget_s"), [(False, 30.0), (False, 600.0), (True, 30.0), (True, 600.0)])
+def test_time_budget_override_uses_the_planner_schedule(planned: tuple[Path, Workspace], fixed: bool,
+                                                        budget_s: float) -> None:
+    """``train --time-budget`` refits with the planner's rule; a plan with fixed epochs (a trial) keeps them."""
+    import dataclasses
+
+    from automedseg.planning import schedule_for_budget
+    from automedseg.training import apply_overrides
+
+    _, ws = planned
+    config = Plans.load(ws.plans_path).configuration("3d_fullres")
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=7, fixed_epochs=fixed))
+    got = apply_overrides(config, TrainOptions(time_budget_s=budget_s)).training
+    want = schedule_for_budget(config.training.estimated_seconds_per_iteration, budget_s,
+                               fixed_epochs=7 if fixed else None)
+    assert (got.epochs, got.iterations_per_epoch, got.val_iterations) == tuple(want)
+    if fixed:
+        assert got.epochs == 7
+    assert got.time_budget_s == budget_s
+
+
+def test_fixed_epochs_are_not_refitted_to_the_budget() -> None:
+    from automedseg.training import budget_epochs
+
+    kw = dict(done=1, ceiling=20, epoch_seconds=[80.0], budget_s=100.0, spent_s=80.0)
+    assert budget_epochs(**kw) == 1
+    assert budget_epochs(**kw, fixed_epochs=True) == 20
