@@ -341,7 +341,7 @@ def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[Schedule, flo
 
 
 TRAIN_FRACTION = 0.92  # of a budget: training steps; the rest per-epoch validation and the final validation
-REFIT_RESERVE = 0.05  # of a budget kept back when the trainer refits epochs to measured epoch times
+END_WINDOW = 0.05  # a budgeted run ends in the last 5 % of its budget (validation included): see budget_epochs
 MAX_VAL_ITERATIONS = 50
 
 
@@ -393,27 +393,56 @@ def schedule_for_budget(step_s: float, budget_s: float, *, fixed_epochs: int | N
 
 
 def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float,
-                  fixed_epochs: bool = False) -> int:
-    """Epochs to train in all so that the rest fits the time budget: at least ``done``, at most ``ceiling``.
+                  fixed_epochs: bool = False, reserve_s: float = 0.0) -> int:
+    """Epochs to train in all so that the run ends in the last :data:`END_WINDOW` of its time budget.
 
-    The trainer's refit of :func:`schedule_for_budget` after every epoch, with measured epoch times: the mean
-    of the last three epochs predicts the next ones and :data:`REFIT_RESERVE` of the budget is kept back. A
-    slow first epoch (start-up, a busy moment on the machine) shortens the schedule only until faster epochs
-    give the time back; it never exceeds the planned ``ceiling``. A schedule with ``fixed_epochs`` (a search
-    trial, whose epochs are the pruner's steps) keeps its ``ceiling``.
+    The trainer's refit of :func:`schedule_for_budget` after every epoch, with measured times: the mean of the
+    last three epochs predicts the next ones; ``reserve_s`` (the final validation's estimated time) is kept
+    back, and the schedule aims at the middle of the last :data:`END_WINDOW` of the budget. A slow first epoch
+    (start-up, a busy moment on the machine) shortens the schedule only until faster epochs give the time back,
+    and a plan that over-estimated the step is extended past its planned epochs (``ceiling``) instead of
+    leaving the budget unused (the learning-rate schedule follows the new length). A schedule with
+    ``fixed_epochs`` (a search trial, whose epochs are the pruner's steps) keeps its ``ceiling``.
+
+    Args:
+        done: Epochs finished.
+        ceiling: The planned epochs (kept when ``fixed_epochs``).
+        epoch_seconds: Measured epoch times so far.
+        budget_s: The run's wall-time budget.
+        spent_s: Wall time spent so far (start-up included).
+        fixed_epochs: Keep ``ceiling`` whatever the times.
+        reserve_s: Time kept back for what follows the last epoch (the final validation).
 
     Example:
         >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
-        14
-        >>> budget_epochs(done=5, ceiling=20, epoch_seconds=[16.4, 14.7, 12.7, 11.9, 13.0], budget_s=255.0,
-        ...               spent_s=68.7)
-        18
+        15
+        >>> budget_epochs(done=3, ceiling=10, epoch_seconds=[5.0, 5.0, 5.0], budget_s=200.0, spent_s=15.0,
+        ...               reserve_s=20.0)
+        35
     """
     if fixed_epochs:
         return max(int(done), int(ceiling))
     mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
-    left = max(0.0, budget_s - REFIT_RESERVE * budget_s - spent_s)
-    return max(int(done), min(int(ceiling), int(done) + int(left // mean_epoch)))
+    target_end = budget_s * (1.0 - END_WINDOW / 2) - reserve_s
+    return max(int(done), int(done) + int(round((target_end - spent_s) / mean_epoch)))
+
+
+def last_epoch_iterations(*, iterations_per_epoch: int, seconds_per_iteration: float, epoch_wall_s: float,
+                          left_s: float) -> int:
+    """Iterations of the last epoch so that it ends ``left_s`` from now, between 1 and twice the usual.
+
+    ``epoch_wall_s`` is a whole epoch's wall time; what is not training steps (validation batches, checkpoint,
+    plot) is kept as a fixed cost. Refines :func:`budget_epochs`, whose whole epochs alone would miss the
+    target by up to half an epoch.
+
+    Example:
+        >>> last_epoch_iterations(iterations_per_epoch=100, seconds_per_iteration=0.1, epoch_wall_s=12.0,
+        ...                       left_s=7.0)
+        50
+    """
+    fixed = max(0.0, epoch_wall_s - iterations_per_epoch * seconds_per_iteration)
+    n = (left_s - fixed) / max(seconds_per_iteration, 1e-9)
+    return int(min(2 * iterations_per_epoch, max(1, round(n))))
 
 
 def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,

@@ -49,7 +49,7 @@ from automedseg.inference import (
 from automedseg.io import atomic_save_figure, atomic_write, atomic_write_json, atomic_write_text
 from automedseg.locks import folder_lock
 from automedseg.network import build_network, output_strides
-from automedseg.planning import budget_epochs, schedule_for_budget
+from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations, schedule_for_budget
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
 from automedseg.rng import capture_rng_state, restore_rng_state
@@ -114,7 +114,8 @@ class TrainOptions:
         epochs: Override the plan's number of epochs.
         iterations_per_epoch: Override the plan's iterations per epoch.
         time_budget_s: Wall-clock training budget; the number of epochs is refitted to it after every epoch
-            (:func:`budget_epochs`; never more than planned).
+            (:func:`~automedseg.planning.budget_epochs`: shortened or extended so that the run, start-up and
+            final validation included, ends in the last 5 % of the budget).
         restart: Ignore an existing checkpoint and start again.
         pretrained: Checkpoint to initialise from (matching layers only).
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
@@ -244,6 +245,23 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
     return float(loss.detach())
 
 
+def estimate_validation_seconds(cache: Path, case_ids: Sequence[str], patch_size: Sequence[int], *,
+                                seconds_per_patch: float, step: float = 0.5, overhead: float = 1.5) -> float:
+    """Wall time of the final sliding-window validation of ``case_ids``, from the cached image shapes.
+
+    Tiles per case as :func:`~automedseg.inference.predict_preprocessed` lays them (step ``step`` of the
+    patch), times the measured forward time of one patch, times ``overhead`` for resampling, writing and
+    scoring.
+    """
+    tiles = 0
+    dims = len(patch_size)
+    for cid in case_ids:
+        shape = np.load(Path(cache) / f"{cid}.npy", mmap_mode="r").shape[1:]
+        n = math.prod(max(1, math.ceil((s - p) / (p * step)) + 1) for s, p in zip(shape[-dims:], patch_size))
+        tiles += n * (shape[0] if dims == 2 else 1)
+    return float(tiles * seconds_per_patch * overhead)
+
+
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
     return initial * (1 - min(epoch, total) / max(total, 1)) ** exponent
 
@@ -324,6 +342,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         epoch_callback: Called as ``callback(epoch, ema_pseudo_dice)`` after each epoch; returning
             ``True`` stops training (used by the search's pruner).
     """
+    run_started = time.perf_counter()
     options = options or TrainOptions()
     plans = plans or Plans.load(ws.plans_path)
     base_config = plans.configuration(configuration)
@@ -358,13 +377,13 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
             (fold_dir / "log.jsonl").unlink(missing_ok=True)
         return _train_locked(ws, plans, config, configuration, fold, fold_dir=fold_dir, resume=resume, cache=cache,
                              train_ids=train_ids, val_ids=val_ids, device=device, dist=dist, options=options, log=log,
-                             epoch_callback=epoch_callback)
+                             epoch_callback=epoch_callback, run_started=run_started)
 
 
 def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, configuration: str, fold: int | str, *,
                   fold_dir: Path, resume: bool, cache: Path, train_ids: Sequence[str], val_ids: Sequence[str],
                   device: torch.device, dist: _Dist, options: TrainOptions, log: Log,
-                  epoch_callback: Callable[[int, float], bool] | None) -> FoldResult:
+                  epoch_callback: Callable[[int, float], bool] | None, run_started: float) -> FoldResult:
     """The body of :func:`train_fold` once the inputs are checked and the fold folder is locked."""
     latest = fold_dir / "checkpoint_latest.pt"
     final = fold_dir / "checkpoint_final.pt"
@@ -435,6 +454,7 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
             device=device, cache=cache, train_ids=train_ids, val_ids=val_ids, strides=strides,
             fold_dir=fold_dir, start_epoch=start_epoch, planned_epochs=planned_epochs, history=history,
             best=best, train_seconds=train_seconds, options=options, log=log, epoch_callback=epoch_callback,
+            run_started=run_started,
         )
         if dist.is_main:
             _save_plan_copy(plans, config, fold_dir, planned_epochs)
@@ -458,7 +478,7 @@ def _save_plan_copy(plans: Plans, config: ConfigurationPlan, fold_dir: Path, epo
 def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: ConfigurationPlan, plans: Plans, device,
                 cache: Path, train_ids, val_ids, strides, fold_dir: Path, start_epoch: int, planned_epochs: int,
                 history: list, best: float, train_seconds: float, options: TrainOptions, log: Log,
-                epoch_callback) -> tuple[float, float, int, list]:
+                epoch_callback, run_started: float) -> tuple[float, float, int, list]:
     tr = config.training
     seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
@@ -473,6 +493,9 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None
     no_improve = 0
+    spent_before, validation_estimate = train_seconds, None
+    epoch_walls: list[float] = []
+    last_mark = time.perf_counter()
     bar = None
     try:
         epoch = start_epoch
@@ -490,7 +513,15 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
 
                 bar = tqdm(total=tr.iterations_per_epoch, desc=f"epoch {epoch + 1}/{planned_epochs}",
                            dynamic_ncols=True, leave=False)
-            for it in range(tr.iterations_per_epoch):
+            iterations = tr.iterations_per_epoch
+            if tr.time_budget_s is not None and not tr.fixed_epochs and epoch == planned_epochs - 1 and epoch_walls:
+                # The last epoch's length lands the run in the middle of the budget's last 5 %.
+                iterations = last_epoch_iterations(
+                    iterations_per_epoch=iterations, seconds_per_iteration=history[-1]["seconds_per_iteration"],
+                    epoch_wall_s=float(np.mean(epoch_walls[-3:])),
+                    left_s=tr.time_budget_s * (1 - END_WINDOW / 2) - (validation_estimate or 0.0)
+                    - (spent_before + time.perf_counter() - run_started))
+            for it in range(iterations):
                 losses.append(train_step(model, next(train_loader), optimizer=optimizer, loss_fn=loss_fn,
                                          device=device, scaler=scaler, amp=options.amp,
                                          grad_clip_norm=tr.grad_clip_norm))
@@ -504,6 +535,7 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
                                     dice=f"{ema:.3f}" if ema is not None else "-")
                     bar.update()
             train_time = time.perf_counter() - t_epoch
+            iterations = max(1, len(losses))
             wait = train_loader.wait_seconds
             val_loss, dice_per_class = _pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
                                                     options.amp, plans.num_classes, dist)
@@ -514,8 +546,8 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             entry = {
                 "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                 "pseudo_dice": dice_per_class, "mean_pseudo_dice": mean_dice, "ema_pseudo_dice": ema, "lr": lr,
-                "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / tr.iterations_per_epoch,
-                "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": tr.iterations_per_epoch,
+                "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / iterations,
+                "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": iterations,
                 "planned_epochs": planned_epochs, "time": time.time(),
             }
             history.append(entry)
@@ -525,11 +557,20 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
                 no_improve = 0
             else:
                 no_improve += 1
-            # Fit the rest of the schedule into the time budget, now that an epoch has been measured.
+            # Fit the rest of the schedule into the time budget, now that an epoch has been measured: the run
+            # (start-up and final validation included) ends in the last 5 % of its budget.
             if tr.time_budget_s is not None:
+                if validation_estimate is None and options.validate and val_ids is not train_ids:
+                    per_patch = (epoch_time - train_time) / max(1, tr.val_iterations * local.batch_size)
+                    validation_estimate = estimate_validation_seconds(cache, val_ids, config.patch_size,
+                                                                      seconds_per_patch=per_patch)
+                now = time.perf_counter()
+                epoch_walls.append(now - last_mark)  # the epoch with its checkpoint and plot
+                last_mark = now
                 planned_epochs = dist.min_int(budget_epochs(
-                    done=epoch + 1, ceiling=tr.epochs, epoch_seconds=[h["epoch_seconds"] for h in history],
-                    budget_s=tr.time_budget_s, spent_s=train_seconds, fixed_epochs=tr.fixed_epochs))
+                    done=epoch + 1, ceiling=tr.epochs, epoch_seconds=epoch_walls,
+                    budget_s=tr.time_budget_s, spent_s=spent_before + now - run_started,
+                    fixed_epochs=tr.fixed_epochs, reserve_s=validation_estimate or 0.0))
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,

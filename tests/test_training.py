@@ -308,9 +308,9 @@ def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) ->
 
 
 @pytest.mark.parametrize(("done", "epoch_seconds", "spent_s", "expected"), [
-    (1, [16.4], 16.4, 14),  # a slow first epoch shortens the schedule ...
-    (5, [16.4, 14.7, 12.7, 11.9, 13.0], 68.7, 18),  # ... until faster epochs give the time back
-    (3, [1.0, 1.0, 1.0], 3.0, 20),  # never more than planned
+    (1, [16.4], 16.4, 15),  # a slow first epoch shortens the schedule ...
+    (5, [16.4, 14.7, 12.7, 11.9, 13.0], 68.7, 19),  # ... until faster epochs give the time back
+    (3, [1.0, 1.0, 1.0], 3.0, 249),  # faster than planned: extended to fill the budget
     (4, [80.0, 80.0, 80.0, 80.0], 320.0, 4),  # over budget: stop after what is done
 ])
 def test_budget_epochs_refits_both_ways(done: int, epoch_seconds: list[float], spent_s: float, expected: int) -> None:
@@ -347,3 +347,18 @@ def test_fixed_epochs_are_not_refitted_to_the_budget() -> None:
     kw = dict(done=1, ceiling=20, epoch_seconds=[80.0], budget_s=100.0, spent_s=80.0)
     assert budget_epochs(**kw) == 1
     assert budget_epochs(**kw, fixed_epochs=True) == 20
+
+
+def test_a_budgeted_run_ends_in_the_last_5_percent_of_its_budget(planned: tuple[Path, Workspace]) -> None:
+    """A plan that over- or under-estimates the step is refitted (extended or shortened) to fill its budget."""
+    _, ws = planned
+    budget_s = 30.0
+    t0 = time.perf_counter()
+    result = train_fold(ws, "3d_fullres", 1, options=TrainOptions(
+        time_budget_s=budget_s, iterations_per_epoch=4, num_workers=0, threads=1, progress=False, device="cpu",
+        restart=True), log=print)
+    wall = time.perf_counter() - t0
+    planned = Plans.load(ws.plans_path).configuration("3d_fullres").training.epochs
+    assert result.validation is not None and result.validation["mean_dice"] is not None
+    assert result.epochs_run != planned  # refitted (here: extended) to the measured epochs
+    assert 0.95 * budget_s <= wall <= 1.02 * budget_s, (wall, result.epochs_run)
