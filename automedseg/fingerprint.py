@@ -21,8 +21,9 @@ from scipy import ndimage
 
 from automedseg.checks import CaseInspection, dataset_level_problems, inspect_case, no_foreground_problem
 from automedseg.io import CaseFiles, DatasetError, DatasetSpec, atomic_write_json
+from automedseg.lateral import centroid_rel
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: per-class centroids
 SAMPLES_PER_CASE = 10_000
 SAMPLE_SEED = 1234
 
@@ -128,6 +129,7 @@ def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple
         classes[str(k)] = {
             "voxels": n,
             "components": int(ndimage.label(m)[1]) if n else 0,
+            "centroid_rel": centroid_rel(m) if n else None,  # for lateralised labels (automedseg.lateral)
         }
     return {
         "case_id": inspection.case_id,

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from automedseg import __version__
+from automedseg.lateral import class_centroids, mirror_confusions
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -307,6 +308,13 @@ class _Context:
     normalization: tuple[ChannelNormalization, ...]
     total_voxels: float
     architecture: str
+    no_mirror: dict[int, str] = dataclasses.field(default_factory=dict)  # transposed axis -> reason
+
+
+def _lateral_axes(fingerprint: dict[str, Any], labels: dict[str, int], transpose: Sequence[int]) -> dict[int, str]:
+    """Axes (after ``transpose``) that mirroring must leave alone: it would swap lateralised classes."""
+    raw = mirror_confusions(class_centroids(fingerprint["cases"], labels))
+    return {t: raw[a].replace(f"axis {a}", f"axis {t}") for t, a in enumerate(transpose) if a in raw}
 
 
 def _normalization(fingerprint: dict[str, Any]) -> tuple[ChannelNormalization, ...]:
@@ -511,7 +519,10 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         f"~{step_s:.2f} s/iteration, {epochs} x {ipe} iterations, ~{fold_s / 60:.0f} min per fold on {ctx.device.name}"
     )
     aniso_patch = dims == 3 and max(rounded) / rounded[0] > ANISO_THRESHOLD
-    mirror = tuple(range(dims))
+    # Axes along which mirroring would swap lateralised classes stay out of mirroring (training and TTA).
+    in_plane = range(3) if dims == 3 else range(1, 3)
+    mirror = tuple(i for i, a in enumerate(in_plane) if a not in ctx.no_mirror)
+    notes += [f"{ctx.no_mirror[a]}: axis left out of mirroring" for a in in_plane if a in ctx.no_mirror]
     aug = AugmentationPlan(
         rotation_range_rad=(-math.pi, math.pi) if dims == 2 else (-0.5236, 0.5236),
         mirror_axes=mirror,
@@ -583,6 +594,7 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
         in_channels=len(fingerprint["channel_names"]), num_classes=len(label_values(labels)),
         normalization=_normalization(fingerprint),
         total_voxels=float(np.prod(new_shapes, axis=1).sum()), architecture=architecture,
+        no_mirror=_lateral_axes(fingerprint, labels, tf),
     )
     wanted = set(configurations) if configurations else {"2d", "3d_fullres", "3d_lowres"}
     configs: dict[str, ConfigurationPlan] = {}

@@ -61,8 +61,11 @@ def test_planted_case_statistics(planted):
     assert c0["crop_bbox"] == [[1, 7], [2, 18], [3, 21]]
     assert c0["shape_after_crop"] == [6, 16, 18]
     assert c0["foreground_voxels"] == 64 + 15
-    assert c0["classes"] == {"1": {"voxels": 64, "components": 2}, "2": {"voxels": 15, "components": 1}}
-    assert c1["classes"] == {"1": {"voxels": 32, "components": 1}, "2": {"voxels": 0, "components": 0}}
+    counts = {k: {"voxels": v["voxels"], "components": v["components"]} for k, v in c0["classes"].items()}
+    assert counts == {"1": {"voxels": 64, "components": 2}, "2": {"voxels": 15, "components": 1}}
+    assert c1["classes"]["1"] == {"voxels": 32, "components": 1, "centroid_rel": c1["classes"]["1"]["centroid_rel"]}
+    assert c1["classes"]["2"] == {"voxels": 0, "components": 0, "centroid_rel": None}
+    assert all(0 < v < 1 for v in c0["classes"]["2"]["centroid_rel"])
     (st,) = c0["intensity"]
     assert st["min"] == 50.0 and st["max"] == 150.0 and st["median"] == 50.0
     assert st["mean"] == pytest.approx((64 * 50 + 15 * 150) / 79)
