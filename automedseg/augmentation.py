@@ -191,12 +191,14 @@ class PatchSampler(SlimDataLoaderBase):
 
     Each batch draws ``batch_size`` cases uniformly with replacement. The last
     ``ceil(batch_size * oversample_foreground)`` samples of a batch are forced to contain foreground
-    (a batch of one is forced with probability ``oversample_foreground``): a foreground class present in
-    the case is drawn, then a voxel of that class from ``<case>_locs.npz``, and the training patch is
-    centred on it (shifted to stay inside the image). Other samples are placed uniformly where the
-    training patch lies inside the image; an image smaller than the patch is placed at a random offset in
-    it. The returned window has ``sample_patch_size`` and is centred on the training patch, so a centre
-    crop (what :func:`build_transforms` does) yields it. Voxels outside the image are zero in data and seg.
+    (a batch of one is forced with probability ``oversample_foreground``): a foreground class is drawn
+    uniformly among the classes of the sampler's cases (a small organ as often as a large one, whatever
+    share of the cases contains it), then a case that contains it, then a voxel of that class from
+    ``<case>_locs.npz``, and the training patch is centred on it (shifted to stay inside the image). Other
+    samples are placed uniformly where the training patch lies inside the image; an image smaller than the
+    patch is placed at a random offset in it. The returned window has ``sample_patch_size`` and is centred on
+    the training patch, so a centre crop (what :func:`build_transforms` does) yields it. Voxels outside the
+    image are zero in data and seg.
 
     For a 2D configuration (two-entry ``patch_size``) a z-slice is drawn (for forced foreground: the slice of
     the drawn voxel) and a 2D patch is taken from it.
@@ -256,6 +258,7 @@ class PatchSampler(SlimDataLoaderBase):
         self.max_open_cases = int(max_open_cases)
         self._arrays: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._locs: dict[str, dict[int, np.ndarray]] = {}
+        self._class_cases: dict[int, list[str]] | None = None
         self.rng = np.random.default_rng([self.seed, _TAG_SAMPLER, 0])
         self.worker_niceness = 0
 
@@ -331,15 +334,34 @@ class PatchSampler(SlimDataLoaderBase):
                 lower.append(int(np.clip(int(voxel[d]) - p // 2, lo, hi)))
         return lower
 
-    def sample(self, case: str, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
-        """One (data, seg) window of ``sample_patch_size`` from ``case``."""
+    def class_cases(self) -> dict[int, list[str]]:
+        """Foreground class -> the sampler's cases that contain it (read once from the location tables)."""
+        if self._class_cases is None:
+            table: dict[int, list[str]] = {}
+            for case in self.case_ids:
+                for k in self._case_locations(case):
+                    table.setdefault(k, []).append(case)
+            self._class_cases = {k: table[k] for k in sorted(table)}
+        return self._class_cases
+
+    def draw_class_first(self) -> tuple[str, int | None]:
+        """A foreground class drawn uniformly (rare classes as often as common ones), then a case that has it."""
+        table = self.class_cases()
+        if not table:
+            return self.case_ids[int(self.rng.integers(len(self.case_ids)))], None
+        classes = list(table)
+        k = classes[int(self.rng.integers(len(classes)))]
+        return table[k][int(self.rng.integers(len(table[k])))], k
+
+    def sample(self, case: str, force_foreground: bool, cls: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One (data, seg) window of ``sample_patch_size`` from ``case``, centred on class ``cls`` if given."""
         data, seg = self._case_arrays(case)
         voxel = None
         if force_foreground:
             locs = self._case_locations(case)
             if locs:
                 classes = sorted(locs)
-                table = locs[classes[int(self.rng.integers(len(classes)))]]
+                table = locs[cls if cls in locs else classes[int(self.rng.integers(len(classes)))]]
                 voxel = table[int(self.rng.integers(len(table)))]
         if self.dims == 2:
             z = int(voxel[0]) if voxel is not None else int(self.rng.integers(data.shape[1]))
@@ -359,7 +381,10 @@ class PatchSampler(SlimDataLoaderBase):
         n_forced = self.n_forced_foreground()
         picks = self.rng.integers(len(self.case_ids), size=self.batch_size)
         keys = [self.case_ids[int(i)] for i in picks]
-        samples = [self.sample(case, b >= self.batch_size - n_forced) for b, case in enumerate(keys)]
+        classes: list[int | None] = [None] * self.batch_size
+        for b in range(self.batch_size - n_forced, self.batch_size):  # forced: class first, then a case with it
+            keys[b], classes[b] = self.draw_class_first()
+        samples = [self.sample(case, b >= self.batch_size - n_forced, classes[b]) for b, case in enumerate(keys)]
         return {
             "data": np.stack([s[0] for s in samples]),
             "seg": np.stack([s[1] for s in samples]),

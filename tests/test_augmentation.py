@@ -179,6 +179,27 @@ def test_oversampling_forces_foreground_in_last_samples(cache: Path, patch_size:
     assert {1, 2} <= {int(v) for c in centres for v in np.unique(c)}
 
 
+def test_class_first_sampling_draws_each_class_about_equally(tmp_path: Path) -> None:
+    """Class 2 lies in one case of six: forced samples still centre on it about half the time."""
+    rng = np.random.default_rng(3)
+    cases = [f"c{i}" for i in range(6)]
+    for i, case in enumerate(cases):
+        _write_case(tmp_path, case, foreground=True, rng=rng)
+        if i:  # class 2 only in case c0
+            seg = np.load(tmp_path / f"{case}_seg.npy")
+            seg[seg == 2] = 0
+            np.save(tmp_path / f"{case}_seg.npy", seg)
+            np.savez(tmp_path / f"{case}_locs.npz", class_1=np.argwhere(seg[0] == 1), class_2=np.zeros((0, 3)))
+    sampler = PatchSampler(tmp_path, cases, patch_size=(4, 4, 4), batch_size=2, oversample_foreground=1.0, seed=5)
+    assert sampler.class_cases() == {1: cases, 2: ["c0"]}
+    draws = [sampler.draw_class_first() for _ in range(2000)]
+    share_2 = np.mean([k == 2 for _, k in draws])
+    assert 0.45 < share_2 < 0.55  # case-first would give about 1/12
+    assert all(case == "c0" for case, k in draws if k == 2)
+    centres = [int(s[(0, 2, 2, 2)]) for _ in range(300) for s in next(sampler)["seg"]]
+    assert 0.4 < np.mean([c == 2 for c in centres]) < 0.6
+
+
 def test_forced_foreground_without_foreground_falls_back_to_random(cache: Path) -> None:
     sampler = PatchSampler(
         cache, ["case_empty"], patch_size=(4, 8, 8), batch_size=2, oversample_foreground=1.0
