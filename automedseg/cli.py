@@ -52,7 +52,8 @@ def _workspace(dataset: Path, work_dir: Path | None):
 def _fail(problems: list[str]) -> None:
     for p in problems:
         click.echo(p, err=True)
-    click.echo(f"{len(problems)} problem(s) found.", err=True)
+    if len(problems) > 1:
+        click.echo(f"{len(problems)} problem(s) found.", err=True)
     sys.exit(2)
 
 
