@@ -146,11 +146,12 @@ def _numbers(text: str | None, option: str, count: int) -> tuple[float, ...] | N
 @click.option("--mask-glob", default=None, help="Only masks whose name or path matches, e.g. '1st_manual/*'.")
 @click.option("--skip-unmatched", is_flag=True, help="Import the complete pairs; list images without masks.")
 @click.option("--colors", default=None,
-              help="Label table, background first: '0,0,0=background;255,0,0=lesion' or '0=background;255=vessel'.")
+              help="Label table, label k = k-th entry: '0,0,0=background;255,0,0=lesion' or '0=background;255=vessel' "
+                   "(palette masks: by displayed colour; default: inferred).")
 @click.option("--snap-colors", is_flag=True, help="Map mask values not in --colors to the nearest listed one.")
 @click.option("--fill-outlines", is_flag=True, help="Masks are closed outlines: fill each one.")
 @click.option("--spacing-csv", type=click.Path(path_type=Path), default=None,
-              help="CSV with the pixel spacing (mm) of each image (images are then written as 2D NIfTI).")
+              help="CSV with the pixel spacing (mm) of each image (2D NIfTI output when it differs between images).")
 @click.option("--spacing-column", "spacing_columns", multiple=True,
               help="Its spacing column (twice: y then x; default: the column named like spacing/pixel size).")
 @click.option("--name-column", default=None, help="Its file name column (default: the one naming the images).")

@@ -172,7 +172,7 @@ def import_dataset(source: Path, output: Path, *, test_source: Path | None = Non
     report = {
         "source": str(source.resolve()),
         "training_folder": str(train_dir), "test_folder": str(test_dir) if test_dir else None,
-        "pairing": {split.split_dir.name: _pairing_json(split) for split in (train, test) if split is not None},
+        "pairing": {key: _pairing_json(split) for key, split in (("training", train), ("test", test)) if split},
         "skipped": unmatched,
         "mask_kind": table.kind, "label_table_source": table.source, "snap_colors": table.snap,
         "labels": table.to_json(), "fill_outlines": fill_outlines,

@@ -6,6 +6,7 @@ import doctest
 import hashlib
 import importlib
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -336,14 +337,35 @@ def test_output_placement_is_refused(tmp_path: Path, write_2d_source, where: str
     assert tree_hashes(tmp_path) == before
 
 
-def test_overwrite_replaces_whole_folder(tmp_path: Path, write_2d_source) -> None:
+def test_overwrite_replaces_whole_folder_and_stale_builds_are_removed(tmp_path: Path, write_2d_source) -> None:
     src = tmp_path / "src"
     write_2d_source(src)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".tmp-{dead.pid}-0000-import-out"  # left by a killed import
+    (stale / "imagesTr").mkdir(parents=True)
     meta = assert_imported(run_import(src, out, "--overwrite", "--name", "Dataset_New"), out, src, tree_hashes(src))
-    assert meta["name"] == "Dataset_New" and not (out / "old.txt").exists()
+    assert meta["name"] == "Dataset_New" and not (out / "old.txt").exists() and not stale.exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("size", "mask is 23x20 pixels, its image 00_img.tif is 24x20"),
+    ("pages", "mask has 2 page(s), its image 00_img.tif has 1"),
+])
+def test_mask_that_does_not_fit_its_image_is_named(tmp_path: Path, write_2d_source, change: str,
+                                                   message: str) -> None:
+    src = tmp_path / "src"
+    write_2d_source(src, image="{i:02d}_img.tif", mask="{i:02d}_mask.tif")
+    mask = np.asarray(Image.open(src / "00_mask.tif"))
+    if change == "size":
+        Image.fromarray(mask[:, :-1]).save(src / "00_mask.tif")
+    else:
+        tifffile.imwrite(src / "00_mask.tif", np.stack([mask, mask]), photometric="minisblack")
+    result = run_import(src, tmp_path / "out")
+    assert result.exit_code == 2 and result.output.strip() == f"{src / '00_mask.tif'}: {message}"
 
 
 @pytest.mark.parametrize(("text", "message"), [
