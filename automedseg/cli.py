@@ -121,6 +121,66 @@ def check(dataset: Path, jobs: int) -> None:
     click.echo(f"{dataset}: no problems found.")
 
 
+def _numbers(text: str | None, option: str, count: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if not 1 <= len(values) <= count:
+        raise click.BadParameter(f"{text!r}: give 1 to {count} comma-separated numbers", param_hint=f"'{option}'")
+    return values
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Dataset folder to create.")
+@click.option("--test-source", type=click.Path(path_type=Path), default=None,
+              help="Folder of the test split (default: a test/ or testing/ folder beside the training one).")
+@click.option("--no-test", is_flag=True, help="Import no test split.")
+@click.option("--image-dir", default=None, help="Subfolder of each split holding the images (default: auto).")
+@click.option("--mask-suffix", default=None,
+              help="Mask name = image name + SUFFIX, e.g. _mask or _manual1 (default: auto-detected).")
+@click.option("--fov-suffix", default=None, help="Field-of-view masks are named image name + SUFFIX (-> fovTr/).")
+@click.option("--image-glob", default=None, help="Only images whose name or path matches, e.g. '*_HC.png'.")
+@click.option("--mask-glob", default=None, help="Only masks whose name or path matches, e.g. '1st_manual/*'.")
+@click.option("--skip-unmatched", is_flag=True, help="Import the complete pairs; list images without masks.")
+@click.option("--colors", default=None,
+              help="Label table, label k = k-th entry: '0,0,0=background;255,0,0=lesion' or '0=background;255=vessel' "
+                   "(palette masks: by displayed colour; default: inferred).")
+@click.option("--snap-colors", is_flag=True, help="Map mask values not in --colors to the nearest listed one.")
+@click.option("--fill-outlines", is_flag=True, help="Masks are closed outlines: fill each one.")
+@click.option("--spacing-csv", type=click.Path(path_type=Path), default=None,
+              help="CSV with the pixel spacing (mm) of each image (2D NIfTI output when it differs between images).")
+@click.option("--spacing-column", "spacing_columns", multiple=True,
+              help="Its spacing column (twice: y then x; default: the column named like spacing/pixel size).")
+@click.option("--name-column", default=None, help="Its file name column (default: the one naming the images).")
+@click.option("--spacing-mm", default=None, help="Pixel spacing of every image in mm: Y[,X].")
+@click.option("--channel-names", default=None, help="Comma-separated channel names (default: image, or R,G,B).")
+@click.option("--name", default=None, help="Dataset name (default: the output folder's name).")
+@click.option("--format", "output_format", type=click.Choice(["auto", "png", "nifti"]), default="auto",
+              show_default=True, help="Image format (auto: PNG unless spacing or pixel type needs NIfTI).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def import_command(source: Path, output: Path, test_source: Path | None, no_test: bool, image_dir: str | None,
+                   mask_suffix: str | None, fov_suffix: str | None, image_glob: str | None, mask_glob: str | None,
+                   skip_unmatched: bool, colors: str | None, snap_colors: bool, fill_outlines: bool,
+                   spacing_csv: Path | None, spacing_columns: tuple[str, ...], name_column: str | None,
+                   spacing_mm: str | None, channel_names: str | None, name: str | None, output_format: str,
+                   overwrite: bool) -> None:
+    """Import 2D images and masks (PNG, TIFF, GIF, JPEG, BMP) as an nnU-Net v2 raw dataset; SOURCE is only read."""
+    from automedseg.importer import import_dataset
+
+    spacing = _numbers(spacing_mm, "--spacing-mm", 2)
+    import_dataset(source, output, test_source=test_source, no_test=no_test, image_dir=image_dir,
+                   mask_suffix=mask_suffix, fov_suffix=fov_suffix, image_glob=image_glob, mask_glob=mask_glob,
+                   skip_unmatched=skip_unmatched, colors=colors, snap_colors=snap_colors, fill_outlines=fill_outlines,
+                   spacing_csv=spacing_csv, spacing_columns=spacing_columns, name_column=name_column,
+                   spacing_mm=(spacing[0], spacing[-1]) if spacing else None,
+                   channel_names=tuple(n.strip() for n in channel_names.split(",")) if channel_names else (),
+                   name=name, output_format=output_format, overwrite=overwrite, log=click.echo)
+
+
 @main.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,

@@ -446,3 +446,122 @@ def window_cache(tmp_path: Path) -> WindowCache:
         np.savez(folder / f"{case}_locs.npz",
                  **{f"class_{k}": np.argwhere(seg[0] == k).astype(np.int64) for k in (1, 2)})
     return WindowCache(folder, ids, shape)
+
+
+# --- 2D source folders as people have them (for `automedseg import`) ---------------------------------------
+
+MASK_COLOURS = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 255, 0)}  # class -> RGB of colour-coded masks
+
+
+def _two_discs(i: int, shape: tuple[int, int] = SHAPE_2D, *, classes: int = 2) -> np.ndarray:
+    """Class map (Y, X) of case ``i``: class 1 a disc of radius 5, class 2 (if ``classes`` is 2) a disc of 3."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, np.uint8)
+    out[(yy - 7 - i % 3) ** 2 + (xx - 7) ** 2 <= 25] = 1
+    if classes == 2:
+        out[(yy - 14) ** 2 + (xx - 17 - i % 2) ** 2 <= 9] = 2
+    return out
+
+
+def encode_mask(classes: np.ndarray, style: str) -> tuple[np.ndarray, str]:
+    """A class map as a mask file would hold it, and the Pillow mode to save it with.
+
+    Styles: ``binary255`` / ``binary1`` (grey 0/255 or 0/1, every class as foreground), ``grey`` (class * 60),
+    ``palette`` (palette indices = classes), ``rgb`` (:data:`MASK_COLOURS`), ``outline`` (the 1-pixel border of
+    the foreground, 0/255), ``open_outline`` (that border with its right half missing), ``rgb_grey`` (0/255 as RGB).
+    """
+    from scipy import ndimage
+
+    fg = classes > 0
+    if style == "binary255":
+        return fg.astype(np.uint8) * 255, "L"
+    if style == "binary1":
+        return fg.astype(np.uint8), "L"
+    if style == "grey":
+        return classes.astype(np.uint8) * 60, "L"
+    if style == "palette":
+        return classes.astype(np.uint8), "P"
+    if style == "rgb":
+        return np.array([MASK_COLOURS[c] for c in range(3)], np.uint8)[classes], "RGB"
+    if style == "rgb_grey":
+        return np.repeat((fg.astype(np.uint8) * 255)[..., None], 3, axis=-1), "RGB"
+    if style in ("outline", "open_outline"):
+        border = fg & ~ndimage.binary_erosion(fg)
+        if style == "open_outline":
+            border[:, classes.shape[1] // 3:] = False
+        return border.astype(np.uint8) * 255, "L"
+    raise ValueError(style)
+
+
+def _save_raster(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    """Save with Pillow (format from the ending); ``P`` gets a palette with :data:`MASK_COLOURS`."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        im = Image.new("P", (array.shape[1], array.shape[0]))
+        im.putdata(array.ravel().tolist())
+        im.putpalette([v for c in range(3) for v in MASK_COLOURS[c]] + [0, 0, 0] * 253)
+    else:
+        im = Image.fromarray(array)
+    im.save(path)
+    return path
+
+
+def _case_image(i: int, classes: np.ndarray, *, rgb: bool = False, dtype: Any = np.uint8) -> np.ndarray:
+    """An image whose brightness follows the classes, with a little noise (grey (Y, X) or RGB (Y, X, 3))."""
+    rng = np.random.default_rng(i)
+    scale = 200 if dtype == np.uint16 else 1
+    grey = (30 + 80 * classes + rng.integers(0, 20, classes.shape)) * scale
+    if rgb:
+        return np.stack([grey, grey // 2, 255 - grey], axis=-1).astype(dtype)
+    return grey.astype(dtype)
+
+
+def _write_2d_source(root: Path, *, n: int = N_CASES, image: str = "{i:02d}_img.png",
+                     mask: str | None = "{i:02d}_mask.png", fov: str | None = None, style: str = "binary255",
+                     rgb: bool = False, dtype: Any = np.uint8, classes: int = 2) -> dict[str, np.ndarray]:
+    """Write ``n`` cases into ``root`` named by the templates (``{i}`` = case number, may contain folders).
+
+    Returns:
+        Class map per image stem (what the imported labels must hold, up to the label order).
+    """
+    truth = {}
+    for i in range(n):
+        cls = _two_discs(i, classes=classes)
+        img_path = root / image.format(i=i)
+        _save_raster(img_path, _case_image(i, cls, rgb=rgb, dtype=dtype))
+        if mask is not None:
+            array, mode = encode_mask(cls, style)
+            _save_raster(root / mask.format(i=i), array, mode)
+        if fov is not None:
+            inside = np.zeros(cls.shape, np.uint8)
+            inside[1:-1, 1:-1] = 255
+            _save_raster(root / fov.format(i=i), inside)
+        truth[img_path.name.rsplit(".", 1)[0]] = cls
+    return truth
+
+
+@pytest.fixture
+def write_2d_source() -> Callable[..., dict[str, np.ndarray]]:
+    """``write_2d_source(root, n=5, image="{i:02d}_img.png", mask="{i:02d}_mask.png", fov=None, style="binary255",
+    rgb=False, dtype=np.uint8, classes=2)``: a folder of 2D images and masks as people have them."""
+    return _write_2d_source
+
+
+@pytest.fixture
+def save_raster() -> Callable[..., Path]:
+    """``save_raster(path, array, mode=None)``: save with Pillow; mode ``P`` writes a palette image."""
+    return _save_raster
+
+
+@pytest.fixture
+def two_discs() -> Callable[..., np.ndarray]:
+    """``two_discs(i, shape=(20, 24), classes=2)``: the class map of synthetic 2D case ``i``."""
+    return _two_discs
+
+
+@pytest.fixture
+def case_image() -> Callable[..., np.ndarray]:
+    """``case_image(i, classes, rgb=False, dtype=np.uint8)``: the image ``write_2d_source`` writes for case ``i``."""
+    return _case_image
