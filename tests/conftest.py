@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -399,3 +400,15 @@ def demo_dataset(tmp_path: Path) -> Path:
     from automedseg.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=N_CASES, n_test=1, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """The CLI's calibration cache (``AUTOMEDSEG_CALIBRATION``) is a temporary file, never the user's ~/.cache."""
+    old = os.environ.get("AUTOMEDSEG_CALIBRATION")
+    os.environ["AUTOMEDSEG_CALIBRATION"] = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    yield
+    if old is None:
+        os.environ.pop("AUTOMEDSEG_CALIBRATION", None)
+    else:
+        os.environ["AUTOMEDSEG_CALIBRATION"] = old
