@@ -80,7 +80,12 @@ def run_plan(dataset: Path, ws: Workspace, *, configurations: Sequence[str] | No
             at least ``N_SPLITS`` training cases and some foreground).
     """
     from automedseg.calibration import device_profile
+    from automedseg.errors import InputError
 
+    for name in replan:  # before anything is read or written (keep_trained checks against what is planned)
+        if configurations and name not in configurations:
+            raise InputError(f"--replan {name}: {name} is not among the configurations to plan "
+                             f"({', '.join(configurations)}); add `-c {name}`")
     spec = load_dataset_spec(dataset)
     profile = device_profile(device, threads=threads, cache_path=calibration_cache, recalibrate=recalibrate,
                              log=log)  # a bad --device fails here, before anything is written

@@ -55,7 +55,7 @@ def _first_difference(a: Any, b: Any, where: str) -> tuple[str, Any, Any] | None
     """The first path at which two JSON values differ, with both values there."""
     if isinstance(a, dict) and isinstance(b, dict) and list(a) == list(b):
         for k in a:
-            d = _first_difference(a[k], b[k], f"{where}.{k}")
+            d = _first_difference(a[k], b[k], f"{where}.{k}" if where else str(k))
             if d is not None:
                 return d
         return None
@@ -295,7 +295,7 @@ def keep_trained(plans: Plans, ws: Workspace, *, replan: Sequence[str] = (), log
         if fresh is None:
             note = "not planned this time"
         else:
-            diff = _first_difference(to_jsonable(config), to_jsonable(fresh), "config")
+            diff = _first_difference(to_jsonable(config), to_jsonable(fresh), "")
             note = "a fresh plan is the same" if diff is None else \
                 f"a fresh plan would differ: {describe_difference(diff, was='kept', now='fresh')}"
         log(f"plans: keeping {name} as trained (checkpoints in {', '.join(f.name for f in folds)}; {note}); "
