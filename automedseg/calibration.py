@@ -14,7 +14,9 @@ made from a fresh timing every time flips between runs. So:
   compared with the time they waited for a CPU (``/proc/self/task/*/schedstat``; elsewhere process CPU time
   against wall time x threads). When they got less than :data:`MIN_CPU_SHARE` of what they asked for,
   another process was busy: with a cached calibration the new timing is not believed; without one the best
-  of :data:`LOADED_ATTEMPTS` timings is kept, flagged as taken under load, with a warning.
+  of :data:`LOADED_ATTEMPTS` timings is kept, flagged as taken under load (provisional), with a warning.
+  A provisional calibration is timed again by every ``plan`` and replaced by a timing that is not under load
+  (or a faster one beyond the hysteresis), so it only ever moves towards the idle machine's speed.
 * **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
   the cached one: timing noise never changes a plan; a real change of the machine replaces it.
 * **Quantised.** The planner sees each throughput rounded to a geometric grid (:func:`quantise_gflops`,
@@ -326,7 +328,7 @@ def _choose(cached: Calibration | None, new: Calibration, *, attempts: int, log:
             "one so plans stay put")
         return cached
     if loaded and not cached.provenance.under_load:
-        log(f"calibration: not believed; keeping the calibration of {when}")
+        log(f"calibration: not believed (up to {100 * (ratio - 1):.0f}% off); keeping the calibration of {when}")
         return cached
     if loaded and _geomean(new) <= _geomean(cached):
         log(f"calibration: keeping the (faster) calibration of {when}; both were taken under load")
@@ -361,13 +363,12 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
     key = CalibrationProvenance(machine.kind, machine.device, machine.threads, machine.torch_version,
                                 machine.precision, "").key
     cached = cache.calibrations.get(key)
-    if cached is not None and not recalibrate:
+    if cached is not None and not recalibrate and not cached.provenance.under_load:
         log(f"calibration: reusing {cached.provenance.describe()} from {cache_path} "
             "(`automedseg plan --recalibrate` measures again)")
-        if cached.provenance.under_load:
-            log("warning: that calibration was taken under load and may underestimate this machine; run "
-                "`automedseg plan --recalibrate` on an idle machine")
         return cached
+    if cached is not None and not recalibrate:
+        log(f"calibration: the cached one ({cached.provenance.describe()}) is provisional: timing again")
     attempts = 1 if cached is not None else LOADED_ATTEMPTS
     new = _time_once(machine)
     for _ in range(attempts - 1):

@@ -165,14 +165,19 @@ def test_timing_under_load_without_a_cache_takes_the_best_of_several_and_warns(
     assert entry.provenance.under_load and entry.gflops_by_width == _scaled(0.6)
     assert Plans.load(planner.work / "plans.json").device.calibration.under_load
 
-    again = planner.plan()  # reused (no timing), with the warning repeated
-    assert planner.timing.calls == C.LOADED_ATTEMPTS and "taken under load" in again.output
+    plans_before = planner.plans_bytes
+    again = planner.plan()  # still busy: the provisional calibration is timed once more and kept
+    assert planner.timing.calls == C.LOADED_ATTEMPTS + 1 and "provisional: timing again" in again.output
+    assert planner.plans_bytes == plans_before and planner.entry() == entry
 
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))  # idle now: an idle timing replaces the provisional one
     planner.timing.tables = [BASE]
-    idle = planner.plan("--recalibrate")
+    idle = planner.plan()
     assert "which was taken under load" in idle.output
     assert not planner.entry().provenance.under_load and planner.entry().gflops_by_width == BASE
+    calls = planner.timing.calls
+    planner.plan()  # no longer provisional: reused without timing
+    assert planner.timing.calls == calls
 
 
 def test_unreadable_cache_is_measured_again(planner: Planner) -> None:
