@@ -53,6 +53,10 @@ MIN_CPU_SHARE = 0.8  # threads granted less than this share of the CPU they aske
 # lower even on an idle machine; only a much lower share is taken as load.
 MIN_CPU_SHARE_WITHOUT_SCHEDSTAT = 0.4
 LOADED_ATTEMPTS = 3  # timings tried when the machine is busy and nothing is cached
+# The cached timing is taken once: longer windows than a one-off timing (about 4 s instead of 2 s on a 2-core
+# CPU) halve its spread between runs (measured on a shared 2-core EPYC: up to 38 % -> 13 % per width).
+TIMING_WINDOWS = 3
+TIMING_WINDOW_S = 0.3
 MIN_JUDGED_SECONDS = 0.05  # shorter windows say nothing about load
 
 Log = Callable[[str], None]
@@ -275,7 +279,8 @@ def _time_once(machine: _Machine) -> Calibration:
 
     threads = machine.threads if machine.kind == "cpu" else None
     before, t0 = cpu_usage(), time.perf_counter()
-    gflops = planning.calibrate_conv_gflops(device=machine.kind, threads=threads)
+    gflops = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
+                                            window_s=TIMING_WINDOW_S)
     wall, after = time.perf_counter() - t0, cpu_usage()
     share, threshold = granted_share(before, after, wall_s=wall, threads=machine.threads)
     loaded = machine.kind == "cpu" and share is not None and share < threshold

@@ -102,9 +102,12 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS,
-                          threads: int | None = None) -> tuple[tuple[int, float], ...]:
-    """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all.
+def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS, threads: int | None = None,
+                          windows: int = 2, window_s: float = 0.15) -> tuple[tuple[int, float], ...]:
+    """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all by default.
+
+    Each width is timed in ``windows`` windows of about ``window_s`` seconds (at most 50 steps) and the
+    fastest counts: a busy moment of the machine is not the device's speed.
 
     Uses the precision training uses (:func:`automedseg.inference.autocast_context`: bf16 on CPUs with
     native bf16, fp32 on other CPUs, fp16 AMP on CUDA) and channels-last.
@@ -132,11 +135,11 @@ def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WI
         step()
         step()  # the first calls in a process pick kernels and allocate: not timed
         seconds = math.inf
-        for _ in range(2):  # best of two short windows: a busy moment of the machine is not the device's speed
+        for _ in range(windows):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             n, t0 = 0, time.perf_counter()
-            while n < 2 or (time.perf_counter() - t0 < 0.15 and n < 50):
+            while n < 2 or (time.perf_counter() - t0 < window_s and n < 50):
                 step()
                 n += 1
             if dev.type == "cuda":
