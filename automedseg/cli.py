@@ -1,7 +1,8 @@
 """Command-line interface: parses arguments and calls library functions.
 
 Heavy imports (torch, SimpleITK, scipy) happen inside the commands so ``automedseg --help`` is instant.
-This is the only module that reads environment variables (``AUTOMEDSEG_WORK_DIR``).
+This is the only module that reads environment variables (``AUTOMEDSEG_WORK_DIR``, ``AUTOMEDSEG_CALIBRATION``,
+``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``, and torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def _workspace(dataset: Path, work_dir: Path | None):
     if work_dir is None and env:
         work_dir = Path(env) / Path(dataset).resolve().name
     return Workspace.for_dataset(dataset, work_dir)
+
+
+def calibration_cache_path() -> Path:
+    """The machine's calibration cache: ``$AUTOMEDSEG_CALIBRATION``, else under ``$XDG_CACHE_HOME`` or ~/.cache.
+
+    Example:
+        >>> calibration_cache_path().name  # doctest: +SKIP
+        'calibration.json'
+    """
+    explicit = os.environ.get("AUTOMEDSEG_CALIBRATION")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "automedseg" / "calibration.json"
 
 
 def _fail(problems: list[str]) -> None:
@@ -201,10 +216,20 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
 @click.option("--search", "search_trials", type=int, default=0, show_default=True, metavar="N",
               help="Then refine each planned configuration with N Optuna trials (as `automedseg search`; "
                    "each trial gets 1/4 of the fold budget).")
+@click.option("--recalibrate", is_flag=True,
+              help="Time this machine again instead of reusing its cached calibration "
+                   "($AUTOMEDSEG_CALIBRATION, default ~/.cache/automedseg/calibration.json).")
+@click.option("--replan", multiple=True, type=click.Choice(DEFAULT_CONFIGS), metavar="CONFIG",
+              help="Plan this configuration afresh although folds of it are trained: its folder is moved aside "
+                   "to CONFIG.replaced-<time> first (repeatable).")
 def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], jobs: int, device: str,
          time_budget: str | None, architecture: str, seed: int, threads: int | None, overwrite: bool,
-         no_preprocess: bool, search_trials: int) -> None:
-    """Check, fingerprint, plan and preprocess a raw dataset."""
+         no_preprocess: bool, search_trials: int, recalibrate: bool, replan: tuple[str, ...]) -> None:
+    """Check, fingerprint, plan and preprocess a raw dataset.
+
+    Trained configurations are kept as trained (`--replan CONFIG` plans one afresh); the machine's speed is
+    timed once and cached (`--recalibrate` times it again), so the same inputs give the same plans.json.
+    """
     from automedseg.pipeline import run_plan
 
     budget = parse_duration(time_budget)
@@ -216,6 +241,7 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
         plans = run_plan(dataset, ws, configurations=configurations or None, jobs=jobs, device=device,
                          time_budget_s=budget, architecture=architecture, seed=seed, threads=threads,
                          overwrite=overwrite, preprocess=not no_preprocess, progress=sys.stderr.isatty(),
+                         calibration_cache=calibration_cache_path(), recalibrate=recalibrate, replan=replan,
                          log=click.echo)
     except DatasetError as e:
         _fail(e.problems)
@@ -376,6 +402,10 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
     except FileNotFoundError as e:
         _fail([str(e)])
         return
+    from automedseg.trained import check_folds_match
+
+    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
+        check_folds_match(ws, member, group)
     post = None
     pp_path = ws.root / f"postprocessing_{configuration}.json" if len(members) > 1 else \
         ws.postprocessing_path(configuration)
@@ -537,7 +567,7 @@ def demo(out: Path, cases: int, time_budget: str) -> None:
     from automedseg.pipeline import run_demo
 
     run_demo(out, n_cases=cases, time_budget_s=parse_duration(time_budget), progress=sys.stderr.isatty(),
-             log=click.echo)
+             calibration_cache=calibration_cache_path(), log=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

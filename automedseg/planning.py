@@ -65,15 +65,28 @@ NOMINAL_PROFILES: dict[str, DeviceProfile] = {
 # --- device ---------------------------------------------------------------------------------------
 
 
-def _host_memory_gib() -> float:
+def host_memory_gib() -> float:
+    """This machine's memory in GiB: ``MemTotal``, or a lower cgroup (container) limit.
+
+    The total, not what is free now: a plan must not depend on what other processes hold at the moment.
+    """
+    total = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit)) if total else int(limit)
     except OSError:
         pass
-    return 8.0
+    return round(total / 2**30, 1) if total else 8.0
 
 
 def cpu_model_name() -> str:
@@ -90,9 +103,12 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS,
-                          threads: int | None = None) -> tuple[tuple[int, float], ...]:
-    """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all.
+def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS, threads: int | None = None,
+                          windows: int = 2, window_s: float = 0.15) -> tuple[tuple[int, float], ...]:
+    """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all by default.
+
+    Each width is timed in ``windows`` windows of about ``window_s`` seconds (at most 50 steps) and the
+    fastest counts: a busy moment of the machine is not the device's speed.
 
     Uses the precision training uses (:func:`automedseg.inference.autocast_context`: bf16 on CPUs with
     native bf16, fp32 on other CPUs, fp16 AMP on CUDA) and channels-last.
@@ -120,11 +136,11 @@ def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WI
         step()
         step()  # the first calls in a process pick kernels and allocate: not timed
         seconds = math.inf
-        for _ in range(2):  # best of two short windows: a busy moment of the machine is not the device's speed
+        for _ in range(windows):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             n, t0 = 0, time.perf_counter()
-            while n < 2 or (time.perf_counter() - t0 < 0.15 and n < 50):
+            while n < 2 or (time.perf_counter() - t0 < window_s and n < 50):
                 step()
                 n += 1
             if dev.type == "cuda":
@@ -136,7 +152,10 @@ def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WI
 
 
 def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceProfile:
-    """Profile this machine's CPU or GPU (a short timing), or return a nominal profile by name.
+    """Profile this machine's CPU or GPU (a short timing, every call), or return a nominal profile by name.
+
+    ``automedseg plan`` goes through :func:`automedseg.calibration.device_profile` instead, which times once
+    per machine, caches the result and quantises it, so plans do not follow timing noise.
 
     Args:
         kind: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``mps`` or a key of
@@ -161,13 +180,13 @@ def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceP
         )
     if kind == "mps":
         return DeviceProfile(kind="mps", name="Apple MPS", cpu_threads=os.cpu_count() or 1,
-                             memory_gib=_host_memory_gib(), gflops_by_width=((8, 200.0), (64, 2000.0)))
+                             memory_gib=host_memory_gib(), gflops_by_width=((8, 200.0), (64, 2000.0)))
     if kind != "cpu":
         raise ValueError(f"unknown device {kind!r}; use cpu, cuda, mps or one of {sorted(NOMINAL_PROFILES)}")
     n = threads or os.cpu_count() or 1
     return DeviceProfile(
         kind="cpu", name=f"{cpu_model_name()}, {n} threads", cpu_threads=n,
-        memory_gib=_host_memory_gib(), gflops_by_width=calibrate_conv_gflops(device="cpu", threads=n),
+        memory_gib=host_memory_gib(), gflops_by_width=calibrate_conv_gflops(device="cpu", threads=n),
     )
 
 

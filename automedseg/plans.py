@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.calibration import CalibrationProvenance
 from automedseg.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -377,6 +378,8 @@ class DeviceProfile:
         gflops_by_width: ``(feature width, GFLOP/s)`` pairs: measured training throughput of a 3x3(x3)
             convolution of that width (forward + backward, mixed precision where supported).
         measured: ``False`` for a nominal profile (planning for a machine other than this one).
+        calibration: Which cached calibration of this machine the throughput comes from (its provenance,
+            see :mod:`automedseg.calibration`); absent for nominal profiles and older plans.
     """
 
     kind: str
@@ -385,6 +388,7 @@ class DeviceProfile:
     memory_gib: float
     gflops_by_width: tuple[tuple[int, float], ...]
     measured: bool = True
+    calibration: CalibrationProvenance | None = field(default=None, metadata={"omit_if_none": True})
 
     def gflops_at(self, width: int) -> float:
         """Throughput for a given feature width, interpolated log-linearly between calibrated widths."""
@@ -530,11 +534,13 @@ def to_jsonable(obj: Any, tp: Any = None) -> Any:
     """Convert dataclasses, tuples and dicts into JSON types (tuples become lists).
 
     ``tp`` is the declared type of ``obj`` (taken from the dataclass fields); an integer stored in a
-    ``float`` field is written as a float, so save -> load -> save gives identical text.
+    ``float`` field is written as a float, so save -> load -> save gives identical text. A field declared
+    with ``metadata={"omit_if_none": True}`` is left out while it is ``None`` (its default on reading).
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         hints = typing.get_type_hints(type(obj))
-        return {f.name: to_jsonable(getattr(obj, f.name), hints.get(f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_jsonable(getattr(obj, f.name), hints.get(f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
     if isinstance(obj, (list, tuple)):
         args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
         if len(args) == 2 and args[1] is Ellipsis:

@@ -347,6 +347,10 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     plans = plans or Plans.load(ws.plans_path)
     base_config = plans.configuration(configuration)
     fold_dir = Path(options.output_dir) if options.output_dir else ws.fold_dir(configuration, fold)
+    if not options.restart:  # a checkpoint is never resumed, or called trained, under another plan
+        from automedseg.trained import check_fold_matches
+
+        check_fold_matches(plans, configuration, fold_dir)
     resume = (fold_dir / "checkpoint_latest.pt").is_file() and not options.restart
     if resume and (fold_dir / "plans.json").is_file():
         config = Plans.load(fold_dir / "plans.json").configuration(configuration)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -565,3 +566,14 @@ def two_discs() -> Callable[..., np.ndarray]:
 def case_image() -> Callable[..., np.ndarray]:
     """``case_image(i, classes, rgb=False, dtype=np.uint8)``: the image ``write_2d_source`` writes for case ``i``."""
     return _case_image
+
+@pytest.fixture(autouse=True, scope="session")
+def _calibration_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """The CLI's calibration cache (``AUTOMEDSEG_CALIBRATION``) is a temporary file, never the user's ~/.cache."""
+    old = os.environ.get("AUTOMEDSEG_CALIBRATION")
+    os.environ["AUTOMEDSEG_CALIBRATION"] = str(tmp_path_factory.mktemp("calibration") / "calibration.json")
+    yield
+    if old is None:
+        os.environ.pop("AUTOMEDSEG_CALIBRATION", None)
+    else:
+        os.environ["AUTOMEDSEG_CALIBRATION"] = old

@@ -1,0 +1,434 @@
+"""The machine's speed calibration: measured once, cached with its provenance, reused, so plans stay put.
+
+The planner's cost model needs the training throughput of this machine's convolutions
+(:func:`automedseg.planning.calibrate_conv_gflops`). A timing is noisy (about +-10 % between runs on an idle
+machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
+made from a fresh timing every time flips between runs. So:
+
+* **Measured once, cached.** A calibration is kept per machine in a JSON cache file (the CLI chooses the
+  path: ``$AUTOMEDSEG_CALIBRATION``, else ``$XDG_CACHE_HOME/automedseg/calibration.json``, else
+  ``~/.cache/automedseg/calibration.json``), keyed by device kind, CPU model or GPU name, threads, torch
+  version and precision, with the date it was measured. Every later ``plan`` reuses it and times nothing;
+  ``plan --recalibrate`` measures again.
+* **A timing under load is recognised.** While timing, the CPU time the process's threads were granted is
+  compared with the time they waited for a CPU (``/proc/self/task/*/schedstat``; elsewhere process CPU time
+  against wall time x threads). When they got less than :data:`MIN_CPU_SHARE` of what they asked for,
+  another process was busy: with a cached calibration the new timing is not believed; without one the best
+  of :data:`LOADED_ATTEMPTS` timings is kept, flagged as taken under load (provisional), with a warning.
+  A provisional calibration is timed again by every ``plan`` and replaced by a timing that is not under load
+  (or a faster one beyond the hysteresis), so it only ever moves towards the idle machine's speed.
+* **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
+  the cached one: timing noise never changes a plan; a real change of the machine replaces it.
+* **Quantised.** The planner sees each throughput rounded to a geometric grid (:func:`quantise_gflops`,
+  four steps per doubling), so no noisy digits reach ``plans.json``.
+
+``plans.json`` records which calibration it was planned with (:class:`CalibrationProvenance`: where and
+when it was measured), never a raw timing, so re-plans are byte-identical. Nothing here reads environment
+variables: the cache path is an argument.
+
+Example:
+    >>> quantise_gflops(1000.0), quantise_gflops(900.0)
+    (1024.0, 861.1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # plans.py imports this module: the imports below happen inside functions
+    from automedseg.plans import DeviceProfile
+
+CACHE_SCHEMA_VERSION = 1
+QUANTA_PER_OCTAVE = 4  # grid 2^(k/4): neighbouring values 19 % apart
+HYSTERESIS = 1.25  # a re-measurement within 25 % of the cached calibration keeps the cached one
+MIN_CPU_SHARE = 0.8  # threads granted less than this share of the CPU they asked for: the machine is busy
+# Without per-thread wait times the share is CPU time / (wall x threads), which serial parts of the timing
+# lower even on an idle machine; only a much lower share is taken as load.
+MIN_CPU_SHARE_WITHOUT_SCHEDSTAT = 0.4
+LOADED_ATTEMPTS = 3  # timings tried when the machine is busy and nothing is cached
+# The cached timing is taken once: longer windows than a one-off timing (about 4 s instead of 2 s on a 2-core
+# CPU) halve its spread between runs (measured on a shared 2-core EPYC: up to 38 % -> 13 % per width).
+TIMING_WINDOWS = 3
+TIMING_WINDOW_S = 0.3
+MIN_JUDGED_SECONDS = 0.05  # shorter windows say nothing about load
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _plan_error(message: str) -> Exception:
+    from automedseg.plans import PlanError
+
+    return PlanError(message)
+
+
+@dataclass(frozen=True)
+class CalibrationProvenance:
+    """Where and when a calibration was measured: what ``plans.json`` records about it.
+
+    Attributes:
+        kind: ``cpu`` or ``cuda``.
+        device: CPU model or GPU name.
+        threads: Torch threads the timing used (CPU) or the host's CPU count (CUDA).
+        torch_version: ``torch.__version__`` of the timing.
+        precision: ``bf16`` or ``fp32`` (CPU, as training uses), ``fp16`` (CUDA AMP).
+        measured_at: UTC time of the timing, ISO 8601.
+        under_load: The timing ran while another process took CPU time (a provisional calibration).
+    """
+
+    kind: str
+    device: str
+    threads: int
+    torch_version: str
+    precision: str
+    measured_at: str
+    under_load: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "cuda"):
+            raise _plan_error(f"kind {self.kind!r} is not cpu or cuda")
+        if self.threads < 1:
+            raise _plan_error(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def key(self) -> str:
+        """The cache key: one calibration per device, thread count, torch version and precision."""
+        return f"{self.kind} | {self.device} | {self.threads} threads | torch {self.torch_version} | {self.precision}"
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``AMD EPYC, 2 threads, torch 2.13.0, fp32, measured 2025-01-02T10:00:00Z``."""
+        load = " (under load)" if self.under_load else ""
+        return (f"{self.device}, {self.threads} threads, torch {self.torch_version}, {self.precision}, "
+                f"measured {self.measured_at}{load}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One cached calibration: provenance, host or device memory and the measured throughput.
+
+    Attributes:
+        provenance: What was measured, where and when.
+        memory_gib: Host memory (CPU: ``MemTotal``) or GPU memory, GiB.
+        gflops_by_width: ``(feature width, GFLOP/s)`` as measured (best window), before quantisation.
+        cpu_share: Share of the CPU its threads asked for that the process was granted during the timing
+            (``None``: not judged).
+    """
+
+    provenance: CalibrationProvenance
+    memory_gib: float
+    gflops_by_width: tuple[tuple[int, float], ...]
+    cpu_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.gflops_by_width or any(not (g > 0 and math.isfinite(g)) for _, g in self.gflops_by_width):
+            raise _plan_error("gflops_by_width must hold positive throughputs")
+        if not self.memory_gib > 0:
+            raise _plan_error(f"memory_gib must be positive, got {self.memory_gib}")
+
+
+@dataclass(frozen=True)
+class CalibrationCache:
+    """The cache file: calibrations by :attr:`CalibrationProvenance.key`."""
+
+    calibrations: dict[str, Calibration] = dataclasses.field(default_factory=dict)
+    schema_version: int = CACHE_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.schema_version != CACHE_SCHEMA_VERSION:
+            raise _plan_error(f"schema_version {self.schema_version} is not {CACHE_SCHEMA_VERSION}")
+
+
+# --- the cache file ---------------------------------------------------------------------------------------
+
+
+def read_calibration_cache(path: Path) -> CalibrationCache:
+    """Read a cache file; a missing file is an empty cache.
+
+    Raises:
+        InputError: The file cannot be read or does not hold a calibration cache (names the file and field).
+    """
+    from automedseg.errors import InputError
+    from automedseg.plans import PlanError, from_jsonable
+
+    path = Path(path)
+    if not path.is_file():
+        return CalibrationCache()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the calibration cache: {e}") from None
+    try:
+        return from_jsonable(CalibrationCache, data, str(path))
+    except PlanError as e:
+        raise InputError(str(e)) from None
+
+
+def write_calibration_cache(path: Path, cache: CalibrationCache) -> None:
+    """Write the cache file atomically (its folder is made when missing)."""
+    from automedseg.atomic import atomic_write_json
+    from automedseg.plans import to_jsonable
+
+    atomic_write_json(Path(path), to_jsonable(cache))
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def quantise_gflops(value: float) -> float:
+    """Round a throughput to the grid ``2^(k/4)`` GFLOP/s (4 significant digits).
+
+    Example:
+        >>> [quantise_gflops(v) for v in (190.0, 200.0, 240.0, 260.0)]
+        [181.0, 215.3, 256.0, 256.0]
+    """
+    k = round(QUANTA_PER_OCTAVE * math.log2(max(value, 1e-6)))
+    return float(f"{2.0 ** (k / QUANTA_PER_OCTAVE):.4g}")
+
+
+def cpu_usage() -> tuple[float, float | None]:
+    """Seconds this process's threads have run, and waited runnable for a CPU (``None`` where unknown).
+
+    Linux: the sums of ``/proc/self/task/*/schedstat``; elsewhere :func:`time.process_time` and ``None``.
+    """
+    run = wait = 0
+    seen = False
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            fields = (task / "schedstat").read_text().split()
+            run, wait, seen = run + int(fields[0]), wait + int(fields[1]), True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    if not seen:
+        return time.process_time(), None
+    return run / 1e9, wait / 1e9
+
+
+def granted_share(before: tuple[float, float | None], after: tuple[float, float | None], *, wall_s: float,
+                  threads: int) -> tuple[float | None, float]:
+    """The share of the CPU its threads asked for that the process got between two :func:`cpu_usage` samples.
+
+    Returns:
+        ``(share, threshold)``: the share (``None`` when the window was too short to judge) and the share
+        below which the machine counts as busy for this way of measuring.
+
+    Example:
+        >>> granted_share((0.0, 0.0), (1.0, 1.0), wall_s=1.0, threads=2)
+        (0.5, 0.8)
+    """
+    run = max(0.0, after[0] - before[0])
+    if before[1] is not None and after[1] is not None:
+        wait = max(0.0, after[1] - before[1])
+        if run + wait < MIN_JUDGED_SECONDS:
+            return None, MIN_CPU_SHARE
+        return round(run / (run + wait), 3), MIN_CPU_SHARE
+    if wall_s < MIN_JUDGED_SECONDS:
+        return None, MIN_CPU_SHARE_WITHOUT_SCHEDSTAT
+    return round(min(1.0, run / (wall_s * max(1, threads))), 3), MIN_CPU_SHARE_WITHOUT_SCHEDSTAT
+
+
+@dataclass(frozen=True)
+class _Machine:
+    """What identifies a calibration of this machine, and what is read rather than timed."""
+
+    kind: str
+    device: str
+    threads: int
+    torch_version: str
+    precision: str
+    memory_gib: float
+
+
+def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
+    """Describe this machine's CPU (``kind="cpu"``) or first CUDA GPU."""
+    import os
+
+    import torch
+
+    from automedseg.planning import cpu_model_name, host_memory_gib
+
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device here; plan with --device reference-gpu-24g instead")
+        props = torch.cuda.get_device_properties(0)
+        return _Machine("cuda", props.name, os.cpu_count() or 1, torch.__version__, "fp16",
+                        round(props.total_memory / 2**30, 1))
+    from automedseg.inference import cpu_supports_bf16
+
+    n = threads or os.cpu_count() or 1
+    return _Machine("cpu", cpu_model_name(), n, torch.__version__, "bf16" if cpu_supports_bf16() else "fp32",
+                    host_memory_gib())
+
+
+def _time_once(machine: _Machine) -> Calibration:
+    """One calibration timing, with the CPU share the process was granted meanwhile."""
+    from automedseg import planning
+
+    threads = machine.threads if machine.kind == "cpu" else None
+    before, t0 = cpu_usage(), time.perf_counter()
+    gflops = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
+                                            window_s=TIMING_WINDOW_S)
+    wall, after = time.perf_counter() - t0, cpu_usage()
+    share, threshold = granted_share(before, after, wall_s=wall, threads=machine.threads)
+    loaded = machine.kind == "cpu" and share is not None and share < threshold
+    provenance = CalibrationProvenance(
+        kind=machine.kind, device=machine.device, threads=machine.threads, torch_version=machine.torch_version,
+        precision=machine.precision, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        under_load=loaded)
+    return Calibration(provenance, machine.memory_gib, tuple((int(w), float(g)) for w, g in gflops),
+                       share if machine.kind == "cpu" else None)
+
+
+def _best_of(a: Calibration, b: Calibration) -> Calibration:
+    """Per width the faster of two timings (load only ever slows a timing down)."""
+    widths = dict(a.gflops_by_width)
+    best = tuple((w, max(g, widths.get(w, g))) for w, g in b.gflops_by_width)
+    share = max((s for s in (a.cpu_share, b.cpu_share) if s is not None), default=None)
+    return dataclasses.replace(b, gflops_by_width=best, cpu_share=share)
+
+
+def _ratio(new: Calibration, old: Calibration) -> float:
+    """The largest factor (>= 1) by which a width's throughput differs between two calibrations."""
+    old_w = dict(old.gflops_by_width)
+    ratios = [max(g / old_w[w], old_w[w] / g) for w, g in new.gflops_by_width if w in old_w]
+    return max(ratios) if len(ratios) == len(old_w) else math.inf
+
+
+def _geomean(cal: Calibration) -> float:
+    return math.exp(sum(math.log(g) for _, g in cal.gflops_by_width) / len(cal.gflops_by_width))
+
+
+def _share_text(cal: Calibration) -> str:
+    return "" if cal.cpu_share is None else f"{100 * cal.cpu_share:.0f}%"
+
+
+def _choose(cached: Calibration | None, new: Calibration, *, attempts: int, log: Log) -> Calibration:
+    """Which calibration to keep after a new timing (hysteresis; a timing under load is not believed)."""
+    loaded = new.provenance.under_load
+    if loaded:
+        log(f"calibration: during the timing this process got {_share_text(new)} of the CPU its "
+            f"{new.provenance.threads} thread(s) asked for: another process is busy")
+    if cached is None:
+        if loaded:
+            log(f"warning: calibration taken under load (best of {attempts} timings) may underestimate this "
+                "machine; it is cached as provisional: run `automedseg plan --recalibrate` on an idle machine")
+        return new
+    ratio = _ratio(new, cached)
+    when = cached.provenance.measured_at
+    if ratio <= HYSTERESIS and not (cached.provenance.under_load and not loaded):
+        log(f"calibration: re-measured within {100 * (ratio - 1):.0f}% of the calibration of {when}; keeping that "
+            "one so plans stay put")
+        return cached
+    if loaded and not cached.provenance.under_load:
+        log(f"calibration: not believed (up to {100 * (ratio - 1):.0f}% off); keeping the calibration of {when}")
+        return cached
+    if loaded and _geomean(new) <= _geomean(cached):
+        log(f"calibration: keeping the (faster) calibration of {when}; both were taken under load")
+        return cached
+    if cached.provenance.under_load:
+        log(f"calibration: replacing the calibration of {when}, which was taken under load")
+    else:
+        log(f"calibration: the machine measured up to {100 * (ratio - 1):.0f}% differently from the calibration "
+            f"of {when}; replacing it")
+    return new
+
+
+def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate: bool = False,
+              log: Log = _quiet) -> Calibration:
+    """This machine's calibration: from the cache, or timed (and cached) when missing or ``recalibrate``.
+
+    Args:
+        machine: What is calibrated (:func:`this_machine`).
+        cache_path: The cache file (``None``: time every call, cache nothing).
+        recalibrate: Time again even when a calibration is cached (kept if the new timing is within
+            :data:`HYSTERESIS` of it or was taken under load).
+        log: Where messages go.
+    """
+    from automedseg.errors import InputError
+
+    cache = CalibrationCache()
+    if cache_path is not None:
+        try:
+            cache = read_calibration_cache(cache_path)
+        except InputError as e:
+            log(f"warning: {e}; measuring again")
+    key = CalibrationProvenance(machine.kind, machine.device, machine.threads, machine.torch_version,
+                                machine.precision, "").key
+    cached = cache.calibrations.get(key)
+    if cached is not None and not recalibrate and not cached.provenance.under_load:
+        log(f"calibration: reusing {cached.provenance.describe()} from {cache_path} "
+            "(`automedseg plan --recalibrate` measures again)")
+        return cached
+    if cached is not None and not recalibrate:
+        log(f"calibration: the cached one ({cached.provenance.describe()}) is provisional: timing again")
+    attempts = 1 if cached is not None else LOADED_ATTEMPTS
+    new = _time_once(machine)
+    for _ in range(attempts - 1):
+        if not new.provenance.under_load:
+            break
+        new = _best_of(new, _time_once(machine))
+    chosen = _choose(cached, new, attempts=attempts, log=log)
+    if chosen is new:
+        granted = f" (the process got {_share_text(new)} of the CPU it asked for)" if new.cpu_share is not None else ""
+        log(f"calibration: measured {new.provenance.describe()}{granted}")
+        if cache_path is not None:
+            calibrations = {**cache.calibrations, key: new}
+            write_calibration_cache(cache_path, CalibrationCache(dict(sorted(calibrations.items()))))
+            log(f"calibration: cached in {cache_path}")
+    return chosen
+
+
+def profile_from(calibration: Calibration) -> DeviceProfile:
+    """The planner's device profile of a calibration: throughputs quantised, provenance attached."""
+    from automedseg.plans import DeviceProfile
+
+    p = calibration.provenance
+    return DeviceProfile(
+        kind=p.kind, name=f"{p.device}, {p.threads} threads" if p.kind == "cpu" else p.device,
+        cpu_threads=p.threads, memory_gib=calibration.memory_gib,
+        gflops_by_width=tuple((w, quantise_gflops(g)) for w, g in calibration.gflops_by_width),
+        measured=True, calibration=p,
+    )
+
+
+def device_profile(kind: str = "auto", *, threads: int | None = None, cache_path: Path | None = None,
+                   recalibrate: bool = False, log: Log = _quiet) -> DeviceProfile:
+    """The device profile ``plan`` fits to: a nominal one by name, or this machine's cached calibration.
+
+    Args:
+        kind: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``mps`` or a nominal profile name
+            (:data:`automedseg.planning.NOMINAL_PROFILES`, returned as they are).
+        threads: CPU threads for training (default: all cores).
+        cache_path: The calibration cache file (``None``: time now, cache nothing).
+        recalibrate: Time again even when a calibration is cached.
+        log: Where messages go.
+
+    Raises:
+        ValueError: An unknown ``kind``.
+        RuntimeError: ``cuda`` without a CUDA device.
+    """
+    from automedseg.planning import NOMINAL_PROFILES, measure_device
+
+    if kind in NOMINAL_PROFILES:
+        return NOMINAL_PROFILES[kind]
+    if kind == "auto":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind not in ("cpu", "cuda"):
+        return measure_device(kind, threads=threads)  # mps (nominal numbers) or the error for an unknown kind
+    machine = this_machine(kind, threads=threads)
+    return profile_from(calibrate(machine, cache_path=cache_path, recalibrate=recalibrate, log=log))

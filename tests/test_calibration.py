@@ -1,0 +1,237 @@
+"""Same inputs, same plan: the machine's calibration is cached, quantised, held by hysteresis, and a timing
+taken under load is not believed.
+
+The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`) and the CPU-time accounting
+(:func:`automedseg.calibration.cpu_usage`) are replaced by fakes, so every case is instant and exact; ``plan``
+runs through the CLI with the cache file in ``tmp_path`` (``AUTOMEDSEG_CALIBRATION``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from automedseg import calibration as C
+from automedseg import planning
+from automedseg.calibration import quantise_gflops, read_calibration_cache
+from automedseg.cli import calibration_cache_path, main
+from automedseg.plans import Plans
+
+# Each width sits within 1 % of a boundary of the 2^(k/4) grid: a +-5 % change moves some width to another grid
+# value, so quantisation alone would change the plan and the hysteresis is what keeps it.
+BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
+
+
+def _scaled(factor: float) -> tuple[tuple[int, float], ...]:
+    return tuple((w, g * factor) for w, g in BASE)
+
+
+@dataclass
+class FakeTiming:
+    """Stands in for the convolution timing: returns ``tables`` in turn (the last one repeats)."""
+
+    tables: list[tuple[tuple[int, float], ...]] = field(default_factory=lambda: [BASE])
+    calls: int = 0
+    fail: bool = False
+
+    def __call__(self, *, device: str, threads: int | None = None, **_: object) -> tuple[tuple[int, float], ...]:
+        if self.fail:
+            raise AssertionError("the device was timed although a calibration is cached")
+        table = self.tables[min(self.calls, len(self.tables) - 1)]
+        self.calls += 1
+        return table
+
+
+def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:
+    """A fake :func:`cpu_usage` under which each timing gets exactly ``share`` of the CPU it asks for."""
+    state = [0.0, 0.0]
+
+    def usage() -> tuple[float, float]:
+        state[0] += share
+        state[1] += 1.0 - share
+        return state[0], state[1]
+
+    return usage
+
+
+@dataclass
+class Planner:
+    dataset: Path
+    work: Path
+    cache: Path
+    timing: FakeTiming
+
+    def plan(self, *extra: str) -> Result:
+        args = ["plan", str(self.dataset), "--work-dir", str(self.work), "-c", "3d_fullres", "-j", "1",
+                "--time-budget", "2m", "--device", "cpu", "--threads", "2", "--no-preprocess", *extra]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        return result
+
+    @property
+    def plans_bytes(self) -> bytes:
+        return (self.work / "plans.json").read_bytes()
+
+    def entry(self) -> C.Calibration:
+        (entry,) = read_calibration_cache(self.cache).calibrations.values()
+        return entry
+
+
+@pytest.fixture
+def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Planner:
+    cache = tmp_path / "cache" / "calibration.json"
+    monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
+    timing = FakeTiming()
+    monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
+    return Planner(demo_dataset, tmp_path / "work", cache, timing)
+
+
+@pytest.mark.parametrize("factor", [0.9, 0.95, 1.05, 1.1])
+def test_replan_with_perturbed_calibration_gives_the_same_plans_json(planner: Planner, factor: float) -> None:
+    planner.plan()
+    first = planner.plans_bytes
+    perturbed = _scaled(factor)
+    assert [quantise_gflops(g) for _, g in perturbed] != [quantise_gflops(g) for _, g in BASE]
+    planner.timing.tables = [perturbed]
+    result = planner.plan("--recalibrate")
+    assert planner.timing.calls == 2
+    assert planner.plans_bytes == first
+    assert "keeping that one so plans stay put" in result.output
+    assert planner.entry().gflops_by_width == BASE
+
+
+def test_cache_is_written_once_and_reused(planner: Planner) -> None:
+    first = planner.plan()
+    assert planner.timing.calls == 1 and "calibration: measured" in first.output
+    entry = planner.entry()
+    p = entry.provenance
+    assert (p.kind, p.device, p.threads, p.torch_version) == ("cpu", planning.cpu_model_name(), 2, torch.__version__)
+    assert p.precision in ("bf16", "fp32") and not p.under_load
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", p.measured_at)
+    plans_before, cache_before = planner.plans_bytes, planner.cache.read_bytes()
+
+    planner.timing.fail = True  # a second plan must not time anything
+    second = planner.plan()
+    assert "calibration: reusing" in second.output
+    assert planner.plans_bytes == plans_before and planner.cache.read_bytes() == cache_before
+
+    device = Plans.load(planner.work / "plans.json").device
+    assert device.calibration == p  # provenance recorded ...
+    assert device.gflops_by_width == tuple((w, quantise_gflops(g)) for w, g in BASE)  # ... and the grid values
+    assert "940.0" not in plans_before.decode()  # never the raw timing
+
+
+def test_recalibrate_measures_again_and_a_real_change_replaces_the_calibration(planner: Planner) -> None:
+    planner.plan()
+    first = planner.plans_bytes
+    planner.timing.tables = [_scaled(2.0)]
+    result = planner.plan("--recalibrate")
+    assert planner.timing.calls == 2
+    assert "replacing it" in result.output
+    assert planner.entry().gflops_by_width == _scaled(2.0)
+    assert planner.plans_bytes != first
+    assert Plans.load(planner.work / "plans.json").device.gflops_by_width == tuple(
+        (w, quantise_gflops(g)) for w, g in _scaled(2.0))
+
+
+def test_timing_under_load_is_not_believed_when_a_calibration_is_cached(planner: Planner,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    planner.plan()
+    first, cache_before = planner.plans_bytes, planner.cache.read_bytes()
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(0.5))  # another process takes half the CPU
+    planner.timing.tables = [_scaled(0.5)]
+    result = planner.plan("--recalibrate")
+    assert planner.timing.calls == 2
+    assert "got 50% of the CPU" in result.output and "not believed" in result.output
+    assert planner.plans_bytes == first and planner.cache.read_bytes() == cache_before
+
+
+def test_timing_under_load_without_a_cache_takes_the_best_of_several_and_warns(
+        planner: Planner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(0.5))
+    planner.timing.tables = [_scaled(0.5), _scaled(0.6), _scaled(0.55)]
+    result = planner.plan()
+    assert planner.timing.calls == C.LOADED_ATTEMPTS
+    assert "warning: calibration taken under load" in result.output
+    entry = planner.entry()
+    assert entry.provenance.under_load and entry.gflops_by_width == _scaled(0.6)
+    assert Plans.load(planner.work / "plans.json").device.calibration.under_load
+
+    plans_before = planner.plans_bytes
+    again = planner.plan()  # still busy: the provisional calibration is timed once more and kept
+    assert planner.timing.calls == C.LOADED_ATTEMPTS + 1 and "provisional: timing again" in again.output
+    assert planner.plans_bytes == plans_before and planner.entry() == entry
+
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))  # idle now: an idle timing replaces the provisional one
+    planner.timing.tables = [BASE]
+    idle = planner.plan()
+    assert "which was taken under load" in idle.output
+    assert not planner.entry().provenance.under_load and planner.entry().gflops_by_width == BASE
+    calls = planner.timing.calls
+    planner.plan()  # no longer provisional: reused without timing
+    assert planner.timing.calls == calls
+
+
+def test_unreadable_cache_is_measured_again(planner: Planner) -> None:
+    planner.cache.parent.mkdir(parents=True)
+    planner.cache.write_text("{not json")
+    result = planner.plan()
+    assert "warning:" in result.output and str(planner.cache) in result.output
+    assert planner.timing.calls == 1 and planner.entry().gflops_by_width == BASE
+
+
+def test_nominal_profiles_stay_as_they_are(planner: Planner) -> None:
+    result = CliRunner().invoke(main, ["plan", str(planner.dataset), "--work-dir", str(planner.work), "-c",
+                                       "3d_fullres", "-j", "1", "--device", "reference-cpu-2core", "--no-preprocess"])
+    assert result.exit_code == 0, result.output
+    assert planner.timing.calls == 0 and not planner.cache.exists()
+    assert "calibration" not in json.loads(planner.plans_bytes)["device"]
+
+
+@pytest.mark.parametrize(("before", "after", "wall_s", "threads", "expected"), [
+    ((0.0, 0.0), (2.0, 0.0), 1.0, 2, (1.0, C.MIN_CPU_SHARE)),  # ran whenever it wanted
+    ((0.0, 0.0), (1.0, 1.0), 1.0, 2, (0.5, C.MIN_CPU_SHARE)),  # waited as long as it ran: busy machine
+    ((5.0, 3.0), (6.0, 3.25), 1.0, 2, (0.8, C.MIN_CPU_SHARE)),
+    ((0.0, 0.0), (0.01, 0.01), 1.0, 2, (None, C.MIN_CPU_SHARE)),  # too short to judge
+    ((0.0, None), (1.0, None), 1.0, 2, (0.5, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),  # no schedstat: CPU / wall
+    ((0.0, None), (0.3, None), 1.0, 1, (0.3, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),
+    ((0.0, None), (0.0, None), 0.01, 2, (None, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),
+])
+def test_granted_share(before, after, wall_s: float, threads: int, expected) -> None:
+    assert C.granted_share(before, after, wall_s=wall_s, threads=threads) == expected
+
+
+def test_cpu_usage_counts_this_process() -> None:
+    run0, wait0 = C.cpu_usage()
+    sum(i * i for i in range(300_000))
+    run1, wait1 = C.cpu_usage()
+    assert run1 > run0 and (wait0 is None) == (wait1 is None)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (100.0, 107.6), (128.0, 128.0), (139.0, 128.0), (140.0, 152.2), (1000.0, 1024.0), (20000.0, 19480.0),
+])
+def test_quantise_gflops_grid(value: float, expected: float) -> None:
+    assert quantise_gflops(value) == expected
+    assert quantise_gflops(expected) == expected  # grid values stay put
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"AUTOMEDSEG_CALIBRATION": "/x/cal.json", "XDG_CACHE_HOME": "/y"}, "/x/cal.json"),
+    ({"XDG_CACHE_HOME": "/y"}, "/y/automedseg/calibration.json"),
+    ({"HOME": "/home/u"}, "/home/u/.cache/automedseg/calibration.json"),
+])
+def test_calibration_cache_location(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str) -> None:
+    for name in ("AUTOMEDSEG_CALIBRATION", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert calibration_cache_path() == Path(expected)

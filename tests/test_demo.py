@@ -1,0 +1,55 @@
+"""``automedseg demo`` run twice: the second run re-plans nothing, retrains nothing and reports the same figures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from automedseg import planning
+from automedseg.pipeline import run_demo
+
+torch.set_num_threads(1)
+TABLE = ((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0))
+
+
+def _hashes(folder: Path, pattern: str) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob(pattern)) if p.is_file()}
+
+
+def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def timing(**kwargs: object) -> tuple[tuple[int, float], ...]:
+        calls.append(kwargs)
+        return TABLE
+
+    monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
+    options = dict(n_cases=5, n_test=1, time_budget_s=8.0, jobs=1, threads=1,
+                   calibration_cache=tmp_path / "calibration.json", progress=False)
+    first_log: list[str] = []
+    first = run_demo(tmp_path, log=first_log.append, **options)
+    work = tmp_path / "Dataset_Demo" / "automedseg"
+    plans = (work / "plans.json").read_bytes()
+    fold = _hashes(work / "3d_fullres" / "fold_0", "checkpoint_*.pt")
+    predictions = _hashes(work / "predictions_imagesTs", "**/*")
+    assert len(calls) == 1 and fold
+
+    def no_timing(**_: object) -> None:
+        raise AssertionError("the second demo timed the device again")
+
+    monkeypatch.setattr(planning, "calibrate_conv_gflops", no_timing)
+    second_log: list[str] = []
+    second = run_demo(tmp_path, log=second_log.append, **options)
+    text = "\n".join(second_log)
+    assert (work / "plans.json").read_bytes() == plans  # re-plans nothing
+    assert "keeping 3d_fullres as trained" in text and "a fresh plan is the same" in text
+    assert "already trained" in text and not any(line.startswith("epoch ") for line in second_log)  # retrains nothing
+    assert _hashes(work / "3d_fullres" / "fold_0", "checkpoint_*.pt") == fold
+    assert _hashes(work / "predictions_imagesTs", "**/*") == predictions and "1 kept (exist)" in text
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)  # the same figures
+    assert second_log[-1] == first_log[-1]  # "done: fold-0 validation Dice ...; test Dice ..."
