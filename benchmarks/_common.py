@@ -556,11 +556,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def write_results(name: str, figures: dict, summary_md: str) -> tuple[Path, Path]:
+def write_results(name: str, figures: dict, summary_md: str, *,
+                  results_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``benchmarks/results/<name>.json`` and ``<name>.md`` atomically.
 
     ``figures`` is written as JSON; a ``machine`` entry (machine_info()) and a ``created_utc`` timestamp
-    are added unless already present.
+    are added unless already present. ``results_dir`` (created if needed) replaces ``benchmarks/results``,
+    e.g. for smoke runs whose figures must not be committed.
 
     Returns:
         The paths of the JSON and Markdown files.
@@ -569,8 +571,10 @@ def write_results(name: str, figures: dict, summary_md: str) -> tuple[Path, Path
     data.setdefault("benchmark", name)
     data.setdefault("created_utc", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     data.setdefault("machine", machine_info())
-    json_path = RESULTS_DIR / f"{name}.json"
-    md_path = RESULTS_DIR / f"{name}.md"
+    out_dir = RESULTS_DIR if results_dir is None else Path(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{name}.json"
+    md_path = out_dir / f"{name}.md"
     _atomic_write_text(json_path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     _atomic_write_text(md_path, summary_md.rstrip("\n") + "\n")
     return json_path, md_path

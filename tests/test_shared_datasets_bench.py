@@ -1,0 +1,91 @@
+"""benchmarks/shared_datasets.py: the scores it computes itself (FOV-restricted Dice, ISBI pixel error, verdicts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "shared_datasets.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("shared_datasets_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _disc(shape, centre, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2).astype(np.uint8)
+
+
+def test_fov_restriction_ignores_everything_outside_the_fov(bench):
+    fov = _disc((64, 64), (32, 32), 24)
+    ref = np.zeros((64, 64), np.uint8)
+    ref[30:34, 10:54] = 1  # a vessel crossing the FOV
+    pred = ref.copy()
+    pred[0:5, 0:5] = 1  # false positives outside the FOV (the dark border of a fundus image)
+    ref[60:64, 0:4] = 1  # a reference pixel outside the FOV (ignored too)
+    masked_ref, masked_pred = bench.restrict_to_fov(ref, pred, fov)
+    assert masked_ref[fov == 0].max() == 0 and masked_pred[fov == 0].max() == 0
+    scores = bench.fov_case_scores(ref, pred, fov, labels=[1], spacing_mm=(1.0, 1.0))
+    assert scores["metrics"]["1"]["dice"] == pytest.approx(1.0)
+    assert scores["counts"]["1"]["fp"] == 0 and scores["counts"]["1"]["fn"] == 0
+    assert scores["accuracy_in_fov"] == pytest.approx(1.0)
+    assert scores["fov_pixels"] == int(fov.sum())
+    # whole image, the same masks score below 1
+    assert 2 * (ref & pred).sum() / (ref.sum() + pred.sum()) < 1
+
+
+def test_fov_scores_inside_the_fov(bench):
+    fov = np.ones((10, 10), np.uint8)
+    fov[:, 5:] = 0
+    ref = np.zeros((10, 10), np.uint8)
+    pred = np.zeros((10, 10), np.uint8)
+    ref[0:2, 0:5] = 1  # 10 pixels
+    pred[0:1, 0:5] = 1  # 5 of them
+    pred[5, 0] = 1  # 1 false positive inside
+    scores = bench.fov_case_scores(ref, pred, fov, labels=[1], spacing_mm=(1.0, 1.0))
+    assert scores["metrics"]["1"]["dice"] == pytest.approx(2 * 5 / (10 + 6))
+    assert scores["counts"]["1"] == {"tp": 5, "fp": 1, "fn": 5}
+    assert scores["accuracy_in_fov"] == pytest.approx(1 - 6 / 50)
+    assert bench.pooled_dice([{"tp": 5, "fp": 1, "fn": 5}, {"tp": 5, "fp": 0, "fn": 0}]) == pytest.approx(20 / 26)
+    with pytest.raises(ValueError):
+        bench.restrict_to_fov(ref, pred, fov[:5])
+
+
+def test_pixel_error_is_one_minus_accuracy_pooled(bench):
+    a = np.zeros((4, 4), np.uint8)
+    b = a.copy()
+    b[0, :2] = 1  # 2 of 16 wrong
+    c = np.ones((2, 8), np.uint8)  # another shape, all right
+    out = bench.pixel_error([a, c], [b, c])
+    assert out == {"pixel_error": pytest.approx(2 / 32), "pixels": 32, "wrong_pixels": 2}
+    with pytest.raises(ValueError):
+        bench.pixel_error([a], [c])
+
+
+def test_verdicts_and_training_facts(bench):
+    t = bench.TARGETS
+    assert bench.verdict(0.80, t["drive"]["test_fov"]) == "PASS"
+    assert bench.verdict(0.78, t["drive"]["test_fov"]) == "short"
+    assert bench.verdict(0.05, t["isbi2012_em"]["pixel_error"]) == "PASS"
+    assert bench.verdict(0.07, t["isbi2012_em"]["pixel_error"]) == "short"
+    assert bench.verdict(0.5, t["openkbp_hn_ct"]["worst"]) == "short"  # every organ > 0.5, strictly
+    assert bench.verdict(None, t["hc18"]["val"]) == "n/a"
+    assert [bench.budget_verdict(u) for u in (0.9, 0.97, 1.2)] == ["short", "PASS", "over"]
+    history = [{"pseudo_dice": [0.0, 0.2, math.nan], "ema_pseudo_dice": 0.1 * i} for i in range(10)]
+    assert bench.zero_pseudo_dice_classes(history, ["a", "b", "c"]) == ["a", "c"]
+    assert bench.ema_gain_at_end(history) == pytest.approx(0.2)
+    assert bench.ema_gain_at_end(history[:3]) is None
