@@ -373,55 +373,21 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
             save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
             threads: int | None, num_parts: int, part_id: int) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
-    import json
-
     ws = _resolve_workspace(target, work_dir)
     if not ws.root.is_dir():
         _fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
-    from automedseg.inference import check_output_folder, check_step
+    from automedseg.prediction import run_predict
 
-    check_step(step)
-    check_output_folder(input_dir, output_dir)  # before anything is loaded or written
-    if configuration is None:
-        best = ws.root / "find_best.json"
-        if not best.is_file():
-            _fail([f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first"])
-        try:
-            configuration = str(json.loads(best.read_text())["best"]["configuration"])
-        except (ValueError, KeyError, TypeError):
-            _fail([f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c"])
-    import torch
-
-    from automedseg.inference import find_folds, predict_folder
-
-    if threads:
-        torch.set_num_threads(threads)
-    members = configuration.split("+")
     try:
-        groups = [find_folds(ws.configuration_dir(m), [_fold_arg(f) for f in folds] or None) for m in members]
-    except FileNotFoundError as e:
+        report = run_predict(ws, input_dir, output_dir, configuration=configuration,
+                             folds=[_fold_arg(f) for f in folds] or None, step=step, mirror=not no_mirror,
+                             postprocess=not no_postprocessing, save_probabilities=save_probabilities,
+                             overlays=overlays, overwrite=overwrite, device=device, threads=threads,
+                             progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
+                             case_log=lambda m: click.echo(m, err=True))
+    except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         _fail([str(e)])
         return
-    from automedseg.trained import check_folds_match
-
-    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
-        check_folds_match(ws, member, group)
-    post = None
-    pp_path = ws.root / f"postprocessing_{configuration}.json" if len(members) > 1 else \
-        ws.postprocessing_path(configuration)
-    if not no_postprocessing and pp_path.is_file():
-        from automedseg.postprocessing import apply_postprocessing, load_postprocessing
-
-        choice = load_postprocessing(pp_path)
-        click.echo(f"post-processing from {pp_path}")
-
-        def post(seg):  # noqa: ANN001, ANN202
-            return apply_postprocessing(seg, choice)
-
-    report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=not no_mirror,
-                            overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                            overlays=overlays, progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id,
-                            log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
                f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
     if report.failed:  # each named above; 2 when nothing could be predicted, 1 when some cases were
