@@ -112,9 +112,10 @@ def test_search_one_tiny_trial(copy: tuple[Path, Path]) -> None:
                                   "--trials", "1", "--trial-budget", "15s", "--pruner", "none", "--seed", "0",
                                   "--device", "cpu", "--threads", "1"])
     assert r.exit_code == 0, r.output
-    assert "1 complete, 0 pruned, 0 failed" in r.output or "0 complete" in r.output, r.output
-    assert "report: " in r.output
+    assert "1 complete, 0 pruned, 0 failed" in r.output, r.output  # pruner none: the rule-plan trial completes
+    assert "-> 3d_fullres_searched; train it with `automedseg train" in r.output and "report: " in r.output
     assert (work / "search" / "search.db").is_file()
+    assert "3d_fullres_searched" in json.loads((work / "plans.json").read_text())["configurations"]
 
 
 def test_search_without_a_plan(tmp_path: Path) -> None:
