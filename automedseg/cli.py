@@ -1,118 +1,35 @@
 """Command-line interface: parses arguments and calls library functions.
 
 Heavy imports (torch, SimpleITK, scipy) happen inside the commands so ``automedseg --help`` is instant.
-This is the only module that reads environment variables (``AUTOMEDSEG_WORK_DIR``, ``AUTOMEDSEG_CALIBRATION``,
-``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``, and torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``).
+With :mod:`automedseg.cli_support` (option parsing, work folder, errors -> exit codes), the only module that reads
+environment variables (``AUTOMEDSEG_WORK_DIR``, ``AUTOMEDSEG_CALIBRATION``, ``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``,
+and torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from automedseg.cli_support import (
+    CommandGroup,
+    calibration_cache_path,
+    fail,
+    parse_duration,
+    parse_fold,
+    parse_numbers,
+    resolve_workspace,
+    workspace_for,
+)
+
 DEFAULT_CONFIGS = ("2d", "3d_fullres", "3d_lowres")
 
 
-def parse_duration(text: str | None) -> float | None:
-    """Parse ``90s``, ``30m``, ``2h``, ``1h30m`` or plain seconds into seconds.
-
-    Example:
-        >>> parse_duration("1h30m"), parse_duration("45"), parse_duration(None)
-        (5400.0, 45.0, None)
-    """
-    if text is None:
-        return None
-    t = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
-        if not parts or "".join(a + b for a, b in parts) != t.replace(" ", ""):
-            raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1h30m",
-                                     param_hint="'--time-budget'")
-        seconds = float(sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts))
-    if seconds <= 0:
-        raise click.BadParameter(f"{text!r}: a duration must be longer than 0", param_hint="'--time-budget'")
-    return seconds
-
-
-def _workspace(dataset: Path, work_dir: Path | None):
-    from automedseg.workspace import Workspace
-
-    env = os.environ.get("AUTOMEDSEG_WORK_DIR")
-    if work_dir is None and env:
-        work_dir = Path(env) / Path(dataset).resolve().name
-    return Workspace.for_dataset(dataset, work_dir)
-
-
-def calibration_cache_path() -> Path:
-    """The machine's calibration cache: ``$AUTOMEDSEG_CALIBRATION``, else under ``$XDG_CACHE_HOME`` or ~/.cache.
-
-    Example:
-        >>> calibration_cache_path().name  # doctest: +SKIP
-        'calibration.json'
-    """
-    explicit = os.environ.get("AUTOMEDSEG_CALIBRATION")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "automedseg" / "calibration.json"
-
-
-def _fail(problems: list[str]) -> None:
-    for p in problems:
-        click.echo(p, err=True)
-    if len(problems) > 1:
-        click.echo(f"{len(problems)} problem(s) found.", err=True)
-    sys.exit(2)
-
-
-class _Group(click.Group):
-    """Commands whose input errors end as one line per problem and exit status 2, never a traceback.
-
-    ``InputError`` (and its kinds: ``DatasetError``, ``PlanError``, ``LockedError``), ``OSError`` and
-    ``ValueError`` name the file or option in their message; a truncated file read by a library that raises
-    ``EOFError`` is reported the same way. Anything else is a bug: one line and status 1, with the traceback
-    only when ``AUTOMEDSEG_DEBUG`` is set.
-    """
-
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-            if os.environ.get("AUTOMEDSEG_DEBUG"):
-                raise
-            _report_exception(e)
-
-
-def _report_exception(e: BaseException) -> None:
-    from automedseg.errors import InputError
-
-    problems = getattr(e, "problems", None)
-    if isinstance(e, (InputError, OSError, ValueError, EOFError)):
-        if isinstance(problems, list) and len(problems) > 1:
-            _fail(problems)
-        text = str(e).strip() or type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
-            text = f"{e.filename}: {e.strerror or text}"
-        click.echo(text.splitlines()[0], err=True)
-        sys.exit(2)
-    click.echo(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
-               "(set AUTOMEDSEG_DEBUG=1 for the traceback)", err=True)
-    sys.exit(1)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="automedseg")
 def main() -> None:
     """Self-configuring medical image segmentation: plan, train, predict, evaluate."""
@@ -132,20 +49,8 @@ def check(dataset: Path, jobs: int) -> None:
 
     problems = check_dataset(dataset, jobs=jobs, progress=sys.stderr.isatty())
     if problems:
-        _fail(problems)
+        fail(problems)
     click.echo(f"{dataset}: no problems found.")
-
-
-def _numbers(text: str | None, option: str, count: int) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        values = ()
-    if not 1 <= len(values) <= count:
-        raise click.BadParameter(f"{text!r}: give 1 to {count} comma-separated numbers", param_hint=f"'{option}'")
-    return values
 
 
 @main.command("import")
@@ -186,7 +91,7 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
     """Import 2D images and masks (PNG, TIFF, GIF, JPEG, BMP) as an nnU-Net v2 raw dataset; SOURCE is only read."""
     from automedseg.importer import import_dataset
 
-    spacing = _numbers(spacing_mm, "--spacing-mm", 2)
+    spacing = parse_numbers(spacing_mm, "--spacing-mm", 2)
     import_dataset(source, output, test_source=test_source, no_test=no_test, image_dir=image_dir,
                    mask_suffix=mask_suffix, fov_suffix=fov_suffix, image_glob=image_glob, mask_glob=mask_glob,
                    skip_unmatched=skip_unmatched, colors=colors, snap_colors=snap_colors, fill_outlines=fill_outlines,
@@ -233,7 +138,7 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     from automedseg.pipeline import run_plan
 
     budget = parse_duration(time_budget)
-    ws = _workspace(dataset, work_dir)
+    ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
     from automedseg.io import DatasetError
 
@@ -244,10 +149,10 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
                          calibration_cache=calibration_cache_path(), recalibrate=recalibrate, replan=replan,
                          log=click.echo)
     except DatasetError as e:
-        _fail(e.problems)
+        fail(e.problems)
         return
     except (ValueError, RuntimeError) as e:  # a bad --device, a plan that cannot be made
-        _fail([str(e)])
+        fail([str(e)])
         return
     click.echo(f"plans: {ws.plans_path}")
     for name, cfg in plans.configurations.items():
@@ -255,7 +160,7 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     click.echo(f"done in {time.perf_counter() - t0:.1f} s; work folder {ws.root}")
     if search_trials:
         if no_preprocess:
-            _fail(["--search needs the preprocessed cache; drop --no-preprocess"])
+            fail(["--search needs the preprocessed cache; drop --no-preprocess"])
         for name in [n for n in plans.configurations if not n.endswith("_searched")]:
             _run_search(ws, dataset, name, n_trials=search_trials, seed=seed, threads=threads)
 
@@ -264,18 +169,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _fold_arg(value: str) -> int | str:
-    if value.strip() == "all":
-        return "all"
-    try:
-        fold = int(value)
-    except ValueError:
-        fold = -1
-    if not 0 <= fold < 5:
-        raise click.BadParameter(f"{value!r}: use a fold 0-4 or 'all'", param_hint="'-f' / '--fold'")
-    return fold
 
 
 @main.command()
@@ -310,11 +203,11 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     from automedseg.training import TrainOptions, train_fold
 
     if work_dir is None and not Path(dataset).is_dir():
-        _fail([f"{dataset}: dataset folder does not exist"])
-    ws = _workspace(dataset, work_dir)
+        fail([f"{dataset}: dataset folder does not exist"])
+    ws = workspace_for(dataset, work_dir)
     if not ws.plans_path.is_file():
-        _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
-    folds: list[int | str] = [_fold_arg(f) for f in fold.split(",")]
+        fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and (device == "cuda" or (device is None and _cuda_available())):
@@ -334,15 +227,6 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         if result.validation and result.validation.get("mean_dice") is not None:
             msg += f", validation mean Dice {result.validation['mean_dice']:.4f}"
         click.echo(msg)
-
-
-def _resolve_workspace(target: Path, work_dir: Path | None):
-    """A work folder given directly (it holds plans.json) or derived from a dataset folder."""
-    from automedseg.workspace import Workspace
-
-    if work_dir is None and (Path(target) / "plans.json").is_file():
-        return Workspace(Path(target))
-    return _workspace(target, work_dir)
 
 
 @main.command()
@@ -373,55 +257,21 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
             save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
             threads: int | None, num_parts: int, part_id: int) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
-    import json
-
-    ws = _resolve_workspace(target, work_dir)
+    ws = resolve_workspace(target, work_dir)
     if not ws.root.is_dir():
-        _fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
-    from automedseg.inference import check_output_folder, check_step
+        fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
+    from automedseg.prediction import run_predict
 
-    check_step(step)
-    check_output_folder(input_dir, output_dir)  # before anything is loaded or written
-    if configuration is None:
-        best = ws.root / "find_best.json"
-        if not best.is_file():
-            _fail([f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first"])
-        try:
-            configuration = str(json.loads(best.read_text())["best"]["configuration"])
-        except (ValueError, KeyError, TypeError):
-            _fail([f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c"])
-    import torch
-
-    from automedseg.inference import find_folds, predict_folder
-
-    if threads:
-        torch.set_num_threads(threads)
-    members = configuration.split("+")
     try:
-        groups = [find_folds(ws.configuration_dir(m), [_fold_arg(f) for f in folds] or None) for m in members]
-    except FileNotFoundError as e:
-        _fail([str(e)])
+        report = run_predict(ws, input_dir, output_dir, configuration=configuration,
+                             folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
+                             postprocess=not no_postprocessing, save_probabilities=save_probabilities,
+                             overlays=overlays, overwrite=overwrite, device=device, threads=threads,
+                             progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
+                             case_log=lambda m: click.echo(m, err=True))
+    except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
+        fail([str(e)])
         return
-    from automedseg.trained import check_folds_match
-
-    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
-        check_folds_match(ws, member, group)
-    post = None
-    pp_path = ws.root / f"postprocessing_{configuration}.json" if len(members) > 1 else \
-        ws.postprocessing_path(configuration)
-    if not no_postprocessing and pp_path.is_file():
-        from automedseg.postprocessing import apply_postprocessing, load_postprocessing
-
-        choice = load_postprocessing(pp_path)
-        click.echo(f"post-processing from {pp_path}")
-
-        def post(seg):  # noqa: ANN001, ANN202
-            return apply_postprocessing(seg, choice)
-
-    report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=not no_mirror,
-                            overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                            overlays=overlays, progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id,
-                            log=lambda m: click.echo(m, err=True))
     click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
                f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
     if report.failed:  # each named above; 2 when nothing could be predicted, 1 when some cases were
@@ -457,9 +307,9 @@ def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: i
 
     Workers on other machines join with the same --storage and --study-name (and a copy of the work folder).
     """
-    ws = _workspace(dataset, work_dir)
+    ws = workspace_for(dataset, work_dir)
     if not ws.plans_path.is_file():
-        _fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+        fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
     _run_search(ws, dataset, configuration, n_trials=n_trials, time_budget_s=parse_duration(time_budget),
                 storage=storage, study_name=study_name, seed=seed, trial_budget_s=parse_duration(trial_budget),
                 pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files)
@@ -475,7 +325,7 @@ def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noq
                    err=True)
         sys.exit(130)
     except ValueError as e:  # PlanError, unknown configuration, no budget, study of another configuration
-        _fail([str(e)])
+        fail([str(e)])
         return
     c = result.counts
     click.echo(f"study {result.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed")
@@ -498,13 +348,13 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
     """Compare trained configurations and their ensembles on cross-validation; write find_best.json."""
     from automedseg.ensembling import find_best
 
-    ws = _resolve_workspace(dataset, work_dir)
+    ws = resolve_workspace(dataset, work_dir)
     try:
         result = find_best(ws, configurations=list(configurations) or None,
-                           folds=[_fold_arg(f) for f in folds] or None, ensembles=not no_ensembles,
+                           folds=[parse_fold(f) for f in folds] or None, ensembles=not no_ensembles,
                            postprocess=not no_postprocessing, log=click.echo)
     except ValueError as e:
-        _fail([str(e)])
+        fail([str(e)])
         return
     best = result["best"]
     click.echo(f"best: {best['configuration']} (CV mean Dice {best['mean_dice']:.4f} on {best['n_cases']} cases)")
@@ -527,7 +377,7 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
         summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
                                    tolerance_mm=tolerance_mm, output_dir=output_dir)
     except ValueError as e:
-        _fail([str(e)])
+        fail([str(e)])
         return
     for label, m in summary["per_label"].items():
         click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
@@ -548,11 +398,11 @@ def report_command(dataset: Path, work_dir: Path | None, output_dir: Path | None
     """Write report.html (self-contained) and report.md of everything trained so far; lists what is missing."""
     from automedseg.report import write_report
 
-    ws = _resolve_workspace(dataset, work_dir)
+    ws = resolve_workspace(dataset, work_dir)
     try:
         html_path = write_report(ws, output_dir)
     except FileNotFoundError as e:
-        _fail([str(e)])
+        fail([str(e)])
         return
     click.echo(f"report: {html_path} and {html_path.with_name('report.md')}")
 

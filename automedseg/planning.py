@@ -7,6 +7,9 @@ of the candidate networks, calibrated by a short timing on the device, chooses w
 schedule so that one fold fits the training budget (``time_budget_s``). On a GPU with no budget the
 schedule is nnU-Net's (1000 epochs x 250 iterations); on a CPU with no budget it is
 :data:`DEFAULT_CPU_BUDGET_S`.
+
+The schedule rule (epochs, iterations and validation batches for a time budget) is :mod:`automedseg.schedule`, the
+spacing and pooling rules :mod:`automedseg.topology`; their names are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +33,29 @@ from automedseg.plans import (
     TrainingPlan,
     label_values,
 )
+from automedseg.schedule import (  # noqa: F401  (re-exported)
+    END_WINDOW,
+    ITERATIONS_PER_EPOCH_MAX,
+    MAX_VAL_ITERATIONS,
+    TRAIN_FRACTION,
+    Schedule,
+    budget_epochs,
+    last_epoch_iterations,
+    schedule_for_budget,
+    validation_batches,
+)
+from automedseg.topology import (  # noqa: F401  (re-exported)
+    ANISO_THRESHOLD,
+    MIN_FEATURE_MAP,
+    initial_patch,
+    pooling_topology,
+    target_spacing,
+)
 
-ANISO_THRESHOLD = 3.0
-MIN_FEATURE_MAP = 4
 MAX_FEATURES = {2: 512, 3: 320}
 BASE_FEATURES = 32
 DEFAULT_CPU_BUDGET_S = 30 * 60.0
 GPU_DEFAULT_EPOCHS = 1000
-ITERATIONS_PER_EPOCH_MAX = 250
 MIN_ITERATIONS = 4000  # below this the planner trades width, then batch, then patch for more steps
 DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
 # Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
@@ -190,88 +208,6 @@ def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceP
     )
 
 
-# --- spacing and topology rules ----------------------------------------------------------------------
-
-
-def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """Median spacing, with nnU-Net's anisotropy rule for the coarsest axis.
-
-    When the coarsest axis is more than 3x coarser than the others *and* would have 3x fewer voxels, its
-    target is the 10th percentile of its spacings (so thin-slice cases are not downsampled too much).
-
-    Example:
-        >>> sp = np.array([[5.0, 0.8, 0.8], [3.0, 0.8, 0.8], [5.0, 0.8, 0.8]])
-        >>> target_spacing(sp, np.array([[20, 512, 512]] * 3)).round(2).tolist()
-        [3.4, 0.8, 0.8]
-    """
-    target = np.median(spacings, axis=0)
-    worst = int(np.argmax(target))
-    others = [i for i in range(3) if i != worst]
-    resampled = np.median(shapes * spacings / target, axis=0)
-    aniso_spacing = target[worst] > ANISO_THRESHOLD * max(target[others])
-    aniso_voxels = resampled[worst] * ANISO_THRESHOLD < min(resampled[others])
-    if aniso_spacing and aniso_voxels:
-        t = float(np.percentile(spacings[:, worst], 10))
-        if t < max(target[others]):
-            t = max(max(target[others]), t) + 1e-5
-        target[worst] = t
-    return target
-
-
-def pooling_topology(spacing: Sequence[float], patch: Sequence[int], *, max_stages: int = 7
-                     ) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """Kernel sizes, strides and the patch rounded up to divisibility, following nnU-Net v2's rules.
-
-    Each round pools the axes that can still be halved (size at least ``2 * MIN_FEATURE_MAP``) and whose
-    spacing is within 2x of the finest *poolable* axis; a lone axis needs ``3 * MIN_FEATURE_MAP``. An axis
-    gets 3-wide kernels once its spacing is within 2x of the finest spacing, and keeps them; the bottleneck
-    is 3 on every axis.
-
-    Returns:
-        ``(kernel_sizes, strides, patch)`` with one entry per stage; ``strides[0]`` is all ones.
-
-    Example:
-        >>> k, s, p = pooling_topology([5.0, 1.0, 1.0], [16, 64, 64])
-        >>> k[0], s[1], p
-        ([1, 3, 3], [1, 2, 2], [16, 64, 64])
-    """
-    dims = len(spacing)
-    cur_spacing = [float(v) for v in spacing]
-    cur_size = [float(v) for v in patch]
-    kernel = [1] * dims
-    kernels: list[list[int]] = []
-    strides: list[list[int]] = [[1] * dims]
-    while len(strides) < max_stages:
-        poolable = [i for i in range(dims) if cur_size[i] >= 2 * MIN_FEATURE_MAP]
-        if not poolable:
-            break
-        finest_poolable = min(cur_spacing[i] for i in poolable)
-        axes = [i for i in poolable if cur_spacing[i] / finest_poolable < 2]
-        if len(axes) == 1 and cur_size[axes[0]] < 3 * MIN_FEATURE_MAP:
-            break
-        finest = min(cur_spacing)
-        for i in range(dims):
-            if cur_spacing[i] / finest < 2:
-                kernel[i] = 3
-        kernels.append(list(kernel))
-        strides.append([2 if i in axes else 1 for i in range(dims)])
-        for i in axes:
-            cur_spacing[i] *= 2
-            cur_size[i] = math.ceil(cur_size[i] / 2)
-    kernels.append([3] * dims)  # bottleneck
-    divisor = [math.prod(s[i] for s in strides) for i in range(dims)]
-    rounded = [int(math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
-    return kernels, strides, rounded
-
-
-def initial_patch(spacing: Sequence[float], median_shape: Sequence[float], *, dims: int) -> list[int]:
-    """nnU-Net's starting patch: 256^3 (3D) or 2048^2 (2D) voxels shaped by the spacing, clipped to the median."""
-    inv = 1.0 / np.asarray(spacing, dtype=float)
-    budget = 256.0**3 if dims == 3 else 2048.0**2
-    patch = inv * (budget / np.prod(inv)) ** (1.0 / dims)
-    return [int(max(1, round(min(p, m)))) for p, m in zip(patch, median_shape)]
-
-
 def network_for(spacing: Sequence[float], patch: Sequence[int], *, dims: int, base: int,
                 architecture: str = "plain_unet") -> tuple[NetworkPlan, list[int]]:
     """Network topology for a patch and spacing; returns the network and the divisibility-rounded patch."""
@@ -360,116 +296,8 @@ def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[Schedule, flo
         notes.append(f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold")
     if budget is None:
         ipe = ITERATIONS_PER_EPOCH_MAX
-        return Schedule(GPU_DEFAULT_EPOCHS, ipe, _val_iterations(ipe, fixed=False)), None, notes
+        return Schedule(GPU_DEFAULT_EPOCHS, ipe, validation_batches(ipe, fixed=False)), None, notes
     return schedule_for_budget(step_s, budget), budget, notes
-
-
-# --- the schedule: one rule for the planner, `train --time-budget`, the trainer's refit and the search ---------
-
-
-TRAIN_FRACTION = 0.92  # of a budget: training steps; the rest per-epoch validation and the final validation
-END_WINDOW = 0.05  # a budgeted run ends in the last 5 % of its budget (validation included): see budget_epochs
-MAX_VAL_ITERATIONS = 50
-
-
-class Schedule(NamedTuple):
-    """Epochs, training iterations per epoch and validation batches per epoch."""
-
-    epochs: int
-    iterations_per_epoch: int
-    val_iterations: int
-
-
-def _val_iterations(ipe: int, *, fixed: bool, most: int = MAX_VAL_ITERATIONS) -> int:
-    if fixed:  # short trial epochs: a quarter of the training iterations, at least 2
-        return max(2, min(most, math.ceil(ipe / 4)))
-    return max(5, min(most, ipe // 5))
-
-
-def schedule_for_budget(step_s: float, budget_s: float, *, fixed_epochs: int | None = None,
-                        max_val_iterations: int = MAX_VAL_ITERATIONS) -> Schedule:
-    """The schedule that fills ``budget_s`` with training steps of ``step_s`` seconds.
-
-    :data:`TRAIN_FRACTION` of the budget is training; the rest is left for per-epoch validation batches and
-    the final sliding-window validation. This one rule schedules the planner's folds, ``train --time-budget``
-    (:func:`~automedseg.training.apply_overrides`) and the search's trials and searched plan; the trainer
-    then corrects the number of epochs with measured epoch times (:func:`budget_epochs`).
-
-    Args:
-        step_s: Seconds per training iteration (the cost model's estimate).
-        budget_s: Training wall time.
-        fixed_epochs: Train exactly this many epochs (search trials: the pruner's steps); the iterations per
-            epoch fill the budget. ``None``: a full fold, 20 to 250 iterations per epoch, so about 20 epochs
-            (checkpoints) or more.
-        max_val_iterations: At most this many validation batches per epoch.
-
-    Example:
-        >>> schedule_for_budget(0.25, 1200.0)
-        Schedule(epochs=20, iterations_per_epoch=220, val_iterations=44)
-        >>> schedule_for_budget(0.25, 100.0, fixed_epochs=20)
-        Schedule(epochs=20, iterations_per_epoch=18, val_iterations=5)
-    """
-    total = int(budget_s * TRAIN_FRACTION / step_s)
-    if fixed_epochs is not None:
-        epochs = max(1, int(fixed_epochs))
-        ipe = max(2, total // epochs)
-        return Schedule(epochs, ipe, _val_iterations(ipe, fixed=True, most=max_val_iterations))
-    total = max(20, total)
-    ipe = int(min(ITERATIONS_PER_EPOCH_MAX, max(20, total // 20)))
-    return Schedule(max(1, total // ipe), ipe, _val_iterations(ipe, fixed=False, most=max_val_iterations))
-
-
-def budget_epochs(*, done: int, ceiling: int, epoch_seconds: Sequence[float], budget_s: float, spent_s: float,
-                  fixed_epochs: bool = False, reserve_s: float = 0.0) -> int:
-    """Epochs to train in all so that the run ends in the last :data:`END_WINDOW` of its time budget.
-
-    The trainer's refit of :func:`schedule_for_budget` after every epoch, with measured times: the mean of the
-    last three epochs predicts the next ones; ``reserve_s`` (the final validation's estimated time) is kept
-    back, and the schedule aims at the middle of the last :data:`END_WINDOW` of the budget. A slow first epoch
-    (start-up, a busy moment on the machine) shortens the schedule only until faster epochs give the time back,
-    and a plan that over-estimated the step is extended past its planned epochs (``ceiling``) instead of
-    leaving the budget unused (the learning-rate schedule follows the new length). A schedule with
-    ``fixed_epochs`` (a search trial, whose epochs are the pruner's steps) keeps its ``ceiling``.
-
-    Args:
-        done: Epochs finished.
-        ceiling: The planned epochs (kept when ``fixed_epochs``).
-        epoch_seconds: Measured epoch times so far.
-        budget_s: The run's wall-time budget.
-        spent_s: Wall time spent so far (start-up included).
-        fixed_epochs: Keep ``ceiling`` whatever the times.
-        reserve_s: Time kept back for what follows the last epoch (the final validation).
-
-    Example:
-        >>> budget_epochs(done=1, ceiling=20, epoch_seconds=[16.4], budget_s=255.0, spent_s=16.4)
-        15
-        >>> budget_epochs(done=3, ceiling=10, epoch_seconds=[5.0, 5.0, 5.0], budget_s=200.0, spent_s=15.0,
-        ...               reserve_s=20.0)
-        35
-    """
-    if fixed_epochs:
-        return max(int(done), int(ceiling))
-    mean_epoch = max(1e-9, float(np.mean(list(epoch_seconds)[-3:])))
-    target_end = budget_s * (1.0 - END_WINDOW / 2) - reserve_s
-    return max(int(done), int(done) + int(round((target_end - spent_s) / mean_epoch)))
-
-
-def last_epoch_iterations(*, iterations_per_epoch: int, seconds_per_iteration: float, epoch_wall_s: float,
-                          left_s: float) -> int:
-    """Iterations of the last epoch so that it ends ``left_s`` from now, between 1 and twice the usual.
-
-    ``epoch_wall_s`` is a whole epoch's wall time; what is not training steps (validation batches, checkpoint,
-    plot) is kept as a fixed cost. Refines :func:`budget_epochs`, whose whole epochs alone would miss the
-    target by up to half an epoch.
-
-    Example:
-        >>> last_epoch_iterations(iterations_per_epoch=100, seconds_per_iteration=0.1, epoch_wall_s=12.0,
-        ...                       left_s=7.0)
-        50
-    """
-    fixed = max(0.0, epoch_wall_s - iterations_per_epoch * seconds_per_iteration)
-    n = (left_s - fixed) / max(seconds_per_iteration, 1e-9)
-    return int(min(2 * iterations_per_epoch, max(1, round(n))))
 
 
 def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,

@@ -1,8 +1,10 @@
 """Training one fold of a k-fold cross-validation from the plan and the preprocessed cache.
 
 Composition, not a trainer class hierarchy: :func:`train_fold` wires a network (:mod:`network`), batches
-(:mod:`augmentation`), a loss (:class:`DeepSupervisionLoss`), SGD or AdamW with poly decay, and
-per-epoch checkpoints. Variants are plan fields or :class:`TrainOptions`, not subclasses.
+(:mod:`augmentation`), a loss (:class:`~automedseg.losses.DeepSupervisionLoss`), SGD or AdamW with poly decay, and
+per-epoch checkpoints. Variants are plan fields or :class:`~automedseg.training_options.TrainOptions`, not
+subclasses. The validation (per-epoch pseudo-Dice, final sliding-window validation) is :mod:`automedseg.validation`,
+the rank bookkeeping of a distributed run :mod:`automedseg.distributed`.
 
 Fold folder (``<work>/<configuration>/fold_K/``)::
 
@@ -30,135 +32,34 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
+from automedseg.distributed import Dist
 from automedseg.errors import InputError
 from automedseg.inference import (
-    LoadedFold,
     autocast_context,
     load_checkpoint,
     memory_format,
     needs_grad_scaler,
     precision_for,
-    predict_probabilities_preprocessed,
     select_device,
 )
-from automedseg.io import atomic_save_figure, atomic_write, atomic_write_json, atomic_write_text
+from automedseg.io import atomic_save_figure, atomic_write, atomic_write_text
 from automedseg.locks import folder_lock
+from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
 from automedseg.network import build_network, output_strides
-from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations, schedule_for_budget
+from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
+from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
+from automedseg.validation import pseudo_dice, validate_fold
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
-
-
-# --- splits -----------------------------------------------------------------------------------------
-
-
-# --- loss -------------------------------------------------------------------------------------------
-
-
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over foreground classes, computed over the whole batch (batch Dice)."""
-    probs = torch.softmax(logits.float(), 1)
-    onehot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
-    axes = (0, *range(2, probs.ndim))
-    inter = (probs * onehot).sum(axes)[1:]
-    denom = probs.sum(axes)[1:] + onehot.sum(axes)[1:]
-    dice = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
-    return 1 - dice.mean()
-
-
-@dataclass
-class DeepSupervisionLoss:
-    """Soft Dice + cross-entropy at every output, weighted 1, 1/2, 1/4 ... (lowest level dropped), normalised."""
-
-    n_outputs: int
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        w = np.array([1 / 2**i for i in range(self.n_outputs)])
-        if self.n_outputs > 1:
-            w[-1] = 0
-        self.weights = (w / w.sum()).tolist()
-
-    def __call__(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = outputs[0].new_zeros((), dtype=torch.float32)
-        for w, out, tgt in zip(self.weights, outputs, targets):
-            if w == 0:
-                continue
-            loss = self.dice_weight * soft_dice_loss(out, tgt)
-            if self.ce_weight:
-                loss = loss + self.ce_weight * F.cross_entropy(out.float(), tgt[:, 0].long())
-            total = total + w * loss
-        return total
-
-
-# --- options and state --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Run-time choices that are not part of the plan (overrides are recorded in the fold's plan copy).
-
-    Attributes:
-        device: ``cpu``, ``cuda``, ``mps`` or ``None`` (what exists).
-        epochs: Override the plan's number of epochs.
-        iterations_per_epoch: Override the plan's iterations per epoch.
-        time_budget_s: Wall-clock training budget; the number of epochs is refitted to it after every epoch
-            (:func:`~automedseg.planning.budget_epochs`: shortened or extended so that the run, start-up and
-            final validation included, ends in the last 5 % of the budget).
-        restart: Ignore an existing checkpoint and start again.
-        pretrained: Checkpoint to initialise from (matching layers only).
-        early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
-        threads: Torch CPU threads (default: the plan's device profile).
-        num_workers: Override augmentation worker processes (0: in-process).
-        amp: Mixed precision as :func:`~automedseg.inference.precision_for` decides (bf16 on CPUs with native
-            bf16 and on CUDA GPUs of compute capability 8.0 or newer, fp16 with a gradient scaler on older
-            GPUs, fp32 elsewhere); ``False``: fp32. The choice is recorded in the fold's plan copy.
-        validate: Run the final sliding-window validation of the held-out cases.
-        progress: Show a progress bar.
-        output_dir: Write the fold here instead of ``<work>/<configuration>/fold_K`` (search trials).
-        distributed: Join the process group set up by ``torchrun`` (DistributedDataParallel; gloo on CPU,
-            NCCL on CUDA). The global batch is split over the ranks; only rank 0 writes files.
-        augment_on_device: Augment batched on the training device, the CPU workers only reading windows
-            (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
-    """
-
-    device: str | None = None
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    time_budget_s: float | None = None
-    restart: bool = False
-    pretrained: Path | None = None
-    early_stopping_patience: int | None = None
-    threads: int | None = None
-    num_workers: int | None = None
-    amp: bool = True
-    validate: bool = True
-    progress: bool = True
-    output_dir: Path | None = None
-    distributed: bool = False
-    augment_on_device: bool | None = None
-
-
-@dataclass
-class FoldResult:
-    """What a finished (or resumed-and-finished) fold reports."""
-
-    fold_dir: Path
-    epochs_run: int
-    best_ema_dice: float
-    train_seconds: float
-    validation: dict[str, Any] | None
 
 
 _rng_state = capture_rng_state  # names kept for callers; see automedseg.rng
@@ -167,39 +68,6 @@ _set_rng_state = restore_rng_state
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def apply_overrides(config: ConfigurationPlan, options: TrainOptions) -> ConfigurationPlan:
-    """The configuration with the CLI's schedule overrides applied.
-
-    An explicit ``epochs`` or ``iterations_per_epoch`` without an explicit budget drops the plan's budget,
-    so the schedule is trained as given. A budget alone refits the schedule to it with the plan's step estimate
-    by the planner's rule (:func:`~automedseg.planning.schedule_for_budget`), keeping the epochs of a plan
-    with ``fixed_epochs`` (a search trial).
-    """
-    tr = config.training
-    changes: dict[str, Any] = {}
-    if options.epochs is not None:
-        changes["epochs"] = int(options.epochs)
-    if options.iterations_per_epoch is not None:
-        changes["iterations_per_epoch"] = int(options.iterations_per_epoch)
-    if options.time_budget_s is not None:
-        changes["time_budget_s"] = float(options.time_budget_s)
-        step_s = tr.estimated_seconds_per_iteration
-        if options.iterations_per_epoch is None and options.epochs is None and step_s:
-            # Another budget than the plan's: refit the schedule with the plan's step estimate (the trainer
-            # then corrects it with measured epoch times).
-            sched = schedule_for_budget(step_s, options.time_budget_s,
-                                        fixed_epochs=tr.epochs if tr.fixed_epochs else None)
-            changes.update(epochs=sched.epochs, iterations_per_epoch=sched.iterations_per_epoch,
-                           val_iterations=sched.val_iterations)
-    elif options.epochs is not None or options.iterations_per_epoch is not None:
-        changes["time_budget_s"] = None  # an explicit schedule is trained as given, not cut to the plan's budget
-    if options.num_workers is not None:
-        changes["num_workers"] = int(options.num_workers)
-    if not changes:
-        return config
-    return dataclasses.replace(config, training=dataclasses.replace(tr, **changes))
 
 
 def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
@@ -269,64 +137,6 @@ def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
 # --- the loop -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Dist:
-    """Rank bookkeeping; a single process is rank 0 of 1 and every collective is a no-op."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def start(cls, device: torch.device) -> _Dist:
-        import torch.distributed as td
-
-        if not td.is_initialized():
-            td.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// set by torchrun
-        return cls(td.get_rank(), td.get_world_size())
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        if self.world == 1:
-            return values
-        import torch.distributed as td
-
-        t = torch.tensor(values, dtype=torch.float64)
-        td.all_reduce(t)
-        return t.numpy()
-
-    def min_int(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        import torch.distributed as td
-
-        t = torch.tensor([value], dtype=torch.int64)
-        td.all_reduce(t, op=td.ReduceOp.MIN)
-        return int(t.item())
-
-    def weights_identical(self, model: torch.nn.Module) -> tuple[bool, float]:
-        """Whether every rank holds the same weights (a checksum compared across ranks)."""
-        with torch.no_grad():
-            s = float(sum(p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()))
-        if self.world == 1:
-            return True, s
-        import torch.distributed as td
-
-        gathered: list[Any] = [None] * self.world
-        td.all_gather_object(gathered, s)
-        return all(g == gathered[0] for g in gathered), s
-
-    def finish(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-            td.destroy_process_group()
-
-
-
 def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: TrainOptions | None = None,
                plans: Plans | None = None, log: Log = print,
                epoch_callback: Callable[[int, float], bool] | None = None) -> FoldResult:
@@ -368,7 +178,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
             raise InputError(f"fold {fold}: {ws.splits_path} has folds 0-{len(splits) - 1} (or use 'all')")
         train_ids, val_ids = splits[int(fold)]["train"], splits[int(fold)]["val"]
     device = select_device(options.device)
-    dist = _Dist.start(device) if options.distributed else _Dist()
+    dist = Dist.start(device) if options.distributed else Dist()
     # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).
     lock = folder_lock(fold_dir, purpose=f"train {configuration} fold {fold}") if dist.is_main else \
         contextlib.nullcontext()
@@ -386,7 +196,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
 
 def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, configuration: str, fold: int | str, *,
                   fold_dir: Path, resume: bool, cache: Path, train_ids: Sequence[str], val_ids: Sequence[str],
-                  device: torch.device, dist: _Dist, options: TrainOptions, log: Log,
+                  device: torch.device, dist: Dist, options: TrainOptions, log: Log,
                   epoch_callback: Callable[[int, float], bool] | None, run_started: float) -> FoldResult:
     """The body of :func:`train_fold` once the inputs are checked and the fold folder is locked."""
     latest = fold_dir / "checkpoint_latest.pt"
@@ -419,22 +229,20 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
     strides = output_strides(config.network)
     loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight)
 
-    start_epoch, history, best, train_seconds = 0, [], -1.0, 0.0
-    planned_epochs = tr.epochs
+    progress = _Progress(epoch=0, planned_epochs=tr.epochs)
     if resume:
         ckpt = load_checkpoint(latest, device)
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = json.loads(ckpt["history"])
-        best = float(ckpt["best"])
-        train_seconds = float(ckpt["train_seconds"])
         # An explicit --epochs wins; otherwise keep the schedule as the budget had shortened it.
-        planned_epochs = int(options.epochs) if options.epochs is not None else int(ckpt["planned_epochs"])
+        progress = _Progress(
+            epoch=int(ckpt["epoch"]) + 1, history=json.loads(ckpt["history"]), best=float(ckpt["best"]),
+            train_seconds=float(ckpt["train_seconds"]),
+            planned_epochs=int(options.epochs) if options.epochs is not None else int(ckpt["planned_epochs"]))
         _set_rng_state(ckpt["rng"])
-        log(f"resuming {fold_dir} at epoch {start_epoch}")
+        log(f"resuming {fold_dir} at epoch {progress.epoch}")
     elif options.pretrained is not None:
         loaded, skipped = load_pretrained(model, options.pretrained)
         log(f"pretrained: {loaded} tensors loaded from {options.pretrained}, {skipped} left as initialised")
@@ -447,21 +255,18 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
                                         find_unused_parameters=True)
         log(f"rank {dist.rank}/{dist.world}: DistributedDataParallel on {device}")
     if dist.is_main:
-        _save_plan_copy(plans, config, fold_dir, planned_epochs)
+        _save_plan_copy(plans, config, fold_dir, progress.planned_epochs)
 
-    if start_epoch >= planned_epochs and final.is_file():
-        log(f"{fold_dir}: already trained ({planned_epochs} epochs)")
+    if progress.epoch >= progress.planned_epochs and final.is_file():
+        log(f"{fold_dir}: already trained ({progress.planned_epochs} epochs)")
     else:
-        best, train_seconds, planned_epochs, history = _run_epochs(
-            model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn, config=config,
-            plans=plans,
-            device=device, cache=cache, train_ids=train_ids, val_ids=val_ids, strides=strides,
-            fold_dir=fold_dir, start_epoch=start_epoch, planned_epochs=planned_epochs, history=history,
-            best=best, train_seconds=train_seconds, options=options, log=log, epoch_callback=epoch_callback,
-            run_started=run_started,
-        )
+        run = _FoldRun(model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
+                       config=config, plans=plans, device=device, cache=cache, train_ids=train_ids, val_ids=val_ids,
+                       strides=strides, fold_dir=fold_dir, options=options, log=log, epoch_callback=epoch_callback,
+                       run_started=run_started)
+        _run_epochs(run, progress)
         if dist.is_main:
-            _save_plan_copy(plans, config, fold_dir, planned_epochs)
+            _save_plan_copy(plans, config, fold_dir, progress.planned_epochs)
     if dist.world > 1:
         same, checksum = dist.weights_identical(net)
         log(f"rank {dist.rank}: weights {'identical' if same else 'DIFFER'} across {dist.world} ranks "
@@ -470,7 +275,7 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
     if options.validate and fold != "all" and dist.is_main:
         validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log)
     dist.finish()
-    return FoldResult(fold_dir, len(history), best, train_seconds, validation)
+    return FoldResult(fold_dir, len(progress.history), progress.best, progress.train_seconds, validation)
 
 
 def _save_plan_copy(plans: Plans, config: ConfigurationPlan, fold_dir: Path, epochs: int) -> None:
@@ -479,12 +284,50 @@ def _save_plan_copy(plans: Plans, config: ConfigurationPlan, fold_dir: Path, epo
     copy.save(fold_dir / "plans.json")
 
 
-def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: ConfigurationPlan, plans: Plans, device,
-                cache: Path, train_ids, val_ids, strides, fold_dir: Path, start_epoch: int, planned_epochs: int,
-                history: list, best: float, train_seconds: float, options: TrainOptions, log: Log,
-                epoch_callback, run_started: float) -> tuple[float, float, int, list]:
+@dataclass
+class _FoldRun:
+    """The fixed parts of one training run: what the epochs train, with what, on which cases, and where to."""
+
+    model: torch.nn.Module  # what is trained (DistributedDataParallel around ``net`` in a distributed run)
+    net: torch.nn.Module  # the bare network: state dicts, deep-supervision switch, evaluation
+    dist: Dist
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: DeepSupervisionLoss
+    config: ConfigurationPlan
+    plans: Plans
+    device: torch.device
+    cache: Path
+    train_ids: Sequence[str]
+    val_ids: Sequence[str]
+    strides: Sequence[Sequence[int]]
+    fold_dir: Path
+    options: TrainOptions
+    log: Log
+    epoch_callback: Callable[[int, float], bool] | None
+    run_started: float
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the next epoch, the planned count, the per-epoch history, best EMA and time spent."""
+
+    epoch: int
+    planned_epochs: int
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: float = -1.0
+    train_seconds: float = 0.0
+
+
+def _run_epochs(run: _FoldRun, p: _Progress) -> None:
+    """Train epochs ``p.epoch`` .. ``p.planned_epochs - 1`` (the count refitted to the budget after every epoch),
+    checkpointing each; ``p`` is updated as the epochs go (the history in place)."""
+    model, net, dist, config, device, options = run.model, run.net, run.dist, run.config, run.device, run.options
+    optimizer, scaler, cache, train_ids, val_ids, strides = (run.optimizer, run.scaler, run.cache, run.train_ids,
+                                                             run.val_ids, run.strides)
+    fold_dir, log, history = run.fold_dir, run.log, p.history
     tr = config.training
-    seed = tr.seed + 1000 * start_epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
+    seed = tr.seed + 1000 * p.epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
     if tr.augment_on_device:  # the workers only read windows; spatial and intensity transforms on the device
         train_loader = make_device_training_loader(cache, train_ids, local, device=device,
@@ -497,15 +340,15 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None
     no_improve = 0
-    spent_before, validation_estimate = train_seconds, None
+    spent_before, validation_estimate = p.train_seconds, None
     epoch_walls: list[float] = []
     last_mark = time.perf_counter()
     bar = None
     try:
-        epoch = start_epoch
-        while epoch < planned_epochs:
+        while p.epoch < p.planned_epochs:
+            epoch = p.epoch
             t_epoch = time.perf_counter()
-            lr = _poly_lr(tr.initial_lr, epoch, planned_epochs, tr.poly_exponent)
+            lr = _poly_lr(tr.initial_lr, epoch, p.planned_epochs, tr.poly_exponent)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             model.train()
@@ -515,25 +358,25 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             if options.progress and dist.is_main:
                 from tqdm import tqdm
 
-                bar = tqdm(total=tr.iterations_per_epoch, desc=f"epoch {epoch + 1}/{planned_epochs}",
+                bar = tqdm(total=tr.iterations_per_epoch, desc=f"epoch {epoch + 1}/{p.planned_epochs}",
                            dynamic_ncols=True, leave=False)
             iterations = tr.iterations_per_epoch
-            if tr.time_budget_s is not None and not tr.fixed_epochs and epoch == planned_epochs - 1 and epoch_walls:
+            if tr.time_budget_s is not None and not tr.fixed_epochs and epoch == p.planned_epochs - 1 and epoch_walls:
                 # The last epoch's length lands the run in the middle of the budget's last 5 %.
                 iterations = last_epoch_iterations(
                     iterations_per_epoch=iterations, seconds_per_iteration=history[-1]["seconds_per_iteration"],
                     epoch_wall_s=float(np.mean(epoch_walls[-3:])),
                     left_s=tr.time_budget_s * (1 - END_WINDOW / 2) - (validation_estimate or 0.0)
-                    - (spent_before + time.perf_counter() - run_started))
+                    - (spent_before + time.perf_counter() - run.run_started))
             for it in range(iterations):
-                losses.append(train_step(model, next(train_loader), optimizer=optimizer, loss_fn=loss_fn,
+                losses.append(train_step(model, next(train_loader), optimizer=optimizer, loss_fn=run.loss_fn,
                                          device=device, scaler=scaler, amp=options.amp,
                                          grad_clip_norm=tr.grad_clip_norm))
                 if bar is not None:
                     el = time.perf_counter() - t_epoch
                     spi = el / (it + 1)
                     remaining = spi * (tr.iterations_per_epoch - it - 1 + tr.iterations_per_epoch
-                                       * (planned_epochs - epoch - 1))
+                                       * (p.planned_epochs - epoch - 1))
                     bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", s_it=f"{spi:.2f}",
                                     eta=f"{remaining / 60:.1f}m",
                                     dice=f"{ema:.3f}" if ema is not None else "-")
@@ -541,23 +384,23 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             train_time = time.perf_counter() - t_epoch
             iterations = max(1, len(losses))
             wait = train_loader.wait_seconds
-            val_loss, dice_per_class = _pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
-                                                    options.amp, plans.num_classes, dist)
+            val_loss, dice_per_class = pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
+                                                    options.amp, run.plans.num_classes, dist)
             mean_dice = float(np.nanmean(dice_per_class)) if len(dice_per_class) else 0.0
             ema = mean_dice if ema is None else 0.9 * ema + 0.1 * mean_dice
             epoch_time = time.perf_counter() - t_epoch
-            train_seconds += epoch_time
+            p.train_seconds += epoch_time
             entry = {
                 "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                 "pseudo_dice": dice_per_class, "mean_pseudo_dice": mean_dice, "ema_pseudo_dice": ema, "lr": lr,
                 "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / iterations,
                 "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": iterations,
-                "planned_epochs": planned_epochs, "time": time.time(),
+                "planned_epochs": p.planned_epochs, "time": time.time(),
             }
             history.append(entry)
-            improved = ema > best
+            improved = ema > p.best
             if improved:
-                best = ema
+                p.best = ema
                 no_improve = 0
             else:
                 no_improve += 1
@@ -571,13 +414,13 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
                 now = time.perf_counter()
                 epoch_walls.append(now - last_mark)  # the epoch with its checkpoint and plot
                 last_mark = now
-                planned_epochs = dist.min_int(budget_epochs(
+                p.planned_epochs = dist.min_int(budget_epochs(
                     done=epoch + 1, ceiling=tr.epochs, epoch_seconds=epoch_walls,
-                    budget_s=tr.time_budget_s, spent_s=spent_before + now - run_started,
+                    budget_s=tr.time_budget_s, spent_s=spent_before + now - run.run_started,
                     fixed_epochs=tr.fixed_epochs, reserve_s=validation_estimate or 0.0))
             state = {
                 "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "planned_epochs": planned_epochs, "best": best, "train_seconds": train_seconds,
+                "planned_epochs": p.planned_epochs, "best": p.best, "train_seconds": p.train_seconds,
                 "history": json.dumps(history), "rng": _rng_state(), "configuration": config.name,
             }
             if scaler is not None:
@@ -592,64 +435,32 @@ def _run_epochs(*, model, net, dist: _Dist, optimizer, scaler, loss_fn, config: 
             if bar is not None:
                 bar.close()
                 bar = None
-            log(f"epoch {epoch + 1}/{planned_epochs}: loss {entry['train_loss']:.4f}, pseudo-Dice "
+            log(f"epoch {epoch + 1}/{p.planned_epochs}: loss {entry['train_loss']:.4f}, pseudo-Dice "
                 f"{' '.join(f'{d:.3f}' for d in dice_per_class)} (EMA {ema:.3f}), {epoch_time:.1f} s, "
                 f"{entry['seconds_per_iteration']:.3f} s/it, data wait {100 * entry['data_wait_fraction']:.0f}%")
             stop = False
-            if epoch_callback is not None and epoch_callback(epoch, ema):
+            if run.epoch_callback is not None and run.epoch_callback(epoch, ema):
                 log("stopped by the epoch callback (pruned)")
                 stop = True
             if options.early_stopping_patience and no_improve >= options.early_stopping_patience:
                 log(f"early stopping: no better EMA pseudo-Dice for {no_improve} epochs")
                 stop = True
-            epoch += 1
+            p.epoch = epoch = epoch + 1
             if stop:
-                planned_epochs = epoch
+                p.planned_epochs = epoch
                 break
         if dist.is_main:
-            _atomic_torch_save({"model": net.state_dict(), "epoch": epoch - 1, "planned_epochs": planned_epochs},
+            _atomic_torch_save({"model": net.state_dict(), "epoch": p.epoch - 1, "planned_epochs": p.planned_epochs},
                                fold_dir / "checkpoint_final.pt")
         if dist.is_main and (fold_dir / "checkpoint_latest.pt").is_file():
             ck = load_checkpoint(fold_dir / "checkpoint_latest.pt")
-            ck["planned_epochs"] = planned_epochs
+            ck["planned_epochs"] = p.planned_epochs
             _atomic_torch_save(ck, fold_dir / "checkpoint_latest.pt")
     finally:
         if bar is not None:
             bar.close()
         train_loader.close()
         val_loader.close()
-    return best, train_seconds, planned_epochs, history
-
-
-@torch.inference_mode()
-def _pseudo_dice(model, loader, n_batches: int, device, mf, amp: bool, num_classes: int, dist: _Dist
-                 ) -> tuple[float, list[float]]:
-    """Validation loss and per-foreground-class Dice accumulated over ``n_batches`` patches (and all ranks)."""
-    model.eval()
-    model.deep_supervision = False
-    tp = np.zeros(num_classes - 1)
-    fp = np.zeros(num_classes - 1)
-    fn = np.zeros(num_classes - 1)
-    losses = []
-    for _ in range(n_batches):
-        batch = next(loader)
-        x = torch.from_numpy(batch["data"]).to(device).contiguous(memory_format=mf)
-        y = torch.from_numpy(batch["target"][0]).to(device).long()
-        with autocast_context(device, amp):
-            out = model(x)
-        out = out.float()
-        losses.append(float(F.cross_entropy(out, y[:, 0])))
-        pred = out.argmax(1)
-        for k in range(1, num_classes):
-            p, t = pred == k, y[:, 0] == k
-            tp[k - 1] += float((p & t).sum())
-            fp[k - 1] += float((p & ~t).sum())
-            fn[k - 1] += float((~p & t).sum())
-    model.deep_supervision = True
-    tp, fp, fn = np.split(dist.sum(np.concatenate([tp, fp, fn])), 3)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-    return float(np.mean(losses)) if losses else float("nan"), [float(d) for d in dice]
 
 
 def plot_progress(history: list[dict[str, Any]], path: Path) -> None:
@@ -676,80 +487,3 @@ def plot_progress(history: list[dict[str, Any]], path: Path) -> None:
     axes[3].set_xlabel("epoch")
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=80)
-
-
-# --- final validation -----------------------------------------------------------------------------------
-
-
-def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_dir: Path, val_ids: Sequence[str],
-                  *, model: torch.nn.Module, device: torch.device, log: Log = print,
-                  step: float = 0.5, mirror: bool = False) -> dict[str, Any]:
-    """Sliding-window prediction of the held-out cases at original resolution.
-
-    Writes ``validation/<case>.npz`` (float16 probabilities, compressed; channel ``k`` is training index
-    ``k``, i.e. the ``k``-th smallest declared label value), ``validation/<case>.nii.gz`` (the argmax
-    mapped back to the declared label values) and ``validation/summary.json`` (per-case, per-class Dice
-    and the mean, keyed by declared value), which the post-processing and ensemble choices read.
-    """
-    from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
-    from automedseg.metrics import compute_case_metrics, summarize
-    from automedseg.preprocessing import load_case_properties, restore_probabilities
-
-    out_dir = fold_dir / "validation"
-    out_dir.mkdir(exist_ok=True)
-    model.eval()
-    model.deep_supervision = False
-    fold = LoadedFold(plans, config, model, fold_dir)
-    cache = ws.preprocessed_dir(config.data_identifier)
-    labels = sorted(v for v in plans.labels.values() if v > 0)
-    per_case = []
-    t0 = time.perf_counter()
-    for cid in val_ids:
-        props = load_case_properties(cache, cid)
-        data = np.load(cache / f"{cid}.npy", mmap_mode="r")
-        probs = predict_probabilities_preprocessed([fold], np.asarray(data), device=device, step=step,
-                                                   mirror=mirror)
-        probs = restore_probabilities(probs, props, plans, config)
-        seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
-        atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
-        write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
-        meta = json.loads((cache / f"{cid}.json").read_text())
-        ref_path = meta.get("label_file")
-        if ref_path and Path(ref_path).is_file():
-            ref, _ = read_label(Path(ref_path))
-        else:  # fall back to the cached label mapped back (exact when no resampling happened)
-            ref = None
-        if ref is None:
-            continue
-        geom = Geometry.from_dict(meta["geometry"])
-        m = compute_case_metrics(ref, seg, labels=labels, spacing_mm=geom.spacing_zyx)
-        per_case.append({"case": cid, "metrics": {str(k): v for k, v in m.items()}})
-    summary = summarize([c["metrics"] for c in per_case]) if per_case else {}
-    dice = {str(k): summary["per_label"][k]["dice"] for k in summary.get("per_label", {})} if summary else {}
-    result = {
-        "configuration": config.name,
-        "fold": fold_dir.name,
-        "cases": list(val_ids),
-        "mean_dice": float(np.mean(list(dice.values()))) if dice else None,
-        "dice_per_class": dice,
-        "summary": _jsonable(summary),
-        "per_case": _jsonable(per_case),
-        "seconds": time.perf_counter() - t0,
-    }
-    atomic_write_json(out_dir / "summary.json", result)
-    if result["mean_dice"] is not None:
-        log(f"validation {fold_dir}: mean Dice {result['mean_dice']:.4f} "
-            f"({', '.join(f'{k}: {v:.4f}' for k, v in dice.items())}) on {len(per_case)} cases")
-    return result
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    return obj

@@ -1,0 +1,142 @@
+"""What the CLI commands share: parsing option values (durations, folds, number lists), finding the work folder
+and the calibration cache from the arguments and the environment, and turning errors into messages and exit codes.
+
+With :mod:`automedseg.cli`, the only module that reads environment variables (``AUTOMEDSEG_WORK_DIR``,
+``AUTOMEDSEG_CALIBRATION``, ``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``). Imports nothing heavy (``--help`` stays instant).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import click
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Parse ``90s``, ``30m``, ``2h``, ``1h30m`` or plain seconds into seconds.
+
+    Example:
+        >>> parse_duration("1h30m"), parse_duration("45"), parse_duration(None)
+        (5400.0, 45.0, None)
+    """
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
+        if not parts or "".join(a + b for a, b in parts) != t.replace(" ", ""):
+            raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1h30m",
+                                     param_hint="'--time-budget'")
+        seconds = float(sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts))
+    if seconds <= 0:
+        raise click.BadParameter(f"{text!r}: a duration must be longer than 0", param_hint="'--time-budget'")
+    return seconds
+
+
+def workspace_for(dataset: Path, work_dir: Path | None):
+    from automedseg.workspace import Workspace
+
+    env = os.environ.get("AUTOMEDSEG_WORK_DIR")
+    if work_dir is None and env:
+        work_dir = Path(env) / Path(dataset).resolve().name
+    return Workspace.for_dataset(dataset, work_dir)
+
+
+def calibration_cache_path() -> Path:
+    """The machine's calibration cache: ``$AUTOMEDSEG_CALIBRATION``, else under ``$XDG_CACHE_HOME`` or ~/.cache.
+
+    Example:
+        >>> calibration_cache_path().name  # doctest: +SKIP
+        'calibration.json'
+    """
+    explicit = os.environ.get("AUTOMEDSEG_CALIBRATION")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "automedseg" / "calibration.json"
+
+
+def fail(problems: list[str]) -> None:
+    for p in problems:
+        click.echo(p, err=True)
+    if len(problems) > 1:
+        click.echo(f"{len(problems)} problem(s) found.", err=True)
+    sys.exit(2)
+
+
+class CommandGroup(click.Group):
+    """Commands whose input errors end as one line per problem and exit status 2, never a traceback.
+
+    ``InputError`` (and its kinds: ``DatasetError``, ``PlanError``, ``LockedError``), ``OSError`` and
+    ``ValueError`` name the file or option in their message; a truncated file read by a library that raises
+    ``EOFError`` is reported the same way. Anything else is a bug: one line and status 1, with the traceback
+    only when ``AUTOMEDSEG_DEBUG`` is set.
+    """
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+            if os.environ.get("AUTOMEDSEG_DEBUG"):
+                raise
+            report_exception(e)
+
+
+def report_exception(e: BaseException) -> None:
+    from automedseg.errors import InputError
+
+    problems = getattr(e, "problems", None)
+    if isinstance(e, (InputError, OSError, ValueError, EOFError)):
+        if isinstance(problems, list) and len(problems) > 1:
+            fail(problems)
+        text = str(e).strip() or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+            text = f"{e.filename}: {e.strerror or text}"
+        click.echo(text.splitlines()[0], err=True)
+        sys.exit(2)
+    click.echo(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+               "(set AUTOMEDSEG_DEBUG=1 for the traceback)", err=True)
+    sys.exit(1)
+
+
+def parse_numbers(text: str | None, option: str, count: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if not 1 <= len(values) <= count:
+        raise click.BadParameter(f"{text!r}: give 1 to {count} comma-separated numbers", param_hint=f"'{option}'")
+    return values
+
+
+def parse_fold(value: str) -> int | str:
+    if value.strip() == "all":
+        return "all"
+    try:
+        fold = int(value)
+    except ValueError:
+        fold = -1
+    if not 0 <= fold < 5:
+        raise click.BadParameter(f"{value!r}: use a fold 0-4 or 'all'", param_hint="'-f' / '--fold'")
+    return fold
+
+
+def resolve_workspace(target: Path, work_dir: Path | None):
+    """A work folder given directly (it holds plans.json) or derived from a dataset folder."""
+    from automedseg.workspace import Workspace
+
+    if work_dir is None and (Path(target) / "plans.json").is_file():
+        return Workspace(Path(target))
+    return workspace_for(target, work_dir)

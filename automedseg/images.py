@@ -1,0 +1,313 @@
+"""Image files and their geometry: reading images and labels as arrays, writing segmentations back with the
+input's exact geometry, and finding the cases of a folder of images (:func:`discover_images`).
+
+Every image becomes a float32 array ``(C, Z, Y, X)`` in SimpleITK array order; 2D images (PNG, TIFF,
+JPEG, BMP) become ``(C, 1, Y, X)``. The :class:`Geometry` of each file (size, spacing, origin, direction)
+is kept so predictions can be written back with exactly the input's geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from automedseg.atomic import atomic_write
+from automedseg.errors import InputError
+from automedseg.imagefile import check_image_file
+
+IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+IMAGE_ENDINGS = IMAGE_ENDINGS_3D + IMAGE_ENDINGS_2D
+
+
+class DatasetError(InputError):
+    """A dataset folder cannot be used; ``problems`` holds one line per problem found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical geometry of an image file, in SimpleITK's (x, y, z) order.
+
+    Attributes:
+        size: Voxels per axis (x, y[, z]).
+        spacing: Voxel spacing in mm (x, y[, z]).
+        origin: Physical position of the first voxel.
+        direction: Row-major direction cosine matrix, flattened.
+        n_components: Channels stored per voxel (3 for RGB), or in a 4th dimension (MSD 4D NIfTI).
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    n_components: int = 1
+
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in array order, always 3 entries (2D images get a z spacing of 999 like nnU-Net)."""
+        s = tuple(float(v) for v in reversed(self.spacing))
+        return s if len(s) == 3 else (999.0, *s)  # type: ignore[return-value]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Array shape (z, y, x), always 3 entries (z = 1 for 2D)."""
+        s = tuple(int(v) for v in reversed(self.size))
+        return s if len(s) == 3 else (1, *s)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "n_components": self.n_components,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(
+            size=tuple(int(v) for v in d["size"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+            n_components=int(d.get("n_components", 1)),
+        )
+
+    def matches(self, other: Geometry, *, spacing_rtol: float = 1e-3, origin_atol_mm: float = 1e-2,
+                direction_atol: float = 1e-3) -> list[str]:
+        """Return the ways ``other`` differs from this geometry (empty when they match within tolerance)."""
+        if self.size != other.size:
+            return [f"size {other.size} != {self.size}"]
+        out = []
+        if not np.allclose(self.spacing, other.spacing, rtol=spacing_rtol, atol=0):
+            out.append(f"spacing {_fmt(other.spacing)} != {_fmt(self.spacing)}")
+        if not np.allclose(self.origin, other.origin, atol=origin_atol_mm, rtol=0):
+            out.append(f"origin {_fmt(other.origin)} != {_fmt(self.origin)}")
+        if not np.allclose(self.direction, other.direction, atol=direction_atol, rtol=0):
+            out.append(f"direction {_fmt(other.direction)} != {_fmt(self.direction)}")
+        return out
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def file_ending(path: Path | str) -> str:
+    """Return the recognised image ending of ``path`` (``.nii.gz`` counts as one), or its suffix."""
+    name = str(path).lower()
+    for ending in IMAGE_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    check_image_file(path)  # missing, unreadable, truncated, inflated, NaN/inf: before SimpleITK allocates
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown error"
+        raise OSError(f"{path}: cannot read image ({first[:200]})") from None
+
+
+def read_image_file(path: Path, *, spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read one image file as a ``(C, Z, Y, X)`` array and its geometry.
+
+    A 4D file (MSD multi-channel) gives C = its 4th dimension; an RGB file gives C = 3; a 2D file gives
+    Z = 1. The geometry describes the spatial part only.
+
+    Args:
+        path: The file.
+        spacing_2d_mm: Pixel spacing (y, x) to assume for 2D raster files, which carry none (default 1).
+
+    Returns:
+        The array (native dtype, not converted) and the geometry.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        PermissionError: The file exists but cannot be read.
+        automedseg.imagefile.ImageFileError: The file contradicts its header (truncated, inflated, invalid
+            spacing) or holds NaN/inf in float NIfTI data (see :func:`automedseg.imagefile.check_image_file`).
+        OSError: SimpleITK cannot read it.
+    """
+    path = Path(path)
+    img = _read_sitk(path)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    arr = sitk.GetArrayViewFromImage(img).copy()  # (z, y, x[, comp]) or (t, z, y, x) for 4D
+    dim = img.GetDimension()
+    if ncomp > 1:
+        arr = np.moveaxis(arr, -1, 0)  # (comp, [z,] y, x)
+    else:
+        arr = arr[None] if dim < 4 else arr
+    if dim == 4:
+        size = tuple(img.GetSize()[:3])
+        spacing = tuple(img.GetSpacing()[:3])
+        origin = tuple(img.GetOrigin()[:3])
+        d4 = np.array(img.GetDirection()).reshape(4, 4)
+        direction = tuple(float(v) for v in d4[:3, :3].ravel())
+        n_components = arr.shape[0]
+    else:
+        size = tuple(img.GetSize())
+        spacing = tuple(img.GetSpacing())
+        origin = tuple(img.GetOrigin())
+        direction = tuple(img.GetDirection())
+        n_components = ncomp
+        if dim == 2:
+            arr = arr[:, None]  # (C, 1, Y, X)
+            if spacing_2d_mm is not None and file_ending(path) in IMAGE_ENDINGS_2D:
+                spacing = (float(spacing_2d_mm[1]), float(spacing_2d_mm[0]))
+    geometry = Geometry(
+        size=tuple(int(v) for v in size),
+        spacing=tuple(float(v) for v in spacing),
+        origin=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in direction),
+        n_components=int(n_components),
+    )
+    return arr, geometry
+
+
+def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a label map with exactly ``geometry``'s size, spacing, origin and direction, atomically.
+
+    Args:
+        segmentation: Integer array (Z, Y, X); for a 2D geometry (1, Y, X) or (Y, X).
+        geometry: Geometry of the input image.
+        path: Output file; its ending chooses the format.
+    """
+    top = int(segmentation.max(initial=0))
+    write_array(segmentation.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32),
+                geometry, path)
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a scalar array (Z, Y, X) with ``geometry``, atomically."""
+    path = Path(path)
+    arr = np.asarray(array)
+    if geometry.ndim == 2 and arr.ndim == 3:
+        arr = arr[0]
+    expected = tuple(reversed(geometry.size))
+    if arr.shape != expected:
+        raise ValueError(f"{path}: array shape {arr.shape} does not match the geometry's {expected}")
+    img = sitk.GetImageFromArray(arr)
+    if file_ending(path) not in IMAGE_ENDINGS_2D:
+        img.SetSpacing(geometry.spacing)
+        img.SetOrigin(geometry.origin)
+        img.SetDirection(geometry.direction)
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case.
+
+    Attributes:
+        case_id: Case identifier (file name without channel suffix and ending).
+        images: One path per channel file (nnU-Net layout), or a single (possibly 4D) path (MSD).
+        label: Label file, ``None`` for test cases.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | None = None) -> list[CaseFiles]:
+    """Find the cases of a folder of images to predict, in either layout.
+
+    Files named ``CASE_XXXX<ending>`` are grouped by case when ``n_channels`` files exist per case
+    (nnU-Net layout); otherwise every image file is one case (MSD 4D files or single-channel files).
+
+    Raises:
+        DatasetError: The folder does not exist or holds no image files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError([f"{folder}: input folder does not exist"])
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and file_ending(p) in IMAGE_ENDINGS)
+    if not files:
+        raise DatasetError([f"{folder}: no image files ({', '.join(IMAGE_ENDINGS)})"])
+    groups: dict[str, dict[int, Path]] = {}
+    ungrouped: list[Path] = []
+    for p in files:
+        ending = file_ending(p)
+        stem = p.name[: -len(ending)]
+        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+            groups.setdefault(stem[:-5], {})[int(stem[-4:])] = p
+        else:
+            ungrouped.append(p)
+    cases: list[CaseFiles] = []
+    extra = [f"{chans[c]}: channel {c} beside {chans[0].name}, but the model takes {n_channels} channel(s) "
+             f"(_0000 to _{n_channels - 1:04d}); move it out of the folder"
+             for chans in groups.values() if set(range(n_channels)) <= set(chans) for c in sorted(chans)
+             if c >= n_channels]
+    if extra:
+        raise DatasetError(extra)
+    for cid, chans in sorted(groups.items()):
+        if sorted(chans) == list(range(n_channels)):
+            cases.append(CaseFiles(cid, tuple(chans[c] for c in range(n_channels))))
+        elif sorted(chans) == [0]:  # one file holds every channel (RGB raster, 4D NIfTI named CASE_0000)
+            cases.append(CaseFiles(cid, (chans[0],)))
+        else:
+            ungrouped.extend(chans.values())
+    for p in sorted(ungrouped):
+        cases.append(CaseFiles(p.name[: -len(file_ending(p))], (p,)))
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def read_images(case: CaseFiles, *, n_channels: int,
+                spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read all channels of a case into one float32 ``(C, Z, Y, X)`` array.
+
+    Raises:
+        ValueError: Channel count or channel geometries do not match (message names the file).
+    """
+    arrays = []
+    ref: Geometry | None = None
+    for path in case.images:
+        arr, geom = read_image_file(path, spacing_2d_mm=spacing_2d_mm)
+        if ref is None:
+            ref = geom
+        else:
+            diff = ref.matches(geom)
+            if diff:
+                raise ValueError(f"{path}: geometry differs from {case.images[0].name}: {'; '.join(diff)}")
+        arrays.append(arr)
+    assert ref is not None
+    image = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+    if image.shape[0] != n_channels:
+        raise ValueError(f"{case.images[0]}: has {image.shape[0]} channel(s), the dataset declares {n_channels}")
+    return image.astype(np.float32, copy=False), ref
+
+
+def read_label(path: Path, *, spacing_2d_mm: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as an integer ``(Z, Y, X)`` array (float-stored integral labels are cast).
+
+    Raises:
+        ValueError: The label is not a scalar image or has non-integral values.
+    """
+    arr, geom = read_image_file(path, spacing_2d_mm=spacing_2d_mm)
+    if arr.shape[0] != 1:
+        raise ValueError(f"{path}: label must be a single-channel image, it has {arr.shape[0]} channels")
+    arr = arr[0]
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"{path}: label has non-integral values")
+    return arr.astype(label_dtype(arr.max(initial=0)), copy=False), geom
+
+
+def label_dtype(max_value: int) -> type[np.signedinteger]:
+    """Smallest signed dtype for a label map whose largest value is ``max_value`` (int8, int16 or int32)."""
+    return np.int8 if max_value <= 127 else np.int16 if max_value <= 32767 else np.int32

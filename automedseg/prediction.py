@@ -1,0 +1,107 @@
+"""Predicting with a work folder: which configuration (``find_best.json``), which folds, which post-processing.
+
+:func:`run_predict` is what ``automedseg predict`` calls: it resolves the configuration (or ensemble, like
+``2d+3d_fullres``) from ``find_best.json`` unless one is given, finds the trained folds of each member and checks
+them against the work folder's plan, loads the post-processing chosen on cross-validation, and then predicts a
+folder with :func:`automedseg.inference.predict_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from automedseg.errors import InputError
+from automedseg.inference import FolderReport, check_output_folder, check_step, find_folds, predict_folder
+from automedseg.workspace import Workspace
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def best_configuration(ws: Workspace) -> str:
+    """The configuration (or ``+``-joined ensemble) ``find_best.json`` chose.
+
+    Raises:
+        InputError: ``find_best.json`` is missing or has no best configuration.
+    """
+    best = ws.root / "find_best.json"
+    if not best.is_file():
+        raise InputError(f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first")
+    try:
+        return str(json.loads(best.read_text())["best"]["configuration"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c") \
+            from None
+
+
+def postprocessing_path(ws: Workspace, configuration: str) -> Path:
+    """Where the post-processing chosen for a configuration (or ``+``-joined ensemble) is stored."""
+    if len(configuration.split("+")) > 1:
+        return ws.root / f"postprocessing_{configuration}.json"
+    return ws.postprocessing_path(configuration)
+
+
+def _postprocessing(path: Path, log: Log) -> Callable[[np.ndarray], np.ndarray]:
+    from automedseg.postprocessing import apply_postprocessing, load_postprocessing
+
+    choice = load_postprocessing(path)
+    log(f"post-processing from {path}")
+
+    def post(seg: np.ndarray) -> np.ndarray:
+        return apply_postprocessing(seg, choice)
+
+    return post
+
+
+def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configuration: str | None = None,
+                folds: Sequence[int | str] | None = None, step: float = 0.5, mirror: bool = True,
+                postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+                overwrite: bool = False, device: str | None = None, threads: int | None = None,
+                progress: bool = False, num_parts: int = 1, part_id: int = 0, log: Log = _quiet,
+                case_log: Log = print) -> FolderReport:
+    """Segment a folder of images with the trained folds of a work folder (ensembled), post-processed as CV chose.
+
+    Args:
+        ws: The work folder.
+        input_dir: Images in nnU-Net layout or one (4D) file per case.
+        output_dir: Where masks go (refused when it overlaps ``input_dir``; checked before anything is loaded).
+        configuration: A configuration or ``+``-joined ensemble; ``None``: ``find_best.json``'s choice.
+        folds: Folds to ensemble (``None``: all trained).
+        postprocess: Apply the post-processing chosen on cross-validation when there is one.
+        threads: Torch CPU threads (``None``: leave as is).
+        log: Where notes go (the post-processing used).
+        case_log: Where per-case problems go.
+        Others: as :func:`automedseg.inference.predict_folder`.
+
+    Raises:
+        InputError: A bad step, overlapping folders, no usable ``find_best.json``, folds trained on another plan.
+        FileNotFoundError: A configuration or fold without a trained checkpoint.
+    """
+    check_step(step)
+    check_output_folder(input_dir, output_dir)  # before anything is loaded or written
+    if configuration is None:
+        configuration = best_configuration(ws)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    members = configuration.split("+")
+    groups = [find_folds(ws.configuration_dir(m), list(folds) if folds else None) for m in members]
+    from automedseg.trained import check_folds_match
+
+    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
+        check_folds_match(ws, member, group)
+    post = None
+    pp_path = postprocessing_path(ws, configuration)
+    if postprocess and pp_path.is_file():
+        post = _postprocessing(pp_path, log)
+    return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
+                          overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
+                          overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log)

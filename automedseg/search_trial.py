@@ -1,0 +1,135 @@
+"""One search trial of :mod:`automedseg.search`: sample a variant, fit its schedule, train fold 0 with
+pruning after every epoch, and return its fold-0 validation Dice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.search_space import InfeasibleParams, SearchParam, apply_params, fit_schedule
+from automedseg.workspace import Workspace
+
+Log = Callable[[str], None]
+
+TRAIN_SHARE = 0.85  # share of a trial's budget given to training (the rest: start-up, final validation)
+SMOOTHING_EPOCHS = 3  # the pruner sees the mean pseudo-Dice of the last 3 epochs
+
+
+def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPlan, space: Sequence[SearchParam],
+              budget_s: float, epochs: int, sched: Mapping[str, Any], opts: Mapping[str, Any], device: str | None,
+              threads: int | None, out_root: Path, keep_files: bool, worker: str, log: Log) -> float:
+    import optuna
+
+    from automedseg.training import TrainOptions, train_fold
+
+    trial.set_user_attr("worker", worker)
+    trial.set_user_attr("interrupted", False)
+    params = {p.name: p.suggest(trial) for p in space}
+    name = f"{base.name}_trial{trial.number}"
+    tlog: Log = lambda m: log(f"[trial {trial.number}] {m}")  # noqa: E731
+    try:
+        variant = apply_params(plans, base, params, name=name)
+    except InfeasibleParams as e:
+        trial.set_user_attr("infeasible", str(e))
+        tlog(f"pruned before training: {e}")
+        raise optuna.TrialPruned(str(e)) from None
+    variant = fit_schedule(plans, variant, TRAIN_SHARE * budget_s, trial_epochs=epochs)
+    if sched:
+        tr = dataclasses.replace(variant.training, **{k: int(v) for k, v in sched.items()})
+        variant = dataclasses.replace(variant, training=tr)
+    tr = variant.training
+    trial.set_user_attr("plan", {
+        "batch_size": variant.batch_size, "patch_size": list(variant.patch_size),
+        "features_per_stage": list(variant.network.features_per_stage), "n_stages": variant.network.n_stages,
+        "architecture": variant.network.architecture, "optimizer": tr.optimizer, "initial_lr": tr.initial_lr,
+        "epochs": tr.epochs, "iterations_per_epoch": tr.iterations_per_epoch,
+    })
+    tlog(f"{json.dumps(params, default=str)} -> batch {variant.batch_size}, patch {list(variant.patch_size)}, "
+         f"{tr.epochs} x {tr.iterations_per_epoch} iterations")
+    out_dir = out_root / f"trial_{trial.number}"
+    curve: list[float] = []
+
+    def on_epoch(epoch: int, ema: float) -> bool:
+        # The trainer's EMA (factor 0.9) lags by ~10 epochs, half a trial: report a short running mean
+        # of the epoch's pseudo-Dice instead (read from the fold log, which is written before this call).
+        raw = _epoch_pseudo_dice(out_dir / "log.jsonl", epoch)
+        curve.append(float(ema) if raw is None else raw)
+        score = float(np.mean(curve[-SMOOTHING_EPOCHS:]))
+        trial.report(score, epoch + 1)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", epoch + 1)
+            tlog(f"pruned after epoch {epoch + 1} (pseudo-Dice {score:.4f})")
+            # Raised, not returned: a pruned trial skips the final validation.
+            raise optuna.TrialPruned(f"pseudo-Dice {score:.4f} after epoch {epoch + 1}")
+        return False
+
+    # No time_budget_s option: the trial's plan holds its budget and its fixed epochs, which the trainer keeps.
+    options = TrainOptions(**{
+        "device": device, "threads": threads, "output_dir": out_dir, "progress": False, "validate": True,
+        "restart": True, **opts,
+    })
+    try:
+        result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,
+                            epoch_callback=on_epoch)
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        raise
+    except optuna.TrialPruned:
+        raise
+    except Exception as e:
+        trial.set_user_attr("error", repr(e)[:500])
+        raise
+    finally:
+        if not keep_files:
+            _clean_trial_dir(out_dir)
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    val = (result.validation or {}).get("mean_dice")
+    value = float(val) if val is not None and math.isfinite(val) else float(result.best_ema_dice)
+    if not math.isfinite(value):
+        value = 0.0
+    trial.set_user_attr("best_ema_pseudo_dice", float(result.best_ema_dice))
+    trial.set_user_attr("validation_mean_dice", None if val is None else float(val))
+    trial.set_user_attr("epochs_run", int(result.epochs_run))
+    trial.set_user_attr("train_seconds", float(result.train_seconds))
+    tlog(f"value {value:.4f} ({'validation Dice' if val is not None else 'best EMA pseudo-Dice'}), "
+         f"{result.epochs_run} epochs in {result.train_seconds:.0f} s")
+    return value
+
+
+def _epoch_pseudo_dice(log_path: Path, epoch: int) -> float | None:
+    """Mean pseudo-Dice of ``epoch`` from a fold's log.jsonl (``None`` if absent or not finite)."""
+    try:
+        lines = log_path.read_text().splitlines()
+        entry = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return None
+    value = entry.get("mean_pseudo_dice") if entry.get("epoch") == epoch else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _clean_trial_dir(out_dir: Path) -> None:
+    """Drop a trial's checkpoints and validation volumes; keep log, curves, plan and validation summary."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.glob("*.pt"):
+        p.unlink(missing_ok=True)
+    val = out_dir / "validation"
+    if val.is_dir():
+        for p in val.iterdir():
+            if p.name != "summary.json":
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)

@@ -1,0 +1,129 @@
+"""Validation of a fold: the pseudo-Dice on patches after every epoch, and the final sliding-window validation of
+the held-out cases at original resolution (``validation/``, which post-processing and ensembling read).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from automedseg.distributed import Dist
+from automedseg.inference import LoadedFold, autocast_context, predict_probabilities_preprocessed
+from automedseg.io import atomic_write_json
+from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.workspace import Workspace
+
+Log = Callable[[str], None]
+
+
+@torch.inference_mode()
+def pseudo_dice(model, loader, n_batches: int, device, mf, amp: bool, num_classes: int, dist: Dist
+                 ) -> tuple[float, list[float]]:
+    """Validation loss and per-foreground-class Dice accumulated over ``n_batches`` patches (and all ranks)."""
+    model.eval()
+    model.deep_supervision = False
+    tp = np.zeros(num_classes - 1)
+    fp = np.zeros(num_classes - 1)
+    fn = np.zeros(num_classes - 1)
+    losses = []
+    for _ in range(n_batches):
+        batch = next(loader)
+        x = torch.from_numpy(batch["data"]).to(device).contiguous(memory_format=mf)
+        y = torch.from_numpy(batch["target"][0]).to(device).long()
+        with autocast_context(device, amp):
+            out = model(x)
+        out = out.float()
+        losses.append(float(F.cross_entropy(out, y[:, 0])))
+        pred = out.argmax(1)
+        for k in range(1, num_classes):
+            p, t = pred == k, y[:, 0] == k
+            tp[k - 1] += float((p & t).sum())
+            fp[k - 1] += float((p & ~t).sum())
+            fn[k - 1] += float((~p & t).sum())
+    model.deep_supervision = True
+    tp, fp, fn = np.split(dist.sum(np.concatenate([tp, fp, fn])), 3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    return float(np.mean(losses)) if losses else float("nan"), [float(d) for d in dice]
+
+
+def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_dir: Path, val_ids: Sequence[str],
+                  *, model: torch.nn.Module, device: torch.device, log: Log = print,
+                  step: float = 0.5, mirror: bool = False) -> dict[str, Any]:
+    """Sliding-window prediction of the held-out cases at original resolution.
+
+    Writes ``validation/<case>.npz`` (float16 probabilities, compressed; channel ``k`` is training index
+    ``k``, i.e. the ``k``-th smallest declared label value), ``validation/<case>.nii.gz`` (the argmax
+    mapped back to the declared label values) and ``validation/summary.json`` (per-case, per-class Dice
+    and the mean, keyed by declared value), which the post-processing and ensemble choices read.
+    """
+    from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
+    from automedseg.metrics import compute_case_metrics, summarize
+    from automedseg.preprocessing import load_case_properties, restore_probabilities
+
+    out_dir = fold_dir / "validation"
+    out_dir.mkdir(exist_ok=True)
+    model.eval()
+    model.deep_supervision = False
+    fold = LoadedFold(plans, config, model, fold_dir)
+    cache = ws.preprocessed_dir(config.data_identifier)
+    labels = sorted(v for v in plans.labels.values() if v > 0)
+    per_case = []
+    t0 = time.perf_counter()
+    for cid in val_ids:
+        props = load_case_properties(cache, cid)
+        data = np.load(cache / f"{cid}.npy", mmap_mode="r")
+        probs = predict_probabilities_preprocessed([fold], np.asarray(data), device=device, step=step,
+                                                   mirror=mirror)
+        probs = restore_probabilities(probs, props, plans, config)
+        seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
+        atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
+        write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
+        meta = json.loads((cache / f"{cid}.json").read_text())
+        ref_path = meta.get("label_file")
+        if ref_path and Path(ref_path).is_file():
+            ref, _ = read_label(Path(ref_path))
+        else:  # fall back to the cached label mapped back (exact when no resampling happened)
+            ref = None
+        if ref is None:
+            continue
+        geom = Geometry.from_dict(meta["geometry"])
+        m = compute_case_metrics(ref, seg, labels=labels, spacing_mm=geom.spacing_zyx)
+        per_case.append({"case": cid, "metrics": {str(k): v for k, v in m.items()}})
+    summary = summarize([c["metrics"] for c in per_case]) if per_case else {}
+    dice = {str(k): summary["per_label"][k]["dice"] for k in summary.get("per_label", {})} if summary else {}
+    result = {
+        "configuration": config.name,
+        "fold": fold_dir.name,
+        "cases": list(val_ids),
+        "mean_dice": float(np.mean(list(dice.values()))) if dice else None,
+        "dice_per_class": dice,
+        "summary": _jsonable(summary),
+        "per_case": _jsonable(per_case),
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(out_dir / "summary.json", result)
+    if result["mean_dice"] is not None:
+        log(f"validation {fold_dir}: mean Dice {result['mean_dice']:.4f} "
+            f"({', '.join(f'{k}: {v:.4f}' for k, v in dice.items())}) on {len(per_case)} cases")
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _jsonable(obj.item())
+    return obj
