@@ -371,11 +371,15 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
 def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...], tolerance_mm: float,
              output_dir: Path | None) -> None:
     """Score masks against references: Dice, IoU, precision, recall, HD95, ASSD, NSD, volume difference."""
+    import warnings
+
     from automedseg.metrics import evaluate_folders
 
     try:
-        summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
-                                   tolerance_mm=tolerance_mm, output_dir=output_dir)
+        with warnings.catch_warnings():  # geometry warnings come back in the summary and are printed below
+            warnings.simplefilter("ignore", UserWarning)
+            summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
+                                       tolerance_mm=tolerance_mm, output_dir=output_dir)
     except ValueError as e:
         fail([str(e)])
         return

@@ -369,7 +369,8 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     # Axes along which mirroring would swap lateralised classes stay out of mirroring (training and TTA).
     in_plane = range(3) if dims == 3 else range(1, 3)
     mirror = tuple(i for i, a in enumerate(in_plane) if a not in ctx.no_mirror)
-    notes += [f"{ctx.no_mirror[a]}: axis left out of mirroring" for a in in_plane if a in ctx.no_mirror]
+    # (before the schedule line, which stays last: the CLI prints a configuration's last note as its summary)
+    notes[-1:-1] = [f"{ctx.no_mirror[a]}: axis left out of mirroring" for a in in_plane if a in ctx.no_mirror]
     aug = AugmentationPlan(
         rotation_range_rad=(-math.pi, math.pi) if dims == 2 else (-0.5236, 0.5236),
         mirror_axes=mirror,
