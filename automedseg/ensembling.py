@@ -37,8 +37,14 @@ from typing import Any
 import numpy as np
 
 from automedseg.io import atomic_write_json, read_label
+from automedseg.metrics import dice_per_label
 from automedseg.plans import PlanError, Plans, indices_to_values
-from automedseg.postprocessing import dice_per_label
+from automedseg.postprocessing import (
+    DEFAULT_TOLERANCE,
+    choose_postprocessing,
+    postprocessing_path,
+    save_postprocessing,
+)
 from automedseg.splits import read_splits
 from automedseg.workspace import Workspace
 
@@ -624,7 +630,6 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
         "predict_command": predict_command(ws, best["name"], folds=folds),
     }
     if postprocess:
-        from automedseg.postprocessing import determine_postprocessing, postprocessing_path
 
         try:
             choice = determine_postprocessing(ws, best["name"], folds=folds)
@@ -663,3 +668,31 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
             log(f"find-best: missing: {line}")
         log(f"find-best: predict with: {best_entry['predict_command']}")
     return result
+
+
+def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
+                             remove_small: bool = True,
+                             tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """Choose the post-processing of a configuration (or an ensemble ``A+B``) on its validation outputs.
+
+    Reads every fold's ``validation/<case>.nii.gz`` (ensembles: the averaged ``<case>.npz``
+    probabilities) and the case's reference label (``label_file`` of the preprocessed case JSON), runs
+    :func:`choose_postprocessing`, writes the result to :func:`postprocessing_path` and returns it.
+    Cases are loaded on demand, so large datasets need not fit in memory at once.
+
+    Raises:
+        ValueError: No validation case with a reference label was found (the message says what is missing).
+    """
+    members = configuration.split("+")
+    cases = ValidationCases(ws, members, folds=folds)
+    if len(cases) == 0:
+        raise ValueError(f"{configuration}: no validation outputs with reference labels to choose the "
+                         f"post-processing on; {'; '.join(cases.missing) or 'nothing was found'}")
+    choice = choose_postprocessing(cases, labels=cases.labels, remove_small=remove_small, tolerance=tolerance)
+    choice["configuration"] = configuration
+    choice["members"] = list(members)
+    choice["cases"] = list(cases.case_ids)
+    choice["missing"] = list(cases.missing)
+    path = postprocessing_path(ws, configuration)
+    save_postprocessing(choice, path)
+    return choice

@@ -88,6 +88,8 @@ SUPPORTED_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".png"
 """File endings that :func:`evaluate_folders` pairs and reads."""
 
 _NSD_SLACK_MM = 1e-6
+_CHUNK_VOXELS = 1 << 22
+_MAX_DENSE_LABEL = 1024  # above: dice_per_label counts over the label values present
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,6 +350,47 @@ def compute_binary_metrics(
 # ----------------------------------------------------------------------------------------------------
 # Multi-label cases and summaries
 # ----------------------------------------------------------------------------------------------------
+
+
+def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *,
+                   labels: Sequence[int]) -> dict[int, float]:
+    """Dice of every listed class (one-vs-rest) between two label maps of the same shape.
+
+    Uses one confusion-matrix pass, so many classes cost no more than one. A class absent from both maps
+    scores 1.
+    """
+    ref = np.asarray(reference)
+    pred = np.asarray(prediction)
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
+    labels = [int(v) for v in labels]
+    if ref.size and (ref.min() < 0 or pred.min() < 0):
+        raise ValueError("label maps must not hold negative values")
+    k = int(max([0, *labels, int(ref.max(initial=0)), int(pred.max(initial=0))])) + 1
+    flat_ref, flat_pred = ref.ravel(), pred.ravel()
+    lut = None
+    if k > _MAX_DENSE_LABEL:  # sparse large values (e.g. 40000): count over the values present only
+        present = np.union1d(np.asarray(labels, dtype=np.int64),
+                             np.union1d(np.flatnonzero(np.bincount(flat_ref, minlength=1)),
+                                        np.flatnonzero(np.bincount(flat_pred, minlength=1))))
+        lut = np.zeros(k, dtype=np.int64)
+        lut[present] = np.arange(len(present))
+        k = len(present)
+    confusion = np.zeros(k * k, dtype=np.int64)
+    for start in range(0, flat_ref.size, _CHUNK_VOXELS):  # chunks bound the int64 temporaries
+        stop = start + _CHUNK_VOXELS
+        r, p = flat_ref[start:stop].astype(np.int64), flat_pred[start:stop]
+        if lut is not None:
+            r, p = lut[r], lut[p]
+        confusion += np.bincount(r * k + p, minlength=k * k)
+    confusion = confusion.reshape(k, k)
+    out = {}
+    for label in labels:
+        i = label if lut is None else int(lut[label])
+        tp = int(confusion[i, i])
+        n_ref, n_pred = int(confusion[i].sum()), int(confusion[:, i].sum())
+        out[label] = 1.0 if n_ref + n_pred == 0 else 2.0 * tp / (n_ref + n_pred)
+    return out
 
 
 def _squeeze_channel(seg: np.ndarray) -> np.ndarray:

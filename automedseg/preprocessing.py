@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from automedseg.atomic import fsync_dir, remove_stale_temp_files
 from automedseg.errors import InputError
-from automedseg.fingerprint import nonzero_bbox, parallel_map
+from automedseg.fingerprint import nonzero_bbox
 from automedseg.io import (
     CaseFiles,
     DatasetSpec,
@@ -39,6 +39,7 @@ from automedseg.io import (
     read_images,
     read_label,
 )
+from automedseg.parallel import parallel_map
 from automedseg.plans import ChannelNormalization, ConfigurationPlan, Plans
 
 MAX_LOCATIONS_PER_CLASS = 10_000

@@ -1,4 +1,4 @@
-"""Visual and tabular reports: overlays of predictions on images, and the report of a whole work folder.
+"""The report of a whole work folder (overlays of single cases: :mod:`automedseg.overlays`).
 
 :func:`write_report` collects everything trained in a work folder (plans, fold logs, validation summaries,
 post-processing choices, ``find_best.json``) and writes two files to ``<work>/report/``:
@@ -13,7 +13,6 @@ backend only (no display needed). Each section of the report is built by one ``_
 from a :class:`WorkFolderState` (see :func:`collect_state`).
 
 Example:
-    >>> save_overlay(image, seg, Path("case.png"), reference=ref)  # doctest: +SKIP
     >>> write_report(Workspace(Path("Dataset001/automedseg")))  # doctest: +SKIP
     PosixPath('Dataset001/automedseg/report/report.html')
 """
@@ -25,8 +24,6 @@ import html
 import io
 import json
 import math
-import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -36,67 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from automedseg.planning import cpu_model_name
+from automedseg.machine import machine_info
+from automedseg.overlays import overlay_slices
 from automedseg.workspace import Workspace
-
-PRED_COLOUR = (1.0, 0.15, 0.1)
-REF_COLOUR = (0.1, 0.9, 0.2)
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask)
-
-
-def overlay_slices(image: np.ndarray, seg: np.ndarray, *, reference: np.ndarray | None = None,
-                   n_slices: int = 3, gap: int = 0) -> np.ndarray:
-    """RGB image (H, W * n, 3) of ``n_slices`` axial slices with predicted (red) and reference (green) contours.
-
-    Slices are spread over the z-range that holds foreground (prediction or reference); 2D inputs
-    ``(1, Y, X)`` give one panel. ``gap`` white pixel columns separate the panels (then the width is
-    ``W * n + gap * (n - 1)``).
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img, seg = img[None], np.asarray(seg)[None]
-        reference = None if reference is None else np.asarray(reference)[None]
-    fg = seg > 0 if reference is None else (seg > 0) | (reference > 0)
-    zs = np.flatnonzero(fg.reshape(fg.shape[0], -1).any(1))
-    if zs.size == 0:
-        zs = np.arange(img.shape[0])
-    picks = np.unique(np.linspace(zs[0], zs[-1], min(n_slices, zs.size)).round().astype(int))
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    panels = []
-    for z in picks:
-        grey = np.clip((img[z] - lo) / max(hi - lo, 1e-6), 0, 1)
-        rgb = np.repeat(grey[..., None], 3, axis=2)
-        for k in np.unique(seg[z]):
-            if k == 0:
-                continue
-            rgb[_boundary(seg[z] == k)] = PRED_COLOUR
-        if reference is not None:
-            for k in np.unique(reference[z]):
-                if k == 0:
-                    continue
-                rgb[_boundary(reference[z] == k)] = REF_COLOUR
-        if gap and panels:
-            panels.append(np.ones((rgb.shape[0], gap, 3), dtype=rgb.dtype))
-        panels.append(rgb)
-    return np.concatenate(panels, axis=1)
-
-
-def save_overlay(image: np.ndarray, seg: np.ndarray, path: Path, *, reference: np.ndarray | None = None,
-                 n_slices: int = 3, scale: int = 4) -> None:
-    """Write :func:`overlay_slices` as a PNG (nearest-neighbour upscaled by ``scale``), atomically."""
-    import matplotlib.image as mpimg
-
-    rgb = overlay_slices(image, seg, reference=reference, n_slices=n_slices)
-    rgb = np.kron(rgb, np.ones((scale, scale, 1)))
-    from automedseg.atomic import atomic_write
-
-    atomic_write(Path(path), lambda tmp: mpimg.imsave(tmp, rgb, format="png"))
-
 
 # ====================================================================================================
 # The report of a work folder
@@ -902,42 +842,6 @@ def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int
     if not any_figure:
         blocks.append(_Text("No validated case to show yet."))
     return _Section("Validation overlays", blocks)
-
-
-def machine_info() -> dict[str, str]:
-    """This machine: CPU model, cores and threads, memory, GPUs, Python and torch versions."""
-    info = {
-        "CPU": cpu_model_name(),
-        "CPU cores (logical)": str(os.cpu_count() or "?"),
-        "Platform": platform.platform(),
-        "Python": sys.version.split()[0],
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["CPU cores available to this process"] = str(len(os.sched_getaffinity(0)))
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        info["Memory"] = f"{pages * page_size / 2**30:.1f} GiB"
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch threads"] = str(torch.get_num_threads())
-        if torch.cuda.is_available():
-            gpus = []
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                gpus.append(f"{p.name} ({p.total_memory / 2**30:.0f} GiB)")
-            info["GPU"] = "; ".join(gpus)
-            info["CUDA"] = str(torch.version.cuda)
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            info["GPU"] = "Apple MPS"
-        else:
-            info["GPU"] = "none"
-    except ImportError:
-        info["torch"] = "not installed"
-    return info
 
 
 def _section_machine(state: WorkFolderState) -> _Section:

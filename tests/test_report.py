@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
+from automedseg.overlays import overlay_slices
 from automedseg.pipeline import run_plan
-from automedseg.report import collect_state, overlay_slices, write_report
+from automedseg.report import collect_state, write_report
 from automedseg.training import TrainOptions, train_fold
 from automedseg.workspace import Workspace
 
