@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automedseg.ensembling import determine_postprocessing
 from automedseg.io import Geometry, write_segmentation
 from automedseg.metrics import dice_per_label
+from automedseg.model_selection import determine_postprocessing
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,

@@ -122,9 +122,9 @@ def test_report_without_work_folder_raises(tmp_path: Path) -> None:
 
 
 def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
-    ensembling = pytest.importorskip("automedseg.ensembling")
+    ensembling = pytest.importorskip("automedseg.model_selection")
     if not hasattr(ensembling, "find_best"):
-        pytest.skip("automedseg.ensembling.find_best is not there yet")
+        pytest.skip("automedseg.model_selection.find_best is not there yet")
     _, ws = trained
     copy = _copy(ws, tmp_path / "work")
     result = ensembling.find_best(copy)

@@ -271,9 +271,9 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
 
 def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) -> None:
     """Labels {0, 1, 200}: 3 output classes; validation and predicted masks hold the declared values, 200 too."""
-    from automedseg.ensembling import determine_postprocessing
     from automedseg.inference import load_fold, predict_folder
     from automedseg.io import read_label
+    from automedseg.model_selection import determine_postprocessing
     from automedseg.postprocessing import apply_postprocessing
 
     ds = write_nnunet_dataset(tmp_path / "Dataset040_Sparse", n_cases=5, n_test=1, shape=(10, 32, 32),

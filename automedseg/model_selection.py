@@ -1,4 +1,5 @@
-"""Cross-validation scores of configurations and their ensembles, and the choice of the best one.
+"""Model selection: cross-validation scores of configurations and their ensembles, the choice of the best one
+and of its post-processing (:func:`determine_postprocessing`).
 
 After cross-validation every fold folder ``<work>/C/fold_K/validation/`` holds, for each held-out case,
 ``<case>.npz`` (``probabilities``: float16 ``(K, Z, Y, X)`` on the original image grid, channel ``k`` for

@@ -1,4 +1,4 @@
-"""Tests of automedseg.ensembling on a synthetic work folder (validation outputs written by hand)."""
+"""Tests of automedseg.model_selection on a synthetic work folder (validation outputs written by hand)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automedseg.ensembling import (
+from automedseg.io import Geometry, write_segmentation
+from automedseg.model_selection import (
     ValidationCases,
     average_probabilities,
     collect_validation,
@@ -16,7 +17,6 @@ from automedseg.ensembling import (
     find_best,
     predict_command,
 )
-from automedseg.io import Geometry, write_segmentation
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
