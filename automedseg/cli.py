@@ -373,12 +373,12 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
             save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
             threads: int | None, num_parts: int, part_id: int) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
-    import json
 
     ws = _resolve_workspace(target, work_dir)
     if not ws.root.is_dir():
         _fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
     from automedseg.inference import check_output_folder, check_step
+    from automedseg.model_selection import read_find_best
 
     check_step(step)
     check_output_folder(input_dir, output_dir)  # before anything is loaded or written
@@ -387,7 +387,7 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
         if not best.is_file():
             _fail([f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first"])
         try:
-            configuration = str(json.loads(best.read_text())["best"]["configuration"])
+            configuration = read_find_best(best).best.candidate.name
         except (ValueError, KeyError, TypeError):
             _fail([f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c"])
     import torch

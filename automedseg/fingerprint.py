@@ -11,6 +11,7 @@ All spatial tuples are in array order (z, y, x) of the raw images. The result is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,24 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
 def save_fingerprint(fingerprint: dict[str, Any], path: Path) -> None:
     """Write ``fingerprint.json`` atomically."""
     atomic_write_json(path, fingerprint)
+
+
+def load_fingerprint(path: Path, *, signature: str | None = None) -> dict[str, Any] | None:
+    """The saved ``fingerprint.json`` when it can be reused, else ``None``.
+
+    Reusable means: the file exists and is a JSON object, of this :data:`FINGERPRINT_VERSION`, and (when
+    ``signature`` is given) computed from the same files (its ``files_signature``). Anything else (missing,
+    unreadable, older, other files) means the dataset must be fingerprinted again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        fingerprint = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(fingerprint, dict) or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION:
+        return None
+    if signature is not None and fingerprint.get("files_signature") != signature:
+        return None
+    return fingerprint

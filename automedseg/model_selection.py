@@ -28,7 +28,6 @@ The reference label of a case is the raw file named by ``label_file`` in
 from __future__ import annotations
 
 import itertools
-import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,16 +36,21 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.io import atomic_write_json, read_label
+from automedseg.artifacts import read_artifact, write_artifact
+from automedseg.atomic import jsonable
+from automedseg.errors import InputError
+from automedseg.io import read_label
 from automedseg.metrics import dice_per_label
-from automedseg.plans import PlanError, Plans, indices_to_values
+from automedseg.plans import PlanError, Plans, from_jsonable, indices_to_values
 from automedseg.postprocessing import (
     DEFAULT_TOLERANCE,
     choose_postprocessing,
     postprocessing_path,
     save_postprocessing,
 )
+from automedseg.preprocessing import case_meta_path, read_case_meta
 from automedseg.splits import read_splits
+from automedseg.validation_summary import SUMMARY_FILE, read_validation_summary
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -58,6 +62,90 @@ def _names(items: Sequence[str]) -> str:
     items = list(items)
     shown = ", ".join(items[:_MAX_NAMES])
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_NAMES else "")
+
+
+# ----------------------------------------------------------------------------------------------------
+# find_best.json
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration (one member) or an ensemble of configurations (written ``A+B``).
+
+    Example:
+        >>> Candidate.parse("2d+3d_fullres").members, Candidate(("2d",)).name
+        (('2d', '3d_fullres'), '2d')
+    """
+
+    members: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.members)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @classmethod
+    def parse(cls, name: str) -> Candidate:
+        return cls(tuple(name.split("+")))
+
+
+@dataclass(frozen=True)
+class BestChoice:
+    """``find_best.json``'s ``best``: the chosen candidate, its figures, post-processing and predict command."""
+
+    configuration: str
+    members: tuple[str, ...] = ()
+    mean_dice: float | None = None
+    dice_per_class: dict[str, float | None] = field(default_factory=dict)
+    n_cases: int = 0
+    complete: bool | None = None
+    postprocessing: dict[str, Any] | None = None
+    predict_command: str | None = None
+    mean_dice_postprocessed: float | None = field(default=None, metadata={"omit_if_none": True})
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate.parse(self.configuration)
+
+
+@dataclass(frozen=True)
+class FindBest:
+    """The content of ``<work>/find_best.json`` (see :func:`find_best`); the JSON stays readable by hand."""
+
+    best: BestChoice
+    ranking_basis: str | None = None
+    candidates: tuple[dict[str, Any], ...] = ()
+    not_evaluated: dict[str, str] = field(default_factory=dict)
+    configurations: dict[str, Any] = field(default_factory=dict)
+    folds: Any = "all"
+    missing: tuple[str, ...] = ()
+    complete: bool | None = None
+
+
+def find_best_path(ws: Workspace) -> Path:
+    return ws.root / FIND_BEST_FILE
+
+
+def write_find_best(path: Path, result: FindBest | dict[str, Any]) -> FindBest:
+    """Write ``find_best.json`` atomically (a mapping is checked first); returns it typed."""
+    if not isinstance(result, FindBest):
+        result = from_jsonable(FindBest, jsonable(result), str(path))
+    write_artifact(path, result)
+    return result
+
+
+def read_find_best(path: Path) -> FindBest:
+    """Read ``find_best.json``.
+
+    Raises:
+        FileNotFoundError: There is none (``automedseg find-best`` has not run).
+        InputError: It is not JSON or a field is wrong (the message names the file and the field).
+    """
+    return read_artifact(FindBest, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,18 +320,15 @@ def collect_validation(ws: Workspace, configuration: str, *,
                 elif p.name.endswith(".nii.gz"):
                     segs[p.name[:-7]] = p
         found = sorted(set(probs) | set(segs))
-        summary_path = vdir / "summary.json"
-        summary = None
-        if summary_path.is_file():
-            try:
-                summary = json.loads(summary_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                summary = None
+        try:
+            summary = read_validation_summary(vdir / SUMMARY_FILE)
+        except (FileNotFoundError, InputError):
+            summary = None
         expected: list[str] | None = None
         if splits is not None and fold.isdigit() and int(fold) < len(splits):
             expected = [str(c) for c in splits[int(fold)]["val"]]
-        elif isinstance(summary, dict) and isinstance(summary.get("cases"), list):
-            expected = [str(c) for c in summary["cases"]]
+        elif summary is not None:
+            expected = list(summary.cases)
         if not found:
             out.folds_missing.append(fold)
             out.cases_missing += [c for c in expected or [] if c not in out.cases]
@@ -271,14 +356,14 @@ def reference_path(ws: Workspace, data_identifier: str, case: str) -> Path:
     Raises:
         FileNotFoundError: No case JSON, no ``label_file`` in it, or the file is gone (message says which).
     """
-    meta_path = ws.preprocessed_dir(data_identifier) / f"{case}.json"
+    folder = ws.preprocessed_dir(data_identifier)
+    meta_path = case_meta_path(folder, case)
     try:
-        meta = json.loads(meta_path.read_text())
+        label_file = read_case_meta(folder, case).label_file
     except FileNotFoundError:
         raise FileNotFoundError(f"{meta_path}: missing (preprocessed cache deleted?)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise FileNotFoundError(f"{meta_path}: cannot read ({e})") from None
-    label_file = meta.get("label_file") if isinstance(meta, dict) else None
+    except (OSError, InputError) as e:
+        raise FileNotFoundError(f"cannot read {e}") from None
     if not label_file:
         raise FileNotFoundError(f"{meta_path}: has no 'label_file'")
     path = Path(label_file)
@@ -662,7 +747,7 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
         "missing": missing,
         "complete": not missing and all(r["complete"] for r in scored),
     }
-    atomic_write_json(ws.root / FIND_BEST_FILE, result)
+    write_find_best(find_best_path(ws), result)
     if log is not None:
         log(f"find-best: best {best['name']} (mean Dice {best['mean_dice']:.4f}); {basis}")
         for line in missing:

@@ -609,6 +609,8 @@ def from_jsonable(tp: Any, data: Any, where: str) -> Any:
     """Build a value of type ``tp`` from JSON data, checking types; ``where`` names the field."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:  # free-form JSON (work-folder files; no plan field is declared so)
+        return data
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise PlanError(f"{where}: expected an object, got {type(data).__name__}")

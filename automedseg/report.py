@@ -34,8 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.errors import InputError
 from automedseg.machine import machine_info
+from automedseg.model_selection import FindBest, find_best_path, read_find_best
 from automedseg.overlays import overlay_slices
+from automedseg.postprocessing import PostprocessingError, load_postprocessing
+from automedseg.validation_summary import ValidationSummary, read_validation_summary, summary_path
 from automedseg.workspace import Workspace
 
 # ====================================================================================================
@@ -76,7 +80,7 @@ class FoldRecord:
     fold: str
     path: Path
     history: list[dict[str, Any]] = field(default_factory=list)
-    validation: dict[str, Any] | None = None
+    validation: ValidationSummary | None = None
     plan: dict[str, Any] | None = None
     finished: bool = False
 
@@ -102,7 +106,7 @@ class FoldRecord:
         """Validation per-case entries ``{"case", "metrics": {label: {metric: value}}}``."""
         if not self.validation:
             return []
-        return [c for c in self.validation.get("per_case") or [] if isinstance(c, dict) and "metrics" in c]
+        return [c for c in self.validation.per_case if isinstance(c, dict) and "metrics" in c]
 
     @property
     def validated(self) -> bool:
@@ -136,7 +140,7 @@ class WorkFolderState:
         labels: Foreground label value -> name.
         expected_folds: The cross-validation folds (``splits.json``, else 0..4), as strings.
         configurations: Name -> record, the plan's order first.
-        find_best: ``find_best.json`` as JSON, or ``None``.
+        find_best: ``find_best.json``, or ``None`` (missing or unreadable).
         problems: Files that exist but could not be read.
     """
 
@@ -145,7 +149,7 @@ class WorkFolderState:
     labels: dict[int, str]
     expected_folds: list[str]
     configurations: dict[str, ConfigurationRecord]
-    find_best: dict[str, Any] | None
+    find_best: FindBest | None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -198,10 +202,16 @@ def _collect_fold(configuration: str, path: Path, problems: list[str]) -> FoldRe
         plan = configs.get(configuration)
         if plan is None and len(configs) == 1:  # a renamed configuration folder
             plan = next(iter(configs.values()))
-    validation = _read_json(path / "validation" / "summary.json", problems)
+    validation = None
+    try:
+        validation = read_validation_summary(summary_path(path))
+    except FileNotFoundError:
+        pass
+    except InputError as e:
+        problems.append(f"{e} (ignored)")
     return FoldRecord(
         configuration=configuration, fold=fold, path=path, history=_read_log(path / "log.jsonl", problems),
-        validation=validation if isinstance(validation, dict) else None, plan=plan,
+        validation=validation, plan=plan,
         finished=(path / "checkpoint_final.pt").is_file(),
     )
 
@@ -228,8 +238,12 @@ def collect_state(ws: Workspace) -> WorkFolderState:
         for path in fold_dirs:
             fold = _collect_fold(name, path, problems)
             record.folds[fold.fold] = fold
-        pp = _read_json(ws.postprocessing_path(name), problems)
-        record.postprocessing = pp if isinstance(pp, dict) else None
+        pp_path = ws.postprocessing_path(name)
+        if pp_path.is_file():
+            try:
+                record.postprocessing = load_postprocessing(pp_path)
+            except PostprocessingError as e:
+                problems.append(f"{e} (ignored)")
         configurations[name] = record
     labels: dict[int, str] = {}
     for label_name, value in ((plans or {}).get("labels") or {}).items():
@@ -242,11 +256,17 @@ def collect_state(ws: Workspace) -> WorkFolderState:
                     for k in case["metrics"]:
                         if str(k).isdigit() and int(k) > 0:
                             labels.setdefault(int(k), str(k))
-    find_best = _read_json(ws.root / "find_best.json", problems)
+    find_best = None
+    try:
+        find_best = read_find_best(find_best_path(ws))
+    except FileNotFoundError:
+        pass
+    except InputError as e:
+        problems.append(f"{e} (ignored)")
     return WorkFolderState(
         root=ws.root, plans=plans, labels=dict(sorted(labels.items())),
         expected_folds=[str(i) for i in range(n_folds)], configurations=configurations,
-        find_best=find_best if isinstance(find_best, dict) else None, problems=problems,
+        find_best=find_best, problems=problems,
     )
 
 
@@ -427,11 +447,11 @@ def _section_overview(state: WorkFolderState) -> _Section:
         started = [f for f in state.expected_folds if f in record.folds and record.folds[f].started]
         rows.append([name, f"{len(started)} of {len(state.expected_folds)} folds trained or training, "
                            f"{len(validated)} validated"])
-    best = (state.find_best or {}).get("best") or {}
-    if best.get("configuration"):
-        rows.append(["Best (find_best.json)", f"{best['configuration']}: mean Dice {_f(best.get('mean_dice'))}"
-                     + (f", {_f(best['mean_dice_postprocessed'])} post-processed"
-                        if best.get("mean_dice_postprocessed") is not None else "")])
+    best = state.find_best.best if state.find_best else None
+    if best and best.configuration:
+        rows.append(["Best (find_best.json)", f"{best.configuration}: mean Dice {_f(best.mean_dice)}"
+                     + (f", {_f(best.mean_dice_postprocessed)} post-processed"
+                        if best.mean_dice_postprocessed is not None else "")])
     blocks.append(_Table(["", ""], rows))
     return _Section("Overview", blocks)
 
@@ -469,14 +489,14 @@ def _missing_lines(state: WorkFolderState) -> list[str]:
         lines.append("find_best.json: missing, no best configuration, ensemble or post-processing chosen yet "
                      "(run `automedseg find-best`)")
     else:
-        best = state.find_best.get("best") or {}
-        if state.find_best.get("complete") is False:
+        best = state.find_best.best
+        if state.find_best.complete is False:
             lines.append("find_best.json: chosen on an incomplete cross-validation (see its notes under 'Best "
                          "configuration and ensembles'); re-run `automedseg find-best` when every fold is validated")
-        pp = best.get("postprocessing")
-        if best.get("configuration") and (not isinstance(pp, dict) or pp.get("error")):
+        pp = best.postprocessing
+        if best.configuration and (not isinstance(pp, dict) or pp.get("error")):
             why = f": {pp['error']}" if isinstance(pp, dict) and pp.get("error") else ""
-            lines.append(f"find_best.json: no post-processing chosen for {best['configuration']}{why}")
+            lines.append(f"find_best.json: no post-processing chosen for {best.configuration}{why}")
         fb_path = state.root / "find_best.json"
         if fb_path.is_file() and fb_path.stat().st_mtime < newest_validation:
             lines.append("find_best.json: older than the newest validation results; re-run `automedseg find-best`")
@@ -494,8 +514,7 @@ def _section_missing(state: WorkFolderState, extra: Sequence[str]) -> _Section:
 
 
 def _chosen_name(state: WorkFolderState) -> str | None:
-    best = (state.find_best or {}).get("best") or {}
-    return best.get("configuration")
+    return state.find_best.best.configuration if state.find_best else None
 
 
 def _postprocessing_text(pp: dict[str, Any]) -> str:
@@ -570,9 +589,9 @@ def _section_ensembles(state: WorkFolderState) -> _Section:
                         [_Text("find_best.json is missing: no configuration or ensemble has been compared yet "
                                "(run `automedseg find-best`).")])
     blocks: list[_Block] = []
-    if fb.get("ranking_basis"):
-        blocks.append(_Text(f"Ranked by {fb['ranking_basis']}."))
-    candidates = [c for c in fb.get("candidates") or [] if isinstance(c, dict)]
+    if fb.ranking_basis:
+        blocks.append(_Text(f"Ranked by {fb.ranking_basis}."))
+    candidates = [c for c in fb.candidates if isinstance(c, dict)]
     chosen = _chosen_name(state)
     labels = [str(k) for k in state.labels]
     common = any("mean_dice_common_cases" in c for c in candidates)
@@ -592,18 +611,18 @@ def _section_ensembles(state: WorkFolderState) -> _Section:
         rows.append(row)
     if rows:
         blocks.append(_Table(header, rows, marked))
-    best = fb.get("best") or {}
-    pp = best.get("postprocessing") or {}
+    best = fb.best
+    pp = best.postprocessing or {}
     if pp.get("error"):
         blocks.append(_Text(f"Post-processing of {chosen}: not chosen ({pp['error']})."))
     elif pp:
         before, after = pp.get("dice_before") or {}, pp.get("dice_after") or {}
         blocks.append(_Text(f"{_postprocessing_text(pp)} Mean Dice of {chosen} {_f(before.get('mean'))} before, "
                             f"{_f(after.get('mean'))} after post-processing."))
-    if best.get("predict_command"):
-        blocks.append(_Text(f"Predict with: {best['predict_command']}"))
-    notes = [f"{k}: not evaluated ({v})" for k, v in (fb.get("not_evaluated") or {}).items()]
-    notes += [str(line) for line in fb.get("missing") or []]
+    if best.predict_command:
+        blocks.append(_Text(f"Predict with: {best.predict_command}"))
+    notes = [f"{k}: not evaluated ({v})" for k, v in fb.not_evaluated.items()]
+    notes += [str(line) for line in fb.missing]
     if notes:
         blocks.append(_Text("find-best noted:"))
         blocks.append(_Bullets(notes))
@@ -701,9 +720,9 @@ def _section_timing(state: WorkFolderState) -> _Section:
             per_epoch = f.train_seconds / len(h) if h else math.nan
             spi = _finite_mean(e.get("seconds_per_iteration") for e in h)
             wait = _finite_mean(e.get("data_wait_fraction") for e in h)
-            val = f.validation or {}
-            n_val = len(val.get("cases") or []) or len(f.per_case())
-            infer = _number(val.get("seconds")) / n_val if n_val else math.nan
+            val = f.validation
+            n_val = (len(val.cases) if val else 0) or len(f.per_case())
+            infer = _number(val.seconds if val else None) / n_val if n_val else math.nan
             ema = max((v for e in h if math.isfinite(v := _number(e.get("ema_pseudo_dice")))), default=math.nan)
             last = h[-1].get("time") if h else None
             last_text = (datetime.fromtimestamp(float(last), timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -711,7 +730,7 @@ def _section_timing(state: WorkFolderState) -> _Section:
             rows.append([name, f.fold, _fold_status(f), epochs, _compact(ipe), _seconds(f.train_seconds if h else None),
                          _seconds(per_epoch), f"{spi:.3f} s" if math.isfinite(spi) else "-",
                          f"{100 * wait:.0f}%" if math.isfinite(wait) else "-", _seconds(infer), _f(ema),
-                         _f(val.get("mean_dice")), last_text])
+                         _f(val.mean_dice if val else None), last_text])
     if not rows:
         return _Section("Time", [_Text("No fold folder yet.")])
     return _Section("Time", [
@@ -781,20 +800,21 @@ def _load_overlay_inputs(state: WorkFolderState, record: ConfigurationRecord, fo
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(image of the first channel, prediction, reference or None) on the original grid, (Z, Y, X) each."""
     from automedseg.io import read_image_file, read_label
+    from automedseg.preprocessing import case_meta_path, read_case_meta
 
     ident = record.data_identifier
-    meta_path = Workspace(state.root).preprocessed_dir(str(ident)) / f"{case}.json"
-    meta = json.loads(meta_path.read_text()) if ident and meta_path.is_file() else None
-    if meta is None:
+    folder = Workspace(state.root).preprocessed_dir(str(ident))
+    meta_path = case_meta_path(folder, case)
+    if not ident or not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing (the raw image path is recorded there)")
-    images = meta.get("image_files") or []
-    if not images:
+    meta = read_case_meta(folder, case)
+    if not meta.image_files:
         raise FileNotFoundError(f"{meta_path}: no image_files")
-    image, _ = read_image_file(Path(images[0]))
+    image, _ = read_image_file(Path(meta.image_files[0]))
     pred, _ = read_label(record.folds[fold].path / "validation" / f"{case}.nii.gz")
     ref = None
-    if meta.get("label_file") and Path(meta["label_file"]).is_file():
-        ref, _ = read_label(Path(meta["label_file"]))
+    if meta.label_file and Path(meta.label_file).is_file():
+        ref, _ = read_label(Path(meta.label_file))
     img = image[0].astype(np.float32)
     if img.shape != pred.shape or (ref is not None and ref.shape != pred.shape):
         raise ValueError(f"shapes differ: image {img.shape}, prediction {pred.shape}, "

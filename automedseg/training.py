@@ -46,7 +46,7 @@ from automedseg.inference import (
     predict_probabilities_preprocessed,
     select_device,
 )
-from automedseg.io import atomic_save_figure, atomic_write, atomic_write_json, atomic_write_text
+from automedseg.io import atomic_save_figure, atomic_write, atomic_write_text
 from automedseg.locks import folder_lock
 from automedseg.network import build_network, output_strides
 from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations, schedule_for_budget
@@ -694,6 +694,7 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
     from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
     from automedseg.metrics import compute_case_metrics, summarize
     from automedseg.preprocessing import load_case_properties, restore_probabilities
+    from automedseg.validation_summary import write_validation_summary
 
     out_dir = fold_dir / "validation"
     out_dir.mkdir(exist_ok=True)
@@ -736,7 +737,7 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
         "per_case": _jsonable(per_case),
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_json(out_dir / "summary.json", result)
+    write_validation_summary(out_dir / "summary.json", result)
     if result["mean_dice"] is not None:
         log(f"validation {fold_dir}: mean Dice {result['mean_dice']:.4f} "
             f"({', '.join(f'{k}: {v:.4f}' for k, v in dice.items())}) on {len(per_case)} cases")
