@@ -40,7 +40,7 @@ from automedseg.artifacts import read_artifact, write_artifact
 from automedseg.atomic import jsonable
 from automedseg.errors import InputError
 from automedseg.io import read_label
-from automedseg.metrics import dice_per_label
+from automedseg.mask_metrics import dice_per_label
 from automedseg.plans import PlanError, Plans, from_jsonable, indices_to_values
 from automedseg.postprocessing import (
     DEFAULT_TOLERANCE,

@@ -49,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from automedseg.io import atomic_write_json
-from automedseg.metrics import dice_per_label
+from automedseg.mask_metrics import dice_per_label
 
 if TYPE_CHECKING:
     from automedseg.workspace import Workspace
