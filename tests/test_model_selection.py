@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 
 from automedseg.io import Geometry, write_segmentation
-from automedseg.model_selection import (
-    ValidationCases,
-    average_probabilities,
-    collect_validation,
-    cross_validation_dice,
-    find_best,
-    predict_command,
-)
+from automedseg.model_selection import cross_validation_dice, find_best, predict_command
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -27,6 +20,7 @@ from automedseg.plans import (
     TrainingPlan,
 )
 from automedseg.postprocessing import load_postprocessing
+from automedseg.validation_outputs import ValidationCases, average_probabilities, collect_validation
 from automedseg.workspace import Workspace
 
 SHAPE = (6, 10, 10)  # (z, y, x)
