@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from automedseg.errors import InputError
 from automedseg.io import atomic_write_json
 from automedseg.mask_metrics import dice_per_label
 
@@ -66,8 +67,8 @@ Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
 """One cross-validation case: (reference label map, predicted label map, spacing (z, y, x) in mm)."""
 
 
-class PostprocessingError(ValueError):
-    """A post-processing file or choice is malformed; the message names the file and the field."""
+class PostprocessingError(InputError):
+    """A post-processing file or choice is malformed; the message names the file and the field (a ValueError)."""
 
 
 # ----------------------------------------------------------------------------------------------------
