@@ -141,7 +141,7 @@ def test_fold_ensemble_averages_probabilities(tmp_path: Path) -> None:
 
 
 def test_channels_last_norms_keep_the_function(tmp_path: Path) -> None:
-    from automedseg.inference import channels_last_norms
+    from automedseg.device import channels_last_norms
     from automedseg.planning import network_for
 
     net, patch = network_for([1.0, 1.0, 1.0], [16, 16, 16], dims=3, base=4)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
-from automedseg.inference import precision_for
+from automedseg.device import precision_for
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
 from automedseg.splits import load_or_create_splits
