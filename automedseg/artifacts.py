@@ -1,11 +1,18 @@
-"""Reading and writing the typed JSON files of the work folder (one owner module per file).
+"""Reading and writing the typed JSON files of the work folder.
 
-Each JSON file in the work folder has one owner module that declares it as a frozen dataclass and reads and
-writes it with :func:`read_artifact` / :func:`write_artifact`: ``plans.json`` (:mod:`automedseg.plans`),
-``fingerprint.json`` (:mod:`automedseg.fingerprint`), the preprocessed ``<case>.json``
-(:mod:`automedseg.preprocessing`), a fold's ``validation/summary.json`` (:mod:`automedseg.validation_summary`),
-``postprocessing.json`` (:mod:`automedseg.postprocessing`) and ``find_best.json``
-(:mod:`automedseg.model_selection`). Other modules call the owner's reader instead of parsing the file.
+Each JSON file in the work folder has one owner module, which reads and writes it; other modules call the
+owner's reader instead of parsing the file:
+
+* ``plans.json``: :mod:`automedseg.plans` (``Plans.load`` / ``Plans.save``);
+* ``fingerprint.json``: :mod:`automedseg.fingerprint` (``save_fingerprint`` / ``load_fingerprint``);
+* the preprocessed ``<case>.json``: :mod:`automedseg.preprocessing` (``CaseMeta``, ``read_case_meta``);
+* a fold's ``validation/summary.json``: :mod:`automedseg.validation_summary` (``ValidationSummary``);
+* ``postprocessing.json``: :mod:`automedseg.postprocessing` (``save_postprocessing`` / ``load_postprocessing``);
+* ``find_best.json``: :mod:`automedseg.model_selection` (``FindBest``, ``read_find_best``).
+
+The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
+(:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises
+:class:`~automedseg.errors.InputError` naming the file and the field.
 
 Example:
     >>> import tempfile
