@@ -40,10 +40,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # plans.py imports this module: the imports below happen inside functions
-    from automedseg.plans import DeviceProfile
+from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan records it
+    CalibrationProvenance,  # noqa: F401
+    DeviceProfile,
+    PlanError,
+    from_jsonable,
+    to_jsonable,
+)
 
 CACHE_SCHEMA_VERSION = 1
 QUANTA_PER_OCTAVE = 4  # grid 2^(k/4): neighbouring values 19 % apart
@@ -66,52 +70,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _plan_error(message: str) -> Exception:
-    from automedseg.plans import PlanError
-
-    return PlanError(message)
-
-
-@dataclass(frozen=True)
-class CalibrationProvenance:
-    """Where and when a calibration was measured: what ``plans.json`` records about it.
-
-    Attributes:
-        kind: ``cpu`` or ``cuda``.
-        device: CPU model or GPU name.
-        threads: Torch threads the timing used (CPU) or the host's CPU count (CUDA).
-        torch_version: ``torch.__version__`` of the timing.
-        precision: ``bf16`` or ``fp32`` (CPU, as training uses), ``fp16`` (CUDA AMP).
-        measured_at: UTC time of the timing, ISO 8601.
-        under_load: The timing ran while another process took CPU time (a provisional calibration).
-    """
-
-    kind: str
-    device: str
-    threads: int
-    torch_version: str
-    precision: str
-    measured_at: str
-    under_load: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("cpu", "cuda"):
-            raise _plan_error(f"kind {self.kind!r} is not cpu or cuda")
-        if self.threads < 1:
-            raise _plan_error(f"threads must be at least 1, got {self.threads}")
-
-    @property
-    def key(self) -> str:
-        """The cache key: one calibration per device, thread count, torch version and precision."""
-        return f"{self.kind} | {self.device} | {self.threads} threads | torch {self.torch_version} | {self.precision}"
-
-    def describe(self) -> str:
-        """One line for logs, e.g. ``AMD EPYC, 2 threads, torch 2.13.0, fp32, measured 2025-01-02T10:00:00Z``."""
-        load = " (under load)" if self.under_load else ""
-        return (f"{self.device}, {self.threads} threads, torch {self.torch_version}, {self.precision}, "
-                f"measured {self.measured_at}{load}")
-
-
 @dataclass(frozen=True)
 class Calibration:
     """One cached calibration: provenance, host or device memory and the measured throughput.
@@ -131,9 +89,9 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width or any(not (g > 0 and math.isfinite(g)) for _, g in self.gflops_by_width):
-            raise _plan_error("gflops_by_width must hold positive throughputs")
+            raise PlanError("gflops_by_width must hold positive throughputs")
         if not self.memory_gib > 0:
-            raise _plan_error(f"memory_gib must be positive, got {self.memory_gib}")
+            raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +103,7 @@ class CalibrationCache:
 
     def __post_init__(self) -> None:
         if self.schema_version != CACHE_SCHEMA_VERSION:
-            raise _plan_error(f"schema_version {self.schema_version} is not {CACHE_SCHEMA_VERSION}")
+            raise PlanError(f"schema_version {self.schema_version} is not {CACHE_SCHEMA_VERSION}")
 
 
 # --- the cache file ---------------------------------------------------------------------------------------
@@ -158,7 +116,6 @@ def read_calibration_cache(path: Path) -> CalibrationCache:
         InputError: The file cannot be read or does not hold a calibration cache (names the file and field).
     """
     from automedseg.errors import InputError
-    from automedseg.plans import PlanError, from_jsonable
 
     path = Path(path)
     if not path.is_file():
@@ -176,7 +133,6 @@ def read_calibration_cache(path: Path) -> CalibrationCache:
 def write_calibration_cache(path: Path, cache: CalibrationCache) -> None:
     """Write the cache file atomically (its folder is made when missing)."""
     from automedseg.atomic import atomic_write_json
-    from automedseg.plans import to_jsonable
 
     atomic_write_json(Path(path), to_jsonable(cache))
 
@@ -258,7 +214,7 @@ def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
 
     import torch
 
-    from automedseg.planning import cpu_model_name, host_memory_gib
+    from automedseg.machine import cpu_model_name, host_memory_gib
 
     if kind == "cuda":
         if not torch.cuda.is_available():
@@ -266,7 +222,7 @@ def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
         props = torch.cuda.get_device_properties(0)
         return _Machine("cuda", props.name, os.cpu_count() or 1, torch.__version__, "fp16",
                         round(props.total_memory / 2**30, 1))
-    from automedseg.inference import cpu_supports_bf16
+    from automedseg.device import cpu_supports_bf16
 
     n = threads or os.cpu_count() or 1
     return _Machine("cpu", cpu_model_name(), n, torch.__version__, "bf16" if cpu_supports_bf16() else "fp32",
@@ -393,8 +349,6 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
 
 def profile_from(calibration: Calibration) -> DeviceProfile:
     """The planner's device profile of a calibration: throughputs quantised, provenance attached."""
-    from automedseg.plans import DeviceProfile
-
     p = calibration.provenance
     return DeviceProfile(
         kind=p.kind, name=f"{p.device}, {p.threads} threads" if p.kind == "cpu" else p.device,

@@ -26,6 +26,7 @@ from automedseg.io import (
     load_dataset_spec,
     read_image_file,
 )
+from automedseg.parallel import parallel_map
 
 
 @dataclass
@@ -172,8 +173,6 @@ def check_dataset(root: Path, *, jobs: int = 2, progress: bool = False) -> list[
         spec = load_dataset_spec(root)
     except DatasetError as e:
         return e.problems
-    from automedseg.fingerprint import parallel_map
-
     problems = dataset_level_problems(spec)
     foreground: list[bool | None] = []
     for result, has_foreground in parallel_map(_problems_of_case, [(c, spec) for c in spec.cases], jobs=jobs,

@@ -346,7 +346,7 @@ def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noq
 def find_best_command(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], folds: tuple[str, ...],
                       no_ensembles: bool, no_postprocessing: bool) -> None:
     """Compare trained configurations and their ensembles on cross-validation; write find_best.json."""
-    from automedseg.ensembling import find_best
+    from automedseg.model_selection import find_best
 
     ws = resolve_workspace(dataset, work_dir)
     try:

@@ -11,10 +11,10 @@ All spatial tuples are in array order (z, y, x) of the raw images. The result is
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
+import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -22,41 +22,11 @@ from scipy import ndimage
 from automedseg.checks import CaseInspection, dataset_level_problems, inspect_case, no_foreground_problem
 from automedseg.io import CaseFiles, DatasetError, DatasetSpec, atomic_write_json
 from automedseg.lateral import centroid_rel
+from automedseg.parallel import parallel_map
 
 FINGERPRINT_VERSION = 2  # 2: per-class centroids
 SAMPLES_PER_CASE = 10_000
 SAMPLE_SEED = 1234
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, jobs: int = 2, desc: str = "",
-                 progress: bool = False) -> Iterator[R]:
-    """Map ``fn`` over ``items`` in ``jobs`` processes (in order), with an optional progress bar."""
-    items = list(items)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc=desc, unit="case", dynamic_ncols=True)
-    try:
-        if jobs <= 1 or len(items) <= 1:
-            for it in items:
-                yield fn(it)
-                if bar is not None:
-                    bar.update()
-        else:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(jobs, len(items))) as pool:
-                for r in pool.imap(fn, items, chunksize=max(1, min(8, len(items) // (4 * jobs)))):
-                    yield r
-                    if bar is not None:
-                        bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-
 
 def modality_of(channel_name: str) -> str:
     """Map a channel name to a normalisation family: ``ct``, ``rgb``, ``none`` or ``zscore``.
@@ -227,3 +197,24 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
 def save_fingerprint(fingerprint: dict[str, Any], path: Path) -> None:
     """Write ``fingerprint.json`` atomically."""
     atomic_write_json(path, fingerprint)
+
+
+def load_fingerprint(path: Path, *, signature: str | None = None) -> dict[str, Any] | None:
+    """The saved ``fingerprint.json`` when it can be reused, else ``None``.
+
+    Reusable means: the file exists and is a JSON object, of this :data:`FINGERPRINT_VERSION`, and (when
+    ``signature`` is given) computed from the same files (its ``files_signature``). Anything else (missing,
+    unreadable, older, other files) means the dataset must be fingerprinted again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        fingerprint = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(fingerprint, dict) or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION:
+        return None
+    if signature is not None and fingerprint.get("files_signature") != signature:
+        return None
+    return fingerprint

@@ -14,19 +14,30 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from automedseg.atomic import _pid_alive, atomic_write, atomic_write_json, fsync_dir
 from automedseg.import_labels import LabelTable, fill_outlines, mask_kind, to_labels, unknown_message
-from automedseg.import_rasters import read_pages
+from automedseg.import_rasters import RasterInfo, read_pages
 from automedseg.io import DatasetError
 
-if TYPE_CHECKING:
-    from automedseg.importer import ImportCase
+
+@dataclass(frozen=True)
+class ImportCase:
+    """One output case: one page of a source image with its mask and field-of-view pages."""
+
+    case_id: str
+    split: str  # "training" or "test"
+    image: RasterInfo
+    mask: RasterInfo | None
+    fov: RasterInfo | None
+    page: int | None  # page of a multi-page file, None for single-page files
+    spacing_yx: tuple[float, float] | None = None
 
 
 

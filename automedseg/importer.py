@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +48,10 @@ from automedseg.import_labels import (
 )
 from automedseg.import_layout import Pair, SplitPairing, find_splits, pair_split, read_spacing_csv
 from automedseg.import_rasters import RasterInfo, probe_raster, read_pages
+from automedseg.import_writer import ImportCase, write_dataset
 from automedseg.io import DatasetError
 
 FORMATS = ("auto", "png", "nifti")
-
-
-@dataclass(frozen=True)
-class ImportCase:
-    """One output case: one page of a source image with its mask and field-of-view pages."""
-
-    case_id: str
-    split: str  # "training" or "test"
-    image: RasterInfo
-    mask: RasterInfo | None
-    fov: RasterInfo | None
-    page: int | None  # page of a multi-page file, None for single-page files
-    spacing_yx: tuple[float, float] | None = None
 
 
 def check_paths(source: Path, output: Path, *, test_source: Path | None = None, overwrite: bool = False) -> None:
@@ -167,7 +155,6 @@ def import_dataset(source: Path, output: Path, *, test_source: Path | None = Non
     summary = _summary(source, train, test, cases, table, names, ending, spacing_note, format_note, fill_outlines)
     for line in summary:
         log(line)
-    from automedseg.import_writer import write_dataset
 
     report = {
         "source": str(source.resolve()),

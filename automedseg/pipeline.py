@@ -11,7 +11,7 @@ from pathlib import Path
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.constants import N_SPLITS
-from automedseg.fingerprint import FINGERPRINT_VERSION, compute_fingerprint, save_fingerprint
+from automedseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 from automedseg.io import DatasetSpec, load_dataset_spec
 from automedseg.locks import folder_lock
 from automedseg.plans import DeviceProfile, Plans
@@ -103,24 +103,14 @@ PLAN_LOCK = ".automedseg-plan.lock"
 def _plan_locked(spec: DatasetSpec, ws: Workspace, profile: DeviceProfile, *, configurations: Sequence[str] | None,
                  jobs: int, time_budget_s: float | None, architecture: str, seed: int, overwrite: bool,
                  preprocess: bool, progress: bool, replan: Sequence[str], log: Log) -> Plans:
-    import json
-
     from automedseg.planning import plan_dataset
     from automedseg.preprocessing import preprocess_dataset
     from automedseg.trained import keep_trained
 
     signature = files_signature(spec)
-    fingerprint = None
-    if ws.fingerprint_path.is_file() and not overwrite:
-        try:
-            fingerprint = json.loads(ws.fingerprint_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            fingerprint = None
-        if fingerprint is not None and (fingerprint.get("files_signature") != signature
-                                        or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION):
-            fingerprint = None  # files changed since: check and fingerprint again
-        elif fingerprint is not None:
-            log(f"fingerprint: reusing {ws.fingerprint_path} (files unchanged)")
+    fingerprint = None if overwrite else load_fingerprint(ws.fingerprint_path, signature=signature)
+    if fingerprint is not None:  # else missing, unreadable or files changed since: check and fingerprint again
+        log(f"fingerprint: reusing {ws.fingerprint_path} (files unchanged)")
     if fingerprint is None:
         fingerprint = compute_fingerprint(spec, jobs=jobs, progress=progress, min_cases=N_SPLITS)
         fingerprint["files_signature"] = signature

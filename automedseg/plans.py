@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.calibration import CalibrationProvenance
 from automedseg.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -367,6 +366,46 @@ class ConfigurationPlan:
 
 
 @dataclass(frozen=True)
+class CalibrationProvenance:
+    """Where and when a calibration was measured (:mod:`automedseg.calibration`): what ``plans.json`` records.
+
+    Attributes:
+        kind: ``cpu`` or ``cuda``.
+        device: CPU model or GPU name.
+        threads: Torch threads the timing used (CPU) or the host's CPU count (CUDA).
+        torch_version: ``torch.__version__`` of the timing.
+        precision: ``bf16`` or ``fp32`` (CPU, as training uses), ``fp16`` (CUDA AMP).
+        measured_at: UTC time of the timing, ISO 8601.
+        under_load: The timing ran while another process took CPU time (a provisional calibration).
+    """
+
+    kind: str
+    device: str
+    threads: int
+    torch_version: str
+    precision: str
+    measured_at: str
+    under_load: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "cuda"):
+            raise PlanError(f"kind {self.kind!r} is not cpu or cuda")
+        if self.threads < 1:
+            raise PlanError(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def key(self) -> str:
+        """The cache key: one calibration per device, thread count, torch version and precision."""
+        return f"{self.kind} | {self.device} | {self.threads} threads | torch {self.torch_version} | {self.precision}"
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``AMD EPYC, 2 threads, torch 2.13.0, fp32, measured 2025-01-02T10:00:00Z``."""
+        load = " (under load)" if self.under_load else ""
+        return (f"{self.device}, {self.threads} threads, torch {self.torch_version}, {self.precision}, "
+                f"measured {self.measured_at}{load}")
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """The machine a plan was made for.
 
@@ -570,6 +609,8 @@ def from_jsonable(tp: Any, data: Any, where: str) -> Any:
     """Build a value of type ``tp`` from JSON data, checking types; ``where`` names the field."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:  # free-form JSON (work-folder files; no plan field is declared so)
+        return data
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise PlanError(f"{where}: expected an object, got {type(data).__name__}")

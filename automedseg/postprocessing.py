@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from automedseg.errors import InputError
 from automedseg.io import atomic_write_json
+from automedseg.mask_metrics import dice_per_label
 
 if TYPE_CHECKING:
     from automedseg.workspace import Workspace
@@ -60,15 +62,13 @@ SMALL_COMPONENT_QUANTILES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25)
 DEFAULT_TOLERANCE = 1e-6
 """Dice differences smaller than this count as equal (neither a gain nor a loss)."""
 
-_CHUNK_VOXELS = 1 << 22
-_MAX_DENSE_LABEL = 1024  # above: dice_per_label counts over the label values present
 
 Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
 """One cross-validation case: (reference label map, predicted label map, spacing (z, y, x) in mm)."""
 
 
-class PostprocessingError(ValueError):
-    """A post-processing file or choice is malformed; the message names the file and the field."""
+class PostprocessingError(InputError):
+    """A post-processing file or choice is malformed; the message names the file and the field (a ValueError)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,47 +170,6 @@ def _binary_dice(ref: np.ndarray, pred: np.ndarray) -> float:
     if n_ref + n_pred == 0:
         return 1.0
     return 2.0 * int(np.count_nonzero(ref & pred)) / (n_ref + n_pred)
-
-
-def dice_per_label(reference: np.ndarray, prediction: np.ndarray, *,
-                   labels: Sequence[int]) -> dict[int, float]:
-    """Dice of every listed class (one-vs-rest) between two label maps of the same shape.
-
-    Uses one confusion-matrix pass, so many classes cost no more than one. A class absent from both maps
-    scores 1.
-    """
-    ref = np.asarray(reference)
-    pred = np.asarray(prediction)
-    if ref.shape != pred.shape:
-        raise ValueError(f"reference shape {ref.shape} != prediction shape {pred.shape}")
-    labels = [int(v) for v in labels]
-    if ref.size and (ref.min() < 0 or pred.min() < 0):
-        raise ValueError("label maps must not hold negative values")
-    k = int(max([0, *labels, int(ref.max(initial=0)), int(pred.max(initial=0))])) + 1
-    flat_ref, flat_pred = ref.ravel(), pred.ravel()
-    lut = None
-    if k > _MAX_DENSE_LABEL:  # sparse large values (e.g. 40000): count over the values present only
-        present = np.union1d(np.asarray(labels, dtype=np.int64),
-                             np.union1d(np.flatnonzero(np.bincount(flat_ref, minlength=1)),
-                                        np.flatnonzero(np.bincount(flat_pred, minlength=1))))
-        lut = np.zeros(k, dtype=np.int64)
-        lut[present] = np.arange(len(present))
-        k = len(present)
-    confusion = np.zeros(k * k, dtype=np.int64)
-    for start in range(0, flat_ref.size, _CHUNK_VOXELS):  # chunks bound the int64 temporaries
-        stop = start + _CHUNK_VOXELS
-        r, p = flat_ref[start:stop].astype(np.int64), flat_pred[start:stop]
-        if lut is not None:
-            r, p = lut[r], lut[p]
-        confusion += np.bincount(r * k + p, minlength=k * k)
-    confusion = confusion.reshape(k, k)
-    out = {}
-    for label in labels:
-        i = label if lut is None else int(lut[label])
-        tp = int(confusion[i, i])
-        n_ref, n_pred = int(confusion[i].sum()), int(confusion[:, i].sum())
-        out[label] = 1.0 if n_ref + n_pred == 0 else 2.0 * tp / (n_ref + n_pred)
-    return out
 
 
 def _means(per_case: Sequence[Mapping[int, float]], labels: Sequence[int]) -> dict[int, float]:
@@ -496,33 +455,3 @@ def postprocessing_path(ws: Workspace, configuration: str) -> Path:
     if "+" in configuration:
         return ws.root / f"postprocessing_{configuration}.json"
     return ws.postprocessing_path(configuration)
-
-
-def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
-                             remove_small: bool = True,
-                             tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
-    """Choose the post-processing of a configuration (or an ensemble ``A+B``) on its validation outputs.
-
-    Reads every fold's ``validation/<case>.nii.gz`` (ensembles: the averaged ``<case>.npz``
-    probabilities) and the case's reference label (``label_file`` of the preprocessed case JSON), runs
-    :func:`choose_postprocessing`, writes the result to :func:`postprocessing_path` and returns it.
-    Cases are loaded on demand, so large datasets need not fit in memory at once.
-
-    Raises:
-        ValueError: No validation case with a reference label was found (the message says what is missing).
-    """
-    from automedseg.ensembling import ValidationCases
-
-    members = configuration.split("+")
-    cases = ValidationCases(ws, members, folds=folds)
-    if len(cases) == 0:
-        raise ValueError(f"{configuration}: no validation outputs with reference labels to choose the "
-                         f"post-processing on; {'; '.join(cases.missing) or 'nothing was found'}")
-    choice = choose_postprocessing(cases, labels=cases.labels, remove_small=remove_small, tolerance=tolerance)
-    choice["configuration"] = configuration
-    choice["members"] = list(members)
-    choice["cases"] = list(cases.case_ids)
-    choice["missing"] = list(cases.missing)
-    path = postprocessing_path(ws, configuration)
-    save_postprocessing(choice, path)
-    return choice

@@ -8,7 +8,6 @@ folder with :func:`automedseg.inference.predict_folder`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from automedseg.errors import InputError
 from automedseg.inference import FolderReport, check_output_folder, check_step, find_folds, predict_folder
+from automedseg.model_selection import read_find_best
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -35,7 +35,7 @@ def best_configuration(ws: Workspace) -> str:
     if not best.is_file():
         raise InputError(f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first")
     try:
-        return str(json.loads(best.read_text())["best"]["configuration"])
+        return read_find_best(best).best.candidate.name
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{best}: damaged (no best configuration); run `automedseg find-best` again or pass -c") \
             from None

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from automedseg.artifacts import read_json_file
 from automedseg.atomic import fsync_dir, remove_stale_temp_files
 from automedseg.errors import InputError
-from automedseg.fingerprint import nonzero_bbox, parallel_map
+from automedseg.fingerprint import nonzero_bbox
 from automedseg.io import (
     CaseFiles,
     DatasetSpec,
@@ -39,6 +40,7 @@ from automedseg.io import (
     read_images,
     read_label,
 )
+from automedseg.parallel import parallel_map
 from automedseg.plans import ChannelNormalization, ConfigurationPlan, Plans
 
 MAX_LOCATIONS_PER_CLASS = 10_000
@@ -275,10 +277,10 @@ def case_is_cached(folder: Path, case_id: str, key: str) -> bool:
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("preprocessing_key") == key and all(
+        return read_case_meta(folder, case_id).preprocessing_key == key and all(
             (folder / f"{case_id}{s}").is_file() for s in (".npy", "_seg.npy", "_locs.npz")
         )
-    except (OSError, json.JSONDecodeError):
+    except (OSError, InputError):
         return False
 
 
@@ -296,12 +298,8 @@ def _preprocess_worker(args: tuple[CaseFiles, DatasetSpec, Plans, str, Path, str
     atomic_save_npy(folder / f"{case.case_id}_seg.npy", seg[None])
     atomic_save_npz(folder / f"{case.case_id}_locs.npz", **locs)
     # The properties file is written last: its presence marks a complete case.
-    atomic_write_json(folder / f"{case.case_id}.json", {
-        **props.to_dict(),
-        "preprocessing_key": key,
-        "image_files": [str(p.resolve()) for p in case.images],
-        "label_file": str(case.label.resolve()),
-    })
+    write_case_meta(folder, CaseMeta(props, key, tuple(str(p.resolve()) for p in case.images),
+                                     str(case.label.resolve())))
     return case.case_id
 
 
@@ -384,4 +382,67 @@ def complete_cases(folder: Path, plans: Plans, config: ConfigurationPlan) -> lis
 
 def load_case_properties(folder: Path, case_id: str) -> CaseProperties:
     """Read a cached case's properties."""
-    return CaseProperties.from_dict(json.loads((Path(folder) / f"{case_id}.json").read_text()))
+    meta = read_case_meta(folder, case_id)
+    if meta.properties is None:
+        raise InputError(f"{case_meta_path(folder, case_id)}: has no case properties (case_id, geometry, ...)")
+    return meta.properties
+
+
+@dataclass(frozen=True)
+class CaseMeta:
+    """A preprocessed case's ``<case>.json``: its properties, how it was made and its raw files.
+
+    Attributes:
+        properties: Geometry, crop and resampling of the case (``None``: a file that names only the raw files).
+        preprocessing_key: :func:`preprocessing_key` of the plan it was made with (``None``: older caches).
+        image_files: The raw image files (one per channel), absolute.
+        label_file: The raw reference label file, absolute (``None`` when unknown).
+    """
+
+    properties: CaseProperties | None = None
+    preprocessing_key: str | None = None
+    image_files: tuple[str, ...] = ()
+    label_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        props = self.properties.to_dict() if self.properties is not None else {}
+        return {**props, "preprocessing_key": self.preprocessing_key,
+                "image_files": list(self.image_files), "label_file": self.label_file}
+
+
+def case_meta_path(folder: Path, case_id: str) -> Path:
+    """``<preprocessed>/<data_identifier>/<case>.json``."""
+    return Path(folder) / f"{case_id}.json"
+
+
+def write_case_meta(folder: Path, meta: CaseMeta) -> None:
+    """Write a case's JSON atomically (last of its files: its presence marks a complete case)."""
+    assert meta.properties is not None, "a cached case has properties"
+    atomic_write_json(case_meta_path(folder, meta.properties.case_id), meta.to_dict())
+
+
+def read_case_meta(folder: Path, case_id: str) -> CaseMeta:
+    """Read a preprocessed case's ``<case>.json``.
+
+    Raises:
+        FileNotFoundError: The case is not cached.
+        InputError: The file is not JSON or lacks a field (the message names the file and the field).
+    """
+    path = case_meta_path(folder, case_id)
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected an object, got {type(data).__name__}")
+    try:
+        properties = CaseProperties.from_dict(data) if "case_id" in data else None
+    except KeyError as e:
+        raise InputError(f"{path}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: malformed case properties ({e})") from None
+    key, images, label = data.get("preprocessing_key"), data.get("image_files", []), data.get("label_file")
+    if key is not None and not isinstance(key, str):
+        raise InputError(f"{path}: preprocessing_key: expected a string, got {key!r}")
+    if not isinstance(images, list) or not all(isinstance(f, str) for f in images):
+        raise InputError(f"{path}: image_files: expected a list of strings, got {images!r}")
+    if label is not None and not isinstance(label, str):
+        raise InputError(f"{path}: label_file: expected a string, got {label!r}")
+    return CaseMeta(properties, key, tuple(images), label or None)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from automedseg.distributed import Dist
 from automedseg.inference import LoadedFold, autocast_context, predict_probabilities_preprocessed
-from automedseg.io import atomic_write_json
 from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.validation_summary import write_validation_summary
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -110,7 +110,7 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
         "per_case": _jsonable(per_case),
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_json(out_dir / "summary.json", result)
+    write_validation_summary(out_dir / "summary.json", result)
     if result["mean_dice"] is not None:
         log(f"validation {fold_dir}: mean Dice {result['mean_dice']:.4f} "
             f"({', '.join(f'{k}: {v:.4f}' for k, v in dice.items())}) on {len(per_case)} cases")

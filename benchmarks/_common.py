@@ -51,7 +51,7 @@ _MIB = 1024.0 * 1024.0
 
 
 def _cpu_model() -> str:
-    from automedseg.planning import cpu_model_name
+    from automedseg.machine import cpu_model_name
 
     return cpu_model_name()
 

@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(thread_env(BENCH_THREADS))  # before torch is imported (checkpoint creation)
     import torch
 
-    from automedseg.inference import cpu_supports_bf16
+    from automedseg.device import cpu_supports_bf16
 
     torch.set_num_threads(BENCH_THREADS)
     msd_dir = args.dataset.resolve()

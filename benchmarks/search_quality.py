@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [args.configuration, args.configuration + "_searched"]
     folds = {c: train_or_reuse(args.dataset, work, c, budget=args.budget, reuse=args.reuse, logs=logs)
              for c in (order[::-1] if args.searched_first else order)}
-    from automedseg.inference import cpu_supports_bf16
+    from automedseg.device import cpu_supports_bf16
 
     figures = {"precision": "bf16 autocast" if cpu_supports_bf16() else "fp32", "configuration": args.configuration,
                "budget": args.budget, "work_dir": str(work), "rule": folds[order[0]],

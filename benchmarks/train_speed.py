@@ -324,7 +324,7 @@ def measure_automedseg(
     import numpy as np
     import torch
 
-    from automedseg.inference import cpu_supports_bf16, memory_format
+    from automedseg.device import cpu_supports_bf16, memory_format
     from automedseg.network import build_network, count_parameters, output_shapes, output_strides
     from automedseg.plans import TrainingPlan
     from automedseg.training import DeepSupervisionLoss, train_step

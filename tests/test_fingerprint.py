@@ -12,10 +12,10 @@ from automedseg.fingerprint import (
     compute_fingerprint,
     modality_of,
     nonzero_bbox,
-    parallel_map,
     save_fingerprint,
 )
 from automedseg.io import DatasetError, load_dataset_spec
+from automedseg.parallel import parallel_map
 
 SPACING = (2.0, 0.5, 0.75)  # (z, y, x)
 SHAPE = (8, 20, 24)

@@ -141,7 +141,7 @@ def test_fold_ensemble_averages_probabilities(tmp_path: Path) -> None:
 
 
 def test_channels_last_norms_keep_the_function(tmp_path: Path) -> None:
-    from automedseg.inference import channels_last_norms
+    from automedseg.device import channels_last_norms
     from automedseg.planning import network_for
 
     net, patch = network_for([1.0, 1.0, 1.0], [16, 16, 16], dims=3, base=4)
@@ -171,7 +171,7 @@ def test_channels_last_norms_keep_the_function(tmp_path: Path) -> None:
 ])
 def test_bf16_autocast_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str] | None,
                                              oneDNN: bool, expected: bool) -> None:
-    import automedseg.inference as inf
+    import automedseg.device as inf
 
     monkeypatch.setattr(inf, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: oneDNN, raising=False)
@@ -187,7 +187,7 @@ def test_bf16_autocast_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch, fl
 
 
 def test_cpu_flags_are_read_from_proc_cpuinfo() -> None:
-    import automedseg.inference as inf
+    import automedseg.device as inf
 
     path = Path("/proc/cpuinfo")
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -211,7 +211,7 @@ def test_cpu_flags_are_read_from_proc_cpuinfo() -> None:
 ])
 def test_precision_for_device(monkeypatch: pytest.MonkeyPatch, device: str, capability: tuple[int, int] | None,
                               cpu_bf16: bool, amp: bool, precision: str, scaler: bool) -> None:
-    import automedseg.inference as inf
+    import automedseg.device as inf
 
     def capability_of(dev: torch.device | None = None) -> tuple[int, int]:
         assert capability is not None, "asked a CUDA capability for a non-CUDA device"
@@ -226,7 +226,7 @@ def test_precision_for_device(monkeypatch: pytest.MonkeyPatch, device: str, capa
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", None)])
 def test_autocast_context_follows_the_precision(precision: str, dtype: torch.dtype | None) -> None:
-    import automedseg.inference as inf
+    import automedseg.device as inf
 
     with inf.autocast_context(torch.device("cpu"), precision=precision):
         got = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None

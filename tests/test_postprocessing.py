@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from automedseg.io import Geometry, write_segmentation
+from automedseg.metrics import dice_per_label
+from automedseg.model_selection import determine_postprocessing
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -22,8 +24,6 @@ from automedseg.postprocessing import (
     PostprocessingError,
     apply_postprocessing,
     choose_postprocessing,
-    determine_postprocessing,
-    dice_per_label,
     keep_largest_component,
     load_postprocessing,
     no_postprocessing,

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
+from automedseg.overlays import overlay_slices
 from automedseg.pipeline import run_plan
-from automedseg.report import collect_state, overlay_slices, write_report
+from automedseg.report import collect_state, write_report
 from automedseg.training import TrainOptions, train_fold
 from automedseg.workspace import Workspace
 
@@ -121,9 +122,9 @@ def test_report_without_work_folder_raises(tmp_path: Path) -> None:
 
 
 def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
-    ensembling = pytest.importorskip("automedseg.ensembling")
+    ensembling = pytest.importorskip("automedseg.model_selection")
     if not hasattr(ensembling, "find_best"):
-        pytest.skip("automedseg.ensembling.find_best is not there yet")
+        pytest.skip("automedseg.model_selection.find_best is not there yet")
     _, ws = trained
     copy = _copy(ws, tmp_path / "work")
     result = ensembling.find_best(copy)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
-from automedseg.inference import precision_for
+from automedseg.device import precision_for
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
 from automedseg.splits import load_or_create_splits
@@ -273,7 +273,8 @@ def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) ->
     """Labels {0, 1, 200}: 3 output classes; validation and predicted masks hold the declared values, 200 too."""
     from automedseg.inference import load_fold, predict_folder
     from automedseg.io import read_label
-    from automedseg.postprocessing import apply_postprocessing, determine_postprocessing
+    from automedseg.model_selection import determine_postprocessing
+    from automedseg.postprocessing import apply_postprocessing
 
     ds = write_nnunet_dataset(tmp_path / "Dataset040_Sparse", n_cases=5, n_test=1, shape=(10, 32, 32),
                               spacing_zyx=(1.0, 1.0, 1.0), oblique_every=0, label_values=(1, 200))

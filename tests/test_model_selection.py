@@ -1,4 +1,4 @@
-"""Tests of automedseg.ensembling on a synthetic work folder (validation outputs written by hand)."""
+"""Tests of automedseg.model_selection on a synthetic work folder (validation outputs written by hand)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automedseg.ensembling import (
-    ValidationCases,
-    average_probabilities,
-    collect_validation,
-    cross_validation_dice,
-    find_best,
-    predict_command,
-)
 from automedseg.io import Geometry, write_segmentation
+from automedseg.model_selection import cross_validation_dice, find_best, predict_command
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -27,6 +20,7 @@ from automedseg.plans import (
     TrainingPlan,
 )
 from automedseg.postprocessing import load_postprocessing
+from automedseg.validation_outputs import ValidationCases, average_probabilities, collect_validation
 from automedseg.workspace import Workspace
 
 SHAPE = (6, 10, 10)  # (z, y, x)
