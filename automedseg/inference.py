@@ -19,20 +19,7 @@ import numpy as np
 import torch
 
 from automedseg.atomic import remove_stale_temp_files
-
-# Re-exported for callers that import them from here (training.py, planning.py): they live in automedseg.device.
-from automedseg.device import (  # noqa: F401
-    AUTOCAST_DTYPES,
-    NATIVE_BF16_FLAGS,
-    _cpu_flags,
-    autocast_context,
-    channels_last_norms,
-    cpu_supports_bf16,
-    memory_format,
-    needs_grad_scaler,
-    precision_for,
-    select_device,
-)
+from automedseg.device import autocast_context, channels_last_norms, memory_format, select_device
 from automedseg.errors import InputError
 from automedseg.io import CaseFiles, Geometry
 from automedseg.locks import folder_lock

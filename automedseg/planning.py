@@ -23,6 +23,7 @@ import numpy as np
 
 from automedseg import __version__
 from automedseg.lateral import class_centroids, mirror_confusions
+from automedseg.machine import cpu_model_name, host_memory_gib
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -83,44 +84,6 @@ NOMINAL_PROFILES: dict[str, DeviceProfile] = {
 # --- device ---------------------------------------------------------------------------------------
 
 
-def host_memory_gib() -> float:
-    """This machine's memory in GiB: ``MemTotal``, or a lower cgroup (container) limit.
-
-    The total, not what is free now: a plan must not depend on what other processes hold at the moment.
-    """
-    total = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    total = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit.isdigit():
-            total = min(total, int(limit)) if total else int(limit)
-    except OSError:
-        pass
-    return round(total / 2**30, 1) if total else 8.0
-
-
-def cpu_model_name() -> str:
-    """The CPU model from /proc/cpuinfo (or what :mod:`platform` knows)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS, threads: int | None = None,
                           windows: int = 2, window_s: float = 0.15) -> tuple[tuple[int, float], ...]:
     """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all by default.
@@ -128,14 +91,14 @@ def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WI
     Each width is timed in ``windows`` windows of about ``window_s`` seconds (at most 50 steps) and the
     fastest counts: a busy moment of the machine is not the device's speed.
 
-    Uses the precision training uses (:func:`automedseg.inference.autocast_context`: bf16 on CPUs with
+    Uses the precision training uses (:func:`automedseg.device.autocast_context`: bf16 on CPUs with
     native bf16, fp32 on other CPUs, fp16 AMP on CUDA) and channels-last.
     """
     import time
 
     import torch
 
-    from automedseg.inference import autocast_context
+    from automedseg.device import autocast_context
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -252,7 +252,7 @@ class TrainingPlan:
         estimated_seconds_per_iteration: Cost-model estimate of one training step on the planned device.
         estimated_fold_seconds: Estimated wall time of one fold (training only).
         precision: Precision the fold trained with: ``bf16`` (autocast), ``fp16`` (autocast and a gradient
-            scaler) or ``fp32``; chosen by :func:`automedseg.inference.precision_for` and written by the trainer
+            scaler) or ``fp32``; chosen by :func:`automedseg.device.precision_for` and written by the trainer
             into the fold's plan copy (``null`` in a plan from the planner).
         fixed_epochs: The number of epochs is fixed (search trials: the pruner's steps): a time budget sets
             the iterations per epoch only, and the trainer does not refit the epochs to it

@@ -35,17 +35,11 @@ import torch
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.device import autocast_context, memory_format, needs_grad_scaler, precision_for, select_device
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.distributed import Dist
 from automedseg.errors import InputError
-from automedseg.inference import (
-    autocast_context,
-    load_checkpoint,
-    memory_format,
-    needs_grad_scaler,
-    precision_for,
-    select_device,
-)
+from automedseg.inference import load_checkpoint
 from automedseg.io import atomic_save_figure, atomic_write, atomic_write_text
 from automedseg.locks import folder_lock
 from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
@@ -90,7 +84,7 @@ def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torc
                amp: bool = True, grad_clip_norm: float = 12.0) -> float:
     """One optimisation step on a batch from the training loader; returns the loss.
 
-    Mixed precision as :func:`~automedseg.inference.precision_for` decides (a ``scaler`` for fp16 only),
+    Mixed precision as :func:`~automedseg.device.precision_for` decides (a ``scaler`` for fp16 only),
     channels-last inputs on CPU, gradient-norm clipping.
     """
     mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format

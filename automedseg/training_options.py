@@ -28,7 +28,7 @@ class TrainOptions:
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
         threads: Torch CPU threads (default: the plan's device profile).
         num_workers: Override augmentation worker processes (0: in-process).
-        amp: Mixed precision as :func:`~automedseg.inference.precision_for` decides (bf16 on CPUs with native
+        amp: Mixed precision as :func:`~automedseg.device.precision_for` decides (bf16 on CPUs with native
             bf16 and on CUDA GPUs of compute capability 8.0 or newer, fp16 with a gradient scaler on older
             GPUs, fp32 elsewhere); ``False``: fp32. The choice is recorded in the fold's plan copy.
         validate: Run the final sliding-window validation of the held-out cases.

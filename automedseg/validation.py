@@ -4,7 +4,6 @@ the held-out cases at original resolution (``validation/``, which post-processin
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from automedseg.device import autocast_context
 from automedseg.distributed import Dist
-from automedseg.inference import LoadedFold, autocast_context, predict_probabilities_preprocessed
+from automedseg.inference import LoadedFold, predict_probabilities_preprocessed
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.validation_summary import write_validation_summary
 from automedseg.workspace import Workspace
@@ -65,9 +65,9 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
     mapped back to the declared label values) and ``validation/summary.json`` (per-case, per-class Dice
     and the mean, keyed by declared value), which the post-processing and ensemble choices read.
     """
-    from automedseg.io import Geometry, atomic_save_npz, read_label, write_segmentation
+    from automedseg.io import atomic_save_npz, read_label, write_segmentation
     from automedseg.metrics import compute_case_metrics, summarize
-    from automedseg.preprocessing import load_case_properties, restore_probabilities
+    from automedseg.preprocessing import read_case_meta, restore_probabilities
 
     out_dir = fold_dir / "validation"
     out_dir.mkdir(exist_ok=True)
@@ -79,7 +79,9 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
     per_case = []
     t0 = time.perf_counter()
     for cid in val_ids:
-        props = load_case_properties(cache, cid)
+        meta = read_case_meta(cache, cid)
+        props = meta.properties
+        assert props is not None, f"{cache}: {cid} has no properties"
         data = np.load(cache / f"{cid}.npy", mmap_mode="r")
         probs = predict_probabilities_preprocessed([fold], np.asarray(data), device=device, step=step,
                                                    mirror=mirror)
@@ -87,16 +89,10 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
         seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
         atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
         write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
-        meta = json.loads((cache / f"{cid}.json").read_text())
-        ref_path = meta.get("label_file")
-        if ref_path and Path(ref_path).is_file():
-            ref, _ = read_label(Path(ref_path))
-        else:  # fall back to the cached label mapped back (exact when no resampling happened)
-            ref = None
-        if ref is None:
-            continue
-        geom = Geometry.from_dict(meta["geometry"])
-        m = compute_case_metrics(ref, seg, labels=labels, spacing_mm=geom.spacing_zyx)
+        if not meta.label_file or not Path(meta.label_file).is_file():
+            continue  # the raw reference is gone: nothing to score against
+        ref, _ = read_label(Path(meta.label_file))
+        m = compute_case_metrics(ref, seg, labels=labels, spacing_mm=props.geometry.spacing_zyx)
         per_case.append({"case": cid, "metrics": {str(k): v for k, v in m.items()}})
     summary = summarize([c["metrics"] for c in per_case]) if per_case else {}
     dice = {str(k): summary["per_label"][k]["dice"] for k in summary.get("per_label", {})} if summary else {}
