@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from automedseg.errors import InputError
+from automedseg.labelmap import index_dtype, indices_to_values, label_values, value_dtype, values_to_indices  # noqa: F401
+from automedseg.serialize import PlanError, from_jsonable, to_jsonable  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 
@@ -33,10 +32,6 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
-class PlanError(InputError):
-    """A plan file is malformed; the message names the field and the problem."""
-
-
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise PlanError(message)
@@ -44,79 +39,6 @@ def _require(condition: bool, message: str) -> None:
 
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
-
-
-# --- label values <-> training indices ------------------------------------------------------------------
-
-
-def label_values(labels: dict[str, int]) -> tuple[int, ...]:
-    """The distinct declared label values, sorted: training index ``k`` stands for the ``k``-th.
-
-    Background (0) is always index 0, so sparse or large values (``{0, 1, 200}``) train as consecutive
-    classes ``0..K-1`` and the network has ``K`` outputs.
-
-    Raises:
-        PlanError: No background 0 declared, or a negative value.
-
-    Example:
-        >>> label_values({"background": 0, "lesion": 200, "organ": 1})
-        (0, 1, 200)
-    """
-    values = tuple(sorted({int(v) for v in labels.values()}))
-    if not values or values[0] != 0:
-        raise PlanError(f"labels {dict(labels)} must declare background as 0 and no negative value")
-    return values
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    """Smallest signed integer dtype that holds training indices ``0..num_classes-1`` (int8 up to 128 classes)."""
-    return np.dtype(np.int8 if num_classes <= 128 else np.int16 if num_classes <= 32768 else np.int32)
-
-
-def value_dtype(values: tuple[int, ...]) -> np.dtype:
-    """Unsigned dtype that holds every label value: uint8 below 256, uint16 below 65536, else int32."""
-    top = max(values, default=0)
-    return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32)
-
-
-def values_to_indices(seg: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    """Map a label map of declared values to training indices (lookup table), in :func:`index_dtype`.
-
-    Raises:
-        ValueError: ``seg`` holds a value that is not in ``values`` (the message lists them).
-    """
-    seg = np.asarray(seg)
-    dtype = index_dtype(len(values))
-    if seg.size == 0:
-        return seg.astype(dtype)
-    lo, hi = int(seg.min()), int(seg.max())
-    if values == tuple(range(len(values))) and lo >= 0 and hi < len(values):
-        return seg.astype(dtype, copy=False)  # consecutive labels: indices are the values
-    out = None
-    if lo >= 0:
-        lut = np.full(max(hi, values[-1]) + 1, -1, dtype=dtype)
-        lut[list(values)] = np.arange(len(values))
-        out = lut[seg]
-    if out is None or (out < 0).any():
-        undeclared = sorted(set(np.unique(seg).tolist()) - set(values))
-        raise ValueError(f"label values {undeclared} are not declared (declared: {list(values)})")
-    return out
-
-
-def indices_to_values(index_map: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    """Map training indices (e.g. an argmax over class probabilities) back to the declared label values.
-
-    The result has :func:`value_dtype`, so every value survives (200 stays 200, 40000 stays 40000).
-
-    Raises:
-        ValueError: An index outside ``0..len(values)-1``.
-    """
-    idx = np.asarray(index_map)
-    lut = np.asarray(values, dtype=value_dtype(values))
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(values)):
-        raise ValueError(f"training indices must lie in [0, {len(values) - 1}], got "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    return lut[idx.astype(np.intp, copy=False)]
 
 
 @dataclass(frozen=True)
@@ -564,111 +486,3 @@ class Plans:
             raise PlanError(f"{path}: cannot read: {e.strerror}") from None
         except UnicodeDecodeError:
             raise PlanError(f"{path}: not a UTF-8 text file") from None
-
-
-# --- generic, type-checked (de)serialisation of the dataclasses above ---------------------------
-
-
-def to_jsonable(obj: Any, tp: Any = None) -> Any:
-    """Convert dataclasses, tuples and dicts into JSON types (tuples become lists).
-
-    ``tp`` is the declared type of ``obj`` (taken from the dataclass fields); an integer stored in a
-    ``float`` field is written as a float, so save -> load -> save gives identical text. A field declared
-    with ``metadata={"omit_if_none": True}`` is left out while it is ``None`` (its default on reading).
-    """
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        hints = typing.get_type_hints(type(obj))
-        return {f.name: to_jsonable(getattr(obj, f.name), hints.get(f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
-    if isinstance(obj, (list, tuple)):
-        args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
-        if len(args) == 2 and args[1] is Ellipsis:
-            types_ = [args[0]] * len(obj)
-        elif len(args) == len(obj):
-            types_ = list(args)
-        else:
-            types_ = [None] * len(obj)
-        return [to_jsonable(v, t) for v, t in zip(obj, types_)]
-    if isinstance(obj, dict):
-        args = typing.get_args(tp) if typing.get_origin(tp) is dict else ()
-        return {str(k): to_jsonable(v, args[1] if len(args) == 2 else None) for k, v in obj.items()}
-    if not isinstance(obj, (bool, int, float, str)) and hasattr(obj, "item") and callable(obj.item):
-        obj = obj.item()  # numpy scalars
-    if isinstance(obj, float) or (isinstance(obj, int) and not isinstance(obj, bool) and _declares_float(tp)):
-        return float(obj)
-    return obj
-
-
-def _declares_float(tp: Any) -> bool:
-    if tp is float:
-        return True
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)
-
-
-def from_jsonable(tp: Any, data: Any, where: str) -> Any:
-    """Build a value of type ``tp`` from JSON data, checking types; ``where`` names the field."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:  # free-form JSON (work-folder files; no plan field is declared so)
-        return data
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise PlanError(f"{where}: unknown field(s) {unknown}")
-        kwargs = {}
-        for name, f in fields.items():
-            if name in data:
-                kwargs[name] = from_jsonable(hints[name], data[name], f"{where}.{name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise PlanError(f"{where}: missing field {name!r}")
-        try:
-            return tp(**kwargs)
-        except PlanError as e:
-            raise PlanError(f"{where}: {e}") from None
-    if origin in (typing.Union, types.UnionType):
-        if data is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return from_jsonable(a, data, where)
-            except PlanError as e:
-                errors.append(str(e))
-        raise PlanError(errors[0] if errors else f"{where}: unexpected null")
-    if origin is tuple:
-        if not isinstance(data, list):
-            raise PlanError(f"{where}: expected a list, got {type(data).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
-        if len(data) != len(args):
-            raise PlanError(f"{where}: expected {len(args)} entries, got {len(data)}")
-        return tuple(from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
-    if origin is dict:
-        if not isinstance(data, dict):
-            raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
-        return {str(k): from_jsonable(args[1], v, f"{where}.{k}") for k, v in data.items()}
-    if tp is float:
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise PlanError(f"{where}: expected a number, got {data!r}")
-        return float(data)
-    if tp is int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            if isinstance(data, float) and data.is_integer():
-                return int(data)
-            raise PlanError(f"{where}: expected an integer, got {data!r}")
-        return data
-    if tp is bool:
-        if not isinstance(data, bool):
-            raise PlanError(f"{where}: expected true or false, got {data!r}")
-        return data
-    if tp is str:
-        if not isinstance(data, str):
-            raise PlanError(f"{where}: expected a string, got {data!r}")
-        return data
-    raise PlanError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
