@@ -291,14 +291,14 @@ def _section_curves(state: WorkFolderState) -> _Section:
         ax_loss, ax_dice = fig.subplots(1, 2)
         for i, f in enumerate(folds):
             colour = f"C{i % 10}"
-            ep = [int(h.get("epoch", n)) + 1 for n, h in enumerate(f.history)]
-            ax_loss.plot(ep, [_number(h.get("train_loss")) for h in f.history], color=colour, marker=".",
+            ep = [h.epoch + 1 for h in f.history]
+            ax_loss.plot(ep, [_number(h.train_loss) for h in f.history], color=colour, marker=".",
                          label=f"fold {f.fold} train")
-            ax_loss.plot(ep, [_number(h.get("val_loss")) for h in f.history], color=colour, linestyle="--",
+            ax_loss.plot(ep, [_number(h.val_loss) for h in f.history], color=colour, linestyle="--",
                          label=f"fold {f.fold} val CE")
-            ax_dice.plot(ep, [_number(h.get("ema_pseudo_dice")) for h in f.history], color=colour, marker=".",
+            ax_dice.plot(ep, [_number(h.ema_pseudo_dice) for h in f.history], color=colour, marker=".",
                          label=f"fold {f.fold} EMA")
-            ax_dice.plot(ep, [_number(h.get("mean_pseudo_dice")) for h in f.history], color=colour, alpha=0.35)
+            ax_dice.plot(ep, [_number(h.mean_pseudo_dice) for h in f.history], color=colour, alpha=0.35)
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss")
         ax_loss.legend(fontsize=7)
@@ -337,15 +337,15 @@ def _section_timing(state: WorkFolderState) -> _Section:
         for f in record.folds.values():
             h = f.history
             epochs = f"{len(h)} of {f.planned_epochs}" if f.planned_epochs else str(len(h))
-            ipe = h[-1].get("iterations") if h else (f.plan or {}).get("training", {}).get("iterations_per_epoch")
+            ipe = h[-1].iterations if h else (f.plan or {}).get("training", {}).get("iterations_per_epoch")
             per_epoch = f.train_seconds / len(h) if h else math.nan
-            spi = _finite_mean(e.get("seconds_per_iteration") for e in h)
-            wait = _finite_mean(e.get("data_wait_fraction") for e in h)
+            spi = _finite_mean(e.seconds_per_iteration for e in h)
+            wait = _finite_mean(e.data_wait_fraction for e in h)
             val = f.validation
             n_val = (len(val.cases) if val else 0) or len(f.per_case())
             infer = _number(val.seconds if val else None) / n_val if n_val else math.nan
-            ema = max((v for e in h if math.isfinite(v := _number(e.get("ema_pseudo_dice")))), default=math.nan)
-            last = h[-1].get("time") if h else None
+            ema = max((v for e in h if math.isfinite(v := _number(e.ema_pseudo_dice))), default=math.nan)
+            last = h[-1].time if h else None
             last_text = (datetime.fromtimestamp(float(last), timezone.utc).strftime("%Y-%m-%d %H:%M")
                          if isinstance(last, (int, float)) else "-")
             rows.append([name, f.fold, _fold_status(f), epochs, _compact(ipe), _seconds(f.train_seconds if h else None),

@@ -18,6 +18,7 @@ import numpy as np
 from automedseg.errors import InputError
 from automedseg.model_selection import FindBest, find_best_path, read_find_best
 from automedseg.postprocessing import PostprocessingError, load_postprocessing
+from automedseg.training_log import EpochRecord, read_training_log
 from automedseg.validation_summary import ValidationSummary, read_validation_summary, summary_path
 from automedseg.workspace import Workspace
 
@@ -54,7 +55,7 @@ class FoldRecord:
     configuration: str
     fold: str
     path: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
     validation: ValidationSummary | None = None
     plan: dict[str, Any] | None = None
     finished: bool = False
@@ -65,7 +66,7 @@ class FoldRecord:
 
     @property
     def train_seconds(self) -> float:
-        return float(sum(h.get("epoch_seconds") or 0.0 for h in self.history))
+        return float(sum(h.epoch_seconds or 0.0 for h in self.history))
 
     @property
     def planned_epochs(self) -> int | None:
@@ -73,8 +74,8 @@ class FoldRecord:
         copy = (self.plan or {}).get("training", {}).get("epochs")
         if self.finished and copy is not None:
             return int(copy)
-        if self.history and self.history[-1].get("planned_epochs") is not None:
-            return int(self.history[-1]["planned_epochs"])
+        if self.history and self.history[-1].planned_epochs is not None:
+            return int(self.history[-1].planned_epochs)
         return None if copy is None else int(copy)
 
     def per_case(self) -> list[dict[str, Any]]:
@@ -142,28 +143,6 @@ def _read_json(path: Path, problems: list[str]) -> Any | None:
         return None
 
 
-def _read_log(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"{path}: unreadable ({e})")
-        return []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            problems.append(f"{path}: line {n} is not JSON (skipped)")
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
-
-
 def _fold_sort_key(name: str) -> tuple[int, str]:
     return (int(name), "") if name.isdigit() else (10**6, name)
 
@@ -185,7 +164,8 @@ def _collect_fold(configuration: str, path: Path, problems: list[str]) -> FoldRe
     except InputError as e:
         problems.append(f"{e} (ignored)")
     return FoldRecord(
-        configuration=configuration, fold=fold, path=path, history=_read_log(path / "log.jsonl", problems),
+        configuration=configuration, fold=fold, path=path,
+        history=read_training_log(path / "log.jsonl", problems=problems),
         validation=validation, plan=plan,
         finished=(path / "checkpoint_final.pt").is_file(),
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.search_space import InfeasibleParams, SearchParam, apply_params, fit_schedule
+from automedseg.training_log import read_training_log
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -110,13 +111,10 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
 
 def _epoch_pseudo_dice(log_path: Path, epoch: int) -> float | None:
     """Mean pseudo-Dice of ``epoch`` from a fold's log.jsonl (``None`` if absent or not finite)."""
-    try:
-        lines = log_path.read_text().splitlines()
-        entry = json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return None
-    value = entry.get("mean_pseudo_dice") if entry.get("epoch") == epoch else None
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    history = read_training_log(log_path, problems=[])
+    entry = history[-1] if history else None
+    value = entry.mean_pseudo_dice if entry is not None and entry.epoch == epoch else None
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _clean_trial_dir(out_dir: Path) -> None:

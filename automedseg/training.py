@@ -40,7 +40,7 @@ from automedseg.device_batches import make_device_training_loader, use_device_au
 from automedseg.distributed import Dist
 from automedseg.errors import InputError
 from automedseg.inference import load_checkpoint
-from automedseg.io import atomic_save_figure, atomic_write, atomic_write_text
+from automedseg.io import atomic_save_figure, atomic_write
 from automedseg.locks import folder_lock
 from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
 from automedseg.network import build_network, output_strides
@@ -49,6 +49,7 @@ from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
+from automedseg.training_log import write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
 from automedseg.validation import pseudo_dice, validate_fold
 from automedseg.workspace import Workspace
@@ -424,7 +425,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 if improved:
                     _atomic_torch_save({"model": net.state_dict(), "epoch": epoch, "ema_pseudo_dice": ema},
                                        fold_dir / "checkpoint_best.pt")
-                atomic_write_text(fold_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+                write_training_log(fold_dir / "log.jsonl", history)
                 plot_progress(history, fold_dir / "progress.png")
             if bar is not None:
                 bar.close()
