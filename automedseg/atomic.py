@@ -41,17 +41,11 @@ def _temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or creation in ``folder`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename or creation in it), to disk.
 
-
-def _fsync_file(path: Path) -> None:
+    A no-op where the path cannot be opened (directories on some systems).
+    """
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -70,9 +64,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = _temp_path(path)
     try:
         write(tmp)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from automedseg.atomic import _pid_alive, atomic_write, atomic_write_json, fsync_dir
+from automedseg.atomic import _pid_alive, atomic_write, atomic_write_json, fsync_path
 from automedseg.import_labels import LabelTable, fill_outlines, mask_kind, to_labels, unknown_message
 from automedseg.import_rasters import RasterInfo, read_pages
 from automedseg.io import DatasetError
@@ -109,11 +109,11 @@ def _publish(tmp: Path, output: Path) -> None:
         except OSError:
             os.rename(old, output)
             raise
-        fsync_dir(output.parent)
+        fsync_path(output.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, output)
-        fsync_dir(output.parent)
+        fsync_path(output.parent)
 
 
 def _folders(split: str) -> tuple[str, str, str]:

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from automedseg.artifacts import read_json_file
-from automedseg.atomic import fsync_dir, remove_stale_temp_files
+from automedseg.atomic import fsync_path, remove_stale_temp_files
 from automedseg.errors import InputError
 from automedseg.fingerprint import nonzero_bbox
 from automedseg.io import (
@@ -329,7 +329,7 @@ def preprocess_dataset(spec: DatasetSpec, plans: Plans, preprocessed_root: Path,
             continue  # complete and vouched for: nothing is rewritten
         # Withdraw the completion mark first: a run killed from here on leaves a cache training refuses.
         (folder / CACHE_MANIFEST).unlink(missing_ok=True)
-        fsync_dir(folder)
+        fsync_path(folder)
         for _ in parallel_map(_preprocess_worker, [(c, spec, plans, name, folder, key) for c in todo],
                               jobs=jobs, desc=f"preprocess {ident}", progress=progress):
             pass

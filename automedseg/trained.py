@@ -167,7 +167,7 @@ def move_aside(ws: Workspace, configuration: str, *, log: Log = _quiet) -> Path 
     Raises:
         LockedError: A fold of the configuration is being trained.
     """
-    from automedseg.atomic import fsync_dir
+    from automedseg.atomic import fsync_path
     from automedseg.locks import folder_lock
 
     src = ws.configuration_dir(configuration)
@@ -183,7 +183,7 @@ def move_aside(ws: Workspace, configuration: str, *, log: Log = _quiet) -> Path 
         for fold_dir in sorted(p for p in src.glob("fold_*") if p.is_dir()):
             stack.enter_context(folder_lock(fold_dir, purpose=f"plan --replan {configuration}"))
         os.rename(src, dst)
-    fsync_dir(ws.root)
+    fsync_path(ws.root)
     log(f"plans: --replan {configuration}: moved {src} to {dst} (nothing deleted)")
     return dst
 
