@@ -577,3 +577,30 @@ def _calibration_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("AUTOMEDSEG_CALIBRATION", None)
     else:
         os.environ["AUTOMEDSEG_CALIBRATION"] = old
+
+
+def _trained_demo(root: Path, *, validate: bool) -> tuple[Path, Path]:
+    """Demo dataset (6 cases, 2 test cases) under ``root``, planned for 3d_fullres through the CLI, and fold 0
+    trained for 1 epoch of 2 iterations; returns (dataset, work folder)."""
+    from click.testing import CliRunner
+
+    from automedseg.cli import main
+    from automedseg.demo import make_demo_dataset
+
+    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=6, n_test=2, seed=5)
+    work = root / "work"
+    runner = CliRunner()
+    r = runner.invoke(main, ["plan", str(dataset), "--work-dir", str(work), "-c", "3d_fullres", "-j", "1",
+                             "--device", "reference-cpu-2core", "--time-budget", "1m"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["train", str(dataset), "--work-dir", str(work), "-f", "0", "--epochs", "1",
+                             "--iterations-per-epoch", "2", "--workers", "0", "--threads", "1", "--device", "cpu",
+                             *([] if validate else ["--no-validate"])])
+    assert r.exit_code == 0, r.output
+    return dataset, work
+
+
+@pytest.fixture(scope="session")
+def trained_demo() -> Callable[..., tuple[Path, Path]]:
+    """Factory: ``trained_demo(root, validate=...)`` -> (dataset, work folder) with fold 0 trained briefly."""
+    return _trained_demo

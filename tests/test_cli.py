@@ -16,25 +16,14 @@ import pytest
 from click.testing import CliRunner
 
 from automedseg.cli import main
-from automedseg.demo import make_demo_dataset
 
 COMMANDS = sorted(main.commands)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def trained(tmp_path_factory: pytest.TempPathFactory, trained_demo) -> tuple[Path, Path]:
     """Demo dataset (6 cases, 2 test cases), planned for 3d_fullres, fold 0 trained 1 epoch of 2 iterations."""
-    root = tmp_path_factory.mktemp("cli")
-    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=6, n_test=2, seed=5)
-    work = root / "work"
-    runner = CliRunner()
-    r = runner.invoke(main, ["plan", str(dataset), "--work-dir", str(work), "-c", "3d_fullres", "-j", "1",
-                             "--device", "reference-cpu-2core", "--time-budget", "1m"])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["train", str(dataset), "--work-dir", str(work), "-f", "0", "--epochs", "1",
-                             "--iterations-per-epoch", "2", "--workers", "0", "--threads", "1", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    return dataset, work
+    return trained_demo(tmp_path_factory.mktemp("cli"), validate=True)
 
 
 @pytest.fixture

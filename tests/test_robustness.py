@@ -59,19 +59,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tmp_path_factory: pytest.TempPathFactory, trained_demo) -> Path:
     """Demo dataset (6 cases), planned for 3d_fullres and fold 0 trained for 1 epoch of 2 iterations."""
     root = tmp_path_factory.mktemp("robust")
-    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=6, n_test=2, seed=5)
-    work = root / "work"
-    runner = CliRunner()
-    r = runner.invoke(main, ["plan", str(dataset), "--work-dir", str(work), "-c", "3d_fullres", "-j", "1",
-                             "--device", "reference-cpu-2core", "--time-budget", "1m"])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(main, ["train", str(dataset), "--work-dir", str(work), "-f", "0", "--epochs", "1",
-                             "--iterations-per-epoch", "2", "--workers", "0", "--threads", "1", "--device", "cpu",
-                             "--no-validate"])
-    assert r.exit_code == 0, r.output
+    trained_demo(root, validate=False)
     return root
 
 
