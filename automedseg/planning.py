@@ -42,6 +42,7 @@ from automedseg.schedule import (  # noqa: F401  (re-exported)
     Schedule,
     budget_epochs,
     last_epoch_iterations,
+    recipe_for,
     schedule_for_budget,
     validation_batches,
 )
@@ -340,9 +341,14 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         do_dummy_2d=aniso_patch,
     )
     workers = 1 if ctx.device.kind == "cpu" else max(1, min(12, ctx.device.cpu_threads - 1))
+    recipe = recipe_for(epochs * ipe if used_budget is not None else None)
+    notes.insert(-1, recipe.reason)
     training = TrainingPlan(
         epochs=epochs,
         iterations_per_epoch=ipe,
+        optimizer=recipe.optimizer,
+        initial_lr=recipe.initial_lr,
+        weight_decay=recipe.weight_decay,
         val_iterations=val_iterations,
         num_workers=workers,
         seed=ctx.seed,
