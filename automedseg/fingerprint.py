@@ -24,7 +24,7 @@ from automedseg.io import CaseFiles, DatasetError, DatasetSpec, atomic_write_jso
 from automedseg.lateral import centroid_rel
 from automedseg.parallel import parallel_map
 
-FINGERPRINT_VERSION = 2  # 2: per-class centroids
+FINGERPRINT_VERSION = 3  # 2: per-class centroids; 3: per-class in-plane structure size
 SAMPLES_PER_CASE = 10_000
 SAMPLE_SEED = 1234
 
@@ -64,6 +64,35 @@ def nonzero_bbox(image: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def structure_size_px(mask: np.ndarray) -> float:
+    """In-plane size of a mask's structures in pixels: twice its area over its boundary pixels.
+
+    About the radius of a round structure and the width of a thin one (a vessel, a membrane), so it says how
+    far the in-plane resolution can be coarsened before the structure is lost. The boundary is the set of
+    mask pixels with a 4-neighbour (in the y-x plane) outside the mask; slices of a 3D mask are pooled.
+
+    Example:
+        >>> disk = np.zeros((1, 101, 101), bool)
+        >>> yy, xx = np.mgrid[:101, :101]
+        >>> disk[0] = (yy - 50) ** 2 + (xx - 50) ** 2 <= 30 ** 2
+        >>> 25 < structure_size_px(disk) < 35
+        True
+        >>> line = np.zeros((1, 50, 50), bool); line[0, 20:23, 5:45] = True
+        >>> round(structure_size_px(line), 1)
+        2.9
+    """
+    m = np.asarray(mask, dtype=bool)
+    inner = m.copy()
+    inner[:, 1:, :] &= m[:, :-1, :]
+    inner[:, :-1, :] &= m[:, 1:, :]
+    inner[:, :, 1:] &= m[:, :, :-1]
+    inner[:, :, :-1] &= m[:, :, 1:]
+    inner[:, 0, :] = inner[:, -1, :] = False  # the image border counts as outside
+    inner[:, :, 0] = inner[:, :, -1] = False
+    boundary = int(m.sum() - inner.sum())
+    return round(2.0 * float(m.sum()) / max(boundary, 1), 3)
+
+
 def _stats(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {k: float("nan") for k in ("mean", "std", "median", "min", "max", "p00_5", "p99_5")}
@@ -100,6 +129,7 @@ def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple
             "voxels": n,
             "components": int(ndimage.label(m)[1]) if n else 0,
             "centroid_rel": centroid_rel(m) if n else None,  # for lateralised labels (automedseg.lateral)
+            "size_px": structure_size_px(m) if n else None,  # for the 2D scale rule (automedseg.topology)
         }
     return {
         "case_id": inspection.case_id,

@@ -49,6 +49,8 @@ from automedseg.schedule import (  # noqa: F401  (re-exported)
 from automedseg.topology import (  # noqa: F401  (re-exported)
     ANISO_THRESHOLD,
     MIN_FEATURE_MAP,
+    SCALE_LADDER_2D,
+    coarsening_limit,
     initial_patch,
     pooling_topology,
     target_spacing,
@@ -419,8 +421,9 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
         # 2D keeps each case's own out-of-plane spacing; it shares the 3D cache only when no case would have
         # its z resampled by 3d_fullres anyway.
         z_same = bool(np.allclose(spacings[:, tf[0]], fullres[tf[0]], rtol=1e-3))
-        configs["2d"] = _fit(ctx, name="2d", spacing=sp_t, median_shape=median_shape, dims=2,
-                             data_identifier="fullres" if z_same or is_2d else "2d")
+        configs["2d"] = (_fit_2d_images(ctx, sp_t, median_shape) if is_2d else
+                         _fit(ctx, name="2d", spacing=sp_t, median_shape=median_shape, dims=2,
+                              data_identifier="fullres" if z_same else "2d"))
     if not is_2d and wanted & {"3d_fullres", "3d_lowres"}:
         full = _fit(ctx, name="3d_fullres", spacing=sp_t, median_shape=median_shape, dims=3,
                     data_identifier="fullres")
@@ -442,6 +445,48 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
         configurations=configs,
         planner_version=__version__,
     )
+
+
+def _fit_2d_images(ctx: _Context, spacing: np.ndarray, median_shape: np.ndarray) -> ConfigurationPlan:
+    """The 2D configuration of a 2D dataset: context before resolution.
+
+    The finest pixel grid (coarsening ladder :data:`~automedseg.topology.SCALE_LADDER_2D`) on which a patch
+    covering the whole median image fits the budget and memory, but never coarser than the classes' sizes
+    allow (:func:`~automedseg.topology.coarsening_limit`): a fetal head or a lung keeps its whole-image context
+    on a coarser grid, a vessel or a membrane keeps its native pixels.
+    """
+    limit = coarsening_limit(_class_sizes_mm(ctx.fingerprint), float(min(spacing[1:])))
+    factors = [f for f in SCALE_LADDER_2D if f <= limit]
+    for i, f in enumerate(factors):
+        sp = np.array([spacing[0], spacing[1] * f, spacing[2] * f])
+        med = np.array([median_shape[0], median_shape[1] / f, median_shape[2] / f])
+        ident = "fullres" if f == 1.0 else "2d_" + "x".join(f"{v:.4g}" for v in sp[1:])
+        config = _fit(ctx, name="2d", spacing=sp, median_shape=med, dims=2, data_identifier=ident)
+        covers = all(p >= 0.95 * m for p, m in zip(config.patch_size, med[1:]))
+        if f == 1.0 and covers:
+            return config
+        if covers or i == len(factors) - 1:
+            why = ("a patch covers the whole median image" if covers else
+                   "the coarsest grid the structures allow; the patch still covers only part of the image")
+            note = (f"2D context before resolution: pixel grid {f:g}x coarser than the median spacing "
+                    f"({sp[1]:.4g} x {sp[2]:.4g}), median image {med[1]:.0f} x {med[2]:.0f}: {why} "
+                    f"(coarsening limit {limit:.1f}x from the smallest class size)")
+            if f == 1.0:
+                note = (f"2D: native pixel grid; the classes' sizes allow no coarsening (limit {limit:.1f}x), "
+                        "so the patch covers only part of the median image")
+            return dataclasses.replace(config, notes=(note, *config.notes))
+    raise AssertionError("unreachable: the ladder starts at 1")
+
+
+def _class_sizes_mm(fingerprint: dict[str, Any]) -> list[float]:
+    """Each class's 10th-percentile in-plane structure size over the cases that contain it, in mm."""
+    per_class: dict[str, list[float]] = {}
+    for case in fingerprint["cases"]:
+        in_plane = float(np.mean(case["spacing_mm"][1:]))
+        for k, c in case.get("classes", {}).items():
+            if c.get("size_px"):
+                per_class.setdefault(k, []).append(float(c["size_px"]) * in_plane)
+    return [float(np.percentile(v, 10)) for v in per_class.values() if v]
 
 
 def _lowres(ctx: _Context, full: ConfigurationPlan, sp_t: np.ndarray, median_shape: np.ndarray,

@@ -63,8 +63,10 @@ def test_planted_case_statistics(planted):
     assert c0["foreground_voxels"] == 64 + 15
     counts = {k: {"voxels": v["voxels"], "components": v["components"]} for k, v in c0["classes"].items()}
     assert counts == {"1": {"voxels": 64, "components": 2}, "2": {"voxels": 15, "components": 1}}
-    assert c1["classes"]["1"] == {"voxels": 32, "components": 1, "centroid_rel": c1["classes"]["1"]["centroid_rel"]}
-    assert c1["classes"]["2"] == {"voxels": 0, "components": 0, "centroid_rel": None}
+    one = c1["classes"]["1"]
+    assert one == {"voxels": 32, "components": 1, "centroid_rel": one["centroid_rel"], "size_px": one["size_px"]}
+    assert one["size_px"] > 0
+    assert c1["classes"]["2"] == {"voxels": 0, "components": 0, "centroid_rel": None, "size_px": None}
     assert all(0 < v < 1 for v in c0["classes"]["2"]["centroid_rel"])
     (st,) = c0["intensity"]
     assert st["min"] == 50.0 and st["max"] == 150.0 and st["median"] == 50.0
@@ -184,3 +186,27 @@ def test_all_background_dataset_is_rejected(nnunet_3d):
         sitk.WriteImage(img * 0, str(path))  # same geometry, all background
     with pytest.raises(DatasetError, match="no training case has any foreground"):
         compute_fingerprint(load_dataset_spec(nnunet_3d.root), jobs=1)
+
+
+def _disk(radius: int, size: int = 128) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (((yy - size // 2) ** 2 + (xx - size // 2) ** 2) <= radius**2)[None]
+
+
+def _bar(width: int, size: int = 128) -> np.ndarray:
+    m = np.zeros((1, size, size), bool)
+    m[0, 40:40 + width, 10:118] = True
+    return m
+
+
+@pytest.mark.parametrize("mask,low,high", [
+    (_disk(10), 8.0, 12.5),      # about the radius of a round structure
+    (_disk(40), 35.0, 45.0),
+    (_bar(2), 1.5, 2.5),         # about the width of a thin one
+    (_bar(6), 5.0, 6.5),
+    (np.ones((1, 20, 20), bool), 9.0, 11.0),   # the image border counts as outside
+])
+def test_structure_size_px(mask, low, high):
+    from automedseg.fingerprint import structure_size_px
+
+    assert low <= structure_size_px(mask) <= high

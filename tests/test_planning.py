@@ -24,6 +24,7 @@ from automedseg.planning import (
     target_spacing,
 )
 from automedseg.plans import Plans
+from automedseg.topology import MIN_STRUCTURE_PX
 
 CPU = NOMINAL_PROFILES["reference-cpu-2core"]
 GPU = NOMINAL_PROFILES["reference-gpu-24g"]
@@ -400,3 +401,53 @@ def test_schedule_for_budget_table(step_s: float, budget_s: float, fixed: int | 
     from automedseg.planning import schedule_for_budget
 
     assert tuple(schedule_for_budget(step_s, budget_s, fixed_epochs=fixed)) == expected
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2D datasets: context before resolution (the scale rule); the short-schedule recipe
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fp_2d_with_sizes(make, *, spacing: float, shape: tuple[int, int], size_px: float, n: int = 5):
+    fp = _fp(make, (999.0, spacing, spacing), (1, *shape), n=n, is_2d=True)
+    for case in fp["cases"]:
+        case["classes"] = {"1": {"voxels": 1000, "components": 1, "centroid_rel": None, "size_px": size_px}}
+    return fp
+
+
+@pytest.mark.parametrize("size_px,coarser", [
+    (200.0, True),   # big round structures (a fetal head): a coarser grid keeps the whole image in a patch
+    (3.0, False),    # vessels a few pixels wide: native pixels, the patch covers part of the image
+])
+def test_2d_large_images_coarsen_only_when_the_structures_allow(synthetic_fingerprint, size_px, coarser):
+    fp = _fp_2d_with_sizes(synthetic_fingerprint, spacing=0.13, shape=(540, 800), size_px=size_px)
+    cfg = plan_dataset(fp, device=CPU, time_budget_s=1200).configuration("2d")
+    if coarser:
+        factor = cfg.spacing_mm[1] / 0.13
+        assert factor > 1.0 and 200.0 / factor >= MIN_STRUCTURE_PX
+        assert all(p >= 0.95 * m for p, m in zip(cfg.patch_size, cfg.median_shape[1:]))
+        assert cfg.data_identifier != "fullres"
+        assert "context before resolution" in cfg.notes[0]
+    else:
+        assert cfg.spacing_mm[1:] == pytest.approx((0.13, 0.13))
+        assert cfg.data_identifier == "fullres"
+        assert "native pixel grid" in cfg.notes[0]
+
+
+def test_2d_image_that_fits_keeps_native_grid(synthetic_fingerprint):
+    fp = _fp_2d_with_sizes(synthetic_fingerprint, spacing=1.0, shape=(224, 224), size_px=60.0)
+    cfg = plan_dataset(fp, device=CPU, time_budget_s=600).configuration("2d")
+    assert cfg.spacing_mm[1:] == pytest.approx((1.0, 1.0))
+    assert tuple(cfg.patch_size) == (224, 224)
+    assert not any("pixel grid" in n for n in cfg.notes)
+
+
+@pytest.mark.parametrize("device,budget,optimizer", [
+    ("cpu", 600, "adamw"),    # a few thousand iterations: AdamW 1e-3
+    ("gpu", None, "sgd"),     # nnU-Net's 250,000 iterations: its SGD 1e-2
+])
+def test_recipe_follows_the_number_of_iterations(synthetic_fingerprint, device, budget, optimizer):
+    fp = _fp(synthetic_fingerprint, (1.0, 1.0, 1.0), (40, 56, 40))
+    tr = plan_dataset(fp, device=DEVICES[device], time_budget_s=budget).configuration("3d_fullres").training
+    assert tr.optimizer == optimizer
+    assert tr.initial_lr == pytest.approx(1e-3 if optimizer == "adamw" else 1e-2)
