@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.best_choice import FindBest, find_best_path, read_find_best
 from automedseg.errors import InputError
-from automedseg.model_selection import FindBest, find_best_path, read_find_best
-from automedseg.postprocessing import PostprocessingError, load_postprocessing
+from automedseg.postprocessing import Postprocessing
 from automedseg.training_log import EpochRecord, read_training_log
 from automedseg.validation_summary import ValidationSummary, read_validation_summary, summary_path
 from automedseg.workspace import Workspace
@@ -96,7 +96,7 @@ class ConfigurationRecord:
     name: str
     plan: dict[str, Any] | None
     folds: dict[str, FoldRecord] = field(default_factory=dict)
-    postprocessing: dict[str, Any] | None = None
+    postprocessing: Postprocessing | None = None
 
     @property
     def data_identifier(self) -> str | None:
@@ -196,8 +196,8 @@ def collect_state(ws: Workspace) -> WorkFolderState:
         pp_path = ws.postprocessing_path(name)
         if pp_path.is_file():
             try:
-                record.postprocessing = load_postprocessing(pp_path)
-            except PostprocessingError as e:
+                record.postprocessing = Postprocessing.load(pp_path)
+            except InputError as e:
                 problems.append(f"{e} (ignored)")
         configurations[name] = record
     labels: dict[int, str] = {}
