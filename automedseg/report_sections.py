@@ -23,7 +23,6 @@ from automedseg.report_render import (
     _compact,
     _f,
     _Figure,
-    _flatten,
     _folds_text,
     _Heading,
     _label_title,
@@ -47,6 +46,7 @@ from automedseg.report_state import (
     _cv_summary,
     _finite_mean,
     _number,
+    plan_fields,
 )
 from automedseg.workspace import Workspace
 
@@ -55,14 +55,14 @@ from automedseg.workspace import Workspace
 
 def _section_overview(state: WorkFolderState) -> _Section:
     blocks: list[_Block] = []
-    plans = state.plans or {}
+    plans = state.plans
     rows = [
         ["Dataset", state.dataset_name],
         ["Work folder", str(state.root)],
         ["Generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
     ]
-    if plans:
-        rows.append(["Input channels", ", ".join(plans.get("channel_names") or []) or "-"])
+    if plans is not None:
+        rows.append(["Input channels", ", ".join(plans.channel_names) or "-"])
         rows.append(["Labels", ", ".join(_label_title(k, state) for k in state.labels) or "-"])
     rows.append(["Configurations", ", ".join(state.configurations) or "-"])
     for name, record in state.configurations.items():
@@ -82,7 +82,7 @@ def _section_overview(state: WorkFolderState) -> _Section:
 def _missing_lines(state: WorkFolderState) -> list[str]:
     """One line per gap: folds not trained, not finished or not validated, post-processing, find-best."""
     lines: list[str] = []
-    if state.plans is None:
+    if state.plans is None and not (state.root / "plans.json").is_file():  # an unreadable one is a problem below
         lines.append(f"plans.json: missing in {state.root} (run `automedseg plan`)")
     if not state.configurations:
         lines.append("no configuration planned or trained yet")
@@ -332,7 +332,7 @@ def _section_timing(state: WorkFolderState) -> _Section:
         for f in record.folds.values():
             h = f.history
             epochs = f"{len(h)} of {f.planned_epochs}" if f.planned_epochs else str(len(h))
-            ipe = h[-1].iterations if h else (f.plan or {}).get("training", {}).get("iterations_per_epoch")
+            ipe = h[-1].iterations if h else (f.plan.training.iterations_per_epoch if f.plan else None)
             per_epoch = f.train_seconds / len(h) if h else math.nan
             spi = _finite_mean(e.seconds_per_iteration for e in h)
             wait = _finite_mean(e.data_wait_fraction for e in h)
@@ -361,7 +361,7 @@ def _section_plans(state: WorkFolderState) -> _Section:
     columns: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for name, record in state.configurations.items():
-        base = _flatten(record.plan) if record.plan else None
+        base = plan_fields(record.plan) if record.plan else None
         if base is not None:
             columns[name] = base
         copies: dict[str, list[str]] = {}
@@ -369,7 +369,7 @@ def _section_plans(state: WorkFolderState) -> _Section:
         for f in record.folds.values():
             if f.plan is None:
                 continue
-            flat = _flatten(f.plan)
+            flat = plan_fields(f.plan)
             if flat == base:
                 continue
             key = json.dumps(flat, sort_keys=True, default=str)
@@ -377,8 +377,8 @@ def _section_plans(state: WorkFolderState) -> _Section:
             flat_copies[key] = flat
         for key, folds in copies.items():
             columns[f"{name} {_folds_text(folds)} (as trained)"] = flat_copies[key]
-        if record.plan and record.plan.get("notes"):
-            notes += [f"{name}: {n}" for n in record.plan["notes"]]
+        if record.plan is not None:
+            notes += [f"{name}: {n}" for n in record.plan.notes]
     if not columns:
         return _Section("Plans", [_Text("No plan yet (plans.json is missing and no fold holds a plan copy).")])
     keys = list(dict.fromkeys(k for flat in columns.values() for k in flat))
@@ -472,14 +472,12 @@ def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int
 def _section_machine(state: WorkFolderState) -> _Section:
     blocks: list[_Block] = [_Text("The machine that wrote this report:"),
                             _Table(["", ""], [[k, v] for k, v in machine_info().items()])]
-    device = (state.plans or {}).get("device")
-    if isinstance(device, dict):
-        gflops = ", ".join(f"width {w}: {g:g}" for w, g in device.get("gflops_by_width") or [])
-        rows = [["Kind", str(device.get("kind"))], ["Name", str(device.get("name"))],
-                ["CPU threads", str(device.get("cpu_threads"))],
-                ["Memory", f"{_number(device.get('memory_gib')):.1f} GiB"],
-                ["Training GFLOP/s by width", gflops or "-"],
-                ["Measured", "yes (on the planning machine)" if device.get("measured") else "no (nominal profile)"]]
+    device = state.plans.device if state.plans is not None else None
+    if device is not None:
+        gflops = ", ".join(f"width {w}: {g:g}" for w, g in device.gflops_by_width)
+        rows = [["Kind", device.kind], ["Name", device.name], ["CPU threads", str(device.cpu_threads)],
+                ["Memory", f"{device.memory_gib:.1f} GiB"], ["Training GFLOP/s by width", gflops or "-"],
+                ["Measured", "yes (on the planning machine)" if device.measured else "no (nominal profile)"]]
         blocks += [_Text("The device profile plans.json was fitted to:"), _Table(["", ""], rows)]
     else:
         blocks.append(_Text("No device profile: plans.json is missing."))

@@ -15,6 +15,7 @@ from automedseg.demo import make_demo_dataset
 from automedseg.model_selection import find_best
 from automedseg.overlays import overlay_slices
 from automedseg.pipeline import run_plan
+from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.postprocessing import Postprocessing
 from automedseg.report import collect_state, write_report
 from automedseg.training import TrainOptions, train_fold
@@ -146,10 +147,15 @@ def test_collect_state_reads_folds(trained: tuple[Path, Workspace]) -> None:
     assert sorted(state.configurations) == sorted(CONFIGS)
     assert state.expected_folds == ["0", "1", "2", "3", "4"]
     assert state.labels == {1: "outer", 2: "core"}
+    assert isinstance(state.plans, Plans) and state.dataset_name == state.plans.dataset_name
     for cfg in CONFIGS:
-        fold = state.configurations[cfg].folds["0"]
+        record = state.configurations[cfg]
+        fold = record.folds["0"]
         assert fold.finished and fold.validated and len(fold.history) == 1
         assert fold.planned_epochs == 1 and fold.train_seconds > 0
+        assert isinstance(fold.plan, ConfigurationPlan) and fold.plan.name == cfg  # the fold's plans.json copy
+        assert record.data_identifier == record.plan.data_identifier
+    assert not state.problems
 
 
 def test_report_shows_a_configurations_postprocessing(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
@@ -166,8 +172,10 @@ def test_report_shows_a_configurations_postprocessing(trained: tuple[Path, Works
 
 
 @pytest.mark.parametrize("rel, content, expected", [
+    ("2d/fold_0/plans.json", '{"dataset_name": 3}', "fold_0/plans.json: plans.dataset_name: expected a string"),
     ("2d/postprocessing.json", '{"keep_largest_foreground": "yes", "keep_largest_labels": [], "min_voxels": {}}',
      "postprocessing.json.keep_largest_foreground: expected true or false"),
+    ("splits.json", "[1]", "splits.json: expected a list"),
     ("find_best.json", '{"best": {"configuration": 2}}', "find_best.json.best.configuration: expected a string"),
 ])
 def test_report_lists_unreadable_files_with_the_field(trained: tuple[Path, Workspace], tmp_path: Path, rel: str,
