@@ -6,9 +6,12 @@ owner's reader instead of parsing the file:
 * ``plans.json``: :mod:`automedseg.plans` (``Plans.load`` / ``Plans.save``);
 * ``fingerprint.json``: :mod:`automedseg.fingerprint` (``save_fingerprint`` / ``load_fingerprint``);
 * the preprocessed ``<case>.json``: :mod:`automedseg.preprocessing` (``CaseMeta``, ``read_case_meta``);
+* ``splits.json``: :mod:`automedseg.splits` (``read_splits``);
+* a fold's ``log.jsonl``: :mod:`automedseg.training_log` (``EpochRecord``, ``read_training_log``);
 * a fold's ``validation/summary.json``: :mod:`automedseg.validation_summary` (``ValidationSummary``);
-* ``postprocessing.json``: :mod:`automedseg.postprocessing` (``save_postprocessing`` / ``load_postprocessing``);
-* ``find_best.json``: :mod:`automedseg.model_selection` (``FindBest``, ``read_find_best``).
+* ``postprocessing.json``: :mod:`automedseg.postprocessing` (``Postprocessing.load`` / ``Postprocessing.save``);
+* ``find_best.json``: :mod:`automedseg.best_choice` (``FindBest``, ``read_find_best``; written by
+  :func:`automedseg.model_selection.find_best`).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises

@@ -356,9 +356,9 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
     except ValueError as e:
         fail([str(e)])
         return
-    best = result["best"]
-    click.echo(f"best: {best['configuration']} (CV mean Dice {best['mean_dice']:.4f} on {best['n_cases']} cases)")
-    click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {best['predict_command']}")
+    best = result.best
+    click.echo(f"best: {best.configuration} (CV mean Dice {best.mean_dice:.4f} on {best.n_cases} cases)")
+    click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {best.predict_command}")
 
 
 @main.command()

@@ -23,7 +23,8 @@ Partial states (some folds not trained yet, a validation interrupted) are evalua
 figures cover the cases that exist, and every result says what is missing. When the candidates were
 scored on different cases, they are ranked on the cases they share.
 
-``find_best.json`` is typed here (:class:`FindBest`, :func:`read_find_best`, :func:`write_find_best`).
+``find_best.json`` is typed in :mod:`automedseg.best_choice` (:class:`FindBest`, :func:`read_find_best`,
+:func:`write_find_best`; re-exported here).
 """
 
 from __future__ import annotations
@@ -31,21 +32,28 @@ from __future__ import annotations
 import itertools
 import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from automedseg.artifacts import read_artifact, write_artifact
-from automedseg.atomic import jsonable
+from automedseg.best_choice import (  # noqa: F401  (re-exported)
+    FIND_BEST_FILE,
+    BestChoice,
+    Candidate,
+    CandidateScore,
+    ChosenPostprocessing,
+    FindBest,
+    find_best_path,
+    read_find_best,
+    write_find_best,
+)
 from automedseg.mask_metrics import dice_per_label
-from automedseg.plans import PlanError, Plans, from_jsonable
+from automedseg.plans import PlanError, Plans
 from automedseg.postprocessing import (
     DEFAULT_TOLERANCE,
+    Postprocessing,
     choose_postprocessing,
     postprocessing_path,
-    save_postprocessing,
 )
 from automedseg.validation_outputs import (
     ValidationCases,
@@ -60,91 +68,6 @@ from automedseg.validation_outputs import (
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
-FIND_BEST_FILE = "find_best.json"
-
-
-# ----------------------------------------------------------------------------------------------------
-# find_best.json
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A configuration (one member) or an ensemble of configurations (written ``A+B``).
-
-    Example:
-        >>> Candidate.parse("2d+3d_fullres").members, Candidate(("2d",)).name
-        (('2d', '3d_fullres'), '2d')
-    """
-
-    members: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return "+".join(self.members)
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.members) > 1
-
-    @classmethod
-    def parse(cls, name: str) -> Candidate:
-        return cls(tuple(name.split("+")))
-
-
-@dataclass(frozen=True)
-class BestChoice:
-    """``find_best.json``'s ``best``: the chosen candidate, its figures, post-processing and predict command."""
-
-    configuration: str
-    members: tuple[str, ...] = ()
-    mean_dice: float | None = None
-    dice_per_class: dict[str, float | None] = field(default_factory=dict)
-    n_cases: int = 0
-    complete: bool | None = None
-    postprocessing: dict[str, Any] | None = None
-    predict_command: str | None = None
-    mean_dice_postprocessed: float | None = field(default=None, metadata={"omit_if_none": True})
-
-    @property
-    def candidate(self) -> Candidate:
-        return Candidate.parse(self.configuration)
-
-
-@dataclass(frozen=True)
-class FindBest:
-    """The content of ``<work>/find_best.json`` (see :func:`find_best`); the JSON stays readable by hand."""
-
-    best: BestChoice
-    ranking_basis: str | None = None
-    candidates: tuple[dict[str, Any], ...] = ()
-    not_evaluated: dict[str, str] = field(default_factory=dict)
-    configurations: dict[str, Any] = field(default_factory=dict)
-    folds: Any = "all"
-    missing: tuple[str, ...] = ()
-    complete: bool | None = None
-
-
-def find_best_path(ws: Workspace) -> Path:
-    return ws.root / FIND_BEST_FILE
-
-
-def write_find_best(path: Path, result: FindBest | dict[str, Any]) -> FindBest:
-    """Write ``find_best.json`` atomically (a mapping is checked first); returns it typed."""
-    if not isinstance(result, FindBest):
-        result = from_jsonable(FindBest, jsonable(result), str(path))
-    write_artifact(path, result)
-    return result
-
-
-def read_find_best(path: Path) -> FindBest:
-    """Read ``find_best.json``.
-
-    Raises:
-        FileNotFoundError: There is none (``automedseg find-best`` has not run).
-        InputError: It is not JSON or a field is wrong (the message names the file and the field).
-    """
-    return read_artifact(FindBest, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,7 +189,7 @@ def _trained_configurations(ws: Workspace) -> list[str]:
 
 def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
               folds: Sequence[int | str] | None = None, ensembles: bool = True, postprocess: bool = True,
-              log: Log | None = None) -> dict[str, Any]:
+              log: Log | None = None) -> FindBest:
     """Score every configuration with validation outputs and every pairwise ensemble; keep the best.
 
     Writes ``<work>/find_best.json`` (atomically) and, with ``postprocess``, the post-processing of the
@@ -284,7 +207,7 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
         The content of ``find_best.json``: ``best`` (``configuration``, ``members``, ``mean_dice``,
         ``dice_per_class``, ``postprocessing``, ``predict_command``), ``ranking_basis``, ``candidates``
         (best first, per-class figures), ``not_evaluated`` (name -> reason), ``configurations`` (what
-        each one's folds hold), ``missing`` (one line per gap) and ``complete``.
+        each one's folds hold), ``missing`` (one line per gap) and ``complete`` (see :class:`FindBest`).
 
     Raises:
         ValueError: Nothing can be evaluated (the message says what is missing).
@@ -344,60 +267,45 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
     ranked = sorted(scored, key=lambda r: (-r[key], len(r["members"]), r["name"]))
     best = ranked[0]
 
-    best_entry: dict[str, Any] = {
-        "configuration": best["name"],
-        "members": best["members"],
-        "mean_dice": best["mean_dice"],
-        "dice_per_class": best["dice_per_class"],
-        "n_cases": best["n_cases"],
-        "complete": best["complete"],
-        "postprocessing": None,
-        "predict_command": predict_command(ws, best["name"], folds=folds),
-    }
+    chosen_pp, mean_pp = None, None
     if postprocess:
-
         try:
             choice = determine_postprocessing(ws, best["name"], folds=folds)
-            best_entry["postprocessing"] = {
-                "file": str(postprocessing_path(ws, best["name"])),
-                "keep_largest_foreground": choice["keep_largest_foreground"],
-                "keep_largest_labels": choice["keep_largest_labels"],
-                "min_voxels": choice["min_voxels"],
-                "dice_before": choice["dice_before"],
-                "dice_after": choice["dice_after"],
-            }
-            best_entry["mean_dice_postprocessed"] = choice["dice_after"]["mean"]
+            chosen_pp = ChosenPostprocessing.of(choice, postprocessing_path(ws, best["name"]))
+            mean_pp = choice.dice_after.get("mean")
         except ValueError as e:
-            best_entry["postprocessing"] = {"error": str(e)}
+            chosen_pp = ChosenPostprocessing(error=str(e))
+    best_entry = BestChoice(
+        configuration=best["name"], members=tuple(best["members"]), mean_dice=best["mean_dice"],
+        dice_per_class=best["dice_per_class"], n_cases=best["n_cases"], complete=best["complete"],
+        postprocessing=chosen_pp, predict_command=predict_command(ws, best["name"], folds=folds),
+        mean_dice_postprocessed=mean_pp)
 
     configs = {n: o.to_dict() for n, o in outputs.items()}
     missing = [line for o in outputs.values() for line in o.problems()]
     missing += [f"{n}: not evaluated: {r}" for n, r in not_evaluated.items() if n in names]
-    result = {
-        "best": best_entry,
-        "ranking_basis": basis,
-        "candidates": [
-            {k: v for k, v in r.items() if k not in ("per_case", "cases_skipped")} | {"rank": i + 1}
-            for i, r in enumerate(ranked)
-        ],
-        "not_evaluated": not_evaluated,
-        "configurations": configs,
-        "folds": [str(f) for f in folds] if folds is not None else "all",
-        "missing": missing,
-        "complete": not missing and all(r["complete"] for r in scored),
-    }
+    candidate_scores = tuple(
+        CandidateScore(name=r["name"], members=tuple(r["members"]), n_cases=r["n_cases"], mean_dice=r["mean_dice"],
+                       dice_per_class=r["dice_per_class"], complete=r["complete"], missing=tuple(r["missing"]),
+                       rank=i + 1, dice_per_class_common_cases=r.get("dice_per_class_common_cases"),
+                       mean_dice_common_cases=r.get("mean_dice_common_cases"))
+        for i, r in enumerate(ranked))
+    result = FindBest(
+        best=best_entry, ranking_basis=basis, candidates=candidate_scores, not_evaluated=not_evaluated,
+        configurations=configs, folds=[str(f) for f in folds] if folds is not None else "all",
+        missing=tuple(missing), complete=not missing and all(r["complete"] for r in scored))
     write_find_best(find_best_path(ws), result)
     if log is not None:
         log(f"find-best: best {best['name']} (mean Dice {best['mean_dice']:.4f}); {basis}")
         for line in missing:
             log(f"find-best: missing: {line}")
-        log(f"find-best: predict with: {best_entry['predict_command']}")
+        log(f"find-best: predict with: {best_entry.predict_command}")
     return result
 
 
 def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
                              remove_small: bool = True,
-                             tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+                             tolerance: float = DEFAULT_TOLERANCE) -> Postprocessing:
     """Choose the post-processing of a configuration (or an ensemble ``A+B``) on its validation outputs.
 
     Reads every fold's ``validation/<case>.nii.gz`` (ensembles: the averaged ``<case>.npz``
@@ -414,10 +322,7 @@ def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequen
         raise ValueError(f"{configuration}: no validation outputs with reference labels to choose the "
                          f"post-processing on; {'; '.join(cases.missing) or 'nothing was found'}")
     choice = choose_postprocessing(cases, labels=cases.labels, remove_small=remove_small, tolerance=tolerance)
-    choice["configuration"] = configuration
-    choice["members"] = list(members)
-    choice["cases"] = list(cases.case_ids)
-    choice["missing"] = list(cases.missing)
-    path = postprocessing_path(ws, configuration)
-    save_postprocessing(choice, path)
+    choice = choice.with_provenance(configuration=configuration, members=members, cases=cases.case_ids,
+                                    missing=cases.missing)
+    choice.save(postprocessing_path(ws, configuration))
     return choice

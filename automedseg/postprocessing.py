@@ -1,14 +1,8 @@
-"""Connected-component post-processing, chosen on cross-validation (nnU-Net's rule).
+"""Connected-component post-processing, chosen on cross-validation (nnU-Net's rule); owner of
+``postprocessing.json``.
 
-Two operations on integer label maps:
-
-* :func:`keep_largest_component`: keep only the largest connected component, either of the whole
-  foreground (``labels=None``: the components of ``seg > 0``; a component may mix classes) or of each
-  listed class separately. Removed voxels become background (0).
-* :func:`remove_small_components`: remove components smaller than ``min_voxels``.
-
-Connectivity is *full* (26-neighbourhood in 3D, 8 in 2D): voxels touching at a corner belong to the same
-component, so thin diagonal structures are not cut into pieces.
+The operations are those of :mod:`automedseg.components` (re-exported here): :func:`keep_largest_component`
+(of the whole foreground or of each listed class) and :func:`remove_small_components`.
 
 :func:`choose_postprocessing` decides on the cross-validation predictions which operations to apply:
 
@@ -22,35 +16,50 @@ component, so thin diagonal structures are not cut into pieces.
    :data:`SMALL_COMPONENT_QUANTILES` of the sizes of that class's connected components in the reference
    labels, and half the smallest reference component. Adopted when it raises that class's mean Dice.
 
-The choice is a small JSON object (see :func:`save_postprocessing`), never a pickle::
+The choice is a :class:`Postprocessing` (frozen), written as a small JSON object by :meth:`Postprocessing.save`
+and read back, checked field by field, by :meth:`Postprocessing.load` (never a pickle)::
 
     {"format": "automedseg-postprocessing", "version": 1, "connectivity": "full",
      "labels": [1, 2], "keep_largest_foreground": false, "keep_largest_labels": [1],
      "min_voxels": {"2": 12}, "n_cases": 40,
      "dice_before": {"1": 0.91, "2": 0.80, "mean": 0.855}, "dice_after": {...}, "steps": [...]}
 
-``steps`` records every test with the per-class Dice before and after, whether it was adopted and why.
+``steps`` records every test with the per-class Dice before and after, whether it was adopted and why
+(:class:`PostprocessingStep`). Version 1 rules: ``format`` and ``version`` may be absent (they default to
+these values); only ``keep_largest_foreground``, ``keep_largest_labels`` and ``min_voxels`` are required; keys
+this version does not know are ignored (a file edited by hand may hold notes).
 
 Example:
     >>> seg = np.zeros((1, 6, 6), np.uint8); seg[0, :2, :2] = 1; seg[0, 5, 5] = 1
-    >>> int(keep_largest_component(seg, labels=None).sum())
+    >>> choice = Postprocessing(keep_largest_foreground=True, keep_largest_labels=(), min_voxels={})
+    >>> int(apply_postprocessing(seg, choice).sum())
     4
+    >>> Postprocessing.from_dict(choice.to_dict()) == choice
+    True
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
+from automedseg.atomic import atomic_write_json
+from automedseg.components import (  # noqa: F401  (re-exported)
+    keep_largest_component,
+    label_components,
+    largest_only,
+    remove_small_components,
+)
 from automedseg.errors import InputError
-from automedseg.io import atomic_write_json
 from automedseg.mask_metrics import dice_per_label
+from automedseg.serialize import PlanError, from_jsonable, to_jsonable
 
 if TYPE_CHECKING:
     from automedseg.workspace import Workspace
@@ -61,6 +70,7 @@ SMALL_COMPONENT_QUANTILES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25)
 """Quantiles of the reference component sizes tried as ``min_voxels`` thresholds."""
 DEFAULT_TOLERANCE = 1e-6
 """Dice differences smaller than this count as equal (neither a gain nor a loss)."""
+_OMIT = {"omit_if_none": True}
 
 
 Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
@@ -72,91 +82,174 @@ class PostprocessingError(InputError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Operations on label maps
+# postprocessing.json
 # ----------------------------------------------------------------------------------------------------
 
 
-def _label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components (full connectivity) and their sizes; ``sizes[0]`` is the background."""
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    labeled, n = ndimage.label(mask, structure=structure)
-    sizes = np.bincount(labeled.ravel(), minlength=n + 1)
-    return labeled, sizes
+@dataclass(frozen=True)
+class PostprocessingStep:
+    """One test of :func:`choose_postprocessing` (informative: :func:`apply_postprocessing` does not read it).
 
-
-def _largest_only(mask: np.ndarray) -> np.ndarray:
-    """The largest component of a binary mask (the first one on ties); an empty mask stays empty."""
-    if not mask.any():
-        return mask
-    labeled, sizes = _label_components(mask)
-    sizes[0] = 0
-    return labeled == int(np.argmax(sizes))
-
-
-def _without_small(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    """The mask without components of fewer than ``min_voxels`` voxels."""
-    if min_voxels <= 1 or not mask.any():
-        return mask
-    labeled, sizes = _label_components(mask)
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[labeled]
-
-
-def _check_labels(labels: Iterable[int] | None) -> list[int] | None:
-    if labels is None:
-        return None
-    out = [int(v) for v in labels]
-    if any(v <= 0 for v in out):
-        raise ValueError(f"labels must be foreground classes (> 0), got {out}")
-    return out
-
-
-def keep_largest_component(seg: np.ndarray, *, labels: Sequence[int] | None = None) -> np.ndarray:
-    """Keep only the largest connected component; everything removed becomes background.
-
-    Args:
-        seg: Integer label map of any dimensionality, e.g. (Z, Y, X) or (1, Z, Y, X).
-        labels: ``None``: the foreground as a whole (components of ``seg > 0``, possibly of several
-            classes). Otherwise each listed class separately.
-
-    Returns:
-        A new array of the same shape and dtype.
+    Attributes:
+        step: ``keep_largest_foreground``, ``keep_largest`` (one class) or ``remove_small`` (one class).
+        adopted: Whether the operation is part of the choice.
+        label: The class tested (the per-class steps).
+        reason: Why the foreground step was adopted or not.
+        min_voxels: The threshold adopted (``remove_small``; ``None``: not adopted).
+        dice_before: Mean Dice before the step: per class plus ``"mean"`` (foreground step), or of the class.
+        dice_after: The same with the operation applied.
+        candidates: ``remove_small``: mean Dice of the class per threshold tried.
     """
-    seg = np.asarray(seg)
-    labels = _check_labels(labels)
-    out = seg.copy()
-    if labels is None:
-        mask = seg > 0
-        out[mask & ~_largest_only(mask)] = 0
-        return out
-    for label in labels:
-        mask = seg == label
-        out[mask & ~_largest_only(mask)] = 0
-    return out
+
+    step: str
+    adopted: bool
+    label: int | None = field(default=None, metadata=_OMIT)
+    reason: str | None = field(default=None, metadata=_OMIT)
+    min_voxels: int | None = field(default=None, metadata=_OMIT)
+    dice_before: dict[str, float | None] | float | None = None
+    dice_after: dict[str, float | None] | float | None = None
+    candidates: dict[str, float | None] | None = field(default=None, metadata=_OMIT)
 
 
-def remove_small_components(seg: np.ndarray, *, min_voxels: int,
-                            labels: Sequence[int] | None = None) -> np.ndarray:
-    """Remove connected components with fewer than ``min_voxels`` voxels (they become background).
+@dataclass(frozen=True, kw_only=True)
+class Postprocessing:
+    """The post-processing chosen on cross-validation: the content of ``postprocessing.json``.
 
-    Args:
-        seg: Integer label map of any dimensionality.
-        min_voxels: Smallest component size kept; 0 or 1 keep everything.
-        labels: ``None``: components of the whole foreground; otherwise of each listed class separately.
-
-    Returns:
-        A new array of the same shape and dtype.
+    Attributes:
+        keep_largest_foreground: Keep the largest component of the whole foreground (applied first).
+        keep_largest_labels: Then keep the largest component of each of these classes.
+        min_voxels: Then, per class (a string key, as in the JSON), remove components smaller than this.
+        format: Always :data:`FORMAT_NAME`.
+        version: Always :data:`FORMAT_VERSION`.
+        connectivity: Always ``"full"`` (see :mod:`automedseg.components`).
+        labels: The foreground classes the choice was evaluated on.
+        n_cases: Cross-validation cases it was chosen on.
+        tolerance: Dice differences up to this counted as no change.
+        dice_before: Mean Dice per class (string keys) and their ``"mean"``, without post-processing.
+        dice_after: The same with the choice applied.
+        steps: Every test made, in order.
+        configuration: The configuration or ``+``-joined ensemble it was chosen for.
+        members: Its configurations.
+        cases: The cases it was chosen on.
+        missing: What was missing from the cross-validation outputs (one line each).
     """
-    if int(min_voxels) != min_voxels or min_voxels < 0:
-        raise ValueError(f"min_voxels must be a non-negative integer, got {min_voxels!r}")
-    seg = np.asarray(seg)
-    labels = _check_labels(labels)
-    out = seg.copy()
-    masks = [seg > 0] if labels is None else [seg == label for label in labels]
-    for mask in masks:
-        out[mask & ~_without_small(mask, int(min_voxels))] = 0
-    return out
+
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    connectivity: str = "full"
+    labels: tuple[int, ...] = ()
+    keep_largest_foreground: bool
+    keep_largest_labels: tuple[int, ...]
+    min_voxels: dict[str, int]
+    n_cases: int | None = field(default=None, metadata=_OMIT)
+    tolerance: float | None = field(default=None, metadata=_OMIT)
+    dice_before: dict[str, float | None] = field(default_factory=dict)
+    dice_after: dict[str, float | None] = field(default_factory=dict)
+    steps: tuple[PostprocessingStep, ...] = ()
+    configuration: str | None = field(default=None, metadata=_OMIT)
+    members: tuple[str, ...] = ()
+    cases: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT_NAME:
+            raise PlanError(f"format: {self.format!r}, expected {FORMAT_NAME!r}")
+        if self.version != FORMAT_VERSION:
+            raise PlanError(f"version: {self.version!r} is not supported (this automedseg reads {FORMAT_VERSION})")
+        if self.connectivity != "full":
+            raise PlanError(f"connectivity: {self.connectivity!r}, expected 'full'")
+        for name in ("labels", "keep_largest_labels"):
+            values = getattr(self, name)
+            if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+                raise PlanError(f"{name}: must be positive class numbers, got {list(values)}")
+        for key, size in self.min_voxels.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) > 0):
+                raise PlanError(f"min_voxels: key {key!r} is not a positive class number")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise PlanError(f"min_voxels.{key}: must be a non-negative integer, got {size!r}")
+
+    @property
+    def min_voxels_by_label(self) -> dict[int, int]:
+        """``min_voxels`` with integer class keys, in class order."""
+        return {int(k): int(v) for k, v in sorted(self.min_voxels.items(), key=lambda kv: int(kv[0]))}
+
+    def operations(self) -> list[str]:
+        """The operations, in the order they are applied, in words (empty: none)."""
+        ops = []
+        if self.keep_largest_foreground:
+            ops.append("keep the largest foreground component")
+        if self.keep_largest_labels:
+            ops.append("keep the largest component of class(es) " + ", ".join(map(str, self.keep_largest_labels)))
+        for label, size in self.min_voxels_by_label.items():
+            ops.append(f"remove components of class {label} smaller than {size} voxels")
+        return ops
+
+    def with_provenance(self, *, configuration: str, members: Sequence[str], cases: Sequence[str],
+                        missing: Sequence[str]) -> Postprocessing:
+        """A copy that records what it was chosen for and on."""
+        return dataclasses.replace(self, configuration=configuration, members=tuple(members), cases=tuple(cases),
+                                   missing=tuple(missing))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (fields left at ``None`` that are marked optional are left out)."""
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "post-processing") -> Postprocessing:
+        """Build and check a choice from its JSON form; ``where`` (the file) starts every error message.
+
+        ``format`` and ``version`` are checked first (a file of another version fails on them, not on a field that
+        version renamed); unknown keys are ignored (version 1 always allowed them).
+
+        Raises:
+            PostprocessingError: Not an object, another format or version, or a field missing or wrong (named).
+        """
+        if not isinstance(data, dict):
+            raise PostprocessingError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        for key, expected in (("format", FORMAT_NAME), ("version", FORMAT_VERSION)):
+            if data.get(key, expected) != expected:
+                raise PostprocessingError(f"{where}: {key} {data[key]!r} is not supported (this automedseg reads "
+                                          f"{expected!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return from_jsonable(cls, {k: v for k, v in data.items() if k in known}, where)
+        except PlanError as e:
+            raise PostprocessingError(str(e)) from None
+
+    def save(self, path: Path) -> None:
+        """Write ``path`` as indented JSON, atomically (non-finite numbers as ``null``)."""
+        atomic_write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> Postprocessing:
+        """Read and check a ``postprocessing.json``.
+
+        Raises:
+            PostprocessingError: The file is missing, unreadable, not JSON, or a field is missing or wrong (the
+                message names the file and the field).
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PostprocessingError(f"{path}: file is missing") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PostprocessingError(f"{path}: cannot read ({e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PostprocessingError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, str(path))
+
+
+def save_postprocessing(choice: Postprocessing, path: Path) -> None:
+    """Write a choice to ``path`` (:meth:`Postprocessing.save`)."""
+    choice.save(path)
+
+
+def load_postprocessing(path: Path) -> Postprocessing:
+    """Read a ``postprocessing.json`` (:meth:`Postprocessing.load`; raises :class:`PostprocessingError`)."""
+    return Postprocessing.load(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +296,7 @@ def _small_component_candidates(sizes: Sequence[int]) -> list[int]:
 
 
 def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remove_small: bool = True,
-                          tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+                          tolerance: float = DEFAULT_TOLERANCE) -> Postprocessing:
     """Decide the post-processing on cross-validation predictions (see the module docstring).
 
     The cases are read three times in order (one pass per step), so ``cases`` may be a lazy sequence
@@ -216,7 +309,7 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
         tolerance: Dice differences up to this count as no change.
 
     Returns:
-        The JSON-able choice (see :func:`save_postprocessing`).
+        The choice, with the figures and every step it tested.
 
     Raises:
         ValueError: No cases, no labels, or a reference and prediction of different shapes.
@@ -243,7 +336,7 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
             for label in labels:
                 mask = ref == label
                 if mask.any():
-                    ref_sizes[label].extend(int(s) for s in _label_components(mask)[1][1:])
+                    ref_sizes[label].extend(int(s) for s in label_components(mask)[1][1:])
     base_mean = _means(base, labels)
     fg_mean = _means(fg_largest, labels)
     gain = float(np.mean(list(fg_mean.values())) - np.mean(list(base_mean.values())))
@@ -255,10 +348,8 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
         reason = f"class(es) {hurt} would get worse"
     else:
         reason = f"mean Dice change {gain:+.6f} is not a gain"
-    steps: list[dict[str, Any]] = [{
-        "step": "keep_largest_foreground", "adopted": use_fg, "reason": reason,
-        "dice_before": _figures(base_mean), "dice_after": _figures(fg_mean),
-    }]
+    steps = [PostprocessingStep("keep_largest_foreground", use_fg, reason=reason, dice_before=_figures(base_mean),
+                                dice_after=_figures(fg_mean))]
     current = dict(fg_mean if use_fg else base_mean)
 
     # Pass 2: largest component per class, on top of step 1.
@@ -268,16 +359,14 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
         ref, pred = _squeeze(ref), _squeeze(pred)
         if use_fg:
             pred = keep_largest_component(pred, labels=None)
-        per_class_largest.append({label: _binary_dice(ref == label, _largest_only(pred == label))
+        per_class_largest.append({label: _binary_dice(ref == label, largest_only(pred == label))
                                   for label in labels})
     largest_mean = _means(per_class_largest, labels)
     keep_largest_labels = []
     for label in labels:
         adopted = largest_mean[label] > current[label] + tolerance
-        steps.append({
-            "step": "keep_largest", "label": label, "adopted": adopted,
-            "dice_before": current[label], "dice_after": largest_mean[label],
-        })
+        steps.append(PostprocessingStep("keep_largest", adopted, label=label, dice_before=current[label],
+                                        dice_after=largest_mean[label]))
         if adopted:
             keep_largest_labels.append(label)
             current[label] = largest_mean[label]
@@ -299,7 +388,7 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
                 pred = keep_largest_component(pred, labels=keep_largest_labels)
             for label in todo:
                 ref_mask, mask = ref == label, pred == label
-                labeled, sizes = _label_components(mask)
+                labeled, sizes = label_components(mask)
                 for t in candidates[label]:
                     keep = sizes >= t
                     keep[0] = False
@@ -308,141 +397,46 @@ def choose_postprocessing(cases: Sequence[Case], *, labels: Sequence[int], remov
             means = {t: float(np.mean(v)) for t, v in scores[label].items()}
             best = max(means, key=lambda t: (means[t], -t))  # the smallest threshold among equals
             adopted = means[best] > current[label] + tolerance
-            steps.append({
-                "step": "remove_small", "label": label, "adopted": adopted,
-                "min_voxels": best if adopted else None, "dice_before": current[label],
-                "dice_after": means[best], "candidates": {str(t): d for t, d in means.items()},
-            })
+            steps.append(PostprocessingStep(
+                "remove_small", adopted, label=label, min_voxels=best if adopted else None,
+                dice_before=current[label], dice_after=means[best], candidates={str(t): d for t, d in means.items()}))
             if adopted:
                 min_voxels[str(label)] = int(best)
                 current[label] = means[best]
 
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "connectivity": "full",
-        "labels": labels,
-        "keep_largest_foreground": use_fg,
-        "keep_largest_labels": keep_largest_labels,
-        "min_voxels": min_voxels,
-        "n_cases": n,
-        "tolerance": tolerance,
-        "dice_before": _figures(base_mean),
-        "dice_after": _figures(current),
-        "steps": steps,
-    }
+    return Postprocessing(
+        labels=tuple(labels), keep_largest_foreground=use_fg, keep_largest_labels=tuple(keep_largest_labels),
+        min_voxels=min_voxels, n_cases=n, tolerance=float(tolerance), dice_before=_figures(base_mean),
+        dice_after=_figures(current), steps=tuple(steps))
 
 
-def no_postprocessing(labels: Sequence[int]) -> dict[str, Any]:
+def no_postprocessing(labels: Sequence[int]) -> Postprocessing:
     """A choice that changes nothing (for tests and for writing a neutral file by hand)."""
-    return {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "connectivity": "full",
-        "labels": sorted(int(v) for v in labels), "keep_largest_foreground": False,
-        "keep_largest_labels": [], "min_voxels": {},
-    }
+    return Postprocessing(labels=tuple(sorted(int(v) for v in labels)), keep_largest_foreground=False,
+                          keep_largest_labels=(), min_voxels={})
 
 
 # ----------------------------------------------------------------------------------------------------
-# Applying, saving, loading
+# Applying
 # ----------------------------------------------------------------------------------------------------
 
 
-def validate_postprocessing(choice: Any, *, where: str = "post-processing") -> dict[str, Any]:
-    """Check the fields :func:`apply_postprocessing` uses; raise :class:`PostprocessingError` naming them.
-
-    Returns:
-        ``choice`` itself (unchanged) when valid.
-    """
-    if not isinstance(choice, dict):
-        raise PostprocessingError(f"{where}: expected a JSON object, got {type(choice).__name__}")
-    if choice.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise PostprocessingError(f"{where}: 'format' is {choice.get('format')!r}, expected {FORMAT_NAME!r}")
-    if choice.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise PostprocessingError(
-            f"{where}: version {choice.get('version')!r} is not supported "
-            f"(this automedseg reads {FORMAT_VERSION})")
-    problems = []
-    for key in ("keep_largest_foreground", "keep_largest_labels", "min_voxels"):
-        if key not in choice:
-            problems.append(f"required key '{key}' is missing")
-    if "keep_largest_foreground" in choice and not isinstance(choice["keep_largest_foreground"], bool):
-        problems.append("'keep_largest_foreground' must be true or false")
-    kl = choice.get("keep_largest_labels", [])
-    if not (isinstance(kl, list)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in kl)):
-        problems.append(f"'keep_largest_labels' must be a list of positive integers, got {kl!r}")
-    mv = choice.get("min_voxels", {})
-    if not isinstance(mv, dict):
-        problems.append(f"'min_voxels' must be an object of label -> size, got {mv!r}")
-    else:
-        for k, v in mv.items():
-            if not (isinstance(k, str) and k.isdigit() and int(k) > 0):
-                problems.append(f"'min_voxels' key {k!r} is not a positive class number")
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                problems.append(f"'min_voxels' value for {k!r} must be a non-negative integer, got {v!r}")
-    if problems:
-        raise PostprocessingError(f"{where}: " + "; ".join(problems))
-    return choice
-
-
-def apply_postprocessing(seg: np.ndarray, choice: Mapping[str, Any]) -> np.ndarray:
-    """Apply a choice of :func:`choose_postprocessing` to a label map (same shape and dtype returned).
+def apply_postprocessing(seg: np.ndarray, choice: Postprocessing) -> np.ndarray:
+    """Apply a choice to a label map (a new array of the same shape and dtype is returned).
 
     Order: largest foreground component, then largest component per class, then small components per
     class, exactly as the choice was evaluated.
     """
-    validate_postprocessing(dict(choice))
     out = np.asarray(seg)
-    if choice["keep_largest_foreground"]:
+    if choice.keep_largest_foreground:
         out = keep_largest_component(out, labels=None)
-    if choice["keep_largest_labels"]:
-        out = keep_largest_component(out, labels=choice["keep_largest_labels"])
-    for label, size in sorted(choice["min_voxels"].items(), key=lambda kv: int(kv[0])):
-        out = remove_small_components(out, min_voxels=int(size), labels=[int(label)])
+    if choice.keep_largest_labels:
+        out = keep_largest_component(out, labels=choice.keep_largest_labels)
+    for label, size in choice.min_voxels_by_label.items():
+        out = remove_small_components(out, min_voxels=size, labels=[label])
     if out is seg:
         out = np.array(seg, copy=True)
     return out
-
-
-def save_postprocessing(choice: Mapping[str, Any], path: Path) -> None:
-    """Write a choice as indented JSON, atomically (validated first)."""
-    validate_postprocessing(dict(choice), where=str(path))
-    atomic_write_json(Path(path), _jsonable(dict(choice)))
-
-
-def load_postprocessing(path: Path) -> dict[str, Any]:
-    """Read and validate a post-processing JSON file.
-
-    Raises:
-        PostprocessingError: The file is missing, not JSON or lacks a field (the message names the file).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PostprocessingError(f"{path}: file is missing") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PostprocessingError(f"{path}: cannot read ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PostprocessingError(f"{path}: not valid JSON ({e})") from None
-    return validate_postprocessing(data, where=str(path))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
 
 # ----------------------------------------------------------------------------------------------------
 # Work folder

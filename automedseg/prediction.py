@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from automedseg.best_choice import find_best_path, read_find_best
 from automedseg.errors import InputError
 from automedseg.inference import FolderReport, check_output_folder, check_step, find_folds, predict_folder
-from automedseg.model_selection import read_find_best
+from automedseg.postprocessing import Postprocessing, apply_postprocessing, postprocessing_path
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -31,7 +32,7 @@ def best_configuration(ws: Workspace) -> str:
     Raises:
         InputError: ``find_best.json`` is missing or has no best configuration.
     """
-    best = ws.root / "find_best.json"
+    best = find_best_path(ws)
     if not best.is_file():
         raise InputError(f"{best}: missing; pass -c CONFIGURATION or run `automedseg find-best` first")
     try:
@@ -41,18 +42,10 @@ def best_configuration(ws: Workspace) -> str:
             from None
 
 
-def postprocessing_path(ws: Workspace, configuration: str) -> Path:
-    """Where the post-processing chosen for a configuration (or ``+``-joined ensemble) is stored."""
-    if len(configuration.split("+")) > 1:
-        return ws.root / f"postprocessing_{configuration}.json"
-    return ws.postprocessing_path(configuration)
-
-
 def _postprocessing(path: Path, log: Log) -> Callable[[np.ndarray], np.ndarray]:
-    from automedseg.postprocessing import apply_postprocessing, load_postprocessing
-
-    choice = load_postprocessing(path)
-    log(f"post-processing from {path}")
+    choice = Postprocessing.load(path)
+    ops = choice.operations()
+    log(f"post-processing from {path}: {'; '.join(ops) if ops else 'none'}")
 
     def post(seg: np.ndarray) -> np.ndarray:
         return apply_postprocessing(seg, choice)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.report_state import _PLAN_SKIP, WorkFolderState, _number
+from automedseg.report_state import WorkFolderState, _number
 
 # --- formatting ---------------------------------------------------------------------------------------
 
@@ -53,17 +53,6 @@ def _folds_text(folds: Sequence[str]) -> str:
 def _label_title(label: int, state: WorkFolderState) -> str:
     name = state.labels.get(label)
     return f"{label} ({name})" if name and name != str(label) else str(label)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not prefix and k in _PLAN_SKIP:
-                continue
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
 
 
 def _slug(text: str) -> str:

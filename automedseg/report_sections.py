@@ -13,15 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.best_choice import CandidateScore
 from automedseg.machine import machine_info
 from automedseg.overlays import overlay_slices
+from automedseg.postprocessing import Postprocessing
 from automedseg.report_render import (
     _Block,
     _Bullets,
     _compact,
     _f,
     _Figure,
-    _flatten,
     _folds_text,
     _Heading,
     _label_title,
@@ -45,6 +46,7 @@ from automedseg.report_state import (
     _cv_summary,
     _finite_mean,
     _number,
+    plan_fields,
 )
 from automedseg.workspace import Workspace
 
@@ -53,14 +55,14 @@ from automedseg.workspace import Workspace
 
 def _section_overview(state: WorkFolderState) -> _Section:
     blocks: list[_Block] = []
-    plans = state.plans or {}
+    plans = state.plans
     rows = [
         ["Dataset", state.dataset_name],
         ["Work folder", str(state.root)],
         ["Generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")],
     ]
-    if plans:
-        rows.append(["Input channels", ", ".join(plans.get("channel_names") or []) or "-"])
+    if plans is not None:
+        rows.append(["Input channels", ", ".join(plans.channel_names) or "-"])
         rows.append(["Labels", ", ".join(_label_title(k, state) for k in state.labels) or "-"])
     rows.append(["Configurations", ", ".join(state.configurations) or "-"])
     for name, record in state.configurations.items():
@@ -80,7 +82,7 @@ def _section_overview(state: WorkFolderState) -> _Section:
 def _missing_lines(state: WorkFolderState) -> list[str]:
     """One line per gap: folds not trained, not finished or not validated, post-processing, find-best."""
     lines: list[str] = []
-    if state.plans is None:
+    if state.plans is None and not (state.root / "plans.json").is_file():  # an unreadable one is a problem below
         lines.append(f"plans.json: missing in {state.root} (run `automedseg plan`)")
     if not state.configurations:
         lines.append("no configuration planned or trained yet")
@@ -115,8 +117,8 @@ def _missing_lines(state: WorkFolderState) -> list[str]:
             lines.append("find_best.json: chosen on an incomplete cross-validation (see its notes under 'Best "
                          "configuration and ensembles'); re-run `automedseg find-best` when every fold is validated")
         pp = best.postprocessing
-        if best.configuration and (not isinstance(pp, dict) or pp.get("error")):
-            why = f": {pp['error']}" if isinstance(pp, dict) and pp.get("error") else ""
+        if best.configuration and (pp is None or not pp.chosen):
+            why = f": {pp.error}" if pp is not None and pp.error else ""
             lines.append(f"find_best.json: no post-processing chosen for {best.configuration}{why}")
         fb_path = state.root / "find_best.json"
         if fb_path.is_file() and fb_path.stat().st_mtime < newest_validation:
@@ -138,16 +140,10 @@ def _chosen_name(state: WorkFolderState) -> str | None:
     return state.find_best.best.configuration if state.find_best else None
 
 
-def _postprocessing_text(pp: dict[str, Any]) -> str:
-    ops = []
-    if pp.get("keep_largest_foreground"):
-        ops.append("keep the largest foreground component")
-    if pp.get("keep_largest_labels"):
-        ops.append("keep the largest component of class(es) " + ", ".join(str(v) for v in pp["keep_largest_labels"]))
-    for label, size in sorted((pp.get("min_voxels") or {}).items()):
-        ops.append(f"remove components of class {label} smaller than {size} voxels")
+def _postprocessing_text(pp: Postprocessing) -> str:
+    ops = pp.operations()
     what = "; ".join(ops) if ops else "none (no operation improved the Dice)"
-    n = f" on {pp['n_cases']} cases" if pp.get("n_cases") else ""
+    n = f" on {pp.n_cases} cases" if pp.n_cases else ""
     return f"Post-processing chosen{n}: {what}."
 
 
@@ -162,9 +158,9 @@ def _section_results(state: WorkFolderState) -> _Section:
     for name, record in state.configurations.items():
         summary = _cv_summary(record, state)
         validated = [f for f in state.expected_folds if f in record.folds and record.folds[f].validated]
-        pp = record.postprocessing or {}
-        after = pp.get("dice_after") or {}
-        before = pp.get("dice_before") or {}
+        pp = record.postprocessing
+        after = pp.dice_after if pp is not None else {}
+        before = pp.dice_before if pp is not None else {}
         if summary is None:
             overview_rows.append([name, "0", "0", "-", "-", "-", "-"])
             continue
@@ -192,7 +188,7 @@ def _section_results(state: WorkFolderState) -> _Section:
         rows.append(mean_row)
         per_config.append(_Heading(f"{name}: {summary['n_cases']} cases from {_folds_text(validated)}"))
         per_config.append(_Table(header, rows))
-        if pp:
+        if pp is not None:
             per_config.append(_Text(_postprocessing_text(pp)))
     if not overview_rows:
         blocks.append(_Text("No configuration yet."))
@@ -212,34 +208,33 @@ def _section_ensembles(state: WorkFolderState) -> _Section:
     blocks: list[_Block] = []
     if fb.ranking_basis:
         blocks.append(_Text(f"Ranked by {fb.ranking_basis}."))
-    candidates = [c for c in fb.candidates if isinstance(c, dict)]
+    candidates: tuple[CandidateScore, ...] = fb.candidates
     chosen = _chosen_name(state)
     labels = [str(k) for k in state.labels]
-    common = any("mean_dice_common_cases" in c for c in candidates)
+    common = any(c.mean_dice_common_cases is not None for c in candidates)
     header = ["Rank", "Candidate", "Cases", "Mean Dice"] + (["Mean Dice (shared cases)"] if common else [])
     header += [f"Dice {_label_title(int(k), state)}" for k in labels] + ["Complete", "Chosen"]
     rows, marked = [], set()
     for c in candidates:
-        name = str(c.get("name") or "+".join(c.get("members") or []))
-        per_class = c.get("dice_per_class") or {}
-        row = [str(c.get("rank", "")), name, str(c.get("n_cases", "-")), _f(c.get("mean_dice"))]
+        name = c.name
+        row = [str(c.rank or ""), name, str(c.n_cases), _f(c.mean_dice)]
         if common:
-            row.append(_f(c.get("mean_dice_common_cases")))
-        row += [_f(per_class.get(k)) for k in labels]
-        row += ["yes" if c.get("complete") else "no", "chosen" if name == chosen else ""]
+            row.append(_f(c.mean_dice_common_cases))
+        row += [_f(c.dice_per_class.get(k)) for k in labels]
+        row += ["yes" if c.complete else "no", "chosen" if name == chosen else ""]
         if name == chosen:
             marked.add(len(rows))
         rows.append(row)
     if rows:
         blocks.append(_Table(header, rows, marked))
     best = fb.best
-    pp = best.postprocessing or {}
-    if pp.get("error"):
-        blocks.append(_Text(f"Post-processing of {chosen}: not chosen ({pp['error']})."))
-    elif pp:
-        before, after = pp.get("dice_before") or {}, pp.get("dice_after") or {}
-        blocks.append(_Text(f"{_postprocessing_text(pp)} Mean Dice of {chosen} {_f(before.get('mean'))} before, "
-                            f"{_f(after.get('mean'))} after post-processing."))
+    pp = best.postprocessing
+    if pp is not None and not pp.chosen:
+        blocks.append(_Text(f"Post-processing of {chosen}: not chosen ({pp.error})."))
+    elif pp is not None:
+        before, after = pp.dice_before, pp.dice_after
+        blocks.append(_Text(f"{_postprocessing_text(pp.as_postprocessing())} Mean Dice of {chosen} "
+                            f"{_f(before.get('mean'))} before, {_f(after.get('mean'))} after post-processing."))
     if best.predict_command:
         blocks.append(_Text(f"Predict with: {best.predict_command}"))
     notes = [f"{k}: not evaluated ({v})" for k, v in fb.not_evaluated.items()]
@@ -337,7 +332,7 @@ def _section_timing(state: WorkFolderState) -> _Section:
         for f in record.folds.values():
             h = f.history
             epochs = f"{len(h)} of {f.planned_epochs}" if f.planned_epochs else str(len(h))
-            ipe = h[-1].iterations if h else (f.plan or {}).get("training", {}).get("iterations_per_epoch")
+            ipe = h[-1].iterations if h else (f.plan.training.iterations_per_epoch if f.plan else None)
             per_epoch = f.train_seconds / len(h) if h else math.nan
             spi = _finite_mean(e.seconds_per_iteration for e in h)
             wait = _finite_mean(e.data_wait_fraction for e in h)
@@ -366,7 +361,7 @@ def _section_plans(state: WorkFolderState) -> _Section:
     columns: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for name, record in state.configurations.items():
-        base = _flatten(record.plan) if record.plan else None
+        base = plan_fields(record.plan) if record.plan else None
         if base is not None:
             columns[name] = base
         copies: dict[str, list[str]] = {}
@@ -374,7 +369,7 @@ def _section_plans(state: WorkFolderState) -> _Section:
         for f in record.folds.values():
             if f.plan is None:
                 continue
-            flat = _flatten(f.plan)
+            flat = plan_fields(f.plan)
             if flat == base:
                 continue
             key = json.dumps(flat, sort_keys=True, default=str)
@@ -382,8 +377,8 @@ def _section_plans(state: WorkFolderState) -> _Section:
             flat_copies[key] = flat
         for key, folds in copies.items():
             columns[f"{name} {_folds_text(folds)} (as trained)"] = flat_copies[key]
-        if record.plan and record.plan.get("notes"):
-            notes += [f"{name}: {n}" for n in record.plan["notes"]]
+        if record.plan is not None:
+            notes += [f"{name}: {n}" for n in record.plan.notes]
     if not columns:
         return _Section("Plans", [_Text("No plan yet (plans.json is missing and no fold holds a plan copy).")])
     keys = list(dict.fromkeys(k for flat in columns.values() for k in flat))
@@ -477,14 +472,12 @@ def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int
 def _section_machine(state: WorkFolderState) -> _Section:
     blocks: list[_Block] = [_Text("The machine that wrote this report:"),
                             _Table(["", ""], [[k, v] for k, v in machine_info().items()])]
-    device = (state.plans or {}).get("device")
-    if isinstance(device, dict):
-        gflops = ", ".join(f"width {w}: {g:g}" for w, g in device.get("gflops_by_width") or [])
-        rows = [["Kind", str(device.get("kind"))], ["Name", str(device.get("name"))],
-                ["CPU threads", str(device.get("cpu_threads"))],
-                ["Memory", f"{_number(device.get('memory_gib')):.1f} GiB"],
-                ["Training GFLOP/s by width", gflops or "-"],
-                ["Measured", "yes (on the planning machine)" if device.get("measured") else "no (nominal profile)"]]
+    device = state.plans.device if state.plans is not None else None
+    if device is not None:
+        gflops = ", ".join(f"width {w}: {g:g}" for w, g in device.gflops_by_width)
+        rows = [["Kind", device.kind], ["Name", device.name], ["CPU threads", str(device.cpu_threads)],
+                ["Memory", f"{device.memory_gib:.1f} GiB"], ["Training GFLOP/s by width", gflops or "-"],
+                ["Measured", "yes (on the planning machine)" if device.measured else "no (nominal profile)"]]
         blocks += [_Text("The device profile plans.json was fitted to:"), _Table(["", ""], rows)]
     else:
         blocks.append(_Text("No device profile: plans.json is missing."))

@@ -1,12 +1,12 @@
-"""What a work folder holds, for the report: plans, folds (logs, validation summaries), post-processing
-choices and ``find_best.json``, read through their owners' readers, tolerating partial or broken folders.
+"""What a work folder holds, for the report: plans (and the folds' plan copies), splits, folds (logs,
+validation summaries), post-processing choices and ``find_best.json``, each read through its owner's typed
+reader, tolerating partial or broken folders.
 
 :func:`collect_state` gives a :class:`WorkFolderState`; unreadable files are listed in its ``problems``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.best_choice import FindBest, find_best_path, read_find_best
 from automedseg.errors import InputError
-from automedseg.model_selection import FindBest, find_best_path, read_find_best
-from automedseg.postprocessing import PostprocessingError, load_postprocessing
+from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.postprocessing import Postprocessing
+from automedseg.serialize import to_jsonable
+from automedseg.splits import read_splits
 from automedseg.training_log import EpochRecord, read_training_log
 from automedseg.validation_summary import ValidationSummary, read_validation_summary, summary_path
 from automedseg.workspace import Workspace
@@ -57,7 +60,7 @@ class FoldRecord:
     path: Path
     history: list[EpochRecord] = field(default_factory=list)
     validation: ValidationSummary | None = None
-    plan: dict[str, Any] | None = None
+    plan: ConfigurationPlan | None = None
     finished: bool = False
 
     @property
@@ -71,12 +74,12 @@ class FoldRecord:
     @property
     def planned_epochs(self) -> int | None:
         """Epochs of the schedule: as saved at the end (finished), else as last logged."""
-        copy = (self.plan or {}).get("training", {}).get("epochs")
+        copy = self.plan.training.epochs if self.plan is not None else None
         if self.finished and copy is not None:
-            return int(copy)
+            return copy
         if self.history and self.history[-1].planned_epochs is not None:
             return int(self.history[-1].planned_epochs)
-        return None if copy is None else int(copy)
+        return copy
 
     def per_case(self) -> list[dict[str, Any]]:
         """Validation per-case entries ``{"case", "metrics": {label: {metric: value}}}``."""
@@ -94,15 +97,15 @@ class ConfigurationRecord:
     """A configuration of the plan (or one found on disk) and its folds."""
 
     name: str
-    plan: dict[str, Any] | None
+    plan: ConfigurationPlan | None
     folds: dict[str, FoldRecord] = field(default_factory=dict)
-    postprocessing: dict[str, Any] | None = None
+    postprocessing: Postprocessing | None = None
 
     @property
     def data_identifier(self) -> str | None:
         for source in [self.plan] + [f.plan for f in self.folds.values()]:
-            if source and source.get("data_identifier"):
-                return str(source["data_identifier"])
+            if source is not None and source.data_identifier:
+                return source.data_identifier
         return None
 
 
@@ -112,7 +115,7 @@ class WorkFolderState:
 
     Attributes:
         root: The work folder.
-        plans: ``plans.json`` as JSON, or ``None``.
+        plans: ``plans.json``, or ``None`` (missing or unreadable).
         labels: Foreground label value -> name.
         expected_folds: The cross-validation folds (``splits.json``, else 0..4), as strings.
         configurations: Name -> record, the plan's order first.
@@ -121,7 +124,7 @@ class WorkFolderState:
     """
 
     root: Path
-    plans: dict[str, Any] | None
+    plans: Plans | None
     labels: dict[int, str]
     expected_folds: list[str]
     configurations: dict[str, ConfigurationRecord]
@@ -130,16 +133,32 @@ class WorkFolderState:
 
     @property
     def dataset_name(self) -> str:
-        return str((self.plans or {}).get("dataset_name") or self.root.parent.name or self.root.name)
+        return (self.plans.dataset_name if self.plans else "") or self.root.parent.name or self.root.name
 
 
-def _read_json(path: Path, problems: list[str]) -> Any | None:
+def plan_fields(plan: ConfigurationPlan) -> dict[str, Any]:
+    """A configuration's fields (but its name and notes) as JSON values under dotted paths (``"training.epochs"``),
+    as ``plans.json`` writes them."""
+    def flatten(value: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            return {prefix[:-1]: value}
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if prefix or k not in _PLAN_SKIP:
+                out.update(flatten(v, f"{prefix}{k}."))
+        return out
+
+    return flatten(to_jsonable(plan), "")
+
+
+def _read_plans(path: Path, problems: list[str]) -> Plans | None:
+    """``Plans.load(path)``; ``None`` when the file is missing or unreadable (noted in ``problems``)."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{path}: unreadable ({e})")
+        return Plans.load(path)
+    except InputError as e:
+        problems.append(f"{e} (ignored)")
         return None
 
 
@@ -149,10 +168,10 @@ def _fold_sort_key(name: str) -> tuple[int, str]:
 
 def _collect_fold(configuration: str, path: Path, problems: list[str]) -> FoldRecord:
     fold = path.name.removeprefix("fold_")
-    plan_copy = _read_json(path / "plans.json", problems)
+    plan_copy = _read_plans(path / "plans.json", problems)
     plan = None
-    if isinstance(plan_copy, dict):
-        configs = plan_copy.get("configurations") or {}
+    if plan_copy is not None:
+        configs = plan_copy.configurations
         plan = configs.get(configuration)
         if plan is None and len(configs) == 1:  # a renamed configuration folder
             plan = next(iter(configs.values()))
@@ -177,17 +196,20 @@ def collect_state(ws: Workspace) -> WorkFolderState:
     Nothing needs to exist except the folder itself; whatever is absent is simply not in the result.
     """
     problems: list[str] = []
-    plans = _read_json(ws.plans_path, problems)
-    plans = plans if isinstance(plans, dict) else None
-    splits = _read_json(ws.splits_path, problems)
-    n_folds = len(splits) if isinstance(splits, list) and splits else DEFAULT_N_FOLDS
-    names = list((plans or {}).get("configurations") or {})
+    plans = _read_plans(ws.plans_path, problems)
+    n_folds = DEFAULT_N_FOLDS
+    if ws.splits_path.is_file():
+        try:
+            n_folds = len(read_splits(ws.splits_path))
+        except InputError as e:
+            problems.append(f"{e} (ignored)")
+    names = list(plans.configurations) if plans else []
     if ws.root.is_dir():
         on_disk = sorted(p.parent.name for p in ws.root.glob("*/fold_*") if p.is_dir())
         names += [n for n in dict.fromkeys(on_disk) if n not in names and n != REPORT_DIR]
     configurations = {}
     for name in names:
-        record = ConfigurationRecord(name, ((plans or {}).get("configurations") or {}).get(name))
+        record = ConfigurationRecord(name, plans.configurations.get(name) if plans else None)
         fold_dirs = sorted((p for p in ws.configuration_dir(name).glob("fold_*") if p.is_dir()),
                            key=lambda p: _fold_sort_key(p.name.removeprefix("fold_")))
         for path in fold_dirs:
@@ -196,14 +218,14 @@ def collect_state(ws: Workspace) -> WorkFolderState:
         pp_path = ws.postprocessing_path(name)
         if pp_path.is_file():
             try:
-                record.postprocessing = load_postprocessing(pp_path)
-            except PostprocessingError as e:
+                record.postprocessing = Postprocessing.load(pp_path)
+            except InputError as e:
                 problems.append(f"{e} (ignored)")
         configurations[name] = record
     labels: dict[int, str] = {}
-    for label_name, value in ((plans or {}).get("labels") or {}).items():
-        if int(value) > 0:
-            labels[int(value)] = str(label_name)
+    for label_name, value in (plans.labels if plans else {}).items():
+        if value > 0:
+            labels[value] = label_name
     if not labels:  # no plan: take the labels the validation summaries scored
         for record in configurations.values():
             for fold in record.folds.values():

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import tempfile  # noqa: F401  (used by the docstring example)
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from automedseg.atomic import atomic_write_json
 from automedseg.constants import N_SPLITS
@@ -50,8 +51,20 @@ def load_or_create_splits(ws: Workspace, case_ids: Sequence[str], *, n_splits: i
                          f"(at least {n_splits} needed); use --fold all to train on every case")
     kf = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
     splits = [{"train": [ids[i] for i in tr], "val": [ids[i] for i in va]} for tr, va in kf.split(ids)]
-    atomic_write_json(ws.splits_path, splits)
+    write_splits(ws.splits_path, splits)
     return splits
+
+
+def write_splits(path: Path, splits: Sequence[Mapping[str, Sequence[str]]]) -> None:
+    """Write splits.json atomically (a split edited in code, e.g. fewer validation cases, goes through here).
+
+    Raises:
+        InputError: ``splits`` is not at least 2 ``{"train": [case ids], "val": [case ids]}`` (nothing written).
+    """
+    data = [{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()} if isinstance(s, Mapping) else s
+            for s in splits]
+    _check_shape(data, path)
+    atomic_write_json(Path(path), data)
 
 
 def read_splits(path: Path) -> list[dict[str, list[str]]]:
@@ -67,6 +80,11 @@ def read_splits(path: Path) -> list[dict[str, list[str]]]:
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); move it aside to make a new split"
                          ) from None
+    _check_shape(data, path)
+    return [{"train": list(s["train"]), "val": list(s["val"])} for s in data]
+
+
+def _check_shape(data: Any, path: Path) -> None:
     ok = isinstance(data, list) and len(data) >= 2 and all(
         isinstance(s, dict) and set(s) >= {"train", "val"}
         and all(isinstance(s[k], list) and all(isinstance(c, str) for c in s[k]) for k in ("train", "val"))
@@ -74,7 +92,6 @@ def read_splits(path: Path) -> list[dict[str, list[str]]]:
     if not ok:
         raise InputError(f"{path}: expected a list of at least 2 {{\"train\": [case ids], \"val\": [case ids]}} "
                          "objects; move it aside to make a new split")
-    return [{"train": list(s["train"]), "val": list(s["val"])} for s in data]
 
 
 def _check_splits(splits: list[dict[str, list[str]]], case_ids: Sequence[str], path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from automedseg.training_log import EpochRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -202,9 +206,11 @@ def run_parallel(name: str, commands: list[list[str]], log_dir: Path, steps: dic
         raise StepFailed(f"{name} failed (exits {rcs}); see {log_dir}/{name}_*.log")
 
 
-def _history(fold_dir: Path) -> list[dict[str, Any]]:
-    path = fold_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def _history(fold_dir: Path) -> list[EpochRecord]:
+    """The fold's ``log.jsonl`` (training_log's typed reader; a line being written is skipped)."""
+    from automedseg.training_log import read_training_log
+
+    return read_training_log(fold_dir / "log.jsonl", problems=[])
 
 
 def kill_and_resume(train_args: list[str], fold_dir: Path, log_dir: Path, steps: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +227,7 @@ def kill_and_resume(train_args: list[str], fold_dir: Path, log_dir: Path, steps:
         hist = _history(fold_dir)
         if proc.poll() is not None or not hist:
             raise StepFailed(f"kill run ended before its first epoch (exit {proc.poll()}); see {log_dir}/kill_run.log")
-        time.sleep(0.5 * float(hist[-1]["epoch_seconds"]))  # half-way through the next epoch
+        time.sleep(0.5 * hist[-1].epoch_seconds)  # half-way through the next epoch
         os.kill(proc.pid, signal.SIGKILL)  # the trainer alone, as the OOM killer would
         proc.wait()
         time.sleep(2.0)  # its workers follow it (PR_SET_PDEATHSIG); then clear anything left of the group
@@ -237,8 +243,8 @@ def kill_and_resume(train_args: list[str], fold_dir: Path, log_dir: Path, steps:
         "epochs_logged_before_kill": done,
         "resume_message_seen": any("resuming" in ln and expected in ln for ln in out.splitlines()),
         "epochs_after_resume": len(hist),
-        "epochs_contiguous": [h["epoch"] for h in hist] == list(range(len(hist))),
-        "ok": (fold_dir / "checkpoint_final.pt").is_file() and [h["epoch"] for h in hist] == list(range(len(hist)))
+        "epochs_contiguous": [h.epoch for h in hist] == list(range(len(hist))),
+        "ok": (fold_dir / "checkpoint_final.pt").is_file() and [h.epoch for h in hist] == list(range(len(hist)))
         and len(hist) > done,
     }
 
@@ -251,26 +257,30 @@ def fold_figures(fold_dir: Path) -> dict[str, Any]:
     import numpy as np
 
     from automedseg.plans import Plans
+    from automedseg.validation_summary import read_validation_summary, summary_path
+
+    def number(value: float | None) -> float:
+        return math.nan if value is None else float(value)
 
     hist = _history(fold_dir)
     out: dict[str, Any] = {"epochs": len(hist)}
     if hist:
-        waits = np.array([h["data_wait_fraction"] for h in hist])
+        waits = np.array([number(h.data_wait_fraction) for h in hist])
+        first, last = hist[0], hist[-1]
         out.update(
-            iterations=int(sum(h["iterations"] for h in hist)),
-            train_seconds=round(float(sum(h["epoch_seconds"] for h in hist)), 1),
-            seconds_per_iteration=round(float(np.median([h["seconds_per_iteration"] for h in hist])), 4),
+            iterations=int(sum(h.iterations or 0 for h in hist)),
+            train_seconds=round(float(sum(h.epoch_seconds for h in hist)), 1),
+            seconds_per_iteration=round(float(np.median([number(h.seconds_per_iteration) for h in hist])), 4),
             data_wait_mean=round(float(waits.mean()), 3), data_wait_max=round(float(waits.max()), 3),
             data_wait_after_first_epoch=round(float(waits[1:].mean()), 3) if len(waits) > 1 else None,
-            window=(hist[0]["time"] - hist[0]["epoch_seconds"], hist[-1]["time"]),
+            window=(number(first.time) - first.epoch_seconds, number(last.time)),
         )
     if (fold_dir / "plans.json").is_file():
-        cfg = Plans.load(fold_dir / "plans.json").configurations[CONFIGURATION]
+        cfg = Plans.load(fold_dir / "plans.json").configuration(CONFIGURATION)
         out.update(precision=cfg.training.precision, augment_on_device=cfg.training.augment_on_device,
                    batch_size=cfg.batch_size, patch_size=list(cfg.patch_size))
-    summary = fold_dir / "validation" / "summary.json"
-    if summary.is_file():
-        out["validation_mean_dice"] = json.loads(summary.read_text()).get("mean_dice")
+    if summary_path(fold_dir).is_file():
+        out["validation_mean_dice"] = read_validation_summary(summary_path(fold_dir)).mean_dice
     return out
 
 
@@ -405,8 +415,10 @@ def run_check(args: argparse.Namespace, fig: dict[str, Any]) -> None:
     fig["cv_mean_dice"] = sum(dice) / len(dice) if dice and None not in dice else None
 
     run_step("find_best", ["find-best", *ws_args, "-c", CONFIGURATION], log_dir, steps)
-    best = json.loads((work / "find_best.json").read_text())["best"]
-    fig["find_best"] = {"configuration": best.get("configuration"), "mean_dice": best.get("mean_dice")}
+    from automedseg.best_choice import read_find_best
+
+    best = read_find_best(work / "find_best.json").best
+    fig["find_best"] = {"configuration": best.configuration, "mean_dice": best.mean_dice}
 
     images = data / "imagesTs"
     if images.is_dir() and any(images.iterdir()):

@@ -573,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
         if not trained:
             trained_note += " None trained: not timed."
         else:
-            tplan = json.loads((args.automedseg_work_dir / CONFIGURATION / f"fold_{trained[0]}" / "plans.json")
-                               .read_text())["configurations"][CONFIGURATION]
-            trained_note += (f" Its plan: features {tplan['network']['features_per_stage']}, patch "
-                             f"{tplan['patch_size']}.")
+            from automedseg.plans import Plans
+
+            tplan = Plans.load(args.automedseg_work_dir / CONFIGURATION / f"fold_{trained[0]}" / "plans.json"
+                               ).configuration(CONFIGURATION)
+            trained_note += (f" Its plan: features {list(tplan.network.features_per_stage)}, patch "
+                             f"{list(tplan.patch_size)}.")
 
     variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.tta]
     runs: dict[str, dict | None] = {}

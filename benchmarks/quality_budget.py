@@ -260,32 +260,38 @@ def _labels(msd_dir: Path) -> list[int]:
 
 
 def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict:
-    """Training figures and validation Dice of ``work/<configuration>/fold_0``."""
+    """Training figures and validation Dice of ``work/<configuration>/fold_0``, read with the owners' typed readers
+    (``log.jsonl``: training_log, ``validation/summary.json``: validation_summary, the fold's ``plans.json``:
+    Plans.load)."""
+    from automedseg.plans import Plans
+    from automedseg.training_log import read_training_log
+    from automedseg.validation_summary import read_validation_summary, summary_path
+
     fold_dir = work / configuration / f"fold_{FOLD}"
-    summary_path = fold_dir / "validation" / "summary.json"
-    if not summary_path.is_file():
-        raise SystemExit(f"{summary_path}: missing (fold {FOLD} not trained and validated yet)")
-    history = [json.loads(line) for line in (fold_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads(summary_path.read_text())
-    plan = json.loads((fold_dir / "plans.json").read_text())["configurations"][configuration]
-    tr = plan["training"]
+    path = summary_path(fold_dir)
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing (fold {FOLD} not trained and validated yet)")
+    history = read_training_log(fold_dir / "log.jsonl")
+    summary = read_validation_summary(path)
+    plan = Plans.load(fold_dir / "plans.json").configuration(configuration)
+    tr = plan.training
     return {
         "fold_dir": str(fold_dir),
         "validation_dir": str(fold_dir / "validation"),
-        "mean_dice": summary.get("mean_dice"),
-        "dice_per_class": summary.get("dice_per_class"),
-        "val_cases": summary.get("cases"),
-        "validation_s": summary.get("seconds"),
+        "mean_dice": summary.mean_dice,
+        "dice_per_class": summary.dice_per_class,
+        "val_cases": list(summary.cases),
+        "validation_s": summary.seconds,
         "epochs": len(history),
-        "iterations": int(sum(h.get("iterations", 0) for h in history)),
-        "train_seconds": float(sum(h["epoch_seconds"] for h in history)),
-        "epoch_seconds": [h["epoch_seconds"] for h in history],
-        "final_ema_pseudo_dice": history[-1]["ema_pseudo_dice"] if history else None,
-        "batch_size": plan["batch_size"],
-        "patch_size": plan["patch_size"],
-        "features_per_stage": plan["network"]["features_per_stage"],
-        "plan_time_budget_s": tr.get("time_budget_s"),
-        "iterations_per_epoch": tr.get("iterations_per_epoch"),
+        "iterations": int(sum(h.iterations or 0 for h in history)),
+        "train_seconds": float(sum(h.epoch_seconds for h in history)),
+        "epoch_seconds": [h.epoch_seconds for h in history],
+        "final_ema_pseudo_dice": history[-1].ema_pseudo_dice if history else None,
+        "batch_size": plan.batch_size,
+        "patch_size": list(plan.patch_size),
+        "features_per_stage": list(plan.network.features_per_stage),
+        "plan_time_budget_s": tr.time_budget_s,
+        "iterations_per_epoch": tr.iterations_per_epoch,
         "validation_mirroring": False,  # automedseg.training.validate_fold's default
     }
 
@@ -293,7 +299,7 @@ def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict
 def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, iterations: int | None,
                      val_cases: int | None, fingerprint_from: Path, logs: Path) -> dict:
     """Plan, write the split, train fold 0 with the budget; returns the commands' timings."""
-    from automedseg.splits import load_or_create_splits
+    from automedseg.splits import load_or_create_splits, write_splits
     from automedseg.workspace import Workspace
 
     if work.exists():
@@ -314,7 +320,7 @@ def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, ite
     splits = load_or_create_splits(ws, cases)  # exactly what `automedseg train` would make
     if val_cases is not None:
         splits[FOLD] = {"train": splits[FOLD]["train"], "val": splits[FOLD]["val"][:val_cases]}
-        ws.splits_path.write_text(json.dumps(splits, indent=1))
+        write_splits(ws.splits_path, splits)
     args = ["train", msd_dir, "--work-dir", work, "-c", CONFIGURATION, "-f", FOLD, "--time-budget", budget,
             "--threads", BENCH_THREADS, "--restart"]
     if iterations is not None:
@@ -526,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"automedseg: mean Dice {automedseg['mean_dice']:.4f}, {automedseg['train_seconds']:.0f} s, "
           f"{automedseg['epochs']} epochs, {automedseg['iterations']} iterations", flush=True)
 
-    splits = json.loads((a_work / "splits.json").read_text())
+    from automedseg.splits import read_splits
+
+    splits = read_splits(a_work / "splits.json")
     if args.val_cases is not None and args.automedseg_work_dir is not None:
         splits[FOLD] = {"train": splits[FOLD]["train"], "val": splits[FOLD]["val"][: args.val_cases]}
 

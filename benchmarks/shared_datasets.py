@@ -17,11 +17,12 @@ the other (never two trainings at once), with the automedseg CLI of this checkou
    ``automedseg.metrics.compute_case_metrics`` (Dice/TP/FP/FN do not depend on pixels that are background in
    both, so this is Dice inside the FOV); pixel accuracy is counted over FOV pixels only.
 5. Everywhere: the fold-0 validation Dice per class and its mean from ``fold_0/validation/summary.json``
-   (read as JSON: automedseg has no typed reader of that file); for ISBI 2012 also the pixel error
+   (read with ``automedseg.validation_summary.read_validation_summary``); for ISBI 2012 also the pixel error
    (1 - pixel accuracy, pooled over the validation slices) of ``fold_0/validation/<case>.nii.gz`` against the
    imported ``labelsTr``.
 6. Budget use: the ``train`` command's wall time / budget (the trainer aims to end in the budget's last 5 %,
-   start-up and final validation included; target >= 95 %), epochs and iterations from ``fold_0/log.jsonl``,
+   start-up and final validation included; target >= 95 %), epochs and iterations from ``fold_0/log.jsonl``
+   (read with ``automedseg.training_log.read_training_log``),
    and what the plan chose and why (configuration, patch, batch, feature widths, spacing, mirror axes and the
    plan's ``notes``), read with ``automedseg.plans.Plans.load`` from the fold's copy of ``plans.json`` (the
    plan as trained).
@@ -58,9 +59,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from automedseg.training_log import EpochRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -271,20 +276,19 @@ def budget_verdict(use: float | None) -> str:
     return "short" if use < BUDGET_USE_TARGET else "over" if use > BUDGET_USE_OVER else "PASS"
 
 
-def zero_pseudo_dice_classes(history: list[dict], names: list[str]) -> list[str]:
+def zero_pseudo_dice_classes(history: Sequence[EpochRecord], names: list[str]) -> list[str]:
     """Foreground classes whose pseudo-Dice was 0 (or undefined) in every logged epoch."""
-    def zero(h: dict, i: int) -> bool:
-        values = h.get("pseudo_dice") or []
-        v = values[i] if i < len(values) else None
-        return v is None or (isinstance(v, float) and math.isnan(v)) or v == 0
+    def zero(h: EpochRecord, i: int) -> bool:
+        v = h.pseudo_dice[i] if i < len(h.pseudo_dice) else None
+        return v is None or math.isnan(v) or v == 0
 
     return [name for i, name in enumerate(names) if history and all(zero(h, i) for h in history)]
 
 
-def ema_gain_at_end(history: list[dict], fraction: float = 0.2) -> float | None:
+def ema_gain_at_end(history: Sequence[EpochRecord], fraction: float = 0.2) -> float | None:
     """Rise of the EMA pseudo-Dice over the last ``fraction`` of the epochs (None with under 5 epochs)."""
-    ema = [h.get("ema_pseudo_dice") for h in history]
-    ema = [float(v) for v in ema if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    ema = [float(h.ema_pseudo_dice) for h in history
+           if h.ema_pseudo_dice is not None and not math.isnan(h.ema_pseudo_dice)]
     if len(ema) < 5:
         return None
     k = max(1, int(round(len(ema) * fraction)))
@@ -335,20 +339,11 @@ def _brief(res: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_log(path: Path) -> list[dict]:
-    """``log.jsonl`` entries (one per epoch); unreadable lines are skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
-    return out
+def read_log(path: Path) -> list[EpochRecord]:
+    """``log.jsonl`` epochs (``automedseg.training_log.read_training_log``); unreadable lines are skipped."""
+    from automedseg.training_log import read_training_log
+
+    return read_training_log(path, problems=[])
 
 
 def _load_state(path: Path) -> dict:
@@ -415,34 +410,39 @@ def plan_choice(plans_path: Path, configuration: str) -> dict:
 
 
 def fold_figures(fold_dir: Path, configuration: str) -> dict:
-    """Validation Dice (summary.json), epochs/iterations (log.jsonl) and the plan as trained."""
-    summary_path = fold_dir / "validation" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    """Validation Dice (summary.json), epochs/iterations (log.jsonl) and the plan as trained, each read with its
+    owner's typed reader."""
+    from automedseg.validation_summary import read_validation_summary, summary_path
+
+    try:
+        summary = read_validation_summary(summary_path(fold_dir))
+    except FileNotFoundError:
+        summary = None
     history = read_log(fold_dir / "log.jsonl")
     plan = plan_choice(fold_dir / "plans.json", configuration)
     names = plan["label_names"]
     fg_values = sorted(v for v in names if v > 0)
     dice = {}
-    for k, v in ((summary or {}).get("dice_per_class") or {}).items():
+    for k, v in (summary.dice_per_class if summary else {}).items():
         dice[names.get(int(k), str(k))] = v
-    iterations = int(sum(h.get("iterations") or 0 for h in history))
+    iterations = int(sum(h.iterations or 0 for h in history))
     return {
         "fold_dir": str(fold_dir),
         "finished": (fold_dir / "checkpoint_final.pt").is_file(),
         "validated": summary is not None,
-        "val_cases": (summary or {}).get("cases"),
-        "val_mean_dice": (summary or {}).get("mean_dice"),
+        "val_cases": list(summary.cases) if summary else None,
+        "val_mean_dice": summary.mean_dice if summary else None,
         "val_dice_per_class": dice,
-        "validation_s": (summary or {}).get("seconds"),
+        "validation_s": summary.seconds if summary else None,
         "epochs": len(history),
         "iterations": iterations,
         "samples": iterations * plan["batch_size"],
-        "epoch_train_seconds": round(float(sum(h.get("epoch_seconds") or 0.0 for h in history)), 1),
-        "final_ema_pseudo_dice": history[-1].get("ema_pseudo_dice") if history else None,
-        "final_lr": history[-1].get("lr") if history else None,
+        "epoch_train_seconds": round(float(sum(h.epoch_seconds for h in history)), 1),
+        "final_ema_pseudo_dice": history[-1].ema_pseudo_dice if history else None,
+        "final_lr": history[-1].lr if history else None,
         "ema_gain_last_20pct_epochs": ema_gain_at_end(history),
         "zero_pseudo_dice_classes": zero_pseudo_dice_classes(history, [names[v] for v in fg_values]),
-        "data_wait_fraction_mean": (round(sum(h.get("data_wait_fraction") or 0.0 for h in history) / len(history), 3)
+        "data_wait_fraction_mean": (round(sum(h.data_wait_fraction or 0.0 for h in history) / len(history), 3)
                                     if history else None),
         "plan": plan,
     }

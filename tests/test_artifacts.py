@@ -1,4 +1,7 @@
-"""The typed work-folder files: each read through its owner, malformed files named with the field."""
+"""The typed work-folder files: each read through its owner, malformed files named with the field.
+
+find_best.json: tests/test_best_choice.py; postprocessing.json: tests/test_postprocessing.py.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +12,8 @@ import pytest
 
 from automedseg.errors import InputError
 from automedseg.fingerprint import FINGERPRINT_VERSION, load_fingerprint
-from automedseg.model_selection import Candidate, FindBest, read_find_best, write_find_best
 from automedseg.preprocessing import read_case_meta
 from automedseg.validation_summary import read_validation_summary, write_validation_summary
-
-BEST = {"configuration": "2d+3d_fullres", "members": ["2d", "3d_fullres"], "mean_dice": 0.8,
-        "dice_per_class": {"1": 0.8}, "n_cases": 4, "complete": True, "postprocessing": None,
-        "predict_command": "automedseg predict ..."}
-
-
-def test_find_best_round_trip_keeps_the_json_readable(tmp_path: Path) -> None:
-    path = tmp_path / "find_best.json"
-    result = {"best": BEST, "ranking_basis": "mean Dice", "candidates": [{"name": "2d", "rank": 1}],
-              "not_evaluated": {}, "configurations": {}, "folds": "all", "missing": [], "complete": True}
-    written = write_find_best(path, result)
-    assert isinstance(written, FindBest)
-    assert json.loads(path.read_text()) == result
-    back = read_find_best(path)
-    assert back == written
-    assert back.best.candidate == Candidate(("2d", "3d_fullres")) and back.best.candidate.is_ensemble
-
-
-def test_malformed_find_best_names_file_and_field(tmp_path: Path) -> None:
-    path = tmp_path / "find_best.json"
-    path.write_text(json.dumps({"best": {**BEST, "n_cases": "four"}}))
-    with pytest.raises(InputError, match=r"find_best\.json\.best\.n_cases"):
-        read_find_best(path)
-    path.write_text("{not json")
-    with pytest.raises(InputError, match="find_best.json: not valid JSON"):
-        read_find_best(path)
-    with pytest.raises(FileNotFoundError):
-        read_find_best(tmp_path / "absent.json")
 
 
 def test_validation_summary_round_trip_and_errors(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ what is printed and which files appear.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from automedseg.best_choice import read_find_best
 from automedseg.cli import main
+from automedseg.plans import Plans
 
 COMMANDS = sorted(main.commands)
 
@@ -55,11 +56,13 @@ def test_find_best_then_predict_with_its_choice(copy: tuple[Path, Path], tmp_pat
     r = runner.invoke(main, ["find-best", str(dataset), "--work-dir", str(work), "--no-ensembles"])
     assert r.exit_code == 0, r.output
     assert "best: 3d_fullres" in r.output and "predict with:" in r.output
-    assert json.loads((work / "find_best.json").read_text())["best"]["configuration"] == "3d_fullres"
+    best = read_find_best(work / "find_best.json").best
+    assert best.configuration == "3d_fullres" and best.postprocessing is not None and best.postprocessing.chosen
     out = tmp_path / "pred"
     r = runner.invoke(main, ["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(work),
                              "--device", "cpu", "--threads", "1", "--no-mirror"])
     assert r.exit_code == 0, r.output
+    assert f"post-processing from {best.postprocessing.file}:" in r.output
     assert "2 written, 0 kept (exist), 0 failed" in r.output
     assert len(list(out.glob("*.nii.gz"))) == 2
     r = runner.invoke(main, ["predict", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(dataset),
@@ -104,7 +107,7 @@ def test_search_one_tiny_trial(copy: tuple[Path, Path]) -> None:
     assert "1 complete, 0 pruned, 0 failed" in r.output, r.output  # pruner none: the rule-plan trial completes
     assert "-> 3d_fullres_searched; train it with `automedseg train" in r.output and "report: " in r.output
     assert (work / "search" / "search.db").is_file()
-    assert "3d_fullres_searched" in json.loads((work / "plans.json").read_text())["configurations"]
+    assert "3d_fullres_searched" in Plans.load(work / "plans.json").configurations
 
 
 def test_search_without_a_plan(tmp_path: Path) -> None:

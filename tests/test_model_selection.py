@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from automedseg.io import Geometry, write_segmentation
-from automedseg.model_selection import cross_validation_dice, find_best, predict_command
+from automedseg.model_selection import cross_validation_dice, find_best, predict_command, read_find_best
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -178,7 +178,7 @@ def test_find_best_picks_the_ensemble_and_writes_json(tmp_path: Path):
     ws = _make_work(tmp_path)
     result = find_best(ws)
     on_disk = json.loads((ws.root / "find_best.json").read_text())
-    assert on_disk == json.loads(json.dumps(result))
+    assert read_find_best(ws.root / "find_best.json") == result
     best = on_disk["best"]
     assert best["configuration"] == "3d_fullres+3d_lowres" and best["mean_dice"] == pytest.approx(1.0)
     assert best["predict_command"] == (
@@ -191,30 +191,35 @@ def test_find_best_picks_the_ensemble_and_writes_json(tmp_path: Path):
     # post-processing of the ensemble, where `automedseg predict -c A+B` looks for it
     pp_file = ws.root / "postprocessing_3d_fullres+3d_lowres.json"
     assert best["postprocessing"]["file"] == str(pp_file)
-    assert load_postprocessing(pp_file)["members"] == ["3d_fullres", "3d_lowres"]
+    choice = load_postprocessing(pp_file)
+    assert choice.members == ("3d_fullres", "3d_lowres")
+    summary = result.best.postprocessing
+    assert summary is not None and summary.chosen and summary.file == str(pp_file)
+    assert summary.dice_after == choice.dice_after and summary.as_postprocessing().operations() == choice.operations()
+    assert result.best.mean_dice_postprocessed == choice.dice_after["mean"]
 
 
 def test_find_best_partial_state_ranks_on_shared_cases(tmp_path: Path):
     ws = _make_work(tmp_path, folds={"3d_fullres": [0, 1], "3d_lowres": [0]})
     result = find_best(ws, configurations=["3d_fullres", "3d_lowres"], postprocess=False)
-    assert "cases every candidate was scored on" in result["ranking_basis"]
-    by_name = {c["name"]: c for c in result["candidates"]}
-    assert by_name["3d_fullres"]["n_cases"] == 4 and by_name["3d_lowres"]["n_cases"] == 2
-    assert by_name["3d_fullres+3d_lowres"]["n_cases"] == 2
-    assert by_name["3d_fullres"]["mean_dice_common_cases"] == pytest.approx(_dice_missing(36))
-    assert result["best"]["configuration"] == "3d_fullres+3d_lowres"
-    assert result["best"]["postprocessing"] is None
-    assert not result["complete"]
-    assert any("3d_lowres" in line and "fold(s) 1" in line for line in result["missing"])
+    assert "cases every candidate was scored on" in result.ranking_basis
+    by_name = {c.name: c for c in result.candidates}
+    assert by_name["3d_fullres"].n_cases == 4 and by_name["3d_lowres"].n_cases == 2
+    assert by_name["3d_fullres+3d_lowres"].n_cases == 2
+    assert by_name["3d_fullres"].mean_dice_common_cases == pytest.approx(_dice_missing(36))
+    assert result.best.configuration == "3d_fullres+3d_lowres"
+    assert result.best.postprocessing is None and result.best.mean_dice_postprocessed is None
+    assert not result.complete
+    assert any("3d_lowres" in line and "fold(s) 1" in line for line in result.missing)
 
 
 def test_find_best_without_ensembles_and_with_folds(tmp_path: Path):
     ws = _make_work(tmp_path)
     result = find_best(ws, folds=[0], ensembles=False)
-    assert {c["name"] for c in result["candidates"]} == {"3d_fullres", "3d_lowres"}
-    assert result["best"]["predict_command"].endswith("-c 3d_fullres -f 0")  # ties: name order
+    assert {c.name for c in result.candidates} == {"3d_fullres", "3d_lowres"}
+    assert result.best.predict_command.endswith("-c 3d_fullres -f 0")  # ties: name order
     assert (ws.root / "3d_fullres" / "postprocessing.json").is_file()
-    assert result["folds"] == ["0"]
+    assert result.folds == ["0"]
 
 
 def test_find_best_nothing_trained(tmp_path: Path):

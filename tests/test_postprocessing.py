@@ -1,4 +1,4 @@
-"""Tests of automedseg.postprocessing: component operations, the CV choice, JSON files, work-folder glue."""
+"""Tests of automedseg.postprocessing: the CV choice, postprocessing.json (typed), work-folder glue."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from automedseg.plans import (
     TrainingPlan,
 )
 from automedseg.postprocessing import (
+    Postprocessing,
     PostprocessingError,
+    PostprocessingStep,
     apply_postprocessing,
     choose_postprocessing,
-    keep_largest_component,
     load_postprocessing,
     no_postprocessing,
     postprocessing_path,
-    remove_small_components,
     save_postprocessing,
 )
 from automedseg.workspace import Workspace
@@ -45,54 +45,6 @@ def _blobs() -> np.ndarray:
     seg[0:2, 4:6, 0:2] = 2  # 8 voxels, touches the big label-1 block
     seg[3, 10:12, 10:12] = 2  # 4 voxels, far away
     return seg
-
-
-@pytest.mark.parametrize("labels, expected_counts", [
-    (None, {1: 32, 2: 8}),  # foreground together: big block of 1 plus the attached 2-block
-    ([1], {1: 32, 2: 12}),
-    ([2], {1: 33, 2: 8}),
-    ([1, 2], {1: 32, 2: 8}),
-])
-def test_keep_largest_component(labels, expected_counts):
-    seg = _blobs()
-    out = keep_largest_component(seg, labels=labels)
-    assert out.dtype == seg.dtype and out.shape == seg.shape
-    assert {k: int((out == k).sum()) for k in (1, 2)} == expected_counts
-    assert np.array_equal(seg, _blobs())  # input untouched
-
-
-def test_keep_largest_component_diagonal_contact_is_connected():
-    seg = np.zeros((1, 5, 5), np.uint8)
-    seg[0, 0, 0] = seg[0, 1, 1] = seg[0, 2, 2] = 1  # a diagonal line: one component (full connectivity)
-    seg[0, 4, 0] = 1
-    assert int(keep_largest_component(seg, labels=[1]).sum()) == 3
-
-
-def test_keep_largest_component_empty_and_4d():
-    empty = np.zeros((2, 3, 3), np.int16)
-    assert np.array_equal(keep_largest_component(empty), empty)
-    seg = _blobs()[None]
-    assert keep_largest_component(seg, labels=None).shape == seg.shape
-
-
-@pytest.mark.parametrize("min_voxels, labels, expected_counts", [
-    (2, None, {1: 32, 2: 12}),  # only the speck goes
-    (5, None, {1: 32, 2: 8}),  # the far 2-block (4) goes too; the attached one is part of a 40-voxel blob
-    (5, [2], {1: 33, 2: 8}),
-    (9, [2], {1: 33, 2: 0}),
-    (0, None, {1: 33, 2: 12}),
-    (1, [1, 2], {1: 33, 2: 12}),
-])
-def test_remove_small_components(min_voxels, labels, expected_counts):
-    out = remove_small_components(_blobs(), min_voxels=min_voxels, labels=labels)
-    assert {k: int((out == k).sum()) for k in (1, 2)} == expected_counts
-
-
-def test_remove_small_components_rejects_bad_threshold():
-    with pytest.raises(ValueError, match="min_voxels"):
-        remove_small_components(_blobs(), min_voxels=-1)
-    with pytest.raises(ValueError, match="foreground"):
-        keep_largest_component(_blobs(), labels=[0])
 
 
 def test_dice_per_label_matches_definition():
@@ -143,24 +95,25 @@ def test_choose_adopts_largest_component_against_spurious_blobs():
     rng = np.random.default_rng(0)
     cases = [_case_spurious(rng) for _ in range(4)]
     choice = choose_postprocessing(cases, labels=[1])
-    assert choice["keep_largest_foreground"] is True
-    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
-    assert choice["dice_after"]["mean"] > choice["dice_before"]["mean"]
+    assert choice.keep_largest_foreground is True and choice.n_cases == 4 and choice.labels == (1,)
+    assert choice.dice_after["1"] > choice.dice_before["1"]
+    assert choice.dice_after["mean"] > choice.dice_before["mean"]
     # applying the choice reproduces the figure it was chosen on
     dice = [dice_per_label(r, apply_postprocessing(p, choice), labels=[1])[1] for r, p, _ in cases]
-    assert np.mean(dice) == pytest.approx(choice["dice_after"]["1"])
-    json.dumps(choice)  # JSON-able
+    assert np.mean(dice) == pytest.approx(choice.dice_after["1"])
+    json.dumps(choice.to_dict())  # JSON-able
+    assert choice.operations() == ["keep the largest foreground component"]
 
 
 def test_choose_rejects_largest_component_when_reference_has_two_parts():
     choice = choose_postprocessing([_case_two_parts() for _ in range(3)], labels=[1])
-    assert choice["keep_largest_foreground"] is False
-    assert choice["keep_largest_labels"] == []
-    assert choice["min_voxels"] == {}
-    assert choice["dice_after"] == choice["dice_before"]
-    first = choice["steps"][0]
-    assert first["step"] == "keep_largest_foreground" and not first["adopted"]
-    assert first["dice_after"]["1"] < first["dice_before"]["1"]
+    assert choice.keep_largest_foreground is False
+    assert choice.keep_largest_labels == ()
+    assert choice.min_voxels == {} and choice.operations() == []
+    assert choice.dice_after == choice.dice_before
+    first = choice.steps[0]
+    assert first.step == "keep_largest_foreground" and not first.adopted
+    assert first.dice_after["1"] < first.dice_before["1"]
 
 
 def test_choose_per_class_when_foreground_step_would_hurt_a_class():
@@ -175,11 +128,11 @@ def test_choose_per_class_when_foreground_step_would_hurt_a_class():
         _cube(pred, 8, 2, 12, 3, 2)
         cases.append((ref, pred, sp))
     choice = choose_postprocessing(cases, labels=[1, 2])
-    assert choice["keep_largest_foreground"] is False
-    assert "2" in choice["steps"][0]["reason"] or "[2]" in choice["steps"][0]["reason"]
-    assert choice["keep_largest_labels"] == [1]
-    assert choice["dice_after"]["2"] == pytest.approx(1.0)
-    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
+    assert choice.keep_largest_foreground is False
+    assert "[2]" in choice.steps[0].reason
+    assert choice.keep_largest_labels == (1,)
+    assert choice.dice_after["2"] == pytest.approx(1.0)
+    assert choice.dice_after["1"] > choice.dice_before["1"]
 
 
 def test_choose_small_component_threshold():
@@ -191,13 +144,17 @@ def test_choose_small_component_threshold():
         pred[0, 19, 10] = 1
         cases.append((ref, pred, sp))
     choice = choose_postprocessing(cases, labels=[1])
-    assert choice["keep_largest_labels"] == [] and not choice["keep_largest_foreground"]
-    assert "1" in choice["min_voxels"] and 2 <= choice["min_voxels"]["1"] <= 64
+    assert choice.keep_largest_labels == () and not choice.keep_largest_foreground
+    assert "1" in choice.min_voxels and 2 <= choice.min_voxels["1"] <= 64
+    assert choice.min_voxels_by_label == {1: choice.min_voxels["1"]}
+    step = choice.steps[-1]
+    assert step.step == "remove_small" and step.adopted and step.min_voxels == choice.min_voxels["1"]
+    assert step.candidates and str(step.min_voxels) in step.candidates
     out = apply_postprocessing(cases[0][1], choice)
     assert int(out.sum()) == int(cases[0][1].sum()) - 2
-    assert choice["dice_after"]["1"] > choice["dice_before"]["1"]
+    assert choice.dice_after["1"] > choice.dice_before["1"]
     no_small = choose_postprocessing(cases, labels=[1], remove_small=False)
-    assert no_small["min_voxels"] == {}
+    assert no_small.min_voxels == {}
 
 
 def test_choose_rejects_bad_input():
@@ -217,10 +174,58 @@ def test_save_load_round_trip(tmp_path: Path):
     path = tmp_path / "sub" / "postprocessing.json"
     save_postprocessing(choice, path)
     loaded = load_postprocessing(path)
-    assert loaded == json.loads(json.dumps(choice))
+    assert loaded == choice and isinstance(loaded.steps[0], PostprocessingStep)
+    assert Postprocessing.load(path) == loaded
+    assert json.loads(path.read_text()) == choice.to_dict()
     assert not list(path.parent.glob(".*"))  # no temporary files left behind
     seg = _case_spurious(rng)[1]
     assert np.array_equal(apply_postprocessing(seg, loaded), apply_postprocessing(seg, choice))
+
+
+V1_FILE = {  # as automedseg wrote version 1 before the dataclass: steps with "min_voxels": null, provenance last
+    "format": "automedseg-postprocessing", "version": 1, "connectivity": "full", "labels": [1, 2],
+    "keep_largest_foreground": False, "keep_largest_labels": [1], "min_voxels": {"2": 12}, "n_cases": 4,
+    "tolerance": 1e-06, "dice_before": {"1": 0.9, "2": 0.8, "mean": 0.85},
+    "dice_after": {"1": 0.95, "2": 0.85, "mean": None},
+    "steps": [
+        {"step": "keep_largest_foreground", "adopted": False, "reason": "class(es) [2] would get worse",
+         "dice_before": {"1": 0.9, "2": 0.8, "mean": 0.85}, "dice_after": {"1": 0.95, "2": 0.7, "mean": 0.825}},
+        {"step": "keep_largest", "label": 1, "adopted": True, "dice_before": 0.9, "dice_after": 0.95},
+        {"step": "keep_largest", "label": 2, "adopted": False, "dice_before": 0.8, "dice_after": 0.7},
+        {"step": "remove_small", "label": 2, "adopted": True, "min_voxels": 12, "dice_before": 0.8,
+         "dice_after": 0.85, "candidates": {"3": 0.81, "12": 0.85}},
+        {"step": "remove_small", "label": 3, "adopted": False, "min_voxels": None, "dice_before": 1,
+         "dice_after": 1, "candidates": {"2": 1}},
+    ],
+    "configuration": "2d+3d_fullres", "members": ["2d", "3d_fullres"], "cases": ["a", "b", "c", "d"], "missing": [],
+}
+
+
+@pytest.mark.parametrize("data, operations", [
+    (V1_FILE, ["keep the largest component of class(es) 1", "remove components of class 2 smaller than 12 voxels"]),
+    # written by hand: no format, version or figures; a note the format does not know is ignored
+    ({"keep_largest_foreground": True, "keep_largest_labels": [], "min_voxels": {}, "note": "by hand"},
+     ["keep the largest foreground component"]),
+    (no_postprocessing([1, 2]).to_dict(), []),
+])
+def test_old_and_hand_written_files_still_load(tmp_path: Path, data: dict, operations: list[str]):
+    path = tmp_path / "postprocessing.json"
+    path.write_text(json.dumps(data))
+    choice = load_postprocessing(path)
+    assert choice.operations() == operations
+    assert choice.format == "automedseg-postprocessing" and choice.version == 1
+    save_postprocessing(choice, path)
+    assert load_postprocessing(path) == choice  # and it survives a rewrite
+
+
+def test_old_file_fields_are_typed(tmp_path: Path):
+    path = tmp_path / "postprocessing.json"
+    path.write_text(json.dumps(V1_FILE))
+    choice = load_postprocessing(path)
+    assert choice.members == ("2d", "3d_fullres") and choice.configuration == "2d+3d_fullres"
+    assert choice.dice_after["mean"] is None and choice.steps[1].label == 1 and choice.steps[1].dice_after == 0.95
+    assert choice.steps[4].min_voxels is None and choice.steps[4].dice_before == 1.0
+    assert choice.min_voxels_by_label == {2: 12}
 
 
 def test_apply_neutral_choice_returns_a_copy():
@@ -229,20 +234,33 @@ def test_apply_neutral_choice_returns_a_copy():
     assert np.array_equal(out, seg) and out is not seg
 
 
+_REQUIRED = '"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {}'
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"keep_largest_foreground": true, "keep_largest_labels": []}', "'min_voxels' is missing"),
-    ('{"keep_largest_foreground": "yes", "keep_largest_labels": [], "min_voxels": {}}', "true or false"),
+    ('{"keep_largest_foreground": true, "keep_largest_labels": []}', "missing field 'min_voxels'"),
+    ('{"keep_largest_foreground": "yes", "keep_largest_labels": [], "min_voxels": {}}',
+     r"\.keep_largest_foreground: expected true or false"),
     ('{"keep_largest_foreground": false, "keep_largest_labels": [0], "min_voxels": {}}',
-     "keep_largest_labels"),
-    ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"a": 3}}', "'a'"),
+     "keep_largest_labels: must be positive class numbers"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": "1", "min_voxels": {}}',
+     r"\.keep_largest_labels: expected a list"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"a": 3}}',
+     "min_voxels: key 'a'"),
     ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"1": 2.5}}',
-     "non-negative"),
-    ('{"format": "other", "keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {}}',
-     "format"),
+     r"\.min_voxels\.1: expected an integer"),
+    ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"1": -2}}',
+     r"min_voxels\.1: must be a non-negative integer"),
+    ('{"format": "other", ' + _REQUIRED + "}", "format 'other' is not supported"),
+    ('{"version": 2, ' + _REQUIRED + "}", "version 2 is not supported"),
+    ('{"connectivity": "face", ' + _REQUIRED + "}", "connectivity: 'face'"),
+    ('{"n_cases": "four", ' + _REQUIRED + "}", r"\.n_cases: expected an integer"),
+    ('{"steps": [{"step": "keep_largest", "adopted": true, "size": 3}], ' + _REQUIRED + "}",
+     r"\.steps\[0\]: unknown field\(s\) \['size'\]"),
 ])
-def test_load_malformed_file_names_the_file(tmp_path: Path, content: str, message: str):
+def test_load_malformed_file_names_the_file_and_field(tmp_path: Path, content: str, message: str):
     path = tmp_path / "postprocessing.json"
     path.write_text(content)
     with pytest.raises(PostprocessingError, match=message) as info:
@@ -255,10 +273,15 @@ def test_load_missing_file(tmp_path: Path):
         load_postprocessing(tmp_path / "nope.json")
 
 
-def test_save_refuses_invalid_choice(tmp_path: Path):
-    with pytest.raises(PostprocessingError):
-        save_postprocessing({"keep_largest_foreground": 1}, tmp_path / "p.json")
-    assert not (tmp_path / "p.json").exists()
+@pytest.mark.parametrize("kwargs, message", [
+    ({"keep_largest_labels": (-1,)}, "keep_largest_labels"),
+    ({"min_voxels": {"0": 3}}, "min_voxels: key '0'"),
+    ({"labels": (0, 1)}, "labels"),
+])
+def test_invalid_choice_cannot_be_built(kwargs: dict, message: str):
+    fields = {"keep_largest_foreground": False, "keep_largest_labels": (), "min_voxels": {}} | kwargs
+    with pytest.raises(ValueError, match=message):
+        Postprocessing(**fields)
 
 
 # --- work folder -------------------------------------------------------------------------------------
@@ -304,17 +327,18 @@ def _work_with_spurious_blobs(tmp_path: Path) -> Workspace:
 def test_determine_postprocessing_writes_the_choice(tmp_path: Path):
     ws = _work_with_spurious_blobs(tmp_path)
     choice = determine_postprocessing(ws, "3d_fullres")
-    assert choice["keep_largest_foreground"] is True
-    assert choice["cases"] == [f"case_{i}" for i in range(4)] and choice["missing"] == []
-    assert load_postprocessing(ws.postprocessing_path("3d_fullres"))["keep_largest_foreground"] is True
+    assert choice.keep_largest_foreground is True
+    assert choice.cases == tuple(f"case_{i}" for i in range(4)) and choice.missing == ()
+    assert choice.configuration == "3d_fullres" and choice.members == ("3d_fullres",)
+    assert load_postprocessing(ws.postprocessing_path("3d_fullres")) == choice
 
 
 def test_determine_postprocessing_ensemble_path_and_missing_folds(tmp_path: Path):
     ws = _work_with_spurious_blobs(tmp_path)
     assert postprocessing_path(ws, "a+b") == ws.root / "postprocessing_a+b.json"
     choice = determine_postprocessing(ws, "3d_fullres", folds=[0, 3])
-    assert choice["cases"] == ["case_0", "case_1"]
-    assert any("fold(s) 3" in line for line in choice["missing"])
+    assert choice.cases == ("case_0", "case_1")
+    assert any("fold(s) 3" in line for line in choice.missing)
 
 
 def test_determine_postprocessing_without_outputs_says_why(tmp_path: Path):

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from automedseg.demo import make_demo_dataset
+from automedseg.model_selection import find_best
 from automedseg.overlays import overlay_slices
 from automedseg.pipeline import run_plan
+from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.postprocessing import Postprocessing
 from automedseg.report import collect_state, write_report
 from automedseg.training import TrainOptions, train_fold
 from automedseg.workspace import Workspace
@@ -122,19 +125,17 @@ def test_report_without_work_folder_raises(tmp_path: Path) -> None:
 
 
 def test_report_marks_the_chosen_ensemble(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
-    ensembling = pytest.importorskip("automedseg.model_selection")
-    if not hasattr(ensembling, "find_best"):
-        pytest.skip("automedseg.model_selection.find_best is not there yet")
     _, ws = trained
     copy = _copy(ws, tmp_path / "work")
-    result = ensembling.find_best(copy)
-    chosen = result["best"]["configuration"]
+    result = find_best(copy)
+    chosen = result.best.configuration
     html, md = _read(write_report(copy))
     assert "2d+3d_fullres" in html
     rows = re.findall(r'<tr class="chosen">(.*?)</tr>', html)
     assert any(f"<td>{chosen}</td>" in r and "<td>chosen</td>" in r for r in rows)  # the candidates table
     assert "find_best.json: missing" not in md
-    if result["best"].get("postprocessing") and "dice_after" in result["best"]["postprocessing"]:
+    pp = result.best.postprocessing
+    if pp is not None and pp.chosen:
         assert "Post-processing chosen" in md
         if "+" not in chosen:
             assert "Dice after PP" in md
@@ -146,10 +147,45 @@ def test_collect_state_reads_folds(trained: tuple[Path, Workspace]) -> None:
     assert sorted(state.configurations) == sorted(CONFIGS)
     assert state.expected_folds == ["0", "1", "2", "3", "4"]
     assert state.labels == {1: "outer", 2: "core"}
+    assert isinstance(state.plans, Plans) and state.dataset_name == state.plans.dataset_name
     for cfg in CONFIGS:
-        fold = state.configurations[cfg].folds["0"]
+        record = state.configurations[cfg]
+        fold = record.folds["0"]
         assert fold.finished and fold.validated and len(fold.history) == 1
         assert fold.planned_epochs == 1 and fold.train_seconds > 0
+        assert isinstance(fold.plan, ConfigurationPlan) and fold.plan.name == cfg  # the fold's plans.json copy
+        assert record.data_identifier == record.plan.data_identifier
+    assert not state.problems
+
+
+def test_report_shows_a_configurations_postprocessing(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
+    _, ws = trained
+    copy = _copy(ws, tmp_path / "work")
+    Postprocessing(labels=(1, 2), keep_largest_foreground=True, keep_largest_labels=(), min_voxels={"2": 5},
+                   n_cases=3, dice_before={"1": 0.5, "2": 0.4, "mean": 0.45},
+                   dice_after={"1": 0.6, "2": 0.5, "mean": 0.55}).save(copy.postprocessing_path("2d"))
+    assert collect_state(copy).configurations["2d"].postprocessing.n_cases == 3
+    _, md = _read(write_report(copy))
+    assert "Dice after PP" in md and "0.5500" in md
+    assert ("Post-processing chosen on 3 cases: keep the largest foreground component; remove components of class 2 "
+            "smaller than 5 voxels.") in md
+
+
+@pytest.mark.parametrize("rel, content, expected", [
+    ("2d/fold_0/plans.json", '{"dataset_name": 3}', "fold_0/plans.json: plans.dataset_name: expected a string"),
+    ("2d/postprocessing.json", '{"keep_largest_foreground": "yes", "keep_largest_labels": [], "min_voxels": {}}',
+     "postprocessing.json.keep_largest_foreground: expected true or false"),
+    ("splits.json", "[1]", "splits.json: expected a list"),
+    ("find_best.json", '{"best": {"configuration": 2}}', "find_best.json.best.configuration: expected a string"),
+])
+def test_report_lists_unreadable_files_with_the_field(trained: tuple[Path, Workspace], tmp_path: Path, rel: str,
+                                                      content: str, expected: str) -> None:
+    _, ws = trained
+    copy = _copy(ws, tmp_path / "work")
+    (copy.root / rel).write_text(content)
+    assert any(expected in line for line in collect_state(copy).problems)
+    _, md = _read(write_report(copy))
+    assert expected in md and "(ignored)" in md
 
 
 def test_cli_report(trained: tuple[Path, Workspace], tmp_path: Path) -> None:

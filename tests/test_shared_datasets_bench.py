@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from automedseg.training_log import EpochRecord, write_training_log
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "shared_datasets.py"
 
 
@@ -85,7 +87,58 @@ def test_verdicts_and_training_facts(bench):
     assert bench.verdict(0.5, t["openkbp_hn_ct"]["worst"]) == "short"  # every organ > 0.5, strictly
     assert bench.verdict(None, t["hc18"]["val"]) == "n/a"
     assert [bench.budget_verdict(u) for u in (0.9, 0.97, 1.2)] == ["short", "PASS", "over"]
-    history = [{"pseudo_dice": [0.0, 0.2, math.nan], "ema_pseudo_dice": 0.1 * i} for i in range(10)]
+    history = [EpochRecord(epoch=i, pseudo_dice=(0.0, 0.2, math.nan), ema_pseudo_dice=0.1 * i) for i in range(10)]
     assert bench.zero_pseudo_dice_classes(history, ["a", "b", "c"]) == ["a", "c"]
+    assert bench.zero_pseudo_dice_classes(history[:1], ["a", "b", "c", "d"]) == ["a", "c", "d"]  # short record
     assert bench.ema_gain_at_end(history) == pytest.approx(0.2)
     assert bench.ema_gain_at_end(history[:3]) is None
+
+
+def _plans(tmp_path: Path) -> Path:
+    from automedseg.plans import (
+        AugmentationPlan,
+        ChannelNormalization,
+        ConfigurationPlan,
+        DeviceProfile,
+        NetworkPlan,
+        Plans,
+        TrainingPlan,
+    )
+
+    net = NetworkPlan("plain_unet", (8, 16), ((3, 3), (3, 3)), ((1, 1), (2, 2)), (1, 1), (1,))
+    cfg = ConfigurationPlan(
+        name="2d", data_identifier="data_2d", dims=2, spacing_mm=(1.0, 1.0, 1.0), patch_size=(16, 16), batch_size=4,
+        median_shape=(1, 32, 32), normalization=(ChannelNormalization("zscore"),), image_order=3, label_order=1,
+        separate_z=False, out_of_plane_order=0, network=net, augmentation=AugmentationPlan(),
+        training=TrainingPlan(epochs=2, iterations_per_epoch=3))
+    device = DeviceProfile("cpu", "test", 1, 1.0, ((8, 1.0),))
+    path = tmp_path / "plans.json"
+    Plans("Test", ("T2",), {"background": 0, "vessel": 1}, (0, 1, 2), (1.0, 1.0, 1.0), (1, 32, 32), device,
+          {"2d": cfg}).save(path)
+    return path
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_fold_figures_read_through_the_typed_readers(bench, tmp_path: Path, validated: bool):
+    from automedseg.validation_summary import summary_path, write_validation_summary
+
+    _plans(tmp_path)
+    records = [EpochRecord(epoch=i, pseudo_dice=(0.1 * i,), ema_pseudo_dice=0.05 * i, lr=0.01, epoch_seconds=2.0,
+                           iterations=3, data_wait_fraction=0.5) for i in range(2)]
+    write_training_log(tmp_path / "log.jsonl", records)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write("{broken\n")  # a line being written when the benchmark reads: skipped
+    if validated:
+        summary_path(tmp_path).parent.mkdir()
+        write_validation_summary(summary_path(tmp_path), {"cases": ["a", "b"], "mean_dice": 0.7,
+                                                          "dice_per_class": {"1": 0.7}, "seconds": 4.0})
+    fig = bench.fold_figures(tmp_path, "2d")
+    assert fig["epochs"] == 2 and fig["iterations"] == 6 and fig["samples"] == 24
+    assert fig["epoch_train_seconds"] == 4.0 and fig["final_ema_pseudo_dice"] == pytest.approx(0.05)
+    assert fig["zero_pseudo_dice_classes"] == [] and fig["data_wait_fraction_mean"] == 0.5
+    assert fig["plan"]["patch_size"] == [16, 16]
+    if validated:
+        assert fig["val_cases"] == ["a", "b"] and fig["val_dice_per_class"] == {"vessel": 0.7}
+        assert fig["val_mean_dice"] == 0.7 and fig["validation_s"] == 4.0
+    else:
+        assert not fig["validated"] and fig["val_cases"] is None and fig["val_dice_per_class"] == {}

@@ -298,7 +298,7 @@ def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) ->
         with np.load(res.fold_dir / "validation" / f"{case}.npz") as npz:
             assert npz["probabilities"].shape[0] == 3  # index order: channel 2 is value 200
     choice = determine_postprocessing(ws, "3d_fullres", folds=[0])
-    assert choice["labels"] == [1, 200]
+    assert choice.labels == (1, 200)
     out = tmp_path / "pred"
     report = predict_folder(ds.root / "imagesTs", out, [[res.fold_dir]], device="cpu", mirror=False,
                             postprocessing=lambda seg: apply_postprocessing(seg, choice), log=lambda s: None)
