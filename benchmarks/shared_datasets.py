@@ -10,6 +10,9 @@ the other (never two trainings at once), with the automedseg CLI of this checkou
    default options: every configuration that applies, the device measured here).
 3. ``automedseg train RAW --work-dir ... -c CFG -f 0 --time-budget BUDGET --threads T`` with CFG =
    ``3d_fullres`` when the plan has it, else ``2d`` (the default options otherwise: final validation on).
+   Then ``automedseg find-best RAW --work-dir ... -c CFG -f 0``: the post-processing find-best chooses on the
+   fold-0 validation and the Dice after it, an (info) row: chosen and scored on the same cases, as nnU-Net's
+   cross-validation figures are.
 4. DRIVE (the only labelled test set): ``automedseg predict -i RAW/imagesTs -o WORK/drive/predictions_fold0
    -c 2d -f 0`` (default test-time mirroring; no find-best, so no post-processing), ``automedseg evaluate
    RAW/labelsTs PREDICTIONS`` (whole image), and the same scores inside the field of view computed here:
@@ -448,6 +451,25 @@ def fold_figures(fold_dir: Path, configuration: str) -> dict:
     }
 
 
+def postprocessed_figures(find_best_json: Path, names: dict[int, str]) -> dict | None:
+    """Fold-0 validation Dice before and after the post-processing find-best chose on it (typed reader)."""
+    from automedseg.best_choice import read_find_best
+
+    try:
+        pp = read_find_best(find_best_json).best.postprocessing
+    except (OSError, ValueError):
+        return None
+    if pp is None or not pp.dice_after:
+        return None
+    after = {names.get(int(k), k): v for k, v in pp.dice_after.items() if k != "mean"}
+    ops = [f"keep the largest component of {', '.join(names.get(v, str(v)) for v in pp.keep_largest_labels)}"
+           if pp.keep_largest_labels else "",
+           "keep the largest foreground component" if pp.keep_largest_foreground else "",
+           f"remove components under {pp.min_voxels} voxels" if pp.min_voxels else ""]
+    return {"mean_dice": pp.dice_after.get("mean"), "dice_per_class": after,
+            "operations": "; ".join(o for o in ops if o) or "none"}
+
+
 # --------------------------------------------------------------------------------------------------------
 # one dataset
 # --------------------------------------------------------------------------------------------------------
@@ -628,6 +650,13 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
         result["fold0"] = fig
         labels = sorted(v for v in fig["plan"]["label_names"] if v > 0)
 
+        # 3b. the post-processing find-best chooses on the fold-0 validation (as nnU-Net's CV figures)
+        if fig["validated"]:
+            steps["find_best"] = _brief(run_cli(["find-best", raw, "--work-dir", work, "-c", configuration,
+                                                 "-f", FOLD], log_path=logs / "find_best.log",
+                                                label=f"{spec.name} find-best", threads=threads))
+            result["postprocessed"] = postprocessed_figures(work / "find_best.json", fig["plan"]["label_names"])
+
         # 4. the labelled test set
         if spec.test_set:
             pred_dir = base / "predictions_fold0"
@@ -747,6 +776,11 @@ def figure_rows(r: dict) -> list[dict]:
             rows[-1]["figure"] += f" ({worst[1]})"
     else:
         add(None, "mean Dice, fold-0 validation", f.get("val_mean_dice"))
+    pp = r.get("postprocessed")
+    if pp and pp.get("mean_dice") is not None:
+        low = [f"{k} {v:.3f}" for k, v in pp["dice_per_class"].items() if v is not None and v <= 0.5]
+        add(None, "mean Dice, fold-0 validation after find-best's post-processing (chosen on the same cases)",
+            pp["mean_dice"], target_text=f"{pp['operations']}" + (f"; <= 0.5: {', '.join(low)}" if low else ""))
     if r.get("failed"):
         for row in rows:
             row["status"] += f" (a later step failed: {r['failed']})"

@@ -142,3 +142,20 @@ def test_fold_figures_read_through_the_typed_readers(bench, tmp_path: Path, vali
         assert fig["val_mean_dice"] == 0.7 and fig["validation_s"] == 4.0
     else:
         assert not fig["validated"] and fig["val_cases"] is None and fig["val_dice_per_class"] == {}
+
+
+@pytest.mark.parametrize("keep,expected_ops", [
+    ((5, 7), "keep the largest component of Esophagus, Mandible"),
+    ((), "none"),
+])
+def test_postprocessed_figures_read_find_best(bench, tmp_path, keep, expected_ops):
+    from automedseg.best_choice import BestChoice, ChosenPostprocessing, FindBest, write_find_best
+
+    pp = ChosenPostprocessing(keep_largest_labels=keep, dice_before={"5": 0.42, "7": 0.81, "mean": 0.615},
+                              dice_after={"5": 0.44, "7": 0.83, "mean": 0.635})
+    write_find_best(tmp_path / "find_best.json", FindBest(best=BestChoice(configuration="3d_fullres",
+                                                                           postprocessing=pp)))
+    got = bench.postprocessed_figures(tmp_path / "find_best.json", {0: "background", 5: "Esophagus", 7: "Mandible"})
+    assert got == {"mean_dice": 0.635, "dice_per_class": {"Esophagus": 0.44, "Mandible": 0.83},
+                   "operations": expected_ops}
+    assert bench.postprocessed_figures(tmp_path / "missing.json", {}) is None
