@@ -29,6 +29,7 @@ from automedseg.pipeline import run_plan
 from automedseg.planning import activation_bytes
 from automedseg.plans import Plans
 from automedseg.search import (
+    BASE_LR,
     LR_FACTOR_RANGE,
     InfeasibleParams,
     apply_params,
@@ -159,7 +160,8 @@ def _stub_trainer(calls: list[tuple[str, int]], *, interrupt_first: bool = False
             calls.append((name, -1))
             raise KeyboardInterrupt
         cfg = plans.configuration(name)
-        bad = cfg.training.initial_lr == pytest.approx(1e-2 * LR_FACTOR_RANGE[0]) and cfg.augmentation.gamma_p == 0
+        bad = (cfg.training.initial_lr == pytest.approx(BASE_LR[cfg.training.optimizer] * LR_FACTOR_RANGE[0])
+               and cfg.augmentation.gamma_p == 0)
         for epoch in range(cfg.training.epochs):
             calls.append((name, epoch))
             epoch_callback(epoch, 0.0 if bad else 0.5 + 0.02 * epoch)
