@@ -293,7 +293,7 @@ def _section_curves(state: WorkFolderState) -> _Section:
                          label=f"fold {f.fold} val CE")
             ax_dice.plot(ep, [_number(h.ema_pseudo_dice) for h in f.history], color=colour, marker=".",
                          label=f"fold {f.fold} EMA")
-            ax_dice.plot(ep, [_number(h.mean_pseudo_dice) for h in f.history], color=colour, alpha=0.35)
+            ax_dice.plot(ep, [_number(h.mean_pseudo_dice) for h in f.history], color=colour, alpha=0.35, marker=".")
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("loss")
         ax_loss.legend(fontsize=7)
@@ -307,7 +307,8 @@ def _section_curves(state: WorkFolderState) -> _Section:
         fig.tight_layout()
         blocks.append(_Figure(f"{FIGURE_PREFIX}curves_{_slug(name)}.png", _png(fig),
                               f"{name}: training loss (solid) and validation cross-entropy (dashed); EMA "
-                              "pseudo-Dice (solid) and per-epoch pseudo-Dice (faint), one colour per fold."))
+                              "pseudo-Dice (solid) and per-epoch pseudo-Dice on whole validation images (faint), "
+                              "one colour per fold."))
     if not blocks:
         blocks.append(_Text("No fold has logged an epoch yet."))
     return _Section("Training curves", blocks)
@@ -351,8 +352,8 @@ def _section_timing(state: WorkFolderState) -> _Section:
         return _Section("Time", [_Text("No fold folder yet.")])
     return _Section("Time", [
         _Text("Training time is the sum of the logged epoch times (training iterations plus the per-epoch "
-              "pseudo-Dice batches); inference per case is the fold's final sliding-window validation time "
-              "divided by its cases."),
+              "pseudo-Dice on patches and whole images); inference per case is the fold's final sliding-window "
+              "validation time divided by its cases."),
         _Table(header, rows),
     ])
 

@@ -61,9 +61,13 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
 
     def on_epoch(epoch: int, ema: float) -> bool:
         # The trainer's EMA (factor 0.9) lags by ~10 epochs, half a trial: report a short running mean
-        # of the epoch's pseudo-Dice instead (read from the fold log, which is written before this call).
-        raw = _epoch_pseudo_dice(out_dir / "log.jsonl", epoch)
-        curve.append(float(ema) if raw is None else raw)
+        # of the epochs' whole-image pseudo-Dice instead (read from the fold log, which is written before this
+        # call). An epoch that scored no whole image (a large one is scored every few epochs) adds nothing.
+        logged, raw = _epoch_pseudo_dice(out_dir / "log.jsonl", epoch)
+        if raw is not None or (not logged and math.isfinite(ema)):
+            curve.append(float(ema) if raw is None else raw)
+        if not curve:
+            return False
         score = float(np.mean(curve[-SMOOTHING_EPOCHS:]))
         trial.report(score, epoch + 1)
         if trial.should_prune():
@@ -109,12 +113,12 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     return value
 
 
-def _epoch_pseudo_dice(log_path: Path, epoch: int) -> float | None:
-    """Mean pseudo-Dice of ``epoch`` from a fold's log.jsonl (``None`` if absent or not finite)."""
+def _epoch_pseudo_dice(log_path: Path, epoch: int) -> tuple[bool, float | None]:
+    """Whether a fold's log.jsonl holds ``epoch``, and its mean pseudo-Dice (``None``: absent or not finite)."""
     history = read_training_log(log_path, problems=[])
-    entry = history[-1] if history else None
-    value = entry.mean_pseudo_dice if entry is not None and entry.epoch == epoch else None
-    return float(value) if value is not None and math.isfinite(value) else None
+    entry = history[-1] if history and history[-1].epoch == epoch else None
+    value = entry.mean_pseudo_dice if entry is not None else None
+    return entry is not None, float(value) if value is not None and math.isfinite(value) else None
 
 
 def _clean_trial_dir(out_dir: Path) -> None:

@@ -3,14 +3,15 @@
 Composition, not a trainer class hierarchy: :func:`train_fold` wires a network (:mod:`network`), batches
 (:mod:`augmentation`), a loss (:class:`~automedseg.losses.DeepSupervisionLoss`), SGD or AdamW with poly decay, and
 per-epoch checkpoints. Variants are plan fields or :class:`~automedseg.training_options.TrainOptions`, not
-subclasses. The validation (per-epoch pseudo-Dice, final sliding-window validation) is :mod:`automedseg.validation`,
-the rank bookkeeping of a distributed run :mod:`automedseg.distributed`.
+subclasses. The per-epoch pseudo-Dice that steers the best checkpoint is scored on whole validation images
+(:mod:`automedseg.full_image_dice`; the patch figure of :mod:`automedseg.validation` is logged beside it), the final
+sliding-window validation is :mod:`automedseg.validation`, the rank bookkeeping :mod:`automedseg.distributed`.
 
 Fold folder (``<work>/<configuration>/fold_K/``)::
 
     plans.json              the plan as trained (schedule and overrides actually used)
     checkpoint_latest.pt    every epoch, atomic; resume point
-    checkpoint_best.pt      best EMA pseudo-Dice
+    checkpoint_best.pt      best EMA pseudo-Dice (whole validation images)
     checkpoint_final.pt     after the last epoch
     log.jsonl               one JSON object per epoch
     progress.png            loss, pseudo-Dice, learning rate, epoch time
@@ -39,6 +40,7 @@ from automedseg.device import autocast_context, memory_format, needs_grad_scaler
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.distributed import Dist
 from automedseg.errors import InputError
+from automedseg.full_image_dice import ImageRotation, image_tiles, score_images
 from automedseg.inference import load_checkpoint
 from automedseg.io import atomic_save_figure, atomic_write
 from automedseg.locks import folder_lock
@@ -117,11 +119,9 @@ def estimate_validation_seconds(cache: Path, case_ids: Sequence[str], patch_size
     scoring.
     """
     tiles = 0
-    dims = len(patch_size)
     for cid in case_ids:
         shape = np.load(Path(cache) / f"{cid}.npy", mmap_mode="r").shape[1:]
-        n = math.prod(max(1, math.ceil((s - p) / (p * step)) + 1) for s, p in zip(shape[-dims:], patch_size))
-        tiles += n * (shape[0] if dims == 2 else 1)
+        tiles += image_tiles(shape, patch_size, step=step) * (shape[0] if len(patch_size) == 2 else 1)
     return float(tiles * seconds_per_patch * overhead)
 
 
@@ -332,6 +332,9 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
         train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
                                             worker_niceness=10 if device.type == "cpu" else 0)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
+    # Whole validation images, about as many tiles an epoch as the patch pseudo-Dice has patches (all ranks).
+    rotation = ImageRotation.from_cache(cache, val_ids, config, seed=tr.seed,
+                                        tiles_per_epoch=tr.val_iterations * local.batch_size * dist.world)
     mf = memory_format(config.dims) if device.type == "cpu" else torch.contiguous_format
     ema = history[-1]["ema_pseudo_dice"] if history else None
     no_improve = 0
@@ -379,21 +382,28 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             train_time = time.perf_counter() - t_epoch
             iterations = max(1, len(losses))
             wait = train_loader.wait_seconds
-            val_loss, dice_per_class = pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
-                                                    options.amp, run.plans.num_classes, dist)
-            mean_dice = float(np.nanmean(dice_per_class)) if len(dice_per_class) else 0.0
-            ema = mean_dice if ema is None else 0.9 * ema + 0.1 * mean_dice
+            val_loss, patch_dice = pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
+                                               options.amp, run.plans.num_classes, dist)
+            patch_seconds = time.perf_counter() - t_epoch - train_time
+            full = score_images(net, cache, rotation.for_epoch(epoch), local, num_classes=run.plans.num_classes,
+                                device=device, amp=options.amp, dist=dist)
+            mean_dice = full.mean  # whole images steer the EMA (best checkpoint, pruning); None: none scored
+            if mean_dice is not None:
+                ema = mean_dice if ema is None else 0.9 * ema + 0.1 * mean_dice
             epoch_time = time.perf_counter() - t_epoch
             p.train_seconds += epoch_time
             entry = {
                 "epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                "pseudo_dice": dice_per_class, "mean_pseudo_dice": mean_dice, "ema_pseudo_dice": ema, "lr": lr,
+                "pseudo_dice": full.dice, "mean_pseudo_dice": mean_dice, "ema_pseudo_dice": ema, "lr": lr,
+                "patch_pseudo_dice": patch_dice, "pseudo_dice_images": full.images,
+                "mean_patch_pseudo_dice": float(np.nanmean(patch_dice)) if len(patch_dice) else 0.0,
+                "pseudo_dice_seconds": full.seconds,
                 "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / iterations,
                 "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": iterations,
                 "planned_epochs": p.planned_epochs, "time": time.time(),
             }
             history.append(entry)
-            improved = ema > p.best
+            improved = ema is not None and ema > p.best
             if improved:
                 p.best = ema
                 no_improve = 0
@@ -403,7 +413,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             # (start-up and final validation included) ends in the last 5 % of its budget.
             if tr.time_budget_s is not None:
                 if validation_estimate is None and options.validate and val_ids is not train_ids:
-                    per_patch = (epoch_time - train_time) / max(1, tr.val_iterations * local.batch_size)
+                    per_patch = patch_seconds / max(1, tr.val_iterations * local.batch_size)
                     validation_estimate = estimate_validation_seconds(cache, val_ids, config.patch_size,
                                                                       seconds_per_patch=per_patch)
                 now = time.perf_counter()
@@ -430,11 +440,12 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             if bar is not None:
                 bar.close()
                 bar = None
-            log(f"epoch {epoch + 1}/{p.planned_epochs}: loss {entry['train_loss']:.4f}, pseudo-Dice "
-                f"{' '.join(f'{d:.3f}' for d in dice_per_class)} (EMA {ema:.3f}), {epoch_time:.1f} s, "
-                f"{entry['seconds_per_iteration']:.3f} s/it, data wait {100 * entry['data_wait_fraction']:.0f}%")
+            log(f"epoch {epoch + 1}/{p.planned_epochs}: loss {entry['train_loss']:.4f}, pseudo-Dice {full.describe()} "
+                f"(EMA {'-' if ema is None else f'{ema:.3f}'}; patches {entry['mean_patch_pseudo_dice']:.3f}), "
+                f"{epoch_time:.1f} s, {entry['seconds_per_iteration']:.3f} s/it, data wait "
+                f"{100 * entry['data_wait_fraction']:.0f}%")
             stop = False
-            if run.epoch_callback is not None and run.epoch_callback(epoch, ema):
+            if run.epoch_callback is not None and run.epoch_callback(epoch, math.nan if ema is None else ema):
                 log("stopped by the epoch callback (pruned)")
                 stop = True
             if options.early_stopping_patience and no_improve >= options.early_stopping_patience:
@@ -471,8 +482,9 @@ def plot_progress(history: list[dict[str, Any]], path: Path) -> None:
     axes[0].plot(ep, [h["val_loss"] for h in history], label="val CE")
     axes[0].legend()
     axes[0].set_ylabel("loss")
-    axes[1].plot(ep, [h["mean_pseudo_dice"] for h in history], label="pseudo-Dice")
+    axes[1].plot(ep, [h["mean_pseudo_dice"] for h in history], ".", label="pseudo-Dice (whole images)")
     axes[1].plot(ep, [h["ema_pseudo_dice"] for h in history], label="EMA")
+    axes[1].plot(ep, [h.get("mean_patch_pseudo_dice") for h in history], alpha=0.5, label="pseudo-Dice (patches)")
     axes[1].set_ylabel("Dice")
     axes[1].legend()
     axes[2].plot(ep, [h["lr"] for h in history])

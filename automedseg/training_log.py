@@ -34,11 +34,19 @@ class EpochRecord:
         epoch: 0-based epoch index.
         train_loss: Mean training loss.
         val_loss: Cross-entropy on the validation patches.
-        pseudo_dice: Dice per foreground class on the validation patches (``None``: class absent there).
-        mean_pseudo_dice: Their mean.
-        ema_pseudo_dice: Exponential moving average of the mean (what checkpoint_best and pruning follow).
+        pseudo_dice: Dice per foreground class on the whole validation images scored this epoch
+            (:mod:`automedseg.full_image_dice`; ``None``: class neither there nor predicted; empty: no image was
+            scored this epoch). Logs written before whole images were scored hold the patch figure here.
+        mean_pseudo_dice: Their mean (``None``: nothing scored this epoch).
+        ema_pseudo_dice: Exponential moving average of the mean over the epochs that scored images (what
+            checkpoint_best and pruning follow).
+        patch_pseudo_dice: Dice per foreground class on the sampled validation patches (foreground oversampled,
+            so it flatters: kept for comparison; empty in older logs).
+        mean_patch_pseudo_dice: Their mean.
+        pseudo_dice_images: Whole images scored this epoch (``None`` in older logs).
+        pseudo_dice_seconds: Wall time of scoring them.
         lr: Learning rate of the epoch.
-        epoch_seconds: Wall time of training and validation batches.
+        epoch_seconds: Wall time of training, validation batches and whole-image scoring.
         seconds_per_iteration: Training step time.
         data_wait_fraction: Share of the training time spent waiting for batches.
         iterations: Training iterations run.
@@ -52,6 +60,10 @@ class EpochRecord:
     pseudo_dice: tuple[float | None, ...] = ()
     mean_pseudo_dice: float | None = None
     ema_pseudo_dice: float | None = None
+    patch_pseudo_dice: tuple[float | None, ...] = ()
+    mean_patch_pseudo_dice: float | None = None
+    pseudo_dice_images: int | None = None
+    pseudo_dice_seconds: float | None = None
     lr: float | None = None
     epoch_seconds: float = 0.0
     seconds_per_iteration: float | None = None

@@ -449,6 +449,60 @@ def window_cache(tmp_path: Path) -> WindowCache:
     return WindowCache(folder, ids, shape)
 
 
+def _configuration_plan(patch_size: Sequence[int], *, batch_size: int = 2, oversample: float = 0.33,
+                        val_iterations: int = 2, seed: int = 3) -> Any:
+    """A small plain-U-Net configuration of the cache fixtures' ``data_id`` (2D or 3D from ``patch_size``)."""
+    from automedseg.plans import AugmentationPlan, ConfigurationPlan, NetworkPlan, TrainingPlan
+
+    dims = len(patch_size)
+    return ConfigurationPlan(
+        name=f"{dims}d", data_identifier="data_id", dims=dims, spacing_mm=(1.0, 1.0, 1.0),
+        patch_size=tuple(int(p) for p in patch_size), batch_size=batch_size, median_shape=(12, 20, 20),
+        normalization=(), image_order=3, label_order=1, separate_z=False, out_of_plane_order=0,
+        network=NetworkPlan(architecture="plain_unet", features_per_stage=(4, 8), kernel_sizes=((3,) * dims,) * 2,
+                            strides=((1,) * dims, (2,) * dims), n_conv_per_stage_encoder=(1, 1),
+                            n_conv_per_stage_decoder=(1,)),
+        augmentation=AugmentationPlan(),
+        training=TrainingPlan(epochs=1, iterations_per_epoch=1, val_iterations=val_iterations, num_workers=0,
+                              oversample_foreground=oversample, seed=seed))
+
+
+@pytest.fixture
+def configuration_plan() -> Callable[..., Any]:
+    """``configuration_plan(patch_size, batch_size=2, oversample=0.33, val_iterations=2, seed=3)``: a small
+    :class:`~automedseg.plans.ConfigurationPlan` for the cache fixtures (``data_id``)."""
+    return _configuration_plan
+
+
+@dataclass
+class DecoyCache:
+    """A preprocessed cache whose cases hold a foreground block (label 1) and, far from it, a decoy: a blob as
+    bright as the foreground but labelled background. A model that thresholds the intensity finds the block and
+    the decoy; a patch centred on the foreground never reaches the decoy."""
+
+    folder: Path
+    case_ids: list[str]
+    foreground_voxels: int  # per case
+    decoy_voxels: int  # per case
+
+
+@pytest.fixture
+def decoy_cache(tmp_path: Path) -> DecoyCache:
+    """Three cases of one channel, (4, 48, 48): foreground [1:3, 4:10, 4:10], decoy [1:3, 34:44, 34:44]."""
+    folder = tmp_path / "preprocessed" / "data_id"
+    folder.mkdir(parents=True)
+    ids = ["decoy_a", "decoy_b", "decoy_c"]
+    seg = np.zeros((1, 4, 48, 48), dtype=np.int8)
+    seg[0, 1:3, 4:10, 4:10] = 1
+    data = seg.astype(np.float32)
+    data[0, 1:3, 34:44, 34:44] = 1.0
+    for case in ids:
+        np.save(folder / f"{case}.npy", data)
+        np.save(folder / f"{case}_seg.npy", seg)
+        np.savez(folder / f"{case}_locs.npz", class_1=np.argwhere(seg[0] == 1).astype(np.int64))
+    return DecoyCache(folder, ids, foreground_voxels=2 * 6 * 6, decoy_voxels=2 * 10 * 10)
+
+
 # --- 2D source folders as people have them (for `automedseg import`) ---------------------------------------
 
 MASK_COLOURS = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 255, 0)}  # class -> RGB of colour-coded masks

@@ -191,6 +191,34 @@ def test_a_planted_bad_trial_is_pruned(planned: tuple[Path, Workspace], monkeypa
     assert res.counts["pruned"] == 1 and res.best_trial in (0, 1)
 
 
+def test_the_pruner_follows_the_whole_image_pseudo_dice_of_the_log(planned: tuple[Path, Workspace],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each epoch reports the running mean of the logged whole-image pseudo-Dice; an epoch that scored no whole
+    image repeats the last report (its EMA, 0.9 here, is not mixed in), and the patch figure is never used."""
+    from automedseg.training_log import write_training_log
+
+    _, ws = planned
+    epochs = [(0.2, 1, 0.2), (None, 0, 0.9), (0.5, 2, 0.9)]  # (mean whole-image pseudo-Dice, images, EMA)
+
+    def fake(ws: Workspace, name: str, fold: int, *, plans: Plans, options: TrainOptions, log: Any,
+             epoch_callback: Any) -> FoldResult:
+        out = Path(options.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        history: list[dict[str, Any]] = []
+        for epoch, (mean, images, ema) in enumerate(epochs):
+            history.append({"epoch": epoch, "mean_pseudo_dice": mean, "pseudo_dice_images": images,
+                            "ema_pseudo_dice": ema, "mean_patch_pseudo_dice": 0.95, "epoch_seconds": 1.0})
+            write_training_log(out / "log.jsonl", history)
+            epoch_callback(epoch, ema)
+        return FoldResult(out, len(epochs), 0.9, 1.0, {"mean_dice": 0.5})
+
+    monkeypatch.setattr(training, "train_fold", fake)
+    run_search(ws, "3d_fullres", n_trials=1, study_name="whole_images", pruner="none",
+               trial_options={"epochs": len(epochs)}, **COMMON)
+    (trial,) = _study(ws, "whole_images").get_trials()
+    assert trial.intermediate_values == {1: 0.2, 2: 0.2, 3: pytest.approx(0.35)}
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_interrupted_and_dead_trials_are_retried(planned: tuple[Path, Workspace],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -137,6 +137,23 @@ def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Work
     assert all((fold_dir / "validation" / f"{c}.npz").is_file() for c in val_ids)
     ckpt = torch.load(fold_dir / "checkpoint_latest.pt", weights_only=True)
     assert ckpt["epoch"] == 1
+    _check_pseudo_dice_log(fold_dir, n_foreground=copy.num_classes - 1)
+
+
+def _check_pseudo_dice_log(fold_dir: Path, *, n_foreground: int) -> None:
+    """The log holds the whole-image pseudo-Dice (which the EMA and checkpoint_best follow) and the patch one."""
+    from automedseg.training_log import read_training_log
+
+    records = read_training_log(fold_dir / "log.jsonl")  # strict: every field typed
+    assert records[0].pseudo_dice_images >= 1  # the first epoch always scores a whole image
+    for r in records:
+        assert len(r.patch_pseudo_dice) == n_foreground and r.mean_patch_pseudo_dice is not None
+        assert len(r.pseudo_dice) == (n_foreground if r.pseudo_dice_images else 0)
+        assert 0.0 <= r.pseudo_dice_seconds < r.epoch_seconds
+    first = next(r for r in records if r.mean_pseudo_dice is not None)
+    assert first.ema_pseudo_dice == first.mean_pseudo_dice  # the EMA starts from whole images, not patches
+    best = torch.load(fold_dir / "checkpoint_best.pt", weights_only=True)
+    assert best["ema_pseudo_dice"] == max(r.ema_pseudo_dice for r in records if r.ema_pseudo_dice is not None)
 
 
 def test_resume_continues_from_the_checkpoint(planned: tuple[Path, Workspace]) -> None:

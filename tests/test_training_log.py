@@ -39,3 +39,27 @@ def test_bad_lines_raise_or_are_skipped(tmp_path: Path, line: str, needle: str) 
 
 def test_missing_log_is_empty(tmp_path: Path) -> None:
     assert read_training_log(tmp_path / "nope.jsonl") == []
+
+
+@pytest.mark.parametrize(("line", "patch", "images", "seconds"), [
+    # written before whole images were scored: pseudo_dice was the patch figure, the new fields are absent
+    ('{"epoch": 0, "pseudo_dice": [0.7], "mean_pseudo_dice": 0.7, "ema_pseudo_dice": 0.7, "epoch_seconds": 2.0}',
+     (), None, None),
+    # whole images scored, the patch figure beside them
+    ('{"epoch": 3, "pseudo_dice": [0.4], "mean_pseudo_dice": 0.4, "ema_pseudo_dice": 0.45, "patch_pseudo_dice": '
+     '[0.7], "mean_patch_pseudo_dice": 0.7, "pseudo_dice_images": 6, "pseudo_dice_seconds": 0.3, '
+     '"epoch_seconds": 2.0}', (0.7,), 6, 0.3),
+    # an epoch that scored no whole image (a large one is paid for over several epochs)
+    ('{"epoch": 4, "pseudo_dice": [], "mean_pseudo_dice": null, "ema_pseudo_dice": 0.45, "patch_pseudo_dice": '
+     '[0.7], "pseudo_dice_images": 0, "pseudo_dice_seconds": 0.0, "epoch_seconds": 2.0}', (0.7,), 0, 0.0),
+])
+def test_patch_and_whole_image_fields_are_read_from_old_and_new_logs(tmp_path: Path, line: str, patch: tuple,
+                                                                     images: int | None,
+                                                                     seconds: float | None) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(line + "\n")
+    (record,) = read_training_log(path)  # strict: no field is unknown or mistyped
+    assert (record.patch_pseudo_dice, record.pseudo_dice_images, record.pseudo_dice_seconds) == (patch, images,
+                                                                                                  seconds)
+    write_training_log(path, [record])
+    assert read_training_log(path) == [record]
