@@ -4,7 +4,8 @@ Each JSON file in the work folder has one owner module, which reads and writes i
 owner's reader instead of parsing the file:
 
 * ``plans.json``: :mod:`automedseg.plans` (``Plans.load`` / ``Plans.save``);
-* ``fingerprint.json``: :mod:`automedseg.fingerprint` (``save_fingerprint`` / ``load_fingerprint``);
+* ``fingerprint.json``: :mod:`automedseg.fingerprint` (``Fingerprint``, ``save_fingerprint`` / ``load_fingerprint``;
+  the dataclasses are in :mod:`automedseg.fingerprint_types`);
 * the preprocessed ``<case>.json``: :mod:`automedseg.preprocessing` (``CaseMeta``, ``read_case_meta``);
 * ``splits.json``: :mod:`automedseg.splits` (``read_splits``);
 * a fold's ``log.jsonl``: :mod:`automedseg.training_log` (``EpochRecord``, ``read_training_log``);

@@ -5,8 +5,20 @@ statistics from a deterministic sample of foreground voxels, voxel count and con
 per class. Dataset level: median and percentile spacing and shape, modality per channel and pooled
 foreground intensity statistics (used by CT normalisation).
 
-All spatial tuples are in array order (z, y, x) of the raw images. The result is plain JSON
-(``fingerprint.json``).
+All spatial tuples are in array order (z, y, x) of the raw images. The result is a typed
+:class:`~automedseg.fingerprint_types.Fingerprint` (frozen dataclasses, re-exported here); this module owns
+``fingerprint.json`` (:func:`save_fingerprint`, :func:`load_fingerprint`), and every other module reads the
+fingerprint's attributes, never its JSON.
+
+Example:
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "fingerprint.json"
+    >>> _ = path.write_text(json.dumps({"fingerprint_version": FINGERPRINT_VERSION}))
+    >>> problems = []
+    >>> load_fingerprint(path, problems=problems) is None  # not reused: plan fingerprints the dataset again
+    True
+    >>> print(problems[0].replace(str(path), "fingerprint.json"))
+    fingerprint.json: missing field 'dataset_name'
 """
 
 from __future__ import annotations
@@ -14,17 +26,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from automedseg.checks import CaseInspection, dataset_level_problems, inspect_case, no_foreground_problem
+from automedseg.fingerprint_types import (  # noqa: F401  (re-exported: the owner's types)
+    FINGERPRINT_VERSION,
+    CaseFingerprint,
+    ClassStats,
+    ClassSummary,
+    DatasetSummary,
+    Fingerprint,
+    IntensityStats,
+)
 from automedseg.io import CaseFiles, DatasetError, DatasetSpec, atomic_write_json
 from automedseg.lateral import centroid_rel
 from automedseg.parallel import parallel_map
+from automedseg.serialize import PlanError
 
-FINGERPRINT_VERSION = 3  # 2: per-class centroids; 3: per-class in-plane structure size
 SAMPLES_PER_CASE = 10_000
 SAMPLE_SEED = 1234
 
@@ -93,22 +113,7 @@ def structure_size_px(mask: np.ndarray) -> float:
     return round(2.0 * float(m.sum()) / max(boundary, 1), 3)
 
 
-def _stats(values: np.ndarray) -> dict[str, float]:
-    if values.size == 0:
-        return {k: float("nan") for k in ("mean", "std", "median", "min", "max", "p00_5", "p99_5")}
-    p = np.percentile(values, [50.0, 0.5, 99.5])
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "median": float(p[0]),
-        "min": float(values.min()),
-        "max": float(values.max()),
-        "p00_5": float(p[1]),
-        "p99_5": float(p[2]),
-    }
-
-
-def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple[dict[str, Any], np.ndarray]:
+def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple[CaseFingerprint, np.ndarray]:
     """Fingerprint of one checked case; also returns the foreground intensity sample (C, N)."""
     assert inspection.image is not None and inspection.label is not None and inspection.geometry is not None
     image, label, geom = inspection.image, inspection.label, inspection.geometry
@@ -119,34 +124,35 @@ def case_fingerprint(inspection: CaseInspection, labels: Iterable[int]) -> tuple
     if fg_idx.size > SAMPLES_PER_CASE:
         fg_idx = np.sort(rng.choice(fg_idx, SAMPLES_PER_CASE, replace=False))
     sample = image.reshape(image.shape[0], -1)[:, fg_idx]
-    classes = {}
+    classes: dict[str, ClassStats] = {}
     for k in labels:
         if k == 0:
             continue
         m = label == k
         n = int(m.sum())
-        classes[str(k)] = {
-            "voxels": n,
-            "components": int(ndimage.label(m)[1]) if n else 0,
-            "centroid_rel": centroid_rel(m) if n else None,  # for lateralised labels (automedseg.lateral)
-            "size_px": structure_size_px(m) if n else None,  # for the 2D scale rule (automedseg.topology)
-        }
-    return {
-        "case_id": inspection.case_id,
-        "spacing_mm": list(geom.spacing_zyx),
-        "shape": list(geom.shape_zyx),
-        "shape_after_crop": [b - a for a, b in bbox],
-        "crop_bbox": [list(b) for b in bbox],
-        "geometry": geom.to_dict(),
-        "foreground_voxels": int(fg.sum()),
-        "intensity": [_stats(sample[c]) for c in range(sample.shape[0])],
-        "classes": classes,
-    }, sample.astype(np.float32)
+        centre = centroid_rel(m) if n else None  # for lateralised labels (automedseg.lateral)
+        classes[str(k)] = ClassStats(
+            voxels=n,
+            components=int(ndimage.label(m)[1]) if n else 0,
+            centroid_rel=tuple(centre) if centre is not None else None,
+            size_px=structure_size_px(m) if n else None,  # for the 2D scale rule (automedseg.topology)
+        )
+    return CaseFingerprint(
+        case_id=inspection.case_id,
+        spacing_mm=geom.spacing_zyx,
+        shape=geom.shape_zyx,
+        shape_after_crop=tuple(b - a for a, b in bbox),  # type: ignore[arg-type]
+        crop_bbox=bbox,  # type: ignore[arg-type]
+        geometry=geom,
+        foreground_voxels=int(fg.sum()),
+        intensity=tuple(IntensityStats.of(sample[c]) for c in range(sample.shape[0])),
+        classes=classes,
+    ), sample.astype(np.float32)
 
 
 def _fingerprint_worker(
     args: tuple[CaseFiles, DatasetSpec],
-) -> tuple[list[str], dict[str, Any] | None, np.ndarray | None]:
+) -> tuple[list[str], CaseFingerprint | None, np.ndarray | None]:
     case, spec = args
     insp = inspect_case(case, spec)
     if insp.problems:
@@ -156,7 +162,7 @@ def _fingerprint_worker(
 
 
 def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = False,
-                        min_cases: int = 1) -> dict[str, Any]:
+                        min_cases: int = 1) -> Fingerprint:
     """Check and fingerprint every training case.
 
     Args:
@@ -165,11 +171,14 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
         progress: Show a progress bar.
         min_cases: Fewer training cases is a problem (``plan`` passes the cross-validation fold count).
 
+    Returns:
+        The fingerprint, without ``files_signature`` (``plan`` adds it with :func:`dataclasses.replace`).
+
     Raises:
         DatasetError: Any integrity problem (all of them listed, one line each).
     """
     problems = dataset_level_problems(spec, min_cases=min_cases)
-    cases: list[dict[str, Any]] = []
+    cases: list[CaseFingerprint] = []
     samples: list[np.ndarray] = []
     for probs, fp, sample in parallel_map(_fingerprint_worker, [(c, spec) for c in spec.cases], jobs=jobs,
                                           desc="fingerprint", progress=progress):
@@ -179,72 +188,57 @@ def compute_fingerprint(spec: DatasetSpec, *, jobs: int = 2, progress: bool = Fa
             samples.append(sample)
     if problems:
         raise DatasetError(problems)
-    if not any(c["foreground_voxels"] for c in cases):
+    if not any(c.foreground_voxels for c in cases):
         # Nothing to learn, and the pooled intensity statistics would be NaN (invalid JSON, NaN CT clipping).
         raise DatasetError([no_foreground_problem(spec)])
-    spacings = np.array([c["spacing_mm"] for c in cases], dtype=float)
-    shapes = np.array([c["shape"] for c in cases], dtype=float)
-    cropped = np.array([c["shape_after_crop"] for c in cases], dtype=float)
     pooled = np.concatenate(samples, axis=1)
-    modalities = [modality_of(n) for n in spec.channel_names]
-    class_summary = {}
-    for k in sorted(spec.labels.values()):
-        if k == 0:
-            continue
-        vox = np.array([c["classes"][str(k)]["voxels"] for c in cases], dtype=float)
-        comps = np.array([c["classes"][str(k)]["components"] for c in cases], dtype=float)
-        class_summary[str(k)] = {
-            "present_in_cases": int((vox > 0).sum()),
-            "median_voxels": float(np.median(vox)),
-            "min_voxels": float(vox.min()),
-            "median_components": float(np.median(comps)),
-            "max_components": float(comps.max()),
-        }
-    return {
-        "fingerprint_version": FINGERPRINT_VERSION,
-        "dataset_name": spec.name,
-        "layout": spec.layout,
-        "channel_names": list(spec.channel_names),
-        "modalities": modalities,
-        "labels": dict(spec.labels),
-        "is_2d": bool(all(c["shape"][0] == 1 for c in cases)),
-        "num_cases": len(cases),
-        "dataset": {
-            "median_spacing_mm": np.median(spacings, axis=0).tolist(),
-            "spacing_p10_mm": np.percentile(spacings, 10, axis=0).tolist(),
-            "spacing_p90_mm": np.percentile(spacings, 90, axis=0).tolist(),
-            "median_shape": np.median(shapes, axis=0).tolist(),
-            "median_shape_after_crop": np.median(cropped, axis=0).tolist(),
-            "min_shape_after_crop": cropped.min(axis=0).tolist(),
-            "max_shape_after_crop": cropped.max(axis=0).tolist(),
-            "intensity": [_stats(pooled[c]) for c in range(pooled.shape[0])],
-            "classes": class_summary,
-        },
-        "cases": cases,
-    }
+    intensity = [IntensityStats.of(pooled[c]) for c in range(pooled.shape[0])]
+    return Fingerprint(
+        dataset_name=spec.name,
+        layout=spec.layout,
+        channel_names=tuple(spec.channel_names),
+        modalities=tuple(modality_of(n) for n in spec.channel_names),
+        labels=dict(spec.labels),
+        is_2d=bool(all(c.shape[0] == 1 for c in cases)),
+        num_cases=len(cases),
+        dataset=DatasetSummary.of_cases(cases, intensity=intensity, labels=spec.labels.values()),
+        cases=tuple(cases),
+    )
 
 
-def save_fingerprint(fingerprint: dict[str, Any], path: Path) -> None:
+def save_fingerprint(fingerprint: Fingerprint, path: Path) -> None:
     """Write ``fingerprint.json`` atomically."""
-    atomic_write_json(path, fingerprint)
+    atomic_write_json(Path(path), fingerprint.to_dict())
 
 
-def load_fingerprint(path: Path, *, signature: str | None = None) -> dict[str, Any] | None:
+def load_fingerprint(path: Path, *, signature: str | None = None,
+                     problems: list[str] | None = None) -> Fingerprint | None:
     """The saved ``fingerprint.json`` when it can be reused, else ``None``.
 
-    Reusable means: the file exists and is a JSON object, of this :data:`FINGERPRINT_VERSION`, and (when
-    ``signature`` is given) computed from the same files (its ``files_signature``). Anything else (missing,
-    unreadable, older, other files) means the dataset must be fingerprinted again.
+    Reusable means: the file exists and is a JSON object, of this :data:`FINGERPRINT_VERSION`, (when
+    ``signature`` is given) computed from the same files (its ``files_signature``), and a valid
+    :class:`Fingerprint`. Anything else (missing, unreadable, older, other files, malformed) means the dataset
+    must be fingerprinted again.
+
+    Args:
+        path: The file.
+        signature: The signature of the dataset's files now (:func:`automedseg.pipeline.files_signature`).
+        problems: Where a malformed file's problem (naming the file and the field) is appended.
     """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        fingerprint = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(fingerprint, dict) or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION:
+    if not isinstance(data, dict) or data.get("fingerprint_version") != FINGERPRINT_VERSION:
         return None
-    if signature is not None and fingerprint.get("files_signature") != signature:
+    if signature is not None and data.get("files_signature") != signature:
         return None
-    return fingerprint
+    try:
+        return Fingerprint.from_dict(data, str(path))
+    except PlanError as e:
+        if problems is not None:
+            problems.append(str(e))
+        return None

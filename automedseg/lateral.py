@@ -19,9 +19,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from automedseg.fingerprint_types import CaseFingerprint
 
 #: A class counts as lateral along an axis when its centre lies at least this far from the middle (fraction of
 #: the image) in nearly every case.
@@ -86,14 +90,14 @@ def mirror_confusions(centroids: Mapping[str, np.ndarray], *, min_offset: float 
     return out
 
 
-def class_centroids(cases: list[dict], labels: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Class name -> relative centres ``(n_cases, 3)`` from the fingerprint's per-case ``classes`` entries."""
+def class_centroids(cases: Sequence[CaseFingerprint], labels: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Class name -> relative centres ``(n_cases, 3)`` of the cases that contain it, from the fingerprint."""
     out = {}
     for name, value in labels.items():
         if value == 0:
             continue
-        rows = [c["classes"][str(value)].get("centroid_rel") for c in cases if str(value) in c.get("classes", {})]
-        rows = [r for r in rows if r is not None]
+        stats = [c.classes[str(value)] for c in cases if str(value) in c.classes]
+        rows = [s.centroid_rel for s in stats if s.centroid_rel is not None]
         if rows:
             out[name] = np.asarray(rows, dtype=float)
     return out

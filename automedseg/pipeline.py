@@ -6,6 +6,7 @@ made; none reads environment variables.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -108,14 +109,18 @@ def _plan_locked(spec: DatasetSpec, ws: Workspace, profile: DeviceProfile, *, co
     from automedseg.trained import keep_trained
 
     signature = files_signature(spec)
-    fingerprint = None if overwrite else load_fingerprint(ws.fingerprint_path, signature=signature)
-    if fingerprint is not None:  # else missing, unreadable or files changed since: check and fingerprint again
+    malformed: list[str] = []
+    fingerprint = None if overwrite else load_fingerprint(ws.fingerprint_path, signature=signature,
+                                                          problems=malformed)
+    if fingerprint is not None:  # else missing, unreadable, malformed or files changed: check and fingerprint again
         log(f"fingerprint: reusing {ws.fingerprint_path} (files unchanged)")
+    for problem in malformed:
+        log(f"fingerprint: not reused ({problem})")
     if fingerprint is None:
         fingerprint = compute_fingerprint(spec, jobs=jobs, progress=progress, min_cases=N_SPLITS)
-        fingerprint["files_signature"] = signature
+        fingerprint = dataclasses.replace(fingerprint, files_signature=signature)
         save_fingerprint(fingerprint, ws.fingerprint_path)
-        log(f"fingerprint: {fingerprint['num_cases']} cases -> {ws.fingerprint_path}")
+        log(f"fingerprint: {fingerprint.num_cases} cases -> {ws.fingerprint_path}")
     plans = plan_dataset(fingerprint, device=profile, time_budget_s=time_budget_s, seed=seed,
                          configurations=configurations, architecture=architecture)
     plans = _keep_searched(plans, ws, log)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from automedseg import __version__
+from automedseg.fingerprint_types import Fingerprint
 from automedseg.lateral import class_centroids, mirror_confusions
 from automedseg.machine import cpu_model_name, host_memory_gib
 from automedseg.plans import (
@@ -220,7 +220,7 @@ def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: in
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
-    fingerprint: dict[str, Any]
+    fingerprint: Fingerprint
     device: DeviceProfile
     time_budget_s: float | None
     seed: int
@@ -232,18 +232,18 @@ class _Context:
     no_mirror: dict[int, str] = dataclasses.field(default_factory=dict)  # transposed axis -> reason
 
 
-def _lateral_axes(fingerprint: dict[str, Any], labels: dict[str, int], transpose: Sequence[int]) -> dict[int, str]:
+def _lateral_axes(fingerprint: Fingerprint, labels: dict[str, int], transpose: Sequence[int]) -> dict[int, str]:
     """Axes (after ``transpose``) that mirroring must leave alone: it would swap lateralised classes."""
-    raw = mirror_confusions(class_centroids(fingerprint["cases"], labels))
+    raw = mirror_confusions(class_centroids(fingerprint.cases, labels))
     return {t: raw[a].replace(f"axis {a}", f"axis {t}") for t, a in enumerate(transpose) if a in raw}
 
 
-def _normalization(fingerprint: dict[str, Any]) -> tuple[ChannelNormalization, ...]:
+def _normalization(fingerprint: Fingerprint) -> tuple[ChannelNormalization, ...]:
     out = []
-    for modality, stats in zip(fingerprint["modalities"], fingerprint["dataset"]["intensity"]):
-        if modality == "ct":
-            out.append(ChannelNormalization("ct", clip_low=stats["p00_5"], clip_high=stats["p99_5"],
-                                            mean=stats["mean"], std=max(stats["std"], 1e-8)))
+    for modality, stats in zip(fingerprint.modalities, fingerprint.dataset.intensity):
+        if modality == "ct":  # the pooled statistics are numbers (DatasetSummary checks)
+            out.append(ChannelNormalization("ct", clip_low=stats.p00_5, clip_high=stats.p99_5, mean=stats.mean,
+                                            std=max(stats.std or 0.0, 1e-8)))
         elif modality == "rgb":
             out.append(ChannelNormalization("rgb_to_01"))
         elif modality == "none":
@@ -379,23 +379,23 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     )
 
 
-def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_budget_s: float | None = None,
+def plan_dataset(fingerprint: Fingerprint, *, device: DeviceProfile, time_budget_s: float | None = None,
                  seed: int = 12345, configurations: Sequence[str] | None = None,
                  architecture: str = "plain_unet") -> Plans:
     """Derive all configurations for a fingerprinted dataset.
 
     Args:
-        fingerprint: Output of :func:`automedseg.fingerprint.compute_fingerprint`.
+        fingerprint: Output of :func:`automedseg.fingerprint.compute_fingerprint` (or ``load_fingerprint``).
         device: The machine to plan for (:func:`measure_device`).
         time_budget_s: Wall-clock training budget per fold in seconds (``None``: rule default).
         seed: Seed recorded in the training plans.
         configurations: Subset of ``2d``, ``3d_fullres``, ``3d_lowres`` to plan (default: all that apply).
         architecture: ``plain_unet`` or ``residual_unet``.
     """
-    cases = fingerprint["cases"]
-    spacings = np.array([c["spacing_mm"] for c in cases], dtype=float)
-    shapes = np.array([c["shape_after_crop"] for c in cases], dtype=float)
-    is_2d = bool(fingerprint["is_2d"])
+    cases = fingerprint.cases
+    spacings = np.array([c.spacing_mm for c in cases], dtype=float)
+    shapes = np.array([c.shape_after_crop for c in cases], dtype=float)
+    is_2d = fingerprint.is_2d
     if is_2d:
         fullres = np.median(spacings, axis=0)
         transpose = (0, 1, 2)
@@ -407,10 +407,10 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
     sp_t = fullres[tf]
     new_shapes = (shapes * spacings / fullres)[:, tf]
     median_shape = np.median(new_shapes, axis=0)
-    labels = {str(k): int(v) for k, v in fingerprint["labels"].items()}
+    labels = dict(fingerprint.labels)
     ctx = _Context(
         fingerprint=fingerprint, device=device, time_budget_s=time_budget_s, seed=seed,
-        in_channels=len(fingerprint["channel_names"]), num_classes=len(label_values(labels)),
+        in_channels=len(fingerprint.channel_names), num_classes=len(label_values(labels)),
         normalization=_normalization(fingerprint),
         total_voxels=float(np.prod(new_shapes, axis=1).sum()), architecture=architecture,
         no_mirror=_lateral_axes(fingerprint, labels, tf),
@@ -434,13 +434,13 @@ def plan_dataset(fingerprint: dict[str, Any], *, device: DeviceProfile, time_bud
             if low is not None:
                 configs["3d_lowres"] = low
     return Plans(
-        dataset_name=str(fingerprint["dataset_name"]),
-        channel_names=tuple(fingerprint["channel_names"]),
+        dataset_name=fingerprint.dataset_name,
+        channel_names=fingerprint.channel_names,
         labels=labels,
         transpose_forward=transpose,  # type: ignore[arg-type]
         original_median_spacing_mm=tuple(float(v) for v in np.median(spacings, axis=0)),  # type: ignore[arg-type]
         original_median_shape=tuple(  # type: ignore[arg-type]
-            int(round(v)) for v in np.median([c["shape"] for c in cases], axis=0)),
+            int(round(v)) for v in np.median([c.shape for c in cases], axis=0)),
         device=device,
         configurations=configs,
         planner_version=__version__,
@@ -478,14 +478,14 @@ def _fit_2d_images(ctx: _Context, spacing: np.ndarray, median_shape: np.ndarray)
     raise AssertionError("unreachable: the ladder starts at 1")
 
 
-def _class_sizes_mm(fingerprint: dict[str, Any]) -> list[float]:
+def _class_sizes_mm(fingerprint: Fingerprint) -> list[float]:
     """Each class's 10th-percentile in-plane structure size over the cases that contain it, in mm."""
     per_class: dict[str, list[float]] = {}
-    for case in fingerprint["cases"]:
-        in_plane = float(np.mean(case["spacing_mm"][1:]))
-        for k, c in case.get("classes", {}).items():
-            if c.get("size_px"):
-                per_class.setdefault(k, []).append(float(c["size_px"]) * in_plane)
+    for case in fingerprint.cases:
+        in_plane = float(np.mean(case.spacing_mm[1:]))
+        for k, c in case.classes.items():
+            if c.size_px:
+                per_class.setdefault(k, []).append(c.size_px * in_plane)
     return [float(np.percentile(v, 10)) for v in per_class.values() if v]
 
 

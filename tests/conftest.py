@@ -14,10 +14,10 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -25,6 +25,9 @@ import SimpleITK as sitk
 import torch
 
 from automedseg.constants import N_SPLITS
+
+if TYPE_CHECKING:
+    from automedseg.fingerprint import ClassStats, Fingerprint
 
 torch.set_num_threads(1)
 
@@ -224,34 +227,61 @@ def _nnunet_dataset(root: Path, *, n_cases: int = N_CASES, n_test: int = 1, chan
 
 def _synthetic_fingerprint(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], *,
                            channel_names: Sequence[str] = ("MRI",), labels: dict[str, int] | None = None,
-                           is_2d: bool = False, intensity: Sequence[dict[str, float]] | None = None,
-                           name: str = "Synth") -> dict[str, Any]:
-    """A fingerprint dict with just the keys the planner reads (see fingerprint.compute_fingerprint)."""
-    from automedseg.fingerprint import modality_of
+                           is_2d: bool = False, intensity: Sequence[Mapping[str, float]] | None = None,
+                           classes: Mapping[str, ClassStats] | None = None, name: str = "Synth") -> Fingerprint:
+    """A valid :class:`~automedseg.fingerprint.Fingerprint` of cases with these spacings and shapes (z, y, x).
+
+    What the planner reads is set from the arguments: spacings, shapes, channels, labels, the pooled
+    foreground ``intensity`` per channel and the per-case ``classes`` (the same for every case; default: every
+    class absent, so no sizes or centroids). The rest is consistent filler: nothing cropped, an axis-aligned
+    geometry at the origin, and the dataset summary computed from the cases like ``compute_fingerprint`` does.
+    """
+    from automedseg.fingerprint import (
+        CaseFingerprint,
+        ClassStats,
+        DatasetSummary,
+        Fingerprint,
+        IntensityStats,
+        modality_of,
+    )
+    from automedseg.geometry import Geometry
 
     default = {"mean": 100.0, "std": 20.0, "median": 100.0, "min": 0.0, "max": 300.0, "p00_5": 10.0,
                "p99_5": 250.0}
-    stats = [dict(s) for s in intensity] if intensity is not None else [dict(default) for _ in channel_names]
-    cases = [
-        {"case_id": f"c{i:03d}", "spacing_mm": [float(v) for v in sp], "shape": [int(v) for v in sh],
-         "shape_after_crop": [int(v) for v in sh]}
-        for i, (sp, sh) in enumerate(zip(spacings, shapes))
-    ]
-    return {
-        "dataset_name": name,
-        "channel_names": list(channel_names),
-        "modalities": [modality_of(c) for c in channel_names],
-        "labels": dict(labels or {"background": 0, "a": 1}),
-        "is_2d": is_2d,
-        "num_cases": len(cases),
-        "dataset": {"intensity": stats},
-        "cases": cases,
-    }
+    pooled = [IntensityStats(**s) for s in (intensity if intensity is not None else [default] * len(channel_names))]
+    labels = dict(labels or {"background": 0, "a": 1})
+    absent = ClassStats(voxels=0, components=0)
+    per_class = {str(v): (classes or {}).get(str(v), absent) for v in sorted(labels.values()) if v != 0}
+    voxels = sum(c.voxels for c in per_class.values())
+    no_sample = IntensityStats.of(np.array([]))
+    cases = []
+    for i, (sp, sh) in enumerate(zip(spacings, shapes)):
+        spacing, shape = tuple(float(v) for v in sp), tuple(int(v) for v in sh)
+        dims = 2 if shape[0] == 1 and spacing[0] == 999.0 else 3  # a 2D image: z spacing 999, like the readers
+        cases.append(CaseFingerprint(
+            case_id=f"c{i:03d}", spacing_mm=spacing, shape=shape, shape_after_crop=shape,
+            crop_bbox=tuple((0, n) for n in shape),
+            geometry=Geometry(size=shape[::-1][:dims], spacing=spacing[::-1][:dims], origin=(0.0,) * dims,
+                              direction=tuple(float(a == b) for a in range(dims) for b in range(dims))),
+            foreground_voxels=voxels, intensity=tuple(pooled) if voxels else (no_sample,) * len(channel_names),
+            classes=per_class,
+        ))
+    return Fingerprint(
+        dataset_name=name,
+        layout="nnunet",
+        channel_names=tuple(channel_names),
+        modalities=tuple(modality_of(c) for c in channel_names),
+        labels=labels,
+        is_2d=is_2d,
+        num_cases=len(cases),
+        dataset=DatasetSummary.of_cases(cases, intensity=pooled, labels=labels.values()),
+        cases=tuple(cases),
+    )
 
 
 @pytest.fixture
-def synthetic_fingerprint() -> Callable[..., dict[str, Any]]:
-    """Factory: ``synthetic_fingerprint(spacings, shapes, channel_names=..., labels=..., is_2d=..., intensity=...)``."""
+def synthetic_fingerprint() -> Callable[..., Fingerprint]:
+    """Factory: ``synthetic_fingerprint(spacings, shapes, channel_names=, labels=, is_2d=, intensity=, classes=)``."""
     return _synthetic_fingerprint
 
 

@@ -41,10 +41,13 @@ def test_case_meta_reader(tmp_path: Path) -> None:
 def test_load_fingerprint_only_when_reusable(tmp_path: Path) -> None:
     path = tmp_path / "fingerprint.json"
     assert load_fingerprint(path, signature="s") is None
-    path.write_text(json.dumps({"fingerprint_version": FINGERPRINT_VERSION, "files_signature": "s"}))
+    valid = json.loads((Path(__file__).parent / "data" / "fingerprint_v3.json").read_text())
+    path.write_text(json.dumps({**valid, "files_signature": "s"}))
     assert load_fingerprint(path, signature="s") is not None
     assert load_fingerprint(path, signature="other") is None
-    path.write_text(json.dumps({"fingerprint_version": FINGERPRINT_VERSION - 1, "files_signature": "s"}))
+    path.write_text(json.dumps({**valid, "fingerprint_version": FINGERPRINT_VERSION - 1, "files_signature": "s"}))
+    assert load_fingerprint(path, signature="s") is None
+    path.write_text(json.dumps({"fingerprint_version": FINGERPRINT_VERSION, "files_signature": "s"}))  # no fields
     assert load_fingerprint(path, signature="s") is None
     path.write_text("{broken")
     assert load_fingerprint(path, signature="s") is None

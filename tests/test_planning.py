@@ -1,6 +1,6 @@
 """Tests for automedseg.planning: the rules that map a fingerprint and a machine to a plan.
 
-Fingerprints are built directly (``synthetic_fingerprint`` fixture) with only the keys the planner reads,
+Fingerprints are built directly (``synthetic_fingerprint`` fixture) from just what the planner reads,
 and the devices are the nominal profiles, so every test is deterministic and takes milliseconds.
 """
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from automedseg import planning as P
+from automedseg.fingerprint import ClassStats
 from automedseg.planning import (
     DEFAULT_CPU_BUDGET_S,
     GPU_DEFAULT_EPOCHS,
@@ -409,10 +410,8 @@ def test_schedule_for_budget_table(step_s: float, budget_s: float, fixed: int | 
 
 
 def _fp_2d_with_sizes(make, *, spacing: float, shape: tuple[int, int], size_px: float, n: int = 5):
-    fp = _fp(make, (999.0, spacing, spacing), (1, *shape), n=n, is_2d=True)
-    for case in fp["cases"]:
-        case["classes"] = {"1": {"voxels": 1000, "components": 1, "centroid_rel": None, "size_px": size_px}}
-    return fp
+    one = ClassStats(voxels=1000, components=1, centroid_rel=(0.5, 0.5, 0.5), size_px=size_px)
+    return _fp(make, (999.0, spacing, spacing), (1, *shape), n=n, is_2d=True, classes={"1": one})
 
 
 @pytest.mark.parametrize("size_px,coarser", [
