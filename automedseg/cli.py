@@ -233,8 +233,10 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of images (nnU-Net _0000 files or one, possibly 4D, file per case).")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path))
-@click.option("-d", "--dataset", "target", required=True, type=click.Path(path_type=Path),
-              help="The dataset folder (its work folder is used) or a work folder.")
+@click.option("-d", "--dataset", "target", default=None, type=click.Path(path_type=Path),
+              help="The dataset folder (its work folder is used), a work folder or an imported model folder.")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="A model bundle (.zip from `automedseg export`), verified before use; instead of -d.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("-c", "--configuration", default=None,
               help="Configuration, or an ensemble like 2d+3d_fullres (default: find_best.json's choice).")
@@ -252,23 +254,31 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
               help="Split the cases over this many workers ...")
 @click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
               help="... and predict this part (0-based).")
-def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | None, configuration: str | None,
-            folds: tuple[str, ...], step: float, no_mirror: bool, no_postprocessing: bool,
-            save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
-            threads: int | None, num_parts: int, part_id: int) -> None:
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="What runs the network: torch, or ONNX Runtime on the ONNX graphs of a bundle (export --onnx).")
+@click.option("--no-amp", is_flag=True, help="Predict in float32 (ONNX Runtime always does).")
+def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path | None, work_dir: Path | None,
+            configuration: str | None, folds: tuple[str, ...], step: float, no_mirror: bool,
+            no_postprocessing: bool, save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
+            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
-    ws = resolve_workspace(target, work_dir)
-    if not ws.root.is_dir():
-        fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
-    from automedseg.prediction import run_predict
+    if (target is None) == (model is None):
+        fail(["predict: name the model with -d DATASET (or work folder) or with --model MODEL.zip, one of them"])
+    from automedseg.prediction import run_predict, run_predict_model
 
+    options = dict(folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
+                   postprocess=not no_postprocessing, save_probabilities=save_probabilities, overlays=overlays,
+                   overwrite=overwrite, device=device, threads=threads, progress=sys.stderr.isatty(),
+                   num_parts=num_parts, part_id=part_id, log=click.echo, case_log=lambda m: click.echo(m, err=True),
+                   engine=engine, amp=not no_amp)
     try:
-        report = run_predict(ws, input_dir, output_dir, configuration=configuration,
-                             folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
-                             postprocess=not no_postprocessing, save_probabilities=save_probabilities,
-                             overlays=overlays, overwrite=overwrite, device=device, threads=threads,
-                             progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
-                             case_log=lambda m: click.echo(m, err=True))
+        if model is not None:
+            report = run_predict_model(model, input_dir, output_dir, configuration=configuration, **options)
+        else:
+            ws = resolve_workspace(target, work_dir)
+            if not ws.root.is_dir():
+                fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
+            report = run_predict(ws, input_dir, output_dir, configuration=configuration, **options)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return
@@ -359,6 +369,52 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
     best = result.best
     click.echo(f"best: {best.configuration} (CV mean Dice {best.mean_dice:.4f} on {best.n_cases} cases)")
     click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {best.predict_command}")
+
+
+@main.command("export")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The .zip to write.")
+@click.option("-c", "--configuration", default=None,
+              help="Configuration or ensemble like 2d+3d_fullres (default: find_best.json's choice).")
+@click.option("-f", "--folds", multiple=True, help="Folds to export: -f 0 -f 1 or -f 0,1 (default: all trained).")
+@click.option("--onnx", is_flag=True, help="Add one ONNX graph and JSON sidecar per fold (needs automedseg[export]).")
+@click.option("--onnx-exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True,
+              help="torch.onnx exporter (auto: dynamo when onnxscript is installed, else the TorchScript one).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def export_command(dataset: Path, work_dir: Path | None, output: Path, configuration: str | None,
+                   folds: tuple[str, ...], onnx: bool, onnx_exporter: str, overwrite: bool) -> None:
+    """Write a trained model as one self-contained zip (plans, weights, post-processing, CV figures, manifest)."""
+    ws = resolve_workspace(dataset, work_dir)
+    if not ws.root.is_dir():
+        fail([f"{dataset}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
+    from automedseg.bundle_export import export_model
+
+    fold_ids = [parse_fold(v) for f in folds for v in f.split(",")]
+    try:
+        manifest = export_model(ws, output, configuration=configuration, folds=fold_ids or None, onnx=onnx,
+                                onnx_exporter=onnx_exporter, overwrite=overwrite, log=click.echo)
+    except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
+        fail([str(e)])
+        return
+    click.echo(f"written {output} ({manifest.configuration}); use it with:\n"
+               f"  automedseg predict -i INPUT -o OUTPUT --model {output}\n"
+               f"  automedseg import-model {output} --into MODEL_DIR")
+
+
+@main.command("import-model")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--into", required=True, type=click.Path(path_type=Path),
+              help="Folder to create (must not exist or be empty).")
+def import_model(bundle: Path, into: Path) -> None:
+    """Verify a model bundle (paths, file types, sizes, SHA-256) and extract it into a new folder."""
+    from automedseg.bundle import import_bundle
+
+    m = import_bundle(bundle, into, log=click.echo)
+    folds = "; ".join(f"{c} folds {', '.join(m.folds[c])}" for c in m.members)
+    click.echo(f"{into}: {m.dataset_name}, {m.configuration} ({folds}), labels {m.labels}; made with automedseg "
+               f"{m.automedseg_version}, torch {m.torch_version}")
+    click.echo(f"predict with: automedseg predict -i INPUT -o OUTPUT -d {into}")
 
 
 @main.command()

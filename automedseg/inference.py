@@ -66,7 +66,7 @@ class LoadedFold:
 
     plans: Plans
     config: ConfigurationPlan
-    model: torch.nn.Module
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]  # or an ONNX Runtime session (onnx_engine)
     path: Path
 
 
@@ -266,7 +266,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                    overwrite: bool = False, save_probabilities: bool = False,
                    postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
-                   num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print) -> FolderReport:
+                   num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print,
+                   engine: str = "torch") -> FolderReport:
     """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
 
     Args:
@@ -287,6 +288,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         num_parts: Split the cases into this many disjoint parts (several processes or machines) ...
         part_id: ... and predict only this one (0-based): case ``i`` belongs to part ``i % num_parts``.
         log: Where per-case problems are reported.
+        engine: ``torch``, or ``onnxruntime``: the folds' ONNX graphs (``export --onnx``) run the network, in
+            float32, in the same pipeline (:mod:`automedseg.onnx_engine`).
     """
     from automedseg.io import discover_images
 
@@ -297,7 +300,16 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
     output_dir = Path(output_dir)
     check_output_folder(Path(input_dir), output_dir)
     dev = select_device(device)
-    groups = [[load_fold(d, device=dev, warn=log) for d in group] for group in fold_groups]
+    loader = load_fold
+    if engine == "onnxruntime":
+        from automedseg.onnx_engine import load_onnx_fold
+
+        loader, amp = load_onnx_fold, False
+    elif engine != "torch":
+        raise InputError(f"--engine {engine}: use torch or onnxruntime")
+    groups = [[loader(d, device=dev, warn=log) for d in group] for group in fold_groups]
+    if engine == "onnxruntime":
+        dev = torch.device("cpu")  # the sliding window accumulates where ONNX Runtime hands its outputs back
     plans = groups[0][0].plans
     n_ch = len(plans.channel_names)
     cases = discover_images(Path(input_dir), n_channels=n_ch)[part_id::num_parts]

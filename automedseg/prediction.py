@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,8 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
                 postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
                 overwrite: bool = False, device: str | None = None, threads: int | None = None,
                 progress: bool = False, num_parts: int = 1, part_id: int = 0, log: Log = _quiet,
-                case_log: Log = print) -> FolderReport:
+                case_log: Log = print, engine: str = "torch", check_bundle: bool = True,
+                amp: bool = True) -> FolderReport:
     """Segment a folder of images with the trained folds of a work folder (ensembled), post-processed as CV chose.
 
     Args:
@@ -71,14 +73,24 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         threads: Torch CPU threads (``None``: leave as is).
         log: Where notes go (the post-processing used).
         case_log: Where per-case problems go.
+        engine: ``torch`` or ``onnxruntime`` (the folds' ONNX graphs, from ``automedseg export --onnx``).
+        check_bundle: When ``ws`` is an imported model (``automedseg import-model``), check its files against
+            its manifest first; its manifest's configuration is the default.
         Others: as :func:`automedseg.inference.predict_folder`.
 
     Raises:
-        InputError: A bad step, overlapping folders, no usable ``find_best.json``, folds trained on another plan.
+        InputError: A bad step, overlapping folders, no usable ``find_best.json``, folds trained on another plan,
+            an imported model whose files differ from its manifest.
         FileNotFoundError: A configuration or fold without a trained checkpoint.
     """
     check_step(step)
     check_output_folder(input_dir, output_dir)  # before anything is loaded or written
+    if check_bundle:
+        from automedseg.bundle import verify_folder
+
+        manifest = verify_folder(ws.root)  # an imported model: every file against its manifest
+        if manifest is not None and configuration is None:
+            configuration = manifest.configuration
     if configuration is None:
         configuration = best_configuration(ws)
     import torch
@@ -97,4 +109,33 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         post = _postprocessing(pp_path, log)
     return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
                           overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                          overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log)
+                          overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
+                          engine=engine, amp=amp)
+
+
+def run_predict_model(model: Path, input_dir: Path, output_dir: Path, *, configuration: str | None = None,
+                      **kwargs: Any) -> FolderReport:
+    """:func:`run_predict` with a model bundle (``automedseg export``'s zip) or a folder it was imported into.
+
+    A zip is verified in full (:func:`automedseg.bundle.verify_bundle`) and extracted into a temporary folder
+    that is removed afterwards; a folder is checked against its manifest. The default configuration is the
+    bundle's choice.
+
+    Raises:
+        InputError: The bundle is refused, or ``model`` is a folder without a bundle manifest.
+    """
+    from automedseg.bundle import extracted_bundle, verify_folder
+
+    model = Path(model)
+    check_step(kwargs.get("step", 0.5))
+    check_output_folder(input_dir, output_dir)
+    if model.is_dir():
+        manifest = verify_folder(model)
+        if manifest is None:
+            raise InputError(f"{model}: not a model bundle folder (no automedseg manifest.json); pass a work "
+                             "folder with -d")
+        return run_predict(Workspace(model), input_dir, output_dir, configuration=configuration or
+                           manifest.configuration, check_bundle=False, **kwargs)
+    with extracted_bundle(model) as (folder, manifest):
+        return run_predict(Workspace(folder), input_dir, output_dir, configuration=configuration or
+                           manifest.configuration, check_bundle=False, **kwargs)

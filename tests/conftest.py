@@ -688,3 +688,19 @@ def _trained_demo(root: Path, *, validate: bool) -> tuple[Path, Path]:
 def trained_demo() -> Callable[..., tuple[Path, Path]]:
     """Factory: ``trained_demo(root, validate=...)`` -> (dataset, work folder) with fold 0 trained briefly."""
     return _trained_demo
+
+
+@pytest.fixture(scope="session")
+def trained_demo_best(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The trained demo (:func:`_trained_demo`, fold 0 validated) after ``find-best``: (dataset, work folder).
+
+    Shared by the whole session: copy the work folder before changing anything in it.
+    """
+    from click.testing import CliRunner
+
+    from automedseg.cli import main
+
+    dataset, work = _trained_demo(tmp_path_factory.mktemp("demo_best"), validate=True)
+    r = CliRunner().invoke(main, ["find-best", str(dataset), "--work-dir", str(work), "--no-ensembles"])
+    assert r.exit_code == 0, r.output
+    return dataset, work
