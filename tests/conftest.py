@@ -389,6 +389,12 @@ def _png_dataset(root: Path, *, rgb: bool, n_cases: int = N_CASES, n_test: int =
                         ending=".png")
 
 
+@pytest.fixture(scope="session")
+def write_png_dataset() -> Callable[..., SynthDataset]:
+    """Factory: ``write_png_dataset(root, rgb=False)``: the 2D PNG dataset of ``png_gray`` / ``png_rgb``."""
+    return _png_dataset
+
+
 @pytest.fixture
 def png_gray(tmp_path: Path) -> SynthDataset:
     """(c) 2D grayscale PNG dataset, nnU-Net layout."""
