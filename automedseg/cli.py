@@ -231,7 +231,8 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 
 @main.command()
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of images (nnU-Net _0000 files or one, possibly 4D, file per case).")
+              help="Folder of images (nnU-Net _0000 files or one, possibly 4D, file per case) or of DICOM series "
+                   "(one per subfolder).")
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path))
 @click.option("-d", "--dataset", "target", default=None, type=click.Path(path_type=Path),
               help="The dataset folder (its work folder is used), a work folder or an imported model folder.")
@@ -257,10 +258,12 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="What runs the network: torch, or ONNX Runtime on the ONNX graphs of a bundle (export --onnx).")
 @click.option("--no-amp", is_flag=True, help="Predict in float32 (ONNX Runtime always does).")
+@click.option("--output-format", type=click.Choice(["image", "dicom-seg"]), default="image", show_default=True,
+              help="Masks as images (the input's format; NIfTI for DICOM series) or, for DICOM series, DICOM-SEG.")
 def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path | None, work_dir: Path | None,
             configuration: str | None, folds: tuple[str, ...], step: float, no_mirror: bool,
             no_postprocessing: bool, save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
-            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool) -> None:
+            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool, output_format: str) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
     if (target is None) == (model is None):
         fail(["predict: name the model with -d DATASET (or work folder) or with --model MODEL.zip, one of them"])
@@ -270,7 +273,7 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
                    postprocess=not no_postprocessing, save_probabilities=save_probabilities, overlays=overlays,
                    overwrite=overwrite, device=device, threads=threads, progress=sys.stderr.isatty(),
                    num_parts=num_parts, part_id=part_id, log=click.echo, case_log=lambda m: click.echo(m, err=True),
-                   engine=engine, amp=not no_amp)
+                   engine=engine, amp=not no_amp, output_format=output_format)
     try:
         if model is not None:
             report = run_predict_model(model, input_dir, output_dir, configuration=configuration, **options)

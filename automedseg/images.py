@@ -156,17 +156,24 @@ def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | No
     """Find the cases of a folder of images to predict, in either layout.
 
     Files named ``CASE_XXXX<ending>`` are grouped by case when ``n_channels`` files exist per case
-    (nnU-Net layout); otherwise every image file is one case (MSD 4D files or single-channel files).
+    (nnU-Net layout); otherwise every image file is one case (MSD 4D files or single-channel files). A folder
+    without image files may hold DICOM series, one per subfolder (:func:`automedseg.dicom.discover_dicom_series`):
+    each is a case whose ``images`` is its folder.
 
     Raises:
-        DatasetError: The folder does not exist or holds no image files.
+        DatasetError: The folder does not exist or holds neither image files nor DICOM series.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError([f"{folder}: input folder does not exist"])
     files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and file_ending(p) in IMAGE_ENDINGS)
     if not files:
-        raise DatasetError([f"{folder}: no image files ({', '.join(IMAGE_ENDINGS)})"])
+        from automedseg.dicom import discover_dicom_series
+
+        series = discover_dicom_series(folder)
+        if series:
+            return series
+        raise DatasetError([f"{folder}: no image files ({', '.join(IMAGE_ENDINGS)}) and no DICOM series"])
     groups: dict[str, dict[int, Path]] = {}
     ungrouped: list[Path] = []
     for p in files:
@@ -202,6 +209,13 @@ def read_images(case: CaseFiles, *, n_channels: int,
     Raises:
         ValueError: Channel count or channel geometries do not match (message names the file).
     """
+    if len(case.images) == 1 and Path(case.images[0]).is_dir():  # a DICOM series
+        from automedseg.dicom import read_dicom_series
+
+        image, geometry = read_dicom_series(case.images[0])
+        if n_channels != 1:
+            raise ValueError(f"{case.images[0]}: a DICOM series is one channel, the model takes {n_channels}")
+        return image, geometry
     arrays = []
     ref: Geometry | None = None
     for path in case.images:

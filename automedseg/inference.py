@@ -267,7 +267,7 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                    postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
                    num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print,
-                   engine: str = "torch") -> FolderReport:
+                   engine: str = "torch", output_format: str = "image") -> FolderReport:
     """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
 
     Args:
@@ -290,6 +290,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         log: Where per-case problems are reported.
         engine: ``torch``, or ``onnxruntime``: the folds' ONNX graphs (``export --onnx``) run the network, in
             float32, in the same pipeline (:mod:`automedseg.onnx_engine`).
+        output_format: ``image`` (the input's format; NIfTI for DICOM series) or ``dicom-seg`` (DICOM series
+            input only: :func:`automedseg.dicom.write_dicom_seg`).
     """
     from automedseg.io import discover_images
 
@@ -313,13 +315,17 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
     plans = groups[0][0].plans
     n_ch = len(plans.channel_names)
     cases = discover_images(Path(input_dir), n_channels=n_ch)[part_id::num_parts]
+    if output_format != "image":
+        from automedseg.dicom import check_dicom_output
+
+        check_dicom_output(cases, output_format)
     with folder_lock(output_dir, purpose="predict"):
         remove_stale_temp_files(output_dir)
         remove_stale_temp_files(output_dir / "overlays")
         return _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror, amp=amp,
                               overwrite=overwrite, save_probabilities=save_probabilities,
                               postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
-                              progress=progress, log=log)
+                              progress=progress, log=log, dicom_seg=output_format == "dicom-seg")
 
 
 def check_step(step: float) -> None:
@@ -352,8 +358,8 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
 def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequence[Sequence[LoadedFold]], *,
                    plans: Plans, device: torch.device, step: float, mirror: bool, amp: bool, overwrite: bool,
                    save_probabilities: bool, postprocessing: Callable[[np.ndarray], np.ndarray] | None,
-                   output_ending: str | None, overlays: bool, progress: bool, log: Callable[[str], None]
-                   ) -> FolderReport:
+                   output_ending: str | None, overlays: bool, progress: bool, log: Callable[[str], None],
+                   dicom_seg: bool = False) -> FolderReport:
     import time
 
     from automedseg.io import atomic_save_npz, file_ending, read_images, write_segmentation
@@ -369,7 +375,8 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
         bar = tqdm(total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
     t0 = time.perf_counter()
     for case in cases:
-        ending = output_ending or file_ending(case.images[0])
+        series = case.images[0].is_dir()  # a DICOM series: NIfTI masks, or DICOM-SEG
+        ending = ".dcm" if dicom_seg else output_ending or (".nii.gz" if series else file_ending(case.images[0]))
         out = output_dir / f"{case.case_id}{ending}"
         try:
             if out.is_file() and not overwrite:
@@ -394,7 +401,12 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
             if save_probabilities:  # channel k: training index k, the k-th smallest declared label value
                 atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
                                 probabilities=probs.astype(np.float16))
-            write_segmentation(seg, geometry, out)
+            if dicom_seg:
+                from automedseg.dicom import write_dicom_seg
+
+                write_dicom_seg(seg, case.images[0], out, labels=plans.labels)
+            else:
+                write_segmentation(seg, geometry, out)
             report.written.append(case.case_id)
         except (OSError, ValueError, EOFError) as e:
             report.failed[case.case_id] = str(e)

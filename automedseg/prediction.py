@@ -60,7 +60,7 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
                 overwrite: bool = False, device: str | None = None, threads: int | None = None,
                 progress: bool = False, num_parts: int = 1, part_id: int = 0, log: Log = _quiet,
                 case_log: Log = print, engine: str = "torch", check_bundle: bool = True,
-                amp: bool = True) -> FolderReport:
+                amp: bool = True, output_format: str = "image") -> FolderReport:
     """Segment a folder of images with the trained folds of a work folder (ensembled), post-processed as CV chose.
 
     Args:
@@ -110,7 +110,7 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
     return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
                           overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
                           overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
-                          engine=engine, amp=amp)
+                          engine=engine, amp=amp, output_format=output_format)
 
 
 def run_predict_model(model: Path, input_dir: Path, output_dir: Path, *, configuration: str | None = None,

@@ -710,3 +710,44 @@ def trained_demo_best(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     r = CliRunner().invoke(main, ["find-best", str(dataset), "--work-dir", str(work), "--no-ensembles"])
     assert r.exit_code == 0, r.output
     return dataset, work
+
+
+def _write_dicom_series(volume: sitk.Image, folder: Path, *, series_number: int = 3,
+                        study_uid: str = "1.2.826.0.1.3680043.8.498.1") -> dict[str, str]:
+    """Write a 3D int16 SimpleITK image as a CT DICOM series, one file per slice (``slice_NNN.dcm``).
+
+    Returns:
+        The UIDs written: ``study``, ``series`` and ``frame_of_reference``.
+    """
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = int(hashlib.sha256(str(folder).encode()).hexdigest()[:12], 16)
+    uids = {"study": study_uid, "series": f"1.2.826.0.1.3680043.8.498.2.{key}",
+            "frame_of_reference": f"1.2.826.0.1.3680043.8.498.3.{key}"}
+    d = volume.GetDirection()
+    tags = {"0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0060": "CT", "0020|000d": uids["study"],
+            "0020|000e": uids["series"], "0020|0052": uids["frame_of_reference"], "0010|0010": "Synthetic^Patient",
+            "0010|0020": "SYN001", "0010|0030": "19700101", "0010|0040": "O", "0008|0020": "20260101",
+            "0008|0030": "120000", "0008|0050": "ACC1", "0020|0010": "STUDY1", "0008|0090": "",
+            "0020|0011": str(series_number), "0028|1052": "0", "0028|1053": "1",
+            "0018|0050": f"{volume.GetSpacing()[2]:g}",
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))}
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(volume.GetDepth()):
+        s = volume[:, :, i]
+        for k, v in tags.items():
+            s.SetMetaData(k, v)
+        s.SetMetaData("0008|0018", f"{uids['series']}.{i + 1}")
+        s.SetMetaData("0020|0013", str(i + 1))
+        s.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, i))))
+        writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
+        writer.Execute(s)
+    return uids
+
+
+@pytest.fixture
+def write_dicom_series() -> Callable[..., dict[str, str]]:
+    """``write_dicom_series(volume, folder, series_number=3)``: a 3D SimpleITK image as a CT DICOM series."""
+    return _write_dicom_series
