@@ -265,8 +265,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
             no_postprocessing: bool, save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
             threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool, output_format: str) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
-    if (target is None) == (model is None):
-        fail(["predict: name the model with -d DATASET (or work folder) or with --model MODEL.zip, one of them"])
+    if (target is None) == (model is None) or (model is not None and work_dir is not None):
+        fail(["predict: name the model with -d DATASET [--work-dir WORK] or with --model MODEL.zip, one of them"])
     from automedseg.prediction import run_predict, run_predict_model
 
     options = dict(folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,

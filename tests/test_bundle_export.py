@@ -90,24 +90,22 @@ def test_the_bundle_holds_what_inference_needs(exported: tuple[Path, Path, Path]
     (["-c", "../x"], "is not a configuration name"),
     (["--existing"], "exists; pass --overwrite"),
     (["--no-find-best"], "find_best.json: missing"),
-    (["-o", "model.tar"], "a model bundle is a .zip file"),
+    (["--tar"], "a model bundle is a .zip file"),
 ])
 def test_export_refusals(trained_demo_best: tuple[Path, Path], tmp_path: Path, args: list[str], message: str) -> None:
     dataset, work = trained_demo_best
-    output = tmp_path / "model.zip"
-    if "--existing" in args:
+    output = tmp_path / ("model.tar" if args == ["--tar"] else "model.zip")
+    if args == ["--existing"]:
         output.write_bytes(b"keep me")
-        args = []
-    if "--no-find-best" in args:
-        work, args = _light_copy(work, tmp_path / "work"), []
+    if args == ["--no-find-best"]:
+        work = _light_copy(work, tmp_path / "work")
         (work / "find_best.json").unlink()
-    if "-o" in args:
-        output, args = tmp_path / args[1], []
-    r = CliRunner().invoke(main, ["export", str(dataset), "--work-dir", str(work), "-o", str(output), *args])
+    options = [a for a in args if not a.startswith("--")]
+    r = CliRunner().invoke(main, ["export", str(dataset), "--work-dir", str(work), "-o", str(output), *options])
     assert r.exit_code == 2 and message in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "work") == (["model.zip"] if output.exists() and
-                                                                             output.read_bytes() == b"keep me" else [])
+    assert (output.read_bytes() == b"keep me") if args == ["--existing"] else not output.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_export_another_configuration_than_find_best(trained_demo_best: tuple[Path, Path], tmp_path: Path) -> None:
