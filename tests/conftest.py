@@ -697,16 +697,26 @@ def trained_demo() -> Callable[..., tuple[Path, Path]]:
 
 
 @pytest.fixture(scope="session")
-def trained_demo_best(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The trained demo (:func:`_trained_demo`, fold 0 validated) after ``find-best``: (dataset, work folder).
+def trained_demo_validated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """:func:`_trained_demo` with validation, trained once per session: (dataset, work folder).
 
-    Shared by the whole session: copy the work folder before changing anything in it.
+    Shared: copy the work folder before changing anything in it.
     """
+    return _trained_demo(tmp_path_factory.mktemp("demo_validated"), validate=True)
+
+
+@pytest.fixture(scope="session")
+def trained_demo_best(trained_demo_validated: tuple[Path, Path],
+                      tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of ``trained_demo_validated`` after ``find-best``: (dataset, work folder); copy before changing it."""
+    import shutil
+
     from click.testing import CliRunner
 
     from automedseg.cli import main
 
-    dataset, work = _trained_demo(tmp_path_factory.mktemp("demo_best"), validate=True)
+    dataset, validated = trained_demo_validated
+    work = Path(shutil.copytree(validated, tmp_path_factory.mktemp("demo_best") / "work"))
     r = CliRunner().invoke(main, ["find-best", str(dataset), "--work-dir", str(work), "--no-ensembles"])
     assert r.exit_code == 0, r.output
     return dataset, work

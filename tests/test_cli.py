@@ -22,9 +22,10 @@ COMMANDS = sorted(main.commands)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, trained_demo) -> tuple[Path, Path]:
-    """Demo dataset (6 cases, 2 test cases), planned for 3d_fullres, fold 0 trained 1 epoch of 2 iterations."""
-    return trained_demo(tmp_path_factory.mktemp("cli"), validate=True)
+def trained(trained_demo_validated: tuple[Path, Path]) -> tuple[Path, Path]:
+    """Demo dataset (6 cases, 2 test cases), planned for 3d_fullres, fold 0 trained 1 epoch of 2 iterations
+    (shared by the session: the tests change copies)."""
+    return trained_demo_validated
 
 
 @pytest.fixture
