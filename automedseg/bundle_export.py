@@ -110,7 +110,8 @@ def _network(plans: Plans, fold_dir: Path, state: dict[str, torch.Tensor], sourc
     return model.eval()
 
 
-def _postprocessing(path: Path) -> dict[str, Any] | None:
+def _postprocessing(path: Path) -> Any:
+    """The post-processing saved at ``path`` (validated), ``None`` when there is none."""
     from automedseg.postprocessing import load_postprocessing
 
     return load_postprocessing(path) if path.is_file() else None
@@ -118,33 +119,31 @@ def _postprocessing(path: Path) -> dict[str, Any] | None:
 
 def _find_best(ws: Workspace, configuration: str, members: Sequence[str], pp_member: str | None) -> dict[str, Any]:
     """The bundle's ``find_best.json``: the work folder's figures, with ``best`` the exported choice."""
-    from automedseg.model_selection import BestChoice, FindBest, find_best_path, read_find_best
+    from automedseg.best_choice import BestChoice, FindBest, find_best_path, read_find_best
 
     path = find_best_path(ws)
     original = read_find_best(path) if path.is_file() else None
-    command = "automedseg predict -i INPUT -o OUTPUT --model MODEL.zip"
     if original is not None and original.best.configuration == configuration:
         best = original.best
+        basis = original.ranking_basis
     else:
-        figures = next((c for c in (original.candidates if original else ()) if c.get("name") == configuration), {})
-        best = BestChoice(configuration=configuration, members=tuple(members), mean_dice=figures.get("mean_dice"),
-                          dice_per_class=dict(figures.get("dice_per_class") or {}),
-                          n_cases=int(figures.get("n_cases") or 0), complete=figures.get("complete"))
-    pp = dict(best.postprocessing) if best.postprocessing else None
-    if pp is not None and "file" in pp:
-        pp["file"] = pp_member
-    best = dataclasses.replace(best, predict_command=command, postprocessing=pp)
-    basis = original.ranking_basis if original else None
-    if original is None or original.best.configuration != configuration:
+        scores = next((c for c in (original.candidates if original else ()) if c.name == configuration), None)
+        best = BestChoice(configuration=configuration, members=tuple(members),
+                          mean_dice=scores.mean_dice if scores else None,
+                          dice_per_class=dict(scores.dice_per_class) if scores else {},
+                          n_cases=scores.n_cases if scores else 0, complete=scores.complete if scores else None)
         chosen = f"find-best chose {original.best.configuration}" if original else "find-best had not run"
-        basis = f"chosen with `automedseg export -c {configuration}` ({chosen}); " + (basis or "no ranking")
-    result = FindBest(best=best, ranking_basis=basis, candidates=original.candidates if original else (),
-                      not_evaluated=original.not_evaluated if original else {},
-                      configurations={m: (original.configurations or {}).get(m) for m in members
-                                      if original and m in (original.configurations or {})},
-                      folds=original.folds if original else "all", missing=original.missing if original else (),
-                      complete=original.complete if original else None)
-    return to_jsonable(result)
+        basis = f"chosen with `automedseg export -c {configuration}` ({chosen}); " + (
+            (original.ranking_basis if original else None) or "no ranking")
+    pp = best.postprocessing
+    if pp is not None and pp.file is not None:
+        pp = dataclasses.replace(pp, file=pp_member)
+    best = dataclasses.replace(best, predict_command="automedseg predict -i INPUT -o OUTPUT --model MODEL.zip",
+                               postprocessing=pp)
+    if original is None:
+        return to_jsonable(FindBest(best=best, ranking_basis=basis))
+    configurations = {m: original.configurations[m] for m in members if m in original.configurations}
+    return to_jsonable(dataclasses.replace(original, best=best, ranking_basis=basis, configurations=configurations))
 
 
 def export_model(ws: Workspace, output: Path, *, configuration: str | None = None,
@@ -215,7 +214,8 @@ def export_model(ws: Workspace, output: Path, *, configuration: str | None = Non
             out.add_json("find_best.json", _find_best(ws, configuration, members, pp_member))
             pp_files = {pp_path} | {ws.postprocessing_path(m) for m in members}
             for p in sorted(p for p in pp_files if p.is_file()):
-                out.add_json(p.relative_to(ws.root).as_posix(), _postprocessing(p))
+                _postprocessing(p)  # validated, then taken as it is
+                out.add(p.relative_to(ws.root).as_posix(), p.read_bytes())
             for m, group in zip(members, groups):
                 for d in group:
                     key = f"{m}/{d.name}"
@@ -239,7 +239,7 @@ def export_model(ws: Workspace, output: Path, *, configuration: str | None = Non
                         out.add(f"{key}/{GRAPH_NAME}", graph)
                         out.add_json(f"{key}/{SIDECAR_NAME}", onnx_sidecar(
                             fold_plans, cfg, fold=d.name.removeprefix("fold_"), info=info,
-                            postprocessing=pp_default))
+                            postprocessing=to_jsonable(pp_default) if pp_default is not None else None))
                         onnx_info = info
                         log(f"export: {key}/{GRAPH_NAME}: opset {info['opset']}, {info['exporter']} exporter, "
                             f"max |ONNX - torch| {info['max_abs_difference']:.2g}")
