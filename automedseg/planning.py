@@ -50,6 +50,7 @@ from automedseg.topology import (  # noqa: F401  (re-exported)
     ANISO_THRESHOLD,
     MIN_FEATURE_MAP,
     SCALE_LADDER_2D,
+    class_sizes_mm,
     coarsening_limit,
     initial_patch,
     pooling_topology,
@@ -455,7 +456,7 @@ def _fit_2d_images(ctx: _Context, spacing: np.ndarray, median_shape: np.ndarray)
     allow (:func:`~automedseg.topology.coarsening_limit`): a fetal head or a lung keeps its whole-image context
     on a coarser grid, a vessel or a membrane keeps its native pixels.
     """
-    limit = coarsening_limit(_class_sizes_mm(ctx.fingerprint), float(min(spacing[1:])))
+    limit = coarsening_limit(class_sizes_mm(ctx.fingerprint.cases), float(min(spacing[1:])))
     factors = [f for f in SCALE_LADDER_2D if f <= limit]
     for i, f in enumerate(factors):
         sp = np.array([spacing[0], spacing[1] * f, spacing[2] * f])
@@ -476,17 +477,6 @@ def _fit_2d_images(ctx: _Context, spacing: np.ndarray, median_shape: np.ndarray)
                         "so the patch covers only part of the median image")
             return dataclasses.replace(config, notes=(note, *config.notes))
     raise AssertionError("unreachable: the ladder starts at 1")
-
-
-def _class_sizes_mm(fingerprint: Fingerprint) -> list[float]:
-    """Each class's 10th-percentile in-plane structure size over the cases that contain it, in mm."""
-    per_class: dict[str, list[float]] = {}
-    for case in fingerprint.cases:
-        in_plane = float(np.mean(case.spacing_mm[1:]))
-        for k, c in case.classes.items():
-            if c.size_px:
-                per_class.setdefault(k, []).append(c.size_px * in_plane)
-    return [float(np.percentile(v, 10)) for v in per_class.values() if v]
 
 
 def _lowres(ctx: _Context, full: ConfigurationPlan, sp_t: np.ndarray, median_shape: np.ndarray,

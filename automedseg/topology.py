@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from automedseg.fingerprint_types import CaseFingerprint
 
 ANISO_THRESHOLD = 3.0
 MIN_FEATURE_MAP = 4
@@ -116,3 +120,15 @@ def coarsening_limit(sizes_mm: Sequence[float], spacing_mm: float) -> float:
     if not sizes_mm:
         return 1.0
     return max(1.0, min(sizes_mm) / (MIN_STRUCTURE_PX * spacing_mm))
+
+
+def class_sizes_mm(cases: Sequence[CaseFingerprint]) -> list[float]:
+    """Each class's 10th-percentile in-plane structure size (``size_px`` x in-plane spacing) in mm, over the
+    cases that contain it."""
+    per_class: dict[str, list[float]] = {}
+    for case in cases:
+        in_plane = float(np.mean(case.spacing_mm[1:]))
+        for k, c in case.classes.items():
+            if c.size_px:
+                per_class.setdefault(k, []).append(c.size_px * in_plane)
+    return [float(np.percentile(v, 10)) for v in per_class.values() if v]
