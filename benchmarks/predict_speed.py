@@ -40,6 +40,9 @@ Usage::
     python benchmarks/predict_speed.py                                   # 50 cases, 5 folds, TTA on and off
     python benchmarks/predict_speed.py --automedseg-work-dir /work/runs/hippo
     python benchmarks/predict_speed.py --cases 2 --folds 1 --tta on      # smoke test
+    python benchmarks/predict_speed.py --cases 20 --engines torch,onnxruntime --skip-nnunet
+        # + ONNX Runtime and torch fp32 rows on an exported bundle (predict_speed_onnx.py); nnU-Net's rows
+        # are taken from the previous results JSON when it has the same cases and folds
 
 Results go to ``benchmarks/results/predict_speed.{json,md}``.
 """
@@ -59,11 +62,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import predict_speed_onnx as onnx_rows  # noqa: E402
 from _common import (  # noqa: E402
     BENCH_THREADS,
     DEFAULT_MSD_DIR,
     DEFAULT_VENV_DIR,
     REPO_ROOT,
+    RESULTS_DIR,
     WORK_DIR,
     ensure_nnunet_venv,
     heartbeat,
@@ -347,12 +352,16 @@ def time_nnunet(bin_dir: Path, *, work_root: Path, results_dir: Path, dataset_id
     return _finish(res)
 
 
-def time_automedseg(*, work: Path, inputs: Path, out: Path, folds: list[int], tta: bool, n_cases: int,
-                    log_path: Path, label: str) -> dict:
+def time_automedseg(*, work: Path | None = None, inputs: Path, out: Path, folds: list[int], tta: bool,
+                    n_cases: int, log_path: Path, label: str, source: list[str] | None = None,
+                    extra: list[str] = ()) -> dict:
+    """Time ``automedseg predict`` on ``work``'s folds, or on ``source`` (e.g. ``--model BUNDLE``) + ``extra``."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-c", AUTOMEDSEG_CLI, "predict", "-i", str(inputs), "-o", str(out), "-d", str(work),
-           "-c", CONFIGURATION, *[a for f in folds for a in ("-f", str(f))], "--threads", str(BENCH_THREADS)]
+    if source is None:
+        source = ["-d", str(work), "-c", CONFIGURATION, *[a for f in folds for a in ("-f", str(f))]]
+    cmd = [sys.executable, "-c", AUTOMEDSEG_CLI, "predict", "-i", str(inputs), "-o", str(out), *source,
+           "--threads", str(BENCH_THREADS), *extra]
     if not tta:
         cmd.append("--no-mirror")
     title = f"{label} ({'TTA' if tta else 'no TTA'})"
@@ -494,8 +503,18 @@ def build_summary(figures: dict) -> str:
         "the CPU supports it, nnU-Net in fp32. The last column is the CPU time other processes used during the "
         "run divided by its wall time (above ~0.05: the machine was not idle, rerun).",
     ]
-    if figures.get("trained_note"):
-        lines += ["", figures["trained_note"]]
+    if figures.get("onnx_export"):
+        ex = figures["onnx_export"]
+        lines += ["", f"ONNX Runtime rows (issue #16): the untrained work folder exported with `automedseg export "
+                  f"-c {CONFIGURATION} -f 0..{figures['folds'] - 1} --onnx --onnx-exporter {ex['exporter']}` "
+                  f"({ex['wall_s']:.1f} s, {ex['size_mb']:.1f} MB), then `automedseg predict --model BUNDLE` with "
+                  "`--engine onnxruntime` (fp32) and with `--no-amp` (torch fp32) on the same bundle, so fp32 is "
+                  "compared with fp32.", "",
+                  *(onnx_rows.engine_lines(figures.get("engine_comparison") or {}, m["cpu_model"])
+                    or ["- Engines: n/a (a run failed)."])]
+    for key in ("nnunet_reused_note", "trained_note"):
+        if figures.get(key):
+            lines += ["", figures[key]]
     return "\n".join(lines)
 
 
@@ -515,10 +534,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="mirroring TTA on, off, or both variants (default both)")
     parser.add_argument("--automedseg-work-dir", type=Path, default=None,
                         help="also time automedseg's trained ensemble in this work folder (for information)")
-    parser.add_argument("--skip-nnunet", action="store_true", help="time automedseg only (no ratio)")
+    parser.add_argument("--skip-nnunet", action="store_true",
+                        help="time automedseg only; nnU-Net's rows (and ratios) come from the previous results JSON "
+                             "when it has the same cases and folds, else they are left out")
+    parser.add_argument("--engines", default="torch",
+                        help="comma-separated: torch (the automedseg rows on the work folder), onnxruntime (export "
+                             "the folds with --onnx, time ONNX Runtime and torch fp32 on that bundle); default torch")
     args = parser.parse_args(argv)
     if args.folds < 1 or (args.cases is not None and args.cases < 1):
         parser.error("--folds and --cases must be at least 1")
+    try:
+        args.engines = onnx_rows.parse_engines(args.engines)
+    except ValueError as e:
+        parser.error(str(e))
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
 
     os.environ.update(thread_env(BENCH_THREADS))  # before torch is imported (checkpoint creation)
     import torch
@@ -581,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"{list(tplan.patch_size)}.")
 
     variants = {"both": (True, False), "on": (True,), "off": (False,)}[args.tta]
+    reused_note = None
+    if args.skip_nnunet:
+        previous_path = RESULTS_DIR / "predict_speed.json"
+        previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+        reused, nn_models, reused_note = onnx_rows.previous_nnunet_runs(previous, cases, args.folds)
     runs: dict[str, dict | None] = {}
     logs = scratch / "logs"
     for tta in variants:
@@ -590,10 +627,23 @@ def main(argv: list[str] | None = None) -> int:
                 bin_dir, work_root=work_root, results_dir=results_dir, dataset_id=args.dataset_id, inputs=inputs,
                 out=scratch / f"out_nnunet_{suffix}", folds=args.folds, tta=tta, n_cases=n,
                 log_path=logs / f"nnunet_{suffix}.log")
+        elif args.skip_nnunet and f"nnunet_{suffix}" in reused:
+            runs[f"nnunet_{suffix}"] = reused[f"nnunet_{suffix}"]
+        if "torch" not in args.engines:
+            continue
         runs[f"automedseg_{suffix}"] = time_automedseg(
             work=a_work, inputs=inputs, out=scratch / f"out_automedseg_{suffix}", folds=list(range(args.folds)),
             tta=tta, n_cases=n, log_path=logs / f"automedseg_{suffix}.log",
             label="automedseg predict, nnU-Net's network")
+    onnx_export = None
+    if "onnxruntime" in args.engines:
+        bundle = scratch / "automedseg_onnx_bundle.zip"
+        onnx_export = onnx_rows.export_bundle(
+            onnx_rows.export_command([sys.executable, "-c", AUTOMEDSEG_CLI], dataset=msd_dir, work=a_work,
+                                     bundle=bundle, folds=args.folds, configuration=CONFIGURATION),
+            env=_automedseg_env(), cwd=REPO_ROOT, bundle=bundle)
+        runs.update(onnx_rows.onnx_runs(time_automedseg, bundle=bundle, variants=variants, scratch=scratch,
+                                        logs=logs, inputs=inputs, folds=list(range(args.folds)), n_cases=n))
     if trained:
         for tta in variants:
             suffix = "tta" if tta else "no_tta"
@@ -620,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         "automedseg_trained_work_dir": str(args.automedseg_work_dir) if args.automedseg_work_dir else None,
         "automedseg_trained_folds": trained,
         "trained_note": trained_note,
+        "engines": list(args.engines),
+        "onnx_export": onnx_export,
+        "nnunet_reused_note": reused_note,
         "parameters": {
             "automedseg": a_models["parameters"],
             "nnunet": params_n,
@@ -628,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     figures["comparison"] = compare(runs)
+    figures["engine_comparison"] = onnx_rows.compare_engines(runs)
     figures["target_ratio"] = TARGET_RATIO
     summary = build_summary(figures)
     json_path, md_path = write_results("predict_speed", figures, summary)
