@@ -8,7 +8,9 @@ owner's reader instead of parsing the file:
 * the preprocessed ``<case>.json``: :mod:`automedseg.preprocessing` (``CaseMeta``, ``read_case_meta``);
 * a fold's ``validation/summary.json``: :mod:`automedseg.validation_summary` (``ValidationSummary``);
 * ``postprocessing.json``: :mod:`automedseg.postprocessing` (``save_postprocessing`` / ``load_postprocessing``);
-* ``find_best.json``: :mod:`automedseg.model_selection` (``FindBest``, ``read_find_best``).
+* ``find_best.json``: :mod:`automedseg.model_selection` (``FindBest``, ``read_find_best``);
+* a search's ``search/<study>/confirmation.json``: :mod:`automedseg.search_confirm` (``Confirmation``,
+  ``read_confirmation``).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises
