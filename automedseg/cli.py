@@ -304,9 +304,11 @@ def predict(input_dir: Path, output_dir: Path, target: Path, work_dir: Path | No
               help="Train the N best candidates and the rule plan on fold 0 at the full fold budget and adopt "
                    "CONFIGURATION_searched only if a candidate beats the rule plan. 0: no confirmation; the best "
                    "trial is written UNCONFIRMED (it may train worse than the rule plan).")
-@click.option("--fidelity", type=click.Choice(["auto", "full", "short"]), default="auto", show_default=True,
-              help="full: every trial trains a full fold, no pruning; short: short pruned trials; auto: full when "
-                   "--trials full folds fit --time-budget.")
+@click.option("--fidelity", type=click.Choice(["auto", "full", "short", "continuation"]), default="auto",
+              show_default=True,
+              help="full: every trial trains a full fold, no pruning; short: short pruned trials; continuation: "
+                   "successive halving whose promoted trials resume (constant LR, cool-down per rung); auto: full "
+                   "when --trials full folds fit --time-budget, else short.")
 def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: int, time_budget: str | None,
            trial_budget: str | None, storage: str | None, study_name: str | None, pruner: str, seed: int,
            device: str | None, threads: int | None, keep_trial_files: bool, confirm: int, fidelity: str) -> None:
@@ -322,7 +324,7 @@ def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: i
     _run_search(ws, dataset, configuration, n_trials=n_trials, time_budget_s=parse_duration(time_budget),
                 storage=storage, study_name=study_name, seed=seed, trial_budget_s=parse_duration(trial_budget),
                 pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files, confirm=confirm,
-                full_budget_trials={"auto": None, "full": True, "short": False}[fidelity])
+                fidelity=fidelity)
 
 
 def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noqa: ANN001, ANN003

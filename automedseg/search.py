@@ -39,7 +39,10 @@ its share of the search budget, after every epoch the pseudo-Dice (mean of the l
 epochs) is reported to Optuna, and a Hyperband (default) or successive-halving pruner stops trials that lag (a
 pruned trial stops at once, no final validation). *Full*: when ``n_trials`` full folds fit the search budget
 (or the trial budget given is a whole fold), as on a GPU, each trial trains fold 0 exactly as a fold of its
-variant would be trained (the rule plan's per-fold budget, the trainer's refit), without pruning. The training
+variant would be trained (the rule plan's per-fold budget, the trainer's refit), without pruning.
+*Continuation* (only when asked, ``--fidelity continuation``; :mod:`automedseg.search_rungs`): successive halving
+whose trials train at a constant learning rate with a cool-down before each rung, and a promoted trial resumes
+from its checkpoint before that cool-down instead of starting again. The training
 length is not a free parameter: it is fitted to the time given by the planner's cost model
 (:func:`automedseg.planning.step_seconds`), so the search compares what each variant reaches *in the budget*.
 
@@ -107,6 +110,7 @@ from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.search_adopt import SearchResult, finalize_search, searched_configuration
 from automedseg.search_confirm import DEFAULT_CONFIRM, Confirmation
 from automedseg.search_report import write_search_report
+from automedseg.search_rungs import first_rung
 from automedseg.search_space import (
     AUG_STRENGTH_RANGE,
     BASE_LR,
@@ -145,16 +149,17 @@ Log = Callable[[str], None]
 
 __all__ = [  # the public API, also what the split modules hold (re-exported for compatibility)
     "AUG_STRENGTH_RANGE", "BASE_LR", "BASE_WEIGHT_DECAY", "DEFAULT_CONFIRM", "DEFAULT_FIDELITY",
-    "DEFAULT_HEARTBEAT_S", "DICE_FRACTION_RANGE", "LR_FACTOR_RANGE", "MAX_CONSECUTIVE_FAILURES", "MAX_RETRY", "PRUNERS",
-    "SEARCHED_SUFFIX", "SMOOTHING_EPOCHS", "TRAIN_SHARE", "TRIAL_EPOCHS", "Confirmation", "InfeasibleParams",
-    "SearchParam", "SearchResult", "apply_params", "best_trial", "choose_fidelity", "default_params",
-    "default_storage_url", "default_study_name", "finalize_search", "fit_schedule", "make_pruner", "make_sampler",
-    "make_storage", "redact_url", "run_search", "search_space", "searched_configuration", "trial_budget",
-    "trial_counts", "write_search_report",
+    "DEFAULT_HEARTBEAT_S", "DICE_FRACTION_RANGE", "FIDELITIES", "LR_FACTOR_RANGE", "MAX_CONSECUTIVE_FAILURES",
+    "MAX_RETRY", "PRUNERS", "SEARCHED_SUFFIX", "SMOOTHING_EPOCHS", "TRAIN_SHARE", "TRIAL_EPOCHS", "Confirmation",
+    "InfeasibleParams", "SearchParam", "SearchResult", "apply_params", "best_trial", "choose_fidelity",
+    "default_params", "default_storage_url", "default_study_name", "finalize_search", "fit_schedule", "make_pruner",
+    "make_sampler", "make_storage", "redact_url", "run_search", "search_space", "searched_configuration",
+    "trial_budget", "trial_counts", "write_search_report",
 ]
 
 TRIAL_EPOCHS = 20  # epochs of every trial: the pruner's resource axis (same for all variants)
 DEFAULT_FIDELITY = 0.25  # trial budget as a fraction of the rule plan's fold budget when none is given
+FIDELITIES = ("auto", "full", "short", "continuation")
 MAX_CONSECUTIVE_FAILURES = 3
 
 # --- running the search ------------------------------------------------------------------------------
@@ -174,22 +179,29 @@ def trial_budget(base: ConfigurationPlan, *, n_trials: int, time_budget_s: float
 
 
 def choose_fidelity(base: ConfigurationPlan, *, n_trials: int, time_budget_s: float | None,
-                    trial_budget_s: float | None, full: bool | None = None) -> tuple[str, str]:
-    """``full`` (every trial trains a full fold, no pruning) or ``short`` (multi-fidelity), and why.
+                    trial_budget_s: float | None, asked: str = "auto") -> tuple[str, str]:
+    """The trials' fidelity, and why: ``full`` (every trial trains a full fold, no pruning), ``short``
+    (multi-fidelity: fixed epochs, pruned) or ``continuation`` (successive halving with continuation, only when
+    asked: :mod:`automedseg.search_rungs`).
 
-    Full-budget trials are chosen when they are cheap: ``n_trials`` full folds fit the search budget, or the trial
-    budget given is at least a full fold. A full fold's time is the rule plan's per-fold budget, else the planner's
-    estimate of its schedule (GPU plans).
+    ``auto`` chooses full-budget trials when they are cheap: ``n_trials`` full folds fit the search budget, or the
+    trial budget given is at least a full fold. A full fold's time is the rule plan's per-fold budget, else the
+    planner's estimate of its schedule (GPU plans).
 
     Example:
         >>> choose_fidelity(base, n_trials=10, time_budget_s=3600, trial_budget_s=None)  # doctest: +SKIP
         ('full', '10 trials x a full fold (~4 min) fit the search budget (60 min): ...')
     """
+    if asked not in FIDELITIES:
+        raise ValueError(f"fidelity {asked!r} is not one of {FIDELITIES}")
     fold = base.training.time_budget_s or base.training.estimated_fold_seconds
     what = f"a full fold (~{fold / 60:.1f} min)" if fold else "a full fold (no estimate)"
-    if full is False:
-        return "short", "short trials, as asked"
-    if full is True:
+    if asked == "short":
+        return "short", "short trials (multi-fidelity, pruned), as asked"
+    if asked == "continuation":
+        return "continuation", ("successive halving with continuation, as asked: constant learning rate with a "
+                                "cool-down at each rung; a promoted trial resumes from before its cool-down")
+    if asked == "full":
         return "full", f"full-budget trials, as asked: each trains {what}, no pruning"
     if fold and time_budget_s is not None and n_trials * fold <= time_budget_s:
         return "full", (f"{n_trials} trials x {what} fit the search budget ({time_budget_s / 60:.0f} min): every "
@@ -207,7 +219,7 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
                threads: int | None = None, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S, max_retry: int = MAX_RETRY,
                keep_trial_files: bool = False, trial_options: Mapping[str, Any] | None = None,
                dataset: Path | None = None, confirm: int = DEFAULT_CONFIRM,
-               confirm_options: Mapping[str, Any] | None = None, full_budget_trials: bool | None = None,
+               confirm_options: Mapping[str, Any] | None = None, fidelity: str = "auto",
                log: Log = print) -> SearchResult:
     """Run (or continue, or join) an Optuna search around one configuration and write the searched plan.
 
@@ -237,7 +249,7 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
             (:mod:`automedseg.search_confirm`); 0: no confirmation, the best trial is adopted unconfirmed.
         confirm_options: :class:`~automedseg.training.TrainOptions` fields for the confirmation trainings
             (tests: ``epochs``, ``iterations_per_epoch``, ``num_workers``).
-        full_budget_trials: ``True``/``False`` force full-budget or short trials; ``None``: :func:`choose_fidelity`.
+        fidelity: ``auto``, ``full``, ``short`` or ``continuation`` (:func:`choose_fidelity`).
         log: Where messages go.
     """
     import optuna
@@ -264,19 +276,19 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
     if attrs.get("configuration", configuration) != configuration:
         raise ValueError(f"study {study_name!r} searches {attrs['configuration']!r}, not {configuration!r}; "
                          "pass another --study-name")
-    fidelity, fidelity_note = choose_fidelity(base, n_trials=n_trials, time_budget_s=time_budget_s,
-                                              trial_budget_s=trial_budget_s, full=full_budget_trials)
+    chosen, fidelity_note = choose_fidelity(base, n_trials=n_trials, time_budget_s=time_budget_s,
+                                            trial_budget_s=trial_budget_s, asked=fidelity)
     full_fold = base.training.time_budget_s or base.training.estimated_fold_seconds
     space = search_space(base, normalization=dataset is not None)
     wanted = {
         "configuration": configuration,
         "space": [p.name for p in space],
-        "fidelity": fidelity,
+        "fidelity": chosen,
         "fidelity_note": fidelity_note,
-        "trial_budget_s": float(full_fold) if fidelity == "full" else trial_budget(
+        "trial_budget_s": float(full_fold) if chosen == "full" else trial_budget(
             base, n_trials=n_trials, time_budget_s=time_budget_s, trial_budget_s=trial_budget_s),
         "trial_epochs": int(sched.get("epochs", TRIAL_EPOCHS)),
-        "pruner": "none" if fidelity == "full" else pruner,
+        "pruner": "none" if chosen == "full" else pruner,
         "seed": int(seed),
         "n_trials": int(n_trials),
         "total_budget_s": time_budget_s,
@@ -293,7 +305,8 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
         log(f"search: warning: {configuration} in {ws.plans_path} differs from the plan the study started with")
     per_trial = float(attrs["trial_budget_s"])
     epochs = int(attrs["trial_epochs"])
-    study.pruner = make_pruner(str(attrs["pruner"]), trial_epochs=epochs)
+    study.pruner = make_pruner(str(attrs["pruner"]), trial_epochs=epochs,
+                               min_resource=first_rung(epochs) if attrs.get("fidelity") == "continuation" else None)
     study.sampler = make_sampler(int(attrs["seed"]), n_trials=int(attrs["n_trials"]))
     full = attrs.get("fidelity") == "full"
     out_root = ws.root / "search" / study_name
@@ -310,7 +323,8 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
     def objective(trial: optuna.Trial) -> float:
         return run_trial(trial, ws=ws, plans=plans, base=base, space=space, budget_s=per_trial, epochs=epochs,
                           sched=sched, opts=opts, device=device, threads=threads, out_root=out_root,
-                          keep_files=keep_trial_files, worker=worker, log=log, full_budget=full, dataset=dataset)
+                          keep_files=keep_trial_files, worker=worker, log=log,
+                         fidelity=str(attrs.get("fidelity", "short")), dataset=dataset)
 
     t0 = time.monotonic()
     failures = 0

@@ -278,7 +278,7 @@ def confirm_candidates(ws: Workspace, configuration: str, study: Any, *, n: int,
             state = dataclasses.replace(state, runs=tuple(runs))
             write_artifact(path, state)
             rlog(f"fold-0 validation mean Dice {_fmt(value)}")
-        state = _verdict(state)
+        state = verdict(state)
         write_artifact(path, state)
     log(f"search: {state.summary()}")
     return state
@@ -322,10 +322,11 @@ def _wanted_runs(ws: Workspace, plans: Plans, base: ConfigurationPlan, study: An
     return out
 
 
-def _verdict(state: Confirmation) -> Confirmation:
-    """The winner once every run is done: a candidate only when it beats the rule plan."""
+def verdict(state: Confirmation) -> Confirmation:
+    """``state`` with its winner once every run is done (a candidate only when it beats the rule plan: a tie
+    keeps the rule plan), else without one."""
     if any(r.state != "done" for r in state.runs):
-        return state
+        return dataclasses.replace(state, winner=None, margin=None)
     candidates = [r for r in state.runs if r.key != RULE]
     if not candidates:
         return dataclasses.replace(state, winner=RULE, margin=None)

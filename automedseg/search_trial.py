@@ -4,8 +4,9 @@ pruning after every epoch, and return its fold-0 validation Dice.
 A trial trains exactly its epochs: the schedule is fitted here (:func:`~automedseg.search_space.fit_schedule`)
 and marked ``fixed_epochs``, and the trial passes no time budget to the trainer, so neither the trainer's
 budget refit (:func:`~automedseg.schedule.budget_epochs`) nor its last-epoch trim changes what the pruner counts.
-A full-budget trial (``full_budget`` of :func:`run_trial`) is instead scheduled exactly as the searched plan
-would be (:func:`full_fold_variant`) and trained like a fold of it.
+A full-budget trial (``fidelity`` ``full`` of :func:`run_trial`) is instead scheduled exactly as the searched
+plan would be (:func:`full_fold_variant`) and trained like a fold of it; a ``continuation`` trial trains its
+fixed epochs rung by rung (:mod:`automedseg.search_rungs`).
 """
 
 from __future__ import annotations
@@ -75,16 +76,19 @@ def ensure_cache(ws: Workspace, plans: Plans, config: ConfigurationPlan, dataset
 def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPlan, space: Sequence[SearchParam],
               budget_s: float, epochs: int, sched: Mapping[str, Any], opts: Mapping[str, Any], device: str | None,
               threads: int | None, out_root: Path, keep_files: bool, worker: str, log: Log,
-              full_budget: bool = False, dataset: Path | None = None) -> float:
+              fidelity: str = "short", dataset: Path | None = None) -> float:
     """Train one trial on fold 0 and return its objective.
 
     Args:
-        full_budget: Schedule the variant for a full fold (:func:`full_fold_variant`, the trainer refits it to
-            the budget as for any fold) instead of ``epochs`` fixed epochs in ``TRAIN_SHARE x budget_s``.
+        fidelity: ``short``: ``epochs`` fixed epochs in ``TRAIN_SHARE x budget_s``, reported after every epoch;
+            ``continuation``: the same budget and epochs, trained rung by rung with continuation
+            (:mod:`automedseg.search_rungs`), reported at the rungs; ``full``: scheduled for a full fold
+            (:func:`full_fold_variant`, the trainer refits it to the budget as for any fold).
         dataset: The dataset folder, to preprocess the cache of a variant with another normalisation.
     """
     import optuna
 
+    from automedseg.search_rungs import continuation_attrs, extra_epochs, train_with_continuation
     from automedseg.training import TrainOptions, train_fold
 
     trial.set_user_attr("worker", worker)
@@ -93,18 +97,19 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     name = f"{base.name}_trial{trial.number}"
     tlog: Log = lambda m: log(f"[trial {trial.number}] {m}")  # noqa: E731
     try:
-        if full_budget:
+        if fidelity == "full":
             variant = full_fold_variant(plans, base, params, name=name)
-        else:
-            variant = fit_schedule(plans, apply_params(plans, base, params, name=name), TRAIN_SHARE * budget_s,
-                                   trial_epochs=epochs)
+        else:  # with continuation, the discarded cool-downs come out of the same budget
+            share = epochs / (epochs + extra_epochs(epochs)) if fidelity == "continuation" else 1.0
+            variant = fit_schedule(plans, apply_params(plans, base, params, name=name),
+                                   TRAIN_SHARE * budget_s * share, trial_epochs=epochs)
         ensure_cache(ws, plans, variant, dataset, tlog)
     except InfeasibleParams as e:
         trial.set_user_attr("infeasible", str(e))
         tlog(f"pruned before training: {e}")
         raise optuna.TrialPruned(str(e)) from None
     if sched:  # tests and experts: this schedule exactly (a full-budget trial's is not refitted to the budget)
-        extra: dict[str, Any] = {"time_budget_s": None} if full_budget else {}
+        extra: dict[str, Any] = {"time_budget_s": None} if fidelity == "full" else {}
         tr = dataclasses.replace(variant.training, **{k: int(v) for k, v in sched.items()}, **extra)
         variant = dataclasses.replace(variant, training=tr)
     tr = variant.training
@@ -138,9 +143,22 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
         "device": device, "threads": threads, "output_dir": out_dir, "progress": False, "validate": True,
         "restart": True, **opts,
     })
+    def on_rung(score: float, end: int) -> None:
+        trial.report(score, end)
+        if end < epochs and trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", end)
+            tlog(f"pruned at the rung of epoch {end} (pseudo-Dice {score:.4f} after its cool-down)")
+            raise optuna.TrialPruned(f"pseudo-Dice {score:.4f} at epoch {end}")
+        trial.set_user_attr("passed_rung", end)
+
     try:
-        result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,
-                            epoch_callback=on_epoch)
+        if fidelity == "continuation":
+            trial.set_user_attr("continuation", continuation_attrs(epochs))
+            result = train_with_continuation(ws, name, plans=plans.with_configuration(variant), options=options,
+                                             epochs=epochs, report=on_rung, log=tlog)
+        else:
+            result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,
+                                epoch_callback=on_epoch)
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)
         raise

@@ -256,25 +256,26 @@ def test_a_trial_trains_exactly_its_rungs_epochs(search_planned: tuple[Path, Wor
     assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
 
 
-FIDELITY = [  # (trials, search budget, trial budget, forced, fidelity): the rule plan's fold takes 30 s
-    (10, 300.0, None, None, "full"),  # 10 full folds fit the search budget
-    (10, 299.0, None, None, "short"),
-    (4, None, 30.0, None, "full"),  # a trial budget of a whole fold
-    (4, None, 10.0, None, "short"),
-    (4, None, None, None, "short"),  # no budget given: a quarter of a fold per trial
-    (10, 1e6, None, False, "short"),
-    (10, 10.0, None, True, "full"),
+FIDELITY = [  # (trials, search budget, trial budget, asked, fidelity): the rule plan's fold takes 30 s
+    (10, 300.0, None, "auto", "full"),  # 10 full folds fit the search budget
+    (10, 299.0, None, "auto", "short"),
+    (4, None, 30.0, "auto", "full"),  # a trial budget of a whole fold
+    (4, None, 10.0, "auto", "short"),
+    (4, None, None, "auto", "short"),  # no budget given: a quarter of a fold per trial
+    (10, 1e6, None, "short", "short"),
+    (10, 10.0, None, "full", "full"),
+    (10, 1e6, None, "continuation", "continuation"),  # only when asked
 ]
 
 
 @pytest.mark.parametrize(("n", "total", "per_trial", "forced", "expected"), FIDELITY)
 def test_full_budget_trials_where_they_are_cheap(search_planned: tuple[Path, Workspace], n: int,
-                                                 total: float | None, per_trial: float | None, forced: bool | None,
+                                                 total: float | None, per_trial: float | None, forced: str,
                                                  expected: str) -> None:
     _, ws = search_planned
     _, base = _base(ws)
     assert base.training.time_budget_s == 30.0
-    mode, note = choose_fidelity(base, n_trials=n, time_budget_s=total, trial_budget_s=per_trial, full=forced)
+    mode, note = choose_fidelity(base, n_trials=n, time_budget_s=total, trial_budget_s=per_trial, asked=forced)
     assert mode == expected and note
 
 

@@ -2,7 +2,7 @@
 fold 0 is re-used, and a confirmation killed part-way resumes.
 
 Trials are replaced by a stub trainer that reports planted values; the confirmation runs are stubbed too, except
-in the kill test, which trains them for real (2 epochs of 2 iterations).
+in the kill test, which trains them for real (2 epochs of 1 iteration).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import torch
 from automedseg import training
 from automedseg.plans import Plans
 from automedseg.search import default_params, default_storage_url, make_storage, run_search
-from automedseg.search_confirm import confirmation_path, read_confirmation, reusable_rule_fold
+from automedseg.search_confirm import (
+    Confirmation,
+    ConfirmRun,
+    confirmation_path,
+    read_confirmation,
+    reusable_rule_fold,
+    verdict,
+)
 from automedseg.training import FoldResult, TrainOptions
 from automedseg.validation_summary import summary_path, write_validation_summary
 from automedseg.workspace import Workspace
@@ -29,7 +36,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 COMMON: dict[str, Any] = {"n_trials": 2, "trial_budget_s": 20.0, "device": "cpu", "threads": 1,
                           "heartbeat_interval_s": 1, "pruner": "none", "trial_options": {"epochs": 2},
-                          "full_budget_trials": False}
+                          "fidelity": "short"}
 
 
 def _enqueue(ws: Workspace, name: str) -> None:
@@ -63,7 +70,6 @@ def _stub(values: dict[str, float], calls: list[str]) -> Any:
 TRIALS = {"search/trial_0": 0.60, "search/trial_1": 0.70}  # on short trials the variant looks better
 VERDICTS = [  # (confirmation scores, adopted, margin)
     pytest.param({"confirm/rule": 0.80, "confirm/trial_1": 0.50}, False, -0.30, id="planted-worse"),
-    pytest.param({"confirm/rule": 0.80, "confirm/trial_1": 0.80}, False, 0.0, id="tie-keeps-the-rule"),
     pytest.param({"confirm/rule": 0.60, "confirm/trial_1": 0.75}, True, 0.15, id="better"),
 ]
 
@@ -105,6 +111,29 @@ def test_a_candidate_is_adopted_only_when_it_beats_the_rule_plan(search_ws: Work
     # Repeating the command trains nothing again and gives the same verdict.
     again = run_search(ws, "3d_fullres", study_name="verdict", confirm=2, log=lambda m: None, **COMMON)
     assert len(calls) == 4 and again.adopted is adopted and again.confirmation == res.confirmation
+
+
+VERDICT_TABLE = [  # (rule plan's Dice, candidates' Dice, winner, margin)
+    (0.8, (0.5, 0.7), "rule", -0.1),
+    (0.8, (0.8,), "rule", 0.0),  # a tie keeps the rule plan
+    (0.8, (0.81, 0.9), "trial_2", 0.1),
+    (None, (0.5,), "trial_1", None),  # the rule plan's validation scored nothing
+    (0.8, (None,), "rule", None),
+    (0.8, (), "rule", None),  # no candidate differs from the rule plan
+]
+
+
+@pytest.mark.parametrize(("rule", "candidates", "winner", "margin"), VERDICT_TABLE)
+def test_the_verdict_adopts_only_a_candidate_that_beats_the_rule_plan(rule: float | None,
+                                                                     candidates: tuple[float | None, ...],
+                                                                     winner: str, margin: float | None) -> None:
+    runs = (ConfirmRun("rule", None, {}, "x", "d", "done", rule),
+            *(ConfirmRun(f"trial_{i + 1}", i + 1, {}, "x", "d", "done", v) for i, v in enumerate(candidates)))
+    state = verdict(Confirmation("s", "3d_fullres", runs))
+    assert state.winner == winner and state.adopted is (winner != "rule")
+    assert state.margin == (None if margin is None else pytest.approx(margin))
+    assert state.summary() and verdict(dataclasses.replace(state, runs=(
+        dataclasses.replace(runs[0], state="pending"), *runs[1:]))).winner is None  # pending: no verdict yet
 
 
 def _fake_rule_fold(ws: Workspace, change: str) -> None:
@@ -174,7 +203,7 @@ def test_the_confirmation_resumes_after_a_kill(search_ws: Workspace, monkeypatch
 
     monkeypatch.setattr(training, "train_fold", train)
     _enqueue(ws, "kill")
-    quick = {"confirm": 1, "confirm_options": {"epochs": 2, "iterations_per_epoch": 2, "num_workers": 0}}
+    quick = {"confirm": 1, "confirm_options": {"epochs": 2, "iterations_per_epoch": 1, "num_workers": 0}}
     with pytest.raises(KeyboardInterrupt):
         run_search(ws, "3d_fullres", study_name="kill", log=lambda m: None, **quick, **COMMON)
     state = read_confirmation(confirmation_path(ws, "kill"))
