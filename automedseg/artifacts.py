@@ -13,6 +13,8 @@ owner's reader instead of parsing the file:
 * ``postprocessing.json``: :mod:`automedseg.postprocessing` (``Postprocessing.load`` / ``Postprocessing.save``);
 * ``find_best.json``: :mod:`automedseg.best_choice` (``FindBest``, ``read_find_best``; written by
   :func:`automedseg.model_selection.find_best`).
+* a search's ``search/<study>/confirmation.json``: :mod:`automedseg.search_confirm` (``Confirmation``,
+  ``read_confirmation``).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises

@@ -120,7 +120,7 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
 @click.option("--no-preprocess", is_flag=True, help="Stop after writing plans.json.")
 @click.option("--search", "search_trials", type=int, default=0, show_default=True, metavar="N",
               help="Then refine each planned configuration with N Optuna trials (as `automedseg search`; "
-                   "each trial gets 1/4 of the fold budget).")
+                   "each trial gets 1/4 of the fold budget; the best 2 are confirmed against the rule plan).")
 @click.option("--recalibrate", is_flag=True,
               help="Time this machine again instead of reusing its cached calibration "
                    "($AUTOMEDSEG_CALIBRATION, default ~/.cache/automedseg/calibration.json).")
@@ -313,26 +313,38 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
               help="Default: CUDA if present, else MPS, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads per trial.")
 @click.option("--keep-trial-files", is_flag=True, help="Keep every trial's checkpoints and validation outputs.")
+@click.option("--confirm", "confirm", type=click.IntRange(min=0), default=2, show_default=True, metavar="N",
+              help="Train the N best candidates and the rule plan on fold 0 at the full fold budget and adopt "
+                   "CONFIGURATION_searched only if a candidate beats the rule plan. 0: no confirmation; the best "
+                   "trial is written UNCONFIRMED (it may train worse than the rule plan).")
+@click.option("--fidelity", type=click.Choice(["auto", "full", "short", "continuation"]), default="auto",
+              show_default=True,
+              help="full: every trial trains a full fold, no pruning; short: short pruned trials; continuation: "
+                   "successive halving whose promoted trials resume (constant LR, cool-down per rung); auto: full "
+                   "when --trials full folds fit --time-budget, else short.")
 def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: int, time_budget: str | None,
            trial_budget: str | None, storage: str | None, study_name: str | None, pruner: str, seed: int,
-           device: str | None, threads: int | None, keep_trial_files: bool) -> None:
-    """Refine a planned configuration with Optuna (fold-0 trials, pruned when they lag).
+           device: str | None, threads: int | None, keep_trial_files: bool, confirm: int, fidelity: str) -> None:
+    """Refine a planned configuration with Optuna (fold-0 trials, pruned when they lag), then confirm.
 
-    Workers on other machines join with the same --storage and --study-name (and a copy of the work folder).
+    The best candidates are trained against the rule plan at the full fold budget on fold 0 (--confirm); the
+    searched configuration is written only if it wins. Workers on other machines join with the same --storage
+    and --study-name (and a copy of the work folder).
     """
     ws = workspace_for(dataset, work_dir)
     if not ws.plans_path.is_file():
         fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
     _run_search(ws, dataset, configuration, n_trials=n_trials, time_budget_s=parse_duration(time_budget),
                 storage=storage, study_name=study_name, seed=seed, trial_budget_s=parse_duration(trial_budget),
-                pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files)
+                pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files, confirm=confirm,
+                fidelity=fidelity)
 
 
 def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noqa: ANN001, ANN003
     from automedseg.search import run_search
 
     try:
-        result = run_search(ws, configuration, log=click.echo, **kwargs)
+        result = run_search(ws, configuration, log=click.echo, dataset=dataset, **kwargs)
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to continue (the interrupted trial is retried)",
                    err=True)
@@ -342,10 +354,14 @@ def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noq
         return
     c = result.counts
     click.echo(f"study {result.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed")
+    if result.confirmation:
+        click.echo(f"confirmation: {result.confirmation}")
     if result.searched_configuration:
         click.echo(f"best trial {result.best_trial} (fold-0 Dice {result.best_value:.4f}) -> "
-                   f"{result.searched_configuration}; train it with `automedseg train {dataset} "
-                   f"-c {result.searched_configuration} -f 0` ... `-f 4`")
+                   f"{result.searched_configuration}{'' if result.adopted else ' (UNCONFIRMED)'}; train it with "
+                   f"`automedseg train {dataset} -c {result.searched_configuration} -f 0` ... `-f 4`")
+    elif result.adopted is False:
+        click.echo(f"the rule plan {configuration} is kept (plans.json notes say by how much); train it")
     click.echo(f"report: {result.report_path}")
 
 

@@ -1,11 +1,13 @@
 """Optuna refinement of a rule-based configuration: ``automedseg search`` (and ``plan --search N``).
 
 The rule-based planner (:mod:`automedseg.planning`) picks one sensible configuration. The search tries
-variants of it, each trained briefly on fold 0, and writes the best one into ``plans.json`` as a new
-named configuration (``<configuration>_searched``) that ``automedseg train`` trains like any other.
+variants of it, each trained on fold 0, confirms the best against the rule plan at the full fold budget, and
+writes a winner into ``plans.json`` as a new named configuration (``<configuration>_searched``) that
+``automedseg train`` trains like any other; when no candidate beats the rule plan, nothing is adopted and the
+rule configuration's notes say by how much it won.
 
 What is searched (:func:`search_space`, derived from the rule-based configuration so the ranges suit any
-dataset; the rule plan is always trial 0):
+dataset; parameters with a single option are left out; the rule plan is always trial 0):
 
 ========================  ===========================================================================
 ``optimizer``             ``sgd`` (Nesterov, momentum 0.99) or ``adamw``
@@ -20,29 +22,48 @@ dataset; the rule plan is always trial 0):
 ``aug_strength``          every augmentation probability multiplied by this factor (0 to 2, capped at 1)
 ``oversample_foreground`` fraction of each batch forced to contain foreground
 ``dice_fraction``         share of the Dice term in the loss (Dice + CE weights keep their sum)
+``context``               context vs capacity: patch volume x 0.5, 1 or 2 (2 only where the patch is
+                          smaller than the median image), the width chosen so that the planner's cost
+                          model gives about the same step time
+``mirror_axis_<a>``       mirroring on or off along each of the rule plan's mirror axes; an axis the
+                          planner left out (it would swap lateralised labels, see :mod:`automedseg.lateral`)
+                          is never offered
+``normalization``         the rule's scheme or per-image z-score, for CT and RGB channels (the variant
+                          gets its own preprocessed cache, made on first use; needs the dataset folder)
 ========================  ===========================================================================
 
-The training length is not a free parameter: for every variant it is fitted to the time it is given by
-the planner's cost model (:func:`automedseg.planning.step_seconds`): a wider network or a bigger batch
-gets fewer iterations in the same time, so the search compares what each variant reaches *in the
-budget*. Trials train exactly ``TRIAL_EPOCHS`` epochs (the pruner's steps; ``fixed_epochs`` in the trial's
-plan, so the trainer does not refit them) in their share of the budget (multi-fidelity: a fraction of a full
-fold); the searched plan's schedule is fitted to the rule plan's full per-fold budget. Both schedules are the
-planner's (:func:`automedseg.planning.schedule_for_budget`).
+Fidelity (:func:`choose_fidelity`, recorded in the study's ``fidelity`` and ``fidelity_note`` attributes and the
+report). *Short* (multi-fidelity, the default on CPUs): each trial trains exactly ``TRIAL_EPOCHS`` epochs (the
+pruner's steps; ``fixed_epochs`` in the trial's plan, so the trainer's budget refit does not change them) in
+its share of the search budget, after every epoch the pseudo-Dice (mean of the last ``SMOOTHING_EPOCHS``
+epochs) is reported to Optuna, and a Hyperband (default) or successive-halving pruner stops trials that lag (a
+pruned trial stops at once, no final validation). *Full*: when ``n_trials`` full folds fit the search budget
+(or the trial budget given is a whole fold), as on a GPU, each trial trains fold 0 exactly as a fold of its
+variant would be trained (the rule plan's per-fold budget, the trainer's refit), without pruning.
+*Continuation* (only when asked, ``--fidelity continuation``; :mod:`automedseg.search_rungs`): successive halving
+whose trials train at a constant learning rate with a cool-down before each rung, and a promoted trial resumes
+from its checkpoint before that cool-down instead of starting again. The training
+length is not a free parameter: it is fitted to the time given by the planner's cost model
+(:func:`automedseg.planning.step_seconds`), so the search compares what each variant reaches *in the budget*.
 
-How a trial is judged: :func:`automedseg.training.train_fold` (the trainer of ``automedseg train``,
-reading the same preprocessed cache) trains fold 0 of the variant; after every epoch the pseudo-Dice
-(mean of the last ``SMOOTHING_EPOCHS`` epochs) is reported to Optuna, and a Hyperband (default) or
-successive-halving pruner stops trials that lag; a pruned trial stops at once (no final validation).
-The objective is the fold-0 sliding-window validation mean Dice (the best EMA pseudo-Dice when no
-reference labels are available). Sampling is Optuna's TPE, seeded: every trial's random draws come
-from ``(seed, trial number)``, so workers sharing a study do not repeat each other's random draws and a
-resumed search does not repeat its first ones.
+How a trial is judged: :func:`automedseg.training.train_fold` (the trainer of ``automedseg train``, reading the
+same preprocessed cache) trains fold 0 of the variant; the objective is the fold-0 sliding-window validation
+mean Dice (the best EMA pseudo-Dice when no reference labels are available). Sampling is Optuna's TPE, seeded:
+every trial's random draws come from ``(seed, trial number)``, so workers sharing a study do not repeat each
+other's random draws and a resumed search does not repeat its first ones.
 
-Budget: ``time_budget_s`` is the wall time of the whole search (one worker); each trial gets
-``time_budget_s / n_trials`` (or ``trial_budget_s``), of which 85% is training and the rest start-up and
-the final validation. Without either, a trial gets ``DEFAULT_FIDELITY`` of the rule plan's per-fold
-budget. The first worker records the trial budget in the study; later workers use the study's.
+Confirmation before adoption (:mod:`automedseg.search_confirm`, ``--confirm N``, default 2): short trials
+reward fast starters, so the best ``N`` candidates and the rule plan are trained on fold 0 at the full fold
+budget (the rule plan's own fold 0 is re-used when trained alike; in a study of full-budget trials the trials
+are the confirmation and nothing more is trained) and ``<configuration>_searched`` is written only if a
+candidate's fold-0 validation mean Dice beats the rule plan's. The confirmation is resumable (its state file is
+written atomically after every run; a killed run resumes from its checkpoint). ``--confirm 0`` adopts the best
+trial without it, and its notes say that it is unconfirmed.
+
+Budget: ``time_budget_s`` is the wall time of this worker's trials (the confirmation comes on top: ``N + 1``
+full folds at most); each trial gets ``time_budget_s / n_trials`` (or ``trial_budget_s``), of which 85% is
+training and the rest start-up and the final validation. Without either, a trial gets ``DEFAULT_FIDELITY`` of
+the rule plan's per-fold budget. The first worker records the trial budget in the study; later workers use it.
 
 Storage and resuming: by default an SQLite file ``<work>/search/search.db``; any Optuna RDB URL
 (``postgresql://user:password@host/db``, ``mysql+pymysql://...``) lets workers on several machines
@@ -52,37 +73,44 @@ marked FAIL and re-queued the next time a worker starts. Each worker runs trials
 ``n_trials`` finished (complete or pruned) trials, so running the same command again continues.
 
 Several machines: copy the work folder (``plans.json``, ``splits.json``, ``preprocessed/``) to each,
-then on each run the same command with the same ``--storage`` and ``--study-name``::
+then on each run the same command with the same ``--storage`` and ``--study-name``; one worker per machine
+confirms (the others find its lock and leave the result to it), so give the others ``--confirm 0`` or let
+only one machine's work folder be the one that counts::
 
     automedseg search DATASET -c 3d_fullres --trials 40 --time-budget 8h \\
         --storage postgresql://user:pw@dbhost/optuna --study-name demo_3d
 
 Outputs (``<work>/search/<study>/``): ``trial_<n>/`` (log.jsonl, progress.png, plans.json,
-validation/summary.json of each trial; checkpoints are deleted), ``search_report.md``,
-``search_history.png``, ``param_importances.png``; and ``plans.json`` gains ``<configuration>_searched``
-(its ``notes`` record study, trial, value and budget). Inspect a study with Optuna's own tools, e.g.
-``optuna trials --storage sqlite:///<work>/search/search.db --study-name <study>`` or
-``optuna-dashboard sqlite:///<work>/search/search.db``.
+validation/summary.json of each trial; checkpoints are deleted), ``confirmation.json`` and ``confirm/<run>/``
+(the confirmation's fold-0 runs; the winner's is copied to ``<work>/<configuration>_searched/fold_0``, the rule
+plan's to ``<work>/<configuration>/fold_0``, where those do not exist yet), ``search_report.md``,
+``search_history.png``, ``param_importances.png``; and ``plans.json`` gains ``<configuration>_searched`` (its
+``notes`` record study, trial, value, budget and the confirmation) or a note on the rule configuration. Inspect
+a study with Optuna's own tools, e.g. ``optuna trials --storage sqlite:///<work>/search/search.db --study-name
+<study>`` or ``optuna-dashboard sqlite:///<work>/search/search.db``.
 
-Modules: this one runs the search (:func:`run_search`) and writes the searched plan; the space and the variants
-are :mod:`automedseg.search_space`, the Optuna plumbing :mod:`automedseg.search_study`, one trial
-:mod:`automedseg.search_trial`, the report :mod:`automedseg.search_report`. Their public names are re-exported here.
+Modules: this one runs the search (:func:`run_search`); the space and the variants are
+:mod:`automedseg.search_space`, the Optuna plumbing :mod:`automedseg.search_study`, one trial
+:mod:`automedseg.search_trial`, the confirmation :mod:`automedseg.search_confirm`, the searched plan and the end
+of a search :mod:`automedseg.search_adopt`, the report :mod:`automedseg.search_report`. Their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from automedseg.plans import ConfigurationPlan, Plans
+from automedseg.search_adopt import SearchResult, finalize_search, searched_configuration
+from automedseg.search_confirm import DEFAULT_CONFIRM, Confirmation
 from automedseg.search_report import write_search_report
+from automedseg.search_rungs import first_rung
 from automedseg.search_space import (
     AUG_STRENGTH_RANGE,
     BASE_LR,
@@ -96,7 +124,6 @@ from automedseg.search_space import (
     default_params,
     fit_schedule,
     search_space,
-    summary_line,
 )
 from automedseg.search_study import (
     DEFAULT_HEARTBEAT_S,
@@ -110,7 +137,6 @@ from automedseg.search_study import (
     make_storage,
     open_study,
     plan_sha1,
-    plans_lock,
     quiet_optuna,
     redact_url,
     retry_interrupted,
@@ -122,46 +148,21 @@ from automedseg.workspace import Workspace
 Log = Callable[[str], None]
 
 __all__ = [  # the public API, also what the split modules hold (re-exported for compatibility)
-    "AUG_STRENGTH_RANGE", "BASE_LR", "BASE_WEIGHT_DECAY", "DEFAULT_FIDELITY", "DEFAULT_HEARTBEAT_S",
-    "DICE_FRACTION_RANGE", "LR_FACTOR_RANGE", "MAX_CONSECUTIVE_FAILURES", "MAX_RETRY", "PRUNERS", "SEARCHED_SUFFIX",
-    "SMOOTHING_EPOCHS", "TRAIN_SHARE", "TRIAL_EPOCHS", "InfeasibleParams", "SearchParam", "SearchResult",
-    "apply_params", "best_trial", "default_params", "default_storage_url", "default_study_name", "finalize_search",
-    "fit_schedule", "make_pruner", "make_sampler", "make_storage", "redact_url", "run_search", "search_space",
-    "searched_configuration", "trial_budget", "trial_counts", "write_search_report",
+    "AUG_STRENGTH_RANGE", "BASE_LR", "BASE_WEIGHT_DECAY", "DEFAULT_CONFIRM", "DEFAULT_FIDELITY",
+    "DEFAULT_HEARTBEAT_S", "DICE_FRACTION_RANGE", "FIDELITIES", "LR_FACTOR_RANGE", "MAX_CONSECUTIVE_FAILURES",
+    "MAX_RETRY", "PRUNERS", "SEARCHED_SUFFIX", "SMOOTHING_EPOCHS", "TRAIN_SHARE", "TRIAL_EPOCHS", "Confirmation",
+    "InfeasibleParams", "SearchParam", "SearchResult", "apply_params", "best_trial", "choose_fidelity",
+    "default_params", "default_storage_url", "default_study_name", "finalize_search", "fit_schedule", "make_pruner",
+    "make_sampler", "make_storage", "redact_url", "run_search", "search_space", "searched_configuration",
+    "trial_budget", "trial_counts", "write_search_report",
 ]
 
 TRIAL_EPOCHS = 20  # epochs of every trial: the pruner's resource axis (same for all variants)
 DEFAULT_FIDELITY = 0.25  # trial budget as a fraction of the rule plan's fold budget when none is given
+FIDELITIES = ("auto", "full", "short", "continuation")
 MAX_CONSECUTIVE_FAILURES = 3
 
 # --- running the search ------------------------------------------------------------------------------
-
-
-@dataclass
-class SearchResult:
-    """What :func:`run_search` did.
-
-    Attributes:
-        study_name: Optuna study name.
-        storage: Storage URL, password hidden.
-        counts: Trials per state (``complete``, ``pruned``, ``fail``, ``running``, ``waiting``, ``finished``).
-        best_trial: Number of the best trial (``None`` when none completed).
-        best_value: Its fold-0 validation Dice.
-        best_params: Its parameters.
-        searched_configuration: Name of the configuration added to plans.json (``None``: nothing completed).
-        report_path: The Markdown report.
-        trial_budget_s: Wall time of one trial.
-    """
-
-    study_name: str
-    storage: str
-    counts: dict[str, int]
-    best_trial: int | None
-    best_value: float | None
-    best_params: dict[str, Any]
-    searched_configuration: str | None
-    report_path: Path
-    trial_budget_s: float
 
 
 def trial_budget(base: ConfigurationPlan, *, n_trials: int, time_budget_s: float | None,
@@ -177,11 +178,48 @@ def trial_budget(base: ConfigurationPlan, *, n_trials: int, time_budget_s: float
     return DEFAULT_FIDELITY * float(fold)
 
 
+def choose_fidelity(base: ConfigurationPlan, *, n_trials: int, time_budget_s: float | None,
+                    trial_budget_s: float | None, asked: str = "auto") -> tuple[str, str]:
+    """The trials' fidelity, and why: ``full`` (every trial trains a full fold, no pruning), ``short``
+    (multi-fidelity: fixed epochs, pruned) or ``continuation`` (successive halving with continuation, only when
+    asked: :mod:`automedseg.search_rungs`).
+
+    ``auto`` chooses full-budget trials when they are cheap: ``n_trials`` full folds fit the search budget, or the
+    trial budget given is at least a full fold. A full fold's time is the rule plan's per-fold budget, else the
+    planner's estimate of its schedule (GPU plans).
+
+    Example:
+        >>> choose_fidelity(base, n_trials=10, time_budget_s=3600, trial_budget_s=None)  # doctest: +SKIP
+        ('full', '10 trials x a full fold (~4 min) fit the search budget (60 min): ...')
+    """
+    if asked not in FIDELITIES:
+        raise ValueError(f"fidelity {asked!r} is not one of {FIDELITIES}")
+    fold = base.training.time_budget_s or base.training.estimated_fold_seconds
+    what = f"a full fold (~{fold / 60:.1f} min)" if fold else "a full fold (no estimate)"
+    if asked == "short":
+        return "short", "short trials (multi-fidelity, pruned), as asked"
+    if asked == "continuation":
+        return "continuation", ("successive halving with continuation, as asked: constant learning rate with a "
+                                "cool-down at each rung; a promoted trial resumes from before its cool-down")
+    if asked == "full":
+        return "full", f"full-budget trials, as asked: each trains {what}, no pruning"
+    if fold and time_budget_s is not None and n_trials * fold <= time_budget_s:
+        return "full", (f"{n_trials} trials x {what} fit the search budget ({time_budget_s / 60:.0f} min): every "
+                        "trial trains a full fold, no pruning, and the trials are the confirmation")
+    if fold and trial_budget_s is not None and trial_budget_s >= fold:
+        return "full", (f"the trial budget ({trial_budget_s / 60:.1f} min) covers {what}: every trial trains a full "
+                        "fold, no pruning")
+    return "short", (f"{n_trials} trials x {what} exceed the search budget: short trials (multi-fidelity, pruned), "
+                     "then the best are confirmed at the full budget")
+
+
 def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_s: float | None = None,
                storage: str | None = None, study_name: str | None = None, seed: int = 12345,
                trial_budget_s: float | None = None, pruner: str = "hyperband", device: str | None = None,
                threads: int | None = None, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S, max_retry: int = MAX_RETRY,
                keep_trial_files: bool = False, trial_options: Mapping[str, Any] | None = None,
+               dataset: Path | None = None, confirm: int = DEFAULT_CONFIRM,
+               confirm_options: Mapping[str, Any] | None = None, fidelity: str = "auto",
                log: Log = print) -> SearchResult:
     """Run (or continue, or join) an Optuna search around one configuration and write the searched plan.
 
@@ -206,6 +244,12 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
         keep_trial_files: Keep checkpoints and validation probabilities of every trial.
         trial_options: Tests and experts: ``epochs``, ``iterations_per_epoch`` and ``val_iterations``
             set the trial schedule; other keys are :class:`~automedseg.training.TrainOptions` fields.
+        dataset: The dataset folder: lets the search try another normalisation (it preprocesses that cache).
+        confirm: Candidates confirmed against the rule plan at the full fold budget before adoption
+            (:mod:`automedseg.search_confirm`); 0: no confirmation, the best trial is adopted unconfirmed.
+        confirm_options: :class:`~automedseg.training.TrainOptions` fields for the confirmation trainings
+            (tests: ``epochs``, ``iterations_per_epoch``, ``num_workers``).
+        fidelity: ``auto``, ``full``, ``short`` or ``continuation`` (:func:`choose_fidelity`).
         log: Where messages go.
     """
     import optuna
@@ -232,12 +276,19 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
     if attrs.get("configuration", configuration) != configuration:
         raise ValueError(f"study {study_name!r} searches {attrs['configuration']!r}, not {configuration!r}; "
                          "pass another --study-name")
+    chosen, fidelity_note = choose_fidelity(base, n_trials=n_trials, time_budget_s=time_budget_s,
+                                            trial_budget_s=trial_budget_s, asked=fidelity)
+    full_fold = base.training.time_budget_s or base.training.estimated_fold_seconds
+    space = search_space(base, normalization=dataset is not None)
     wanted = {
         "configuration": configuration,
-        "trial_budget_s": trial_budget(base, n_trials=n_trials, time_budget_s=time_budget_s,
-                                       trial_budget_s=trial_budget_s),
+        "space": [p.name for p in space],
+        "fidelity": chosen,
+        "fidelity_note": fidelity_note,
+        "trial_budget_s": float(full_fold) if chosen == "full" else trial_budget(
+            base, n_trials=n_trials, time_budget_s=time_budget_s, trial_budget_s=trial_budget_s),
         "trial_epochs": int(sched.get("epochs", TRIAL_EPOCHS)),
-        "pruner": pruner,
+        "pruner": "none" if chosen == "full" else pruner,
         "seed": int(seed),
         "n_trials": int(n_trials),
         "total_budget_s": time_budget_s,
@@ -248,20 +299,23 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
         if key not in attrs:
             study.set_user_attr(key, value)
             attrs[key] = value
-        elif key in ("trial_budget_s", "trial_epochs", "pruner") and attrs[key] != value:
+        elif key in ("fidelity", "trial_budget_s", "trial_epochs", "pruner") and attrs[key] != value:
             log(f"search: the study's {key} is {attrs[key]} (set by its first worker); using it, not {value}")
     if attrs["rule_plan_sha1"] != wanted["rule_plan_sha1"]:
         log(f"search: warning: {configuration} in {ws.plans_path} differs from the plan the study started with")
     per_trial = float(attrs["trial_budget_s"])
     epochs = int(attrs["trial_epochs"])
-    study.pruner = make_pruner(str(attrs["pruner"]), trial_epochs=epochs)
+    study.pruner = make_pruner(str(attrs["pruner"]), trial_epochs=epochs,
+                               min_resource=first_rung(epochs) if attrs.get("fidelity") == "continuation" else None)
     study.sampler = make_sampler(int(attrs["seed"]), n_trials=int(attrs["n_trials"]))
+    full = attrs.get("fidelity") == "full"
     out_root = ws.root / "search" / study_name
     out_root.mkdir(parents=True, exist_ok=True)
-    space = search_space(base)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     log(f"search: study {study_name!r} in {redact_url(url)}; {configuration}, {n_trials} trials of "
-        f"~{per_trial / 60:.1f} min ({epochs} epochs each), pruner {attrs['pruner']}, worker {worker}")
+        f"~{per_trial / 60:.1f} min" + ("" if full else f" ({epochs} epochs each)") +
+        f", pruner {attrs['pruner']}, worker {worker}")
+    log(f"search: {attrs.get('fidelity_note', fidelity_note)}")
 
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(default_params(base), user_attrs={"rule_defaults": True}, skip_if_exists=True)
@@ -269,7 +323,8 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
     def objective(trial: optuna.Trial) -> float:
         return run_trial(trial, ws=ws, plans=plans, base=base, space=space, budget_s=per_trial, epochs=epochs,
                           sched=sched, opts=opts, device=device, threads=threads, out_root=out_root,
-                          keep_files=keep_trial_files, worker=worker, log=log)
+                          keep_files=keep_trial_files, worker=worker, log=log,
+                         fidelity=str(attrs.get("fidelity", "short")), dataset=dataset)
 
     t0 = time.monotonic()
     failures = 0
@@ -302,61 +357,6 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
                                    f"{mine[-1].user_attrs.get('error', '?')}")
         elif mine:
             failures = 0
-    return finalize_search(ws, configuration, study, storage_url=url, log=log)
-
-
-
-# --- the result: searched plan and report ---------------------------------------------------------------
-
-
-def searched_configuration(plans: Plans, configuration: str, params: Mapping[str, Any], *, study_name: str,
-                           trial_number: int, value: float, trial_budget_s: float, n_finished: int,
-                           total_budget_s: float | None = None) -> ConfigurationPlan:
-    """The best parameters merged into ``<configuration>_searched``, scheduled for a full fold, with provenance.
-
-    The full-fold schedule uses the rule plan's per-fold budget (``training.time_budget_s``); without one
-    (GPU plans) the rule plan's epochs and iterations are kept.
-    """
-    base = plans.configuration(configuration)
-    name = configuration + SEARCHED_SUFFIX
-    variant = apply_params(plans, base, params, name=name)
-    variant = fit_schedule(plans, variant, base.training.time_budget_s)
-    notes = (
-        f"derived from the rule-based {configuration!r} by automedseg search",
-        f"searched: study={study_name}, trial={trial_number}, value={value:.4f}, budget_s={trial_budget_s:.0f} "
-        f"per trial, trials={n_finished}" + (f", total_budget_s={total_budget_s:.0f}" if total_budget_s else ""),
-        "search params: " + json.dumps(dict(params), sort_keys=True, default=str),
-        summary_line(variant, plans.device.name),
-    )
-    return dataclasses.replace(variant, notes=notes)
-
-
-def finalize_search(ws: Workspace, configuration: str, study: Any, *, storage_url: str = "", log: Log = print
-                    ) -> SearchResult:
-    """Write ``<configuration>_searched`` (best trial so far) into plans.json and the report; safe to repeat."""
-    attrs = study.user_attrs
-    per_trial = float(attrs.get("trial_budget_s", 0.0))
-    counts = trial_counts(study)
-    best = best_trial(study)
-    written = None
-    if best is not None:
-        with plans_lock(ws):
-            plans = Plans.load(ws.plans_path)
-            config = searched_configuration(plans, configuration, best.params, study_name=study.study_name,
-                                            trial_number=best.number, value=float(best.value),
-                                            trial_budget_s=per_trial, n_finished=counts["finished"],
-                                            total_budget_s=attrs.get("total_budget_s"))
-            plans.with_configuration(config).save(ws.plans_path)
-        written = config.name
-        log(f"search: best trial {best.number}, fold-0 Dice {best.value:.4f} -> {written} in {ws.plans_path}")
-    else:
-        log("search: no trial completed yet; plans.json unchanged")
-    report = write_search_report(ws, configuration, study, storage_url=storage_url)
-    log(f"search: report {report}")
-    return SearchResult(
-        study_name=study.study_name, storage=redact_url(storage_url) if storage_url else "", counts=counts,
-        best_trial=None if best is None else best.number, best_value=None if best is None else float(best.value),
-        best_params={} if best is None else dict(best.params), searched_configuration=written,
-        report_path=report, trial_budget_s=per_trial,
-    )
-
+    confirm_opts = {"device": device, "threads": threads, **opts, **dict(confirm_options or {})}
+    return finalize_search(ws, configuration, study, storage_url=url, log=log, confirm=confirm, dataset=dataset,
+                           confirm_options=confirm_opts)

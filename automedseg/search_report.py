@@ -11,6 +11,7 @@ import numpy as np
 
 from automedseg.io import atomic_save_figure
 from automedseg.plans import Plans
+from automedseg.search_confirm import Confirmation, runs_table
 from automedseg.search_space import SEARCHED_SUFFIX, search_space
 from automedseg.search_study import best_trial, quiet_optuna, redact_url, trial_counts
 from automedseg.search_trial import SMOOTHING_EPOCHS
@@ -79,8 +80,12 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def write_search_report(ws: Workspace, configuration: str, study: Any, *, storage_url: str = "") -> Path:
-    """``search_report.md``, ``search_history.png`` and (2+ complete trials) ``param_importances.png``."""
+def write_search_report(ws: Workspace, configuration: str, study: Any, *, storage_url: str = "",
+                        confirmation: Confirmation | None = None) -> Path:
+    """``search_report.md``, ``search_history.png`` and (2+ complete trials) ``param_importances.png``.
+
+    ``confirmation``: the verdict of :func:`automedseg.search_confirm.confirm_candidates` (``None``: unconfirmed).
+    """
     from optuna.trial import TrialState
 
     out = ws.root / "search" / study.study_name
@@ -116,10 +121,20 @@ def write_search_report(ws: Workspace, configuration: str, study: Any, *, storag
         f"- budget: ~{float(attrs.get('trial_budget_s', 0)) / 60:.1f} min per trial, "
         f"{attrs.get('trial_epochs', '?')} epochs each" + (
             f"; search budget {float(attrs['total_budget_s']) / 60:.0f} min" if attrs.get("total_budget_s") else ""),
+        f"- fidelity: {attrs.get('fidelity', 'short')}: {attrs.get('fidelity_note', '')}",
         f"- pruner: {attrs.get('pruner', '?')}; sampler: TPE, seed {attrs.get('seed', '?')}",
         "- objective: fold-0 sliding-window validation mean Dice at the end of the trial",
         "",
+        "## Confirmation at the full fold budget",
+        "",
     ]
+    if confirmation is None or confirmation.winner is None:
+        lines += ["Not confirmed (`--confirm 0`, or another worker confirms): a searched configuration written by "
+                  "this study was chosen on its trials only.", ""]
+    else:
+        verdict = "adopted" if confirmation.adopted else "not adopted: plans.json keeps the rule plan"
+        lines += [f"{confirmation.summary()}; `{configuration}{SEARCHED_SUFFIX}` {verdict}.", "",
+                  *runs_table(confirmation), ""]
     if best is not None:
         lines += [f"## Best trial: {best.number} (value {best.value:.4f})", "",
                   "| parameter | rule default | best |", "|---|---|---|"]
@@ -129,8 +144,11 @@ def write_search_report(ws: Workspace, configuration: str, study: Any, *, storag
         plan = best.user_attrs.get("plan", {})
         if plan:
             lines += ["", "Trial plan: " + ", ".join(f"{k} {v}" for k, v in plan.items()), ""]
-        lines += [f"Train it on all folds: `automedseg train DATASET -c {configuration}{SEARCHED_SUFFIX} -f 0` "
-                  "(... `-f 4`).", ""]
+        if confirmation is not None and confirmation.winner is not None and not confirmation.adopted:
+            lines += [f"The confirmation kept the rule plan: train `{configuration}`.", ""]
+        else:
+            lines += [f"Train it on all folds: `automedseg train DATASET -c {configuration}{SEARCHED_SUFFIX} -f 0` "
+                      "(... `-f 4`).", ""]
     else:
         lines += ["No trial has completed yet.", ""]
     lines += ["## Parameter importances", ""]
@@ -151,7 +169,10 @@ def write_search_report(ws: Workspace, configuration: str, study: Any, *, storag
                      f"{t.user_attrs.get('worker', '-')} | {params} |")
     lines += ["", "## Search space", "", "| parameter | range | rule default | what it changes |", "|---|---|---|---|"]
     plans = Plans.load(ws.plans_path)
+    searched = set(attrs.get("space", ())) or None
     for p in search_space(plans.configuration(configuration)):
+        if searched is not None and p.name not in searched:
+            continue
         lines.append(f"| {p.name} | {p.describe()} | {_fmt(p.default)} | {p.help} |")
     from automedseg.io import atomic_write_text
 

@@ -5,13 +5,13 @@ sampled variant is made from them (:func:`apply_params`) and how its training is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from automedseg.plans import AugmentationPlan, ConfigurationPlan, NetworkPlan, Plans
+from automedseg.plans import AugmentationPlan, ChannelNormalization, ConfigurationPlan, NetworkPlan, Plans
 
 SEARCHED_SUFFIX = "_searched"
 BASE_LR = {"sgd": 1e-2, "adamw": 1e-3}
@@ -19,6 +19,12 @@ BASE_WEIGHT_DECAY = {"sgd": 3e-5, "adamw": 1e-2}
 LR_FACTOR_RANGE = (0.2, 5.0)
 AUG_STRENGTH_RANGE = (0.0, 2.0)
 DICE_FRACTION_RANGE = (0.1, 0.9)
+CONTEXT_FACTORS = (0.5, 1.0, 2.0)  # patch volume x factor, width chosen for the same step time
+WIDTH_STEP = 4  # widths of the context trade are multiples of this, at least MIN_WIDTH
+MIN_WIDTH = 8
+#: Normalisations that can replace a channel's rule scheme: CT and RGB channels may be z-scored per image
+#: instead (MR-like channels are z-scored already; a dataset-wide scheme needs statistics the plan lacks).
+NORMALIZATION_ALTERNATIVES = {"ct": "zscore", "rgb_to_01": "zscore"}
 
 
 class InfeasibleParams(ValueError):
@@ -68,8 +74,16 @@ def _spatial(config: ConfigurationPlan) -> tuple[list[float], list[int]]:
     return (sp, med) if config.dims == 3 else (sp[1:], med[1:])
 
 
-def search_space(config: ConfigurationPlan) -> tuple[SearchParam, ...]:
+def search_space(config: ConfigurationPlan, *, normalization: bool = True) -> tuple[SearchParam, ...]:
     """The search space around a rule-based configuration; parameters with one option are left out.
+
+    Args:
+        config: The rule-based configuration.
+        normalization: Include the normalisation scheme where the rule's has an alternative (a variant with
+            another scheme needs its own preprocessed cache, so the search needs the dataset folder).
+
+    Mirroring is searched per axis among the rule plan's mirror axes only: an axis the planner left out
+    (mirroring it would swap lateralised labels, see :mod:`automedseg.lateral`) is never offered.
 
     Example:
         >>> [p.name for p in search_space(plans.configuration("3d_fullres"))]  # doctest: +SKIP
@@ -82,6 +96,10 @@ def search_space(config: ConfigurationPlan) -> tuple[SearchParam, ...]:
     depths = tuple(d for d in (0, -1, -2) if n0 + d >= min(3, n0))
     total = tr.dice_weight + tr.ce_weight
     f0 = tr.dice_weight / total if total > 0 else 0.5
+    _, med = _spatial(config)
+    contexts = tuple(c for c in CONTEXT_FACTORS if c <= 1.0 or any(p < m for p, m in zip(config.patch_size, med)))
+    norm = rule_normalization(config)
+    norms = (norm, "zscore") if normalization and norm != normalization_key(_alternative(config)) else (norm,)
     params = (
         SearchParam("optimizer", "categorical", tr.optimizer, choices=("sgd", "adamw"),
                     help="SGD with Nesterov momentum or AdamW"),
@@ -101,6 +119,13 @@ def search_space(config: ConfigurationPlan) -> tuple[SearchParam, ...]:
                     help="fraction of each batch forced to contain foreground"),
         SearchParam("dice_fraction", "float", float(f0), min(DICE_FRACTION_RANGE[0], f0),
                     max(DICE_FRACTION_RANGE[1], f0), help="share of soft Dice in Dice + CE"),
+        SearchParam("context", "categorical", 1.0, choices=contexts,
+                    help="patch volume x this factor, width chosen for the same step time (context vs capacity)"),
+        *(SearchParam(f"mirror_axis_{a}", "categorical", True, choices=(True, False),
+                      help=f"mirroring along patch axis {a} (training and test time)")
+          for a in config.augmentation.mirror_axes),
+        SearchParam("normalization", "categorical", norm, choices=norms,
+                    help="intensity normalisation (zscore: per image); another scheme has its own cache"),
     )
     return tuple(p for p in params if p.kind != "categorical" or len(p.choices) > 1)
 
@@ -108,6 +133,65 @@ def search_space(config: ConfigurationPlan) -> tuple[SearchParam, ...]:
 def default_params(config: ConfigurationPlan) -> dict[str, Any]:
     """The rule-based configuration as a point of :func:`search_space` (it maps back to the same plan)."""
     return {p.name: p.default for p in search_space(config)}
+
+
+def normalization_key(schemes: tuple[ChannelNormalization, ...]) -> str:
+    """The schemes of the channels joined by ``+`` (``ct``, ``zscore+zscore`` ...): a normalisation's name."""
+    return "+".join(n.scheme for n in schemes)
+
+
+def rule_normalization(config: ConfigurationPlan) -> str:
+    """The rule plan's normalisation as a search value (:func:`normalization_key`)."""
+    return normalization_key(config.normalization)
+
+
+def _alternative(config: ConfigurationPlan) -> tuple[ChannelNormalization, ...]:
+    return tuple(ChannelNormalization(NORMALIZATION_ALTERNATIVES[n.scheme]) if n.scheme in NORMALIZATION_ALTERNATIVES
+                 else n for n in config.normalization)
+
+
+def _normalization_for(base: ConfigurationPlan, value: str) -> tuple[ChannelNormalization, ...]:
+    if value == rule_normalization(base):
+        return base.normalization
+    if value == "zscore":
+        return _alternative(base)
+    raise ValueError(f"normalization {value!r} is neither the rule's {rule_normalization(base)!r} nor 'zscore'")
+
+
+def _scale_patch(patch: list[int], med: list[int], factor: float, floor: int) -> list[int]:
+    """``patch`` with its volume scaled by ``factor``, each axis kept within [floor, median image]; an axis that
+    reaches a bound leaves the rest of the change to the others."""
+    lo = [min(v, floor) for v in patch]
+    hi = [max(v, m) for v, m in zip(patch, med)]
+    out = [float(v) for v in patch]
+    target = float(np.prod(patch)) * factor
+    for _ in range(len(out)):
+        free = [i for i in range(len(out)) if (out[i] < hi[i] if factor > 1 else out[i] > lo[i])]
+        if not free or abs(np.log(target / float(np.prod(out)))) < 1e-6:
+            break
+        f = (target / float(np.prod(out))) ** (1.0 / len(free))
+        for i in free:
+            out[i] = float(np.clip(out[i] * f, lo[i], hi[i]))
+    return [int(round(v)) for v in out]
+
+
+def _width_for_step(plans: Plans, net_of: Callable[[int], tuple[NetworkPlan, list[int]]], batch: int, dims: int,
+                    step_s: float) -> int:
+    """The width (a multiple of :data:`WIDTH_STEP`) whose network ``net_of(width)`` steps closest to ``step_s``.
+
+    Where no width matches (narrow convolutions run far below a device's peak rate, so halving the width of a
+    CPU network saves little), the closest is taken and the trial's time budget absorbs the rest: a costlier
+    step buys fewer iterations.
+    """
+    from automedseg.planning import step_seconds
+
+    def cost(w: int) -> float:
+        net, rounded = net_of(w)
+        return step_seconds(net, rounded, batch=batch, dims=dims, in_channels=len(plans.channel_names),
+                            num_classes=plans.num_classes, device=plans.device)
+
+    widths = range(MIN_WIDTH, 128 + 1, WIDTH_STEP)
+    return min(widths, key=lambda w: (abs(np.log(cost(w) / step_s)), w))
 
 
 def _memory_limit_bytes(plans: Plans, base: ConfigurationPlan) -> float:
@@ -123,7 +207,8 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
                  ) -> ConfigurationPlan:
     """The configuration ``base`` with search parameters applied (missing ones keep the rule value).
 
-    The schedule (epochs, iterations) is left as it is; fit it with :func:`fit_schedule`.
+    The schedule (epochs, iterations) is left as it is; fit it with :func:`fit_schedule`. A variant with another
+    normalisation gets its own ``data_identifier`` (``<rule's>_<scheme>``): its cache differs.
 
     Raises:
         InfeasibleParams: The variant's activations exceed the planned device's memory.
@@ -134,6 +219,7 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         MIN_FEATURE_MAP,
         activation_bytes,
         network_for,
+        step_seconds,
     )
 
     p = {**default_params(base), **dict(params)}
@@ -141,11 +227,10 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
     batch = int(p.get("batch_size", base.batch_size))
     width = int(p.get("base_features", net0.features_per_stage[0]))
     arch = str(p.get("architecture", net0.architecture))
+    context = float(p.get("context", 1.0))
     sp, med = _spatial(base)
     if batch != base.batch_size:
-        f = (base.batch_size / batch) ** (1.0 / dims)
-        patch = [int(np.clip(round(v * f), min(v, 2 * MIN_FEATURE_MAP), max(v, m)))
-                 for v, m in zip(base.patch_size, med)]
+        patch = _scale_patch(list(base.patch_size), med, base.batch_size / batch, 2 * MIN_FEATURE_MAP)
         net, patch = network_for(sp, patch, dims=dims, base=width, architecture=arch)
     else:  # same patch: keep the rule topology, change only width and blocks
         patch = list(base.patch_size)
@@ -155,6 +240,20 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         if arch != net0.architecture:
             enc = tuple(2 for _ in range(n)) if arch == "plain_unet" else tuple(min(1 + s, 6) for s in range(n))
         net = dataclasses.replace(net0, architecture=arch, features_per_stage=feats, n_conv_per_stage_encoder=enc)
+    if context != 1.0:  # more (less) context for less (more) capacity: the step time of the variant above
+        ref_s = step_seconds(net, patch, batch=batch, dims=dims, in_channels=len(plans.channel_names),
+                             num_classes=plans.num_classes, device=plans.device)
+        # The topology rounds the patch up to divisibility: aim for the factor after rounding.
+        target = float(np.prod(patch)) * context
+        tries = [network_for(sp, _scale_patch(list(patch), med, context * f, 2 * MIN_FEATURE_MAP), dims=dims,
+                             base=width, architecture=arch)[1] for f in (0.55, 0.65, 0.75, 0.85, 1.0)]
+        scaled = min(tries, key=lambda q: abs(np.log(float(np.prod(q)) / target)))
+
+        def net_of(w: int) -> tuple[NetworkPlan, list[int]]:
+            return network_for(sp, scaled, dims=dims, base=w, architecture=arch)
+
+        width = _width_for_step(plans, net_of, batch, dims, ref_s)
+        net, patch = net_of(width)
     drop = -int(p.get("depth_delta", 0))
     keep = max(min(3, net.n_stages), net.n_stages - drop)
     if keep < net.n_stages:
@@ -176,6 +275,8 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
     }
     if list(patch) != list(base.patch_size):
         aug_changes["do_dummy_2d"] = bool(dims == 3 and max(patch) / patch[0] > 3.0)
+    # Only the rule plan's mirror axes can be switched off; an axis the planner left out is never switched on.
+    aug_changes["mirror_axes"] = tuple(a for a in base.augmentation.mirror_axes if p.get(f"mirror_axis_{a}", True))
     aug = dataclasses.replace(base.augmentation, **aug_changes)
     opt = str(p.get("optimizer", tr.optimizer))
     base_lr = tr.initial_lr if opt == tr.optimizer else BASE_LR[opt]
@@ -187,8 +288,13 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         oversample_foreground=float(p.get("oversample_foreground", tr.oversample_foreground)),
         dice_weight=float(f"{frac * total:.4g}"), ce_weight=float(f"{(1 - frac) * total:.4g}"),
     )
+    normalization = _normalization_for(base, str(p.get("normalization", rule_normalization(base))))
+    data_identifier = base.data_identifier
+    if normalization != base.normalization:
+        data_identifier = f"{base.data_identifier}_{normalization_key(normalization).replace('+', '_')}"
     return dataclasses.replace(base, name=name or base.name, patch_size=tuple(int(v) for v in patch),
-                               batch_size=batch, network=net, augmentation=aug, training=training)
+                               batch_size=batch, network=net, augmentation=aug, training=training,
+                               normalization=normalization, data_identifier=data_identifier)
 
 
 def fit_schedule(plans: Plans, config: ConfigurationPlan, budget_s: float | None, *, trial_epochs: int | None = None

@@ -11,6 +11,7 @@ import json
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from automedseg.plans import ConfigurationPlan, Plans
@@ -90,16 +91,16 @@ def make_storage(url: str, *, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S, m
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def make_pruner(kind: str, *, trial_epochs: int) -> Any:
+def make_pruner(kind: str, *, trial_epochs: int, min_resource: int | None = None) -> Any:
     """Hyperband (default), successive halving (``sha``) or none, on the epoch axis of a trial.
 
-    The first rung is a quarter of the trial's epochs: earlier, most learning curves are still at a pseudo-Dice
-    of 0 (on Hippocampus the 5-minute trial of the rule plan stayed at 0 for its first 5 of 16 epochs), so
-    comparing them there would prune at random.
+    The first rung is a quarter of the trial's epochs (or ``min_resource``): earlier, most learning curves are
+    still at a pseudo-Dice of 0 (on Hippocampus the 5-minute trial of the rule plan stayed at 0 for its first 5 of
+    16 epochs), so comparing them there would prune at random.
     """
     import optuna
 
-    min_r = max(1, trial_epochs // 4)
+    min_r = int(min_resource) if min_resource is not None else max(1, trial_epochs // 4)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=min_r, max_resource=max(trial_epochs, min_r),
                                               reduction_factor=3)
@@ -182,6 +183,26 @@ def plans_lock(ws: Workspace) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def waiting_lock(folder: Path, *, purpose: str, name: str, poll_s: float = 2.0) -> Iterator[None]:
+    """:func:`automedseg.locks.folder_lock`, waiting while another process holds it."""
+    from automedseg.errors import LockedError
+    from automedseg.locks import folder_lock
+
+    while True:
+        try:
+            lock = folder_lock(folder, purpose=purpose, name=name)
+            lock.__enter__()
+        except LockedError:
+            time.sleep(poll_s)
+            continue
+        break
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def open_study(storage: Any, study_name: str) -> Any:

@@ -1,5 +1,12 @@
 """One search trial of :mod:`automedseg.search`: sample a variant, fit its schedule, train fold 0 with
 pruning after every epoch, and return its fold-0 validation Dice.
+
+A trial trains exactly its epochs: the schedule is fitted here (:func:`~automedseg.search_space.fit_schedule`)
+and marked ``fixed_epochs``, and the trial passes no time budget to the trainer, so neither the trainer's
+budget refit (:func:`~automedseg.schedule.budget_epochs`) nor its last-epoch trim changes what the pruner counts.
+A full-budget trial (``fidelity`` ``full`` of :func:`run_trial`) is instead scheduled exactly as the searched
+plan would be (:func:`full_fold_variant`) and trained like a fold of it; a ``continuation`` trial trains its
+fixed epochs rung by rung (:mod:`automedseg.search_rungs`).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from automedseg.plans import ConfigurationPlan, Plans
-from automedseg.search_space import InfeasibleParams, SearchParam, apply_params, fit_schedule
+from automedseg.search_space import InfeasibleParams, SearchParam, apply_params, fit_schedule, normalization_key
+from automedseg.search_study import waiting_lock
 from automedseg.training_log import read_training_log
 from automedseg.workspace import Workspace
 
@@ -25,11 +33,62 @@ TRAIN_SHARE = 0.85  # share of a trial's budget given to training (the rest: sta
 SMOOTHING_EPOCHS = 3  # the pruner sees the mean pseudo-Dice of the last 3 epochs
 
 
+def full_fold_variant(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any], *, name: str
+                      ) -> ConfigurationPlan:
+    """A variant scheduled for a full fold: the rule plan's per-fold budget (``training.time_budget_s``); without
+    one (GPU plans) the rule plan's epochs and iterations are kept.
+
+    Raises:
+        InfeasibleParams: The variant does not fit the planned device's memory.
+    """
+    return fit_schedule(plans, apply_params(plans, base, params, name=name), base.training.time_budget_s)
+
+
+def ensure_cache(ws: Workspace, plans: Plans, config: ConfigurationPlan, dataset: Path | None, log: Log) -> None:
+    """Preprocess the cache of a variant that has its own (another normalisation), once; workers wait in turn.
+
+    Raises:
+        InfeasibleParams: The cache is missing and no dataset folder was given to make it from.
+    """
+    from automedseg.preprocessing import preprocess_dataset, preprocessing_key, read_cache_manifest
+
+    folder = ws.preprocessed_dir(config.data_identifier)
+
+    def ready() -> bool:
+        manifest = read_cache_manifest(folder)
+        return manifest is not None and manifest.preprocessing_key == preprocessing_key(plans, config)
+
+    if ready():
+        return
+    if dataset is None:
+        raise InfeasibleParams(f"{folder}: this variant needs its own preprocessed cache and no dataset folder "
+                               "was given to make it")
+    from automedseg.io import load_dataset_spec
+
+    spec = load_dataset_spec(dataset)
+    with waiting_lock(folder, purpose="search: preprocess a variant's cache", name=".search-cache.lock"):
+        if not ready():  # else another worker made it meanwhile
+            log(f"preprocessing {folder} ({normalization_key(config.normalization)} normalisation)")
+            preprocess_dataset(spec, plans.with_configuration(config), ws.preprocessed_root,
+                               configurations=[config.name], jobs=1)
+
+
 def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPlan, space: Sequence[SearchParam],
               budget_s: float, epochs: int, sched: Mapping[str, Any], opts: Mapping[str, Any], device: str | None,
-              threads: int | None, out_root: Path, keep_files: bool, worker: str, log: Log) -> float:
+              threads: int | None, out_root: Path, keep_files: bool, worker: str, log: Log,
+              fidelity: str = "short", dataset: Path | None = None) -> float:
+    """Train one trial on fold 0 and return its objective.
+
+    Args:
+        fidelity: ``short``: ``epochs`` fixed epochs in ``TRAIN_SHARE x budget_s``, reported after every epoch;
+            ``continuation``: the same budget and epochs, trained rung by rung with continuation
+            (:mod:`automedseg.search_rungs`), reported at the rungs; ``full``: scheduled for a full fold
+            (:func:`full_fold_variant`, the trainer refits it to the budget as for any fold).
+        dataset: The dataset folder, to preprocess the cache of a variant with another normalisation.
+    """
     import optuna
 
+    from automedseg.search_rungs import continuation_attrs, extra_epochs, train_with_continuation
     from automedseg.training import TrainOptions, train_fold
 
     trial.set_user_attr("worker", worker)
@@ -38,14 +97,20 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     name = f"{base.name}_trial{trial.number}"
     tlog: Log = lambda m: log(f"[trial {trial.number}] {m}")  # noqa: E731
     try:
-        variant = apply_params(plans, base, params, name=name)
+        if fidelity == "full":
+            variant = full_fold_variant(plans, base, params, name=name)
+        else:  # with continuation, the discarded cool-downs come out of the same budget
+            share = epochs / (epochs + extra_epochs(epochs)) if fidelity == "continuation" else 1.0
+            variant = fit_schedule(plans, apply_params(plans, base, params, name=name),
+                                   TRAIN_SHARE * budget_s * share, trial_epochs=epochs)
+        ensure_cache(ws, plans, variant, dataset, tlog)
     except InfeasibleParams as e:
         trial.set_user_attr("infeasible", str(e))
         tlog(f"pruned before training: {e}")
         raise optuna.TrialPruned(str(e)) from None
-    variant = fit_schedule(plans, variant, TRAIN_SHARE * budget_s, trial_epochs=epochs)
-    if sched:
-        tr = dataclasses.replace(variant.training, **{k: int(v) for k, v in sched.items()})
+    if sched:  # tests and experts: this schedule exactly (a full-budget trial's is not refitted to the budget)
+        extra: dict[str, Any] = {"time_budget_s": None} if fidelity == "full" else {}
+        tr = dataclasses.replace(variant.training, **{k: int(v) for k, v in sched.items()}, **extra)
         variant = dataclasses.replace(variant, training=tr)
     tr = variant.training
     trial.set_user_attr("plan", {
@@ -82,9 +147,22 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
         "device": device, "threads": threads, "output_dir": out_dir, "progress": False, "validate": True,
         "restart": True, **opts,
     })
+    def on_rung(score: float, end: int) -> None:
+        trial.report(score, end)
+        if end < epochs and trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", end)
+            tlog(f"pruned at the rung of epoch {end} (pseudo-Dice {score:.4f} after its cool-down)")
+            raise optuna.TrialPruned(f"pseudo-Dice {score:.4f} at epoch {end}")
+        trial.set_user_attr("passed_rung", end)
+
     try:
-        result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,
-                            epoch_callback=on_epoch)
+        if fidelity == "continuation":
+            trial.set_user_attr("continuation", continuation_attrs(epochs))
+            result = train_with_continuation(ws, name, plans=plans.with_configuration(variant), options=options,
+                                             epochs=epochs, report=on_rung, log=tlog)
+        else:
+            result = train_fold(ws, name, 0, plans=plans.with_configuration(variant), options=options, log=tlog,
+                                epoch_callback=on_epoch)
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)
         raise

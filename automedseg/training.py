@@ -346,7 +346,8 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
         while p.epoch < p.planned_epochs:
             epoch = p.epoch
             t_epoch = time.perf_counter()
-            lr = _poly_lr(tr.initial_lr, epoch, p.planned_epochs, tr.poly_exponent)
+            lr = _poly_lr(tr.initial_lr, epoch, p.planned_epochs, tr.poly_exponent) if options.lr_schedule is None \
+                else options.lr_schedule(epoch, p.planned_epochs, tr.initial_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             model.train()

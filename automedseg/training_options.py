@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class TrainOptions:
             NCCL on CUDA). The global batch is split over the ranks; only rank 0 writes files.
         augment_on_device: Augment batched on the training device, the CPU workers only reading windows
             (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
+        lr_schedule: ``lr_schedule(epoch, planned_epochs, initial_lr)`` -> the epoch's learning rate instead of
+            the poly decay (search trials with continuation, :mod:`automedseg.search_rungs`).
     """
 
     device: str | None = None
@@ -55,6 +58,7 @@ class TrainOptions:
     output_dir: Path | None = None
     distributed: bool = False
     augment_on_device: bool | None = None
+    lr_schedule: Callable[[int, int, float], float] | None = None
 
 
 @dataclass

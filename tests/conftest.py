@@ -438,6 +438,38 @@ def demo_dataset(tmp_path: Path) -> Path:
     return make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=N_CASES, n_test=1, seed=0)
 
 
+@pytest.fixture(scope="module")
+def search_planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The demo dataset (8 cases) planned for 3d_fullres on the nominal 2-core CPU with a 30 s fold budget and
+    preprocessed: (dataset, Workspace). One per test module (searches write into its plans.json)."""
+    from automedseg.demo import make_demo_dataset
+    from automedseg.pipeline import run_plan
+    from automedseg.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("search")
+    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=8, n_test=0, seed=1)
+    ws = Workspace.for_dataset(dataset)
+    run_plan(dataset, ws, configurations=["3d_fullres"], jobs=1, device="reference-cpu-2core", time_budget_s=30.0)
+    return dataset, ws
+
+
+@pytest.fixture
+def search_ws(search_planned: tuple[Path, Any], tmp_path: Path) -> Any:
+    """A private copy of :func:`search_planned`'s work folder (plans.json, splits, preprocessed cache)."""
+    import shutil
+
+    from automedseg.workspace import Workspace
+
+    src = search_planned[1].root
+    dst = tmp_path / "work"
+    dst.mkdir()
+    for name in ("plans.json", "splits.json", "fingerprint.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    shutil.copytree(src / "preprocessed", dst / "preprocessed")
+    return Workspace(dst)
+
+
 def _moved(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(torch.int16) if obj.dtype == torch.uint8 else obj.clone()

@@ -103,12 +103,15 @@ def test_search_one_tiny_trial(copy: tuple[Path, Path]) -> None:
     dataset, work = copy
     r = CliRunner().invoke(main, ["search", str(dataset), "--work-dir", str(work), "-c", "3d_fullres",
                                   "--trials", "1", "--trial-budget", "15s", "--pruner", "none", "--seed", "0",
-                                  "--device", "cpu", "--threads", "1"])
+                                  "--device", "cpu", "--threads", "1", "--fidelity", "short", "--confirm", "0"])
     assert r.exit_code == 0, r.output
     assert "1 complete, 0 pruned, 0 failed" in r.output, r.output  # pruner none: the rule-plan trial completes
-    assert "-> 3d_fullres_searched; train it with `automedseg train" in r.output and "report: " in r.output
+    # --confirm 0: adopted without the full-budget comparison, and the output and the plan's notes say so
+    assert "-> 3d_fullres_searched (UNCONFIRMED); train it with `automedseg train" in r.output, r.output
+    assert "report: " in r.output
     assert (work / "search" / "search.db").is_file()
-    assert "3d_fullres_searched" in Plans.load(work / "plans.json").configurations
+    searched = Plans.load(work / "plans.json").configurations["3d_fullres_searched"]
+    assert any(n.startswith("unconfirmed: ") for n in searched.notes)
 
 
 def test_search_without_a_plan(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Search tests on a tiny planned demo dataset: the space, pruning, resuming, two workers, the searched plan.
+"""Search tests on a tiny search_planned demo dataset: the space, pruning, resuming, two workers, the searched plan.
 
 Trials train 2 epochs x 2 iterations; the pruning and resume tests replace the trainer by a stub that
 reports planted pseudo-Dice values, so they exercise the Optuna wiring without training.
@@ -24,22 +24,24 @@ import torch
 from optuna.trial import TrialState
 
 from automedseg import training
-from automedseg.demo import make_demo_dataset
-from automedseg.pipeline import run_plan
-from automedseg.planning import activation_bytes
-from automedseg.plans import Plans
+from automedseg.planning import activation_bytes, network_for, step_seconds
+from automedseg.plans import ChannelNormalization, Plans
+from automedseg.preprocessing import complete_cases
 from automedseg.search import (
     BASE_LR,
     LR_FACTOR_RANGE,
     InfeasibleParams,
     apply_params,
+    choose_fidelity,
     default_params,
     default_storage_url,
     fit_schedule,
     make_storage,
     run_search,
     search_space,
+    searched_configuration,
 )
+from automedseg.search_trial import ensure_cache
 from automedseg.training import FoldResult, TrainOptions, train_fold
 from automedseg.workspace import Workspace
 
@@ -48,16 +50,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FAST = {"epochs": 2, "iterations_per_epoch": 2, "val_iterations": 2, "num_workers": 0}
 COMMON: dict[str, Any] = {"trial_budget_s": 20.0, "device": "cpu", "threads": 1, "heartbeat_interval_s": 1,
-                          "log": lambda m: None}
-
-
-@pytest.fixture(scope="module")
-def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Workspace]:
-    root = tmp_path_factory.mktemp("search")
-    dataset = make_demo_dataset(root / "Dataset_Demo", n_cases=8, n_test=0, seed=1)
-    ws = Workspace.for_dataset(dataset)
-    run_plan(dataset, ws, configurations=["3d_fullres"], jobs=1, device="reference-cpu-2core", time_budget_s=30.0)
-    return dataset, ws
+                          "confirm": 0, "log": lambda m: None}
 
 
 def _base(ws: Workspace) -> tuple[Plans, Any]:
@@ -72,8 +65,8 @@ def _study(ws: Workspace, name: str) -> optuna.Study:
 # --- the space ------------------------------------------------------------------------------------------
 
 
-def test_rule_defaults_are_in_the_space_and_map_back_to_the_rule_plan(planned: tuple[Path, Workspace]) -> None:
-    _, ws = planned
+def test_rule_defaults_are_in_the_space_and_map_back_to_the_rule_plan(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
     plans, base = _base(ws)
     space = search_space(base)
     assert {"optimizer", "lr_factor", "batch_size", "base_features", "architecture", "aug_strength",
@@ -88,8 +81,8 @@ def test_rule_defaults_are_in_the_space_and_map_back_to_the_rule_plan(planned: t
 
 
 @pytest.mark.parametrize("factor", [2, 4])
-def test_batch_trades_against_patch_at_constant_memory(planned: tuple[Path, Workspace], factor: int) -> None:
-    _, ws = planned
+def test_batch_trades_against_patch_at_constant_memory(search_planned: tuple[Path, Workspace], factor: int) -> None:
+    _, ws = search_planned
     plans, base = _base(ws)
     variant = apply_params(plans, base, {"batch_size": base.batch_size * factor})
     assert variant.batch_size == base.batch_size * factor
@@ -101,8 +94,8 @@ def test_batch_trades_against_patch_at_constant_memory(planned: tuple[Path, Work
         assert size % math.prod(s[axis] for s in variant.network.strides) == 0
 
 
-def test_params_reach_the_plan_and_infeasible_ones_are_refused(planned: tuple[Path, Workspace]) -> None:
-    _, ws = planned
+def test_params_reach_the_plan_and_infeasible_ones_are_refused(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
     plans, base = _base(ws)
     v = apply_params(plans, base, {"optimizer": "adamw", "lr_factor": 2.0, "architecture": "residual_unet",
                                    "depth_delta": -1, "aug_strength": 0.0, "dice_fraction": 0.25,
@@ -117,8 +110,120 @@ def test_params_reach_the_plan_and_infeasible_ones_are_refused(planned: tuple[Pa
         apply_params(tiny, base, {"base_features": 2 * base.network.features_per_stage[0]})
 
 
-def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(planned: tuple[Path, Workspace]) -> None:
-    _, ws = planned
+MIRRORS = [  # (rule plan's mirror axes, params, mirror axes of the variant)
+    ((0, 1, 2), {"mirror_axis_1": False}, (0, 2)),
+    ((0, 1, 2), {"mirror_axis_0": False, "mirror_axis_2": False}, (1,)),
+    ((0, 1), {"mirror_axis_2": True}, (0, 1)),  # axis 2 left out by the planner (lateral labels): never back on
+    ((0, 1), {"mirror_axis_0": False, "mirror_axis_2": True}, (1,)),
+]
+
+
+@pytest.mark.parametrize(("rule_axes", "params", "expected"), MIRRORS)
+def test_mirroring_is_searched_per_axis_of_the_rule_plan_only(search_planned: tuple[Path, Workspace],
+                                                              rule_axes: tuple[int, ...], params: dict[str, bool],
+                                                              expected: tuple[int, ...]) -> None:
+    _, ws = search_planned
+    plans, base = _base(ws)
+    base = dataclasses.replace(base, augmentation=dataclasses.replace(base.augmentation, mirror_axes=rule_axes))
+    names = {p.name for p in search_space(base)}
+    assert {n for n in names if n.startswith("mirror_axis_")} == {f"mirror_axis_{a}" for a in rule_axes}
+    assert apply_params(plans, base, params).augmentation.mirror_axes == expected
+
+
+def test_a_searched_plan_keeps_the_planners_lateral_notes(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
+    plans, base = _base(ws)
+    note = ("mirroring along axis 2 maps left (centre at 0.25 of the image) onto right (0.75): "
+            "axis left out of mirroring")
+    base = dataclasses.replace(base, notes=(note, *base.notes),
+                               augmentation=dataclasses.replace(base.augmentation, mirror_axes=(0, 1)))
+    plans = plans.with_configuration(base)
+    cfg = searched_configuration(plans, "3d_fullres", {"mirror_axis_0": False}, study_name="s", trial_number=1,
+                                 value=0.5, trial_budget_s=10.0, n_finished=2)
+    assert note in cfg.notes and cfg.augmentation.mirror_axes == (1,)
+    assert any(n.startswith("unconfirmed: ") for n in cfg.notes) and cfg.notes[-1].startswith("searched variant:")
+
+
+def _roomy(base: Any) -> Any:
+    """The rule plan on images four times its patch (room for more context)."""
+    return dataclasses.replace(base, median_shape=tuple(4 * v for v in base.patch_size))
+
+
+@pytest.mark.parametrize("context", [0.5, 2.0])
+def test_context_trades_against_width_at_equal_step_time(search_planned: tuple[Path, Workspace],
+                                                         context: float) -> None:
+    _, ws = search_planned
+    plans, base = _base(ws)
+    base = _roomy(base)
+    assert context in next(p for p in search_space(base) if p.name == "context").choices
+    v = apply_params(plans, base, {"context": context})
+    volume = math.prod(v.patch_size) / math.prod(base.patch_size)
+    width = v.network.features_per_stage[0] / base.network.features_per_stage[0]
+    assert (volume > 1.3 and width < 1) if context > 1 else (volume < 0.8 and width > 1), (v.patch_size, width)
+
+    assert 0.7 * context < volume < 1.4 * context
+
+    def step(net: Any, patch: Any) -> float:
+        return step_seconds(net, patch, batch=base.batch_size, dims=3, in_channels=1,
+                            num_classes=plans.num_classes, device=plans.device)
+
+    # The width is the one (multiple of 4, at least 8) whose step time comes closest to the rule plan's; the
+    # rule's width on the new patch would be further off (the trial's time budget absorbs what is left).
+    ref = step(base.network, base.patch_size)
+    off = abs(math.log(step(v.network, v.patch_size) / ref))
+    for w in range(8, 65, 4):
+        net, patch = network_for(list(base.spacing_mm), list(v.patch_size), dims=3, base=w)
+        assert off <= abs(math.log(step(net, patch) / ref)) + 1e-9, w
+    for axis, size in enumerate(v.patch_size):
+        assert size % math.prod(s[axis] for s in v.network.strides) == 0
+
+
+def test_no_more_context_where_the_patch_covers_the_image(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
+    _, base = _base(ws)
+    whole = dataclasses.replace(base, median_shape=tuple(base.patch_size))
+    assert next(p for p in search_space(whole) if p.name == "context").choices == (0.5, 1.0)
+
+
+NORMS = [  # (rule schemes, normalisation searched, choices: None = not searched)
+    (("ct",), True, ("ct", "zscore")),
+    (("ct",), False, None),  # no dataset folder to preprocess another cache from
+    (("rgb_to_01", "rgb_to_01", "rgb_to_01"), True, ("rgb_to_01+rgb_to_01+rgb_to_01", "zscore")),
+    (("zscore",), True, None),  # MR: z-scored already, nothing else is sensible
+]
+
+
+@pytest.mark.parametrize(("schemes", "searched", "choices"), NORMS)
+def test_normalisation_is_searched_where_another_scheme_is_sensible(search_planned: tuple[Path, Workspace],
+                                                                   schemes: tuple[str, ...], searched: bool,
+                                                                   choices: tuple[str, ...] | None) -> None:
+    _, ws = search_planned
+    plans, base = _base(ws)
+    norm = tuple(ChannelNormalization(s, **({"clip_low": -100.0, "clip_high": 300.0, "mean": 50.0, "std": 80.0}
+                                           if s == "ct" else {})) for s in schemes)
+    base = dataclasses.replace(base, normalization=norm)
+    param = next((p for p in search_space(base, normalization=searched) if p.name == "normalization"), None)
+    assert (param and param.choices) == choices
+    if choices:
+        v = apply_params(plans, base, {"normalization": "zscore"})
+        assert {n.scheme for n in v.normalization} == {"zscore"}
+        assert v.data_identifier != base.data_identifier and v.data_identifier.startswith(base.data_identifier)
+        assert apply_params(plans, base, {"normalization": choices[0]}) == base
+
+
+def test_a_variant_with_its_own_normalisation_gets_its_cache(search_planned: tuple[Path, Workspace]) -> None:
+    dataset, ws = search_planned
+    plans, base = _base(ws)
+    variant = dataclasses.replace(base, name="norm_variant", data_identifier="fullres_other")
+    with pytest.raises(InfeasibleParams, match="no dataset folder"):
+        ensure_cache(ws, plans, variant, None, lambda m: None)
+    ensure_cache(ws, plans, variant, dataset, lambda m: None)
+    assert complete_cases(ws.preprocessed_dir("fullres_other"), plans, variant) == complete_cases(
+        ws.preprocessed_dir(base.data_identifier), plans, base)
+
+
+def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
     plans, base = _base(ws)
     full = fit_schedule(plans, base, base.training.time_budget_s).training
     assert (full.epochs, full.iterations_per_epoch) == (base.training.epochs, base.training.iterations_per_epoch)
@@ -128,14 +233,17 @@ def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(planned: tup
     assert longer.iterations_per_epoch > short.iterations_per_epoch
 
 
-@pytest.mark.parametrize("budget_s", [0.5, 20.0])
-def test_a_trial_trains_exactly_its_epochs(planned: tuple[Path, Workspace], budget_s: float) -> None:
+@pytest.mark.parametrize(("budget_s", "trainer_budget_s"), [(0.5, None), (20.0, None), (0.5, 1.0)])
+def test_a_trial_trains_exactly_its_rungs_epochs(search_planned: tuple[Path, Workspace], budget_s: float,
+                                                 trainer_budget_s: float | None) -> None:
     """The trainer neither refits a trial's schedule to the full-fold rule nor cuts its epochs to the budget
-    (a 0.5 s trial would stop after one epoch): a trial trains the epochs the pruner counts."""
-    _, ws = planned
-    name = f"exact-{budget_s:g}"
+    (a 0.5 s trial would stop after one epoch), not even when handed a budget of its own (its refit path): a trial
+    trains the epochs the pruner counts."""
+    _, ws = search_planned
+    name = f"exact-{budget_s:g}-{trainer_budget_s}"
+    extra = {} if trainer_budget_s is None else {"time_budget_s": trainer_budget_s}
     run_search(ws, "3d_fullres", n_trials=1, study_name=name, seed=0, keep_trial_files=True,
-               trial_options={"epochs": 3, "val_iterations": 2, "num_workers": 0},
+               trial_options={"epochs": 3, "val_iterations": 2, "num_workers": 0, **extra},
                **{**COMMON, "trial_budget_s": budget_s})
     (trial,) = _study(ws, name).get_trials()
     assert trial.state == TrialState.COMPLETE
@@ -143,9 +251,66 @@ def test_a_trial_trains_exactly_its_epochs(planned: tuple[Path, Workspace], budg
     fold_plan = Plans.load(ws.root / "search" / name / "trial_0" / "plans.json")
     (cfg,) = fold_plan.configurations.values()
     assert cfg.training.epochs == 3 and cfg.training.fixed_epochs
-    assert cfg.training.iterations_per_epoch == trial.user_attrs["plan"]["iterations_per_epoch"]
+    if trainer_budget_s is None:
+        assert cfg.training.iterations_per_epoch == trial.user_attrs["plan"]["iterations_per_epoch"]
     log = (ws.root / "search" / name / "trial_0" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
+FIDELITY = [  # (trials, search budget, trial budget, asked, fidelity): the rule plan's fold takes 30 s
+    (10, 300.0, None, "auto", "full"),  # 10 full folds fit the search budget
+    (10, 299.0, None, "auto", "short"),
+    (4, None, 30.0, "auto", "full"),  # a trial budget of a whole fold
+    (4, None, 10.0, "auto", "short"),
+    (4, None, None, "auto", "short"),  # no budget given: a quarter of a fold per trial
+    (10, 1e6, None, "short", "short"),
+    (10, 10.0, None, "full", "full"),
+    (10, 1e6, None, "continuation", "continuation"),  # only when asked
+]
+
+
+@pytest.mark.parametrize(("n", "total", "per_trial", "forced", "expected"), FIDELITY)
+def test_full_budget_trials_where_they_are_cheap(search_planned: tuple[Path, Workspace], n: int,
+                                                 total: float | None, per_trial: float | None, forced: str,
+                                                 expected: str) -> None:
+    _, ws = search_planned
+    _, base = _base(ws)
+    assert base.training.time_budget_s == 30.0
+    mode, note = choose_fidelity(base, n_trials=n, time_budget_s=total, trial_budget_s=per_trial, asked=forced)
+    assert mode == expected and note
+
+
+def test_a_full_budget_study_trains_full_folds_and_compares_them_free(search_ws: Workspace,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-budget trials are scheduled like a fold of the searched plan, are not pruned, and are their own
+    confirmation: the rule plan's trial beats the variant's, so nothing is adopted and nothing more is trained."""
+    ws = search_ws
+    plans, base = _base(ws)
+    seen: list[tuple[str, Any]] = []
+
+    def fake(ws: Workspace, name: str, fold: int, *, plans: Plans, options: TrainOptions, log: Any,
+             epoch_callback: Any = None) -> FoldResult:
+        cfg = plans.configuration(name)
+        seen.append((Path(options.output_dir).name, cfg.training))
+        value = 0.8 if name.endswith("trial0") else 0.7
+        epoch_callback(0, value)
+        return FoldResult(Path(options.output_dir), 1, value, 1.0, {"mean_dice": value})
+
+    monkeypatch.setattr(training, "train_fold", fake)
+    storage = make_storage(default_storage_url(ws), heartbeat_interval_s=1)
+    study = optuna.create_study(storage=storage, study_name="full", direction="maximize")
+    study.enqueue_trial(default_params(base))
+    study.enqueue_trial({**default_params(base), "aug_strength": 0.5})
+    res = run_search(ws, "3d_fullres", n_trials=2, study_name="full", time_budget_s=600.0,
+                     **{**COMMON, "trial_budget_s": None, "confirm": 2})
+    assert [d for d, _ in seen] == ["trial_0", "trial_1"]  # no confirmation training
+    assert all(not tr.fixed_epochs and tr.time_budget_s == base.training.time_budget_s for _, tr in seen)
+    assert seen[0][1] == fit_schedule(plans, base, base.training.time_budget_s).training
+    attrs = _study(ws, "full").user_attrs
+    assert attrs["fidelity"] == "full" and attrs["pruner"] == "none" and "fit the search budget" in attrs[
+        "fidelity_note"]
+    assert res.fidelity == "full" and res.adopted is False and res.searched_configuration is None
+    assert "the rule plan won" in res.confirmation and "(-0.1000)" in res.confirmation
 
 
 # --- optuna wiring with a stub trainer ---------------------------------------------------------------------
@@ -155,7 +320,7 @@ def _stub_trainer(calls: list[tuple[str, int]], *, interrupt_first: bool = False
     """A ``train_fold`` stand-in: pseudo-Dice 0.5 + 0.02 * epoch, or 0 for the planted bad trial."""
 
     def fake(ws: Workspace, name: str, fold: int, *, plans: Plans, options: TrainOptions, log: Any,
-             epoch_callback: Any) -> FoldResult:
+             epoch_callback: Any = None) -> FoldResult:
         if interrupt_first and not calls:
             calls.append((name, -1))
             raise KeyboardInterrupt
@@ -170,8 +335,8 @@ def _stub_trainer(calls: list[tuple[str, int]], *, interrupt_first: bool = False
     return fake
 
 
-def test_a_planted_bad_trial_is_pruned(planned: tuple[Path, Workspace], monkeypatch: pytest.MonkeyPatch) -> None:
-    _, ws = planned
+def test_a_planted_bad_trial_is_pruned(search_planned: tuple[Path, Workspace], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ws = search_planned
     plans, base = _base(ws)
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(training, "train_fold", _stub_trainer(calls))
@@ -220,9 +385,9 @@ def test_the_pruner_follows_the_whole_image_pseudo_dice_of_the_log(planned: tupl
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
-def test_interrupted_and_dead_trials_are_retried(planned: tuple[Path, Workspace],
+def test_interrupted_and_dead_trials_are_retried(search_planned: tuple[Path, Workspace],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    _, ws = planned
+    _, ws = search_planned
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(training, "train_fold", _stub_trainer(calls, interrupt_first=True))
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C during trial 0
@@ -244,8 +409,8 @@ def test_interrupted_and_dead_trials_are_retried(planned: tuple[Path, Workspace]
 # --- real trials ----------------------------------------------------------------------------------------------
 
 
-def test_search_writes_a_searched_plan_that_trains(planned: tuple[Path, Workspace]) -> None:
-    _, ws = planned
+def test_search_writes_a_searched_plan_that_trains(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
     res = run_search(ws, "3d_fullres", n_trials=3, study_name="e2e", seed=0, trial_options=FAST, **COMMON)
     assert res.counts["finished"] == 3 and res.counts["complete"] >= 1
     plans = Plans.load(ws.plans_path)
@@ -276,7 +441,7 @@ from pathlib import Path
 from automedseg.search import run_search
 from automedseg.workspace import Workspace
 run_search(Workspace(Path(sys.argv[1])), "3d_fullres", n_trials=4, study_name=sys.argv[3], seed=0,
-           storage=sys.argv[2] or None, trial_budget_s=20.0, device="cpu", threads=1, heartbeat_interval_s=1,
+           storage=sys.argv[2] or None, trial_budget_s=20.0, device="cpu", threads=1, heartbeat_interval_s=1, confirm=0,
            trial_options={"epochs": 1, "iterations_per_epoch": 2, "val_iterations": 2, "num_workers": 0})
 """
 
@@ -294,8 +459,8 @@ def _worker(ws: Workspace, storage: str, study: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-def test_two_workers_share_one_study(planned: tuple[Path, Workspace], storage: str) -> None:
-    _, ws = planned
+def test_two_workers_share_one_study(search_planned: tuple[Path, Workspace], storage: str) -> None:
+    _, ws = search_planned
     name = f"shared-{uuid.uuid4().hex[:8]}"
     procs = [_worker(ws, storage, name) for _ in range(2)]
     t0 = time.time()
@@ -311,8 +476,8 @@ def test_two_workers_share_one_study(planned: tuple[Path, Workspace], storage: s
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL server: set AUTOMEDSEG_TEST_POSTGRES (.ci/run starts one)")
-def test_killing_one_postgres_worker_keeps_the_others_results(planned: tuple[Path, Workspace]) -> None:
-    _, ws = planned
+def test_killing_one_postgres_worker_keeps_the_others_results(search_planned: tuple[Path, Workspace]) -> None:
+    _, ws = search_planned
     assert POSTGRES_URL
     name = f"kill-{uuid.uuid4().hex[:8]}"
     victim, survivor = _worker(ws, POSTGRES_URL, name), _worker(ws, POSTGRES_URL, name)
