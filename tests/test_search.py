@@ -356,13 +356,13 @@ def test_a_planted_bad_trial_is_pruned(search_planned: tuple[Path, Workspace], m
     assert res.counts["pruned"] == 1 and res.best_trial in (0, 1)
 
 
-def test_the_pruner_follows_the_whole_image_pseudo_dice_of_the_log(planned: tuple[Path, Workspace],
+def test_the_pruner_follows_the_whole_image_pseudo_dice_of_the_log(search_planned: tuple[Path, Workspace],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Each epoch reports the running mean of the logged whole-image pseudo-Dice; an epoch that scored no whole
     image repeats the last report (its EMA, 0.9 here, is not mixed in), and the patch figure is never used."""
     from automedseg.training_log import write_training_log
 
-    _, ws = planned
+    _, ws = search_planned
     epochs = [(0.2, 1, 0.2), (None, 0, 0.9), (0.5, 2, 0.9)]  # (mean whole-image pseudo-Dice, images, EMA)
 
     def fake(ws: Workspace, name: str, fold: int, *, plans: Plans, options: TrainOptions, log: Any,
