@@ -565,9 +565,14 @@ def run(args: argparse.Namespace) -> int:
     dataset_name = nnunet_dataset_name(msd_dir, args.dataset_id)
     pre = nnunet_paths(work_root)["nnUNet_preprocessed"] / dataset_name
     plans_path = pre / f"{PLANS_IDENTIFIER}.json"
-    if not plans_path.exists():
+    if plans_path.exists():
+        nn_plan = nnunet_plan_summary(plans_path)
+    elif args.skip_nnunet and (RESULTS_DIR / "predict_speed.json").is_file():
+        # automedseg rows only: nnU-Net's network as the previous run recorded it (no nnU-Net install needed)
+        nn_plan = json.loads((RESULTS_DIR / "predict_speed.json").read_text())["nnunet_plan"]
+        print(f"nnU-Net's 3d_fullres network from the previous predict_speed.json ({plans_path} absent)", flush=True)
+    else:
         raise SystemExit(f"{plans_path} not found: run benchmarks/plan_speed.py first (nnU-Net preprocessing)")
-    nn_plan = nnunet_plan_summary(plans_path)
 
     inputs = scratch / "inputs"
     cases = prepare_inputs(msd_dir, inputs, args.cases)
