@@ -22,6 +22,7 @@ from automedseg.atomic import remove_stale_temp_files
 from automedseg.device import autocast_context, channels_last_norms, memory_format, select_device
 from automedseg.errors import InputError
 from automedseg.io import CaseFiles, Geometry
+from automedseg.loaded_fold import LoadedFold
 from automedseg.locks import folder_lock
 from automedseg.network import build_network
 from automedseg.plans import ConfigurationPlan, Plans
@@ -58,16 +59,6 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 class CheckpointError(InputError):
     """A checkpoint file cannot be used; the message names it."""
-
-
-@dataclass
-class LoadedFold:
-    """A network ready for inference and the plan it was trained with."""
-
-    plans: Plans
-    config: ConfigurationPlan
-    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]  # or an ONNX Runtime session (onnx_engine)
-    path: Path
 
 
 def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = None,

@@ -9,7 +9,7 @@ axes, label map and post-processing.
 
 ``automedseg predict --engine onnxruntime`` runs the same pipeline as the torch engine (preprocessing, sliding
 window with test-time mirroring, resampling back, post-processing) with :class:`OnnxNetwork` in place of the
-torch network: :func:`load_onnx_fold` returns a :class:`~automedseg.inference.LoadedFold` whose ``model`` is an
+torch network: :func:`load_onnx_fold` returns a :class:`~automedseg.loaded_fold.LoadedFold` whose ``model`` is an
 ONNX Runtime session wrapped as a callable on tensors. The ONNX engine computes in float32.
 
 Two exporters: ``dynamo`` (``torch.onnx.export(..., dynamo=True)``, torch's default since 2.9; needs
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from automedseg.errors import InputError
+from automedseg.loaded_fold import LoadedFold
 from automedseg.plans import ConfigurationPlan, Plans, to_jsonable
 
 GRAPH_NAME = "model.onnx"
@@ -232,7 +233,7 @@ class OnnxNetwork:
 
 def load_onnx_fold(fold_dir: Path, *, device: torch.device | None = None,
                    warn: Callable[[str], None] = print) -> Any:
-    """A :class:`~automedseg.inference.LoadedFold` whose network is the fold's ONNX graph run by ONNX Runtime.
+    """A :class:`~automedseg.loaded_fold.LoadedFold` whose network is the fold's ONNX graph run by ONNX Runtime.
 
     Args:
         fold_dir: A fold folder of an exported bundle (``plans.json``, ``model.onnx``).
@@ -242,8 +243,6 @@ def load_onnx_fold(fold_dir: Path, *, device: torch.device | None = None,
     Raises:
         InputError: onnxruntime is missing, or the fold has no ONNX graph (made with ``export --onnx``).
     """
-    from automedseg.inference import LoadedFold
-
     require_onnx()
     import onnxruntime as ort
 
