@@ -53,7 +53,7 @@ from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
 from automedseg.training_log import write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
-from automedseg.validation import pseudo_dice, validate_fold
+from automedseg.validation import final_validation_axes, pseudo_dice, validate_fold
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -268,7 +268,8 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
             f"(checksum {checksum:.6f})")
     validation = None
     if options.validate and fold != "all" and dist.is_main:
-        validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log)
+        validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log,
+                                   mirror_axes=_final_validation_axes(config, progress, len(val_ids)))
     dist.finish()
     return FoldResult(fold_dir, len(progress.history), progress.best, progress.train_seconds, validation)
 
@@ -312,6 +313,13 @@ class _Progress:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: float = -1.0
     train_seconds: float = 0.0
+    validation_single_s: float | None = None  # estimated final validation without mirroring (this process)
+
+
+
+def _final_validation_axes(config: ConfigurationPlan, p: _Progress, n_val: int) -> tuple[int, ...]:
+    return final_validation_axes(config, single_pass_s=p.validation_single_s, history=p.history,
+                                 train_seconds=p.train_seconds, n_val=n_val)
 
 
 def _run_epochs(run: _FoldRun, p: _Progress) -> None:
@@ -412,11 +420,14 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 no_improve += 1
             # Fit the rest of the schedule into the time budget, now that an epoch has been measured: the run
             # (start-up and final validation included) ends in the last 5 % of its budget.
+            if p.validation_single_s is None and options.validate and val_ids is not train_ids:
+                per_patch = patch_seconds / max(1, tr.val_iterations * local.batch_size)
+                p.validation_single_s = estimate_validation_seconds(cache, val_ids, config.patch_size,
+                                                                    seconds_per_patch=per_patch)
             if tr.time_budget_s is not None:
-                if validation_estimate is None and options.validate and val_ids is not train_ids:
-                    per_patch = patch_seconds / max(1, tr.val_iterations * local.batch_size)
-                    validation_estimate = estimate_validation_seconds(cache, val_ids, config.patch_size,
-                                                                      seconds_per_patch=per_patch)
+                if validation_estimate is None and p.validation_single_s is not None:
+                    axes = _final_validation_axes(config, p, len(val_ids))
+                    validation_estimate = p.validation_single_s * 2 ** len(axes)
                 now = time.perf_counter()
                 epoch_walls.append(now - last_mark)  # the epoch with its checkpoint and plot
                 last_mark = now

@@ -38,6 +38,7 @@ class ValidationSummary:
         summary: :func:`automedseg.metrics.summarize` of the per-case metrics.
         per_case: ``{"case", "metrics": {label: {metric: value}}}`` per scored case.
         seconds: Wall time of the validation.
+        mirror_axes: The axes whose mirrored predictions were averaged (test-time mirroring; empty: none).
 
     Every field has a default: a summary written by hand or by an older version may hold only some of them.
     """
@@ -50,6 +51,7 @@ class ValidationSummary:
     summary: dict[str, Any] = field(default_factory=dict)
     per_case: tuple[Any, ...] = ()
     seconds: float | None = None
+    mirror_axes: tuple[int, ...] = ()
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = SUMMARY_FILE) -> ValidationSummary:

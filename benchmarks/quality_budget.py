@@ -292,7 +292,7 @@ def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict
         "features_per_stage": list(plan.network.features_per_stage),
         "plan_time_budget_s": tr.time_budget_s,
         "iterations_per_epoch": tr.iterations_per_epoch,
-        "validation_mirroring": False,  # automedseg.training.validate_fold's default
+        "validation_mirroring": bool(summary.mirror_axes),
     }
 
 

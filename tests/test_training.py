@@ -133,6 +133,7 @@ def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Work
     assert copy.configurations[configuration].training.augment_on_device is False  # CPU: the workers augment
     summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     assert summary["mean_dice"] is not None and 0.0 <= summary["mean_dice"] <= 1.0
+    assert summary["mirror_axes"] in ([], list(copy.configurations[configuration].augmentation.mirror_axes))
     val_ids = summary["cases"]
     assert all((fold_dir / "validation" / f"{c}.npz").is_file() for c in val_ids)
     ckpt = torch.load(fold_dir / "checkpoint_latest.pt", weights_only=True)
