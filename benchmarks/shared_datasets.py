@@ -562,6 +562,60 @@ def score_pixel_error(raw: Path, fold_dir: Path, cases: list[str]) -> dict:
     return out
 
 
+def slice_extent_scores(reference, prediction, *, label: int) -> dict[str, Any]:
+    """How much of a class's Dice the length of its reference decides: the reference's first and last slice
+    (axis 0) holding ``label``, the Dice over the whole volume, and the Dice within the slices the reference
+    covers (false positives above and below its extent left out).
+
+    Example:
+        >>> import numpy as np
+        >>> ref = np.zeros((6, 2, 2), np.uint8); ref[1:3] = 5
+        >>> pred = np.zeros_like(ref); pred[1:5] = 5
+        >>> s = slice_extent_scores(ref, pred, label=5)
+        >>> s["reference_slices"], round(s["dice"], 3), s["dice_within_reference_slices"]
+        ([1, 2], 0.667, 1.0)
+    """
+    import numpy as np
+
+    r, p = np.asarray(reference) == label, np.asarray(prediction) == label
+    z = np.flatnonzero(r.reshape(r.shape[0], -1).any(1))
+    denom = int(r.sum() + p.sum())
+    out: dict[str, Any] = {"reference_slices": [int(z[0]), int(z[-1])] if len(z) else None,
+                           "dice": 2 * int((r & p).sum()) / denom if denom else None,
+                           "dice_within_reference_slices": None}
+    if len(z):
+        rs, ps = r[z[0]:z[-1] + 1], p[z[0]:z[-1] + 1]
+        out["dice_within_reference_slices"] = 2 * int((rs & ps).sum()) / int(rs.sum() + ps.sum())
+    return out
+
+
+def score_slice_extent(raw: Path, fold_dir: Path, cases: list[str], *, label: int) -> dict | None:
+    """:func:`slice_extent_scores` of one class over the fold's 3D validation cases: the spread of the
+    reference's length in slices and the mean Dice within the reference's slices beside the plain mean."""
+    import numpy as np
+
+    from automedseg.io import read_label
+
+    per_case = []
+    for case in cases:
+        pred_path = find_mask(fold_dir / "validation", case)
+        ref_path = find_mask(raw / "labelsTr", case)
+        if pred_path is None or ref_path is None:
+            continue
+        ref, _ = read_label(ref_path)
+        pred, _ = read_label(pred_path)
+        if ref.ndim != 3 or ref.shape != pred.shape:
+            return None
+        per_case.append({"case": case, **slice_extent_scores(ref, pred, label=label)})
+    scored = [c for c in per_case if c["reference_slices"] and c["dice"] is not None]
+    if not scored:
+        return None
+    lengths = [c["reference_slices"][1] - c["reference_slices"][0] + 1 for c in scored]
+    return {"label": label, "per_case": per_case, "reference_length_slices": [min(lengths), max(lengths)],
+            "dice_mean": float(np.mean([c["dice"] for c in scored])),
+            "dice_within_reference_slices_mean": float(np.mean([c["dice_within_reference_slices"] for c in scored]))}
+
+
 def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: str, budget_s: float, threads: int,
                 keep: bool) -> dict:
     """Import (2D), plan, train fold 0, predict + score the test set where labelled; the figures of one dataset."""
@@ -684,6 +738,14 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
                 test["fov"] = score_drive_test(raw, pred_dir, labels)
             result["test"] = test
 
+        # 4b. the worst class of a 3D dataset: how much its reference's length in slices decides
+        if fig["validated"] and fig["val_dice_per_class"] and fig["plan"].get("dims") == 3:
+            worst_name = min((v, k) for k, v in fig["val_dice_per_class"].items() if v is not None)[1]
+            value = next((v for v, n in fig["plan"]["label_names"].items() if n == worst_name), None)
+            if value is not None:
+                result["worst_class_extent"] = score_slice_extent(raw, fold_dir, list(fig["val_cases"] or []),
+                                                                  label=value)
+
         # 5. ISBI pixel error on the fold-0 validation
         if spec.pixel_error and fig["val_cases"]:
             result["pixel_error"] = score_pixel_error(raw, fold_dir, list(fig["val_cases"]))
@@ -774,6 +836,13 @@ def figure_rows(r: dict) -> list[dict]:
             add("worst", "", worst[0], val_note + [f"worst: {worst[1]}"] + ([f"organs <= 0.5: {', '.join(low)}"]
                                                                              if low else []))
             rows[-1]["figure"] += f" ({worst[1]})"
+            ext = r.get("worst_class_extent")
+            if ext:
+                lo, hi = ext["reference_length_slices"]
+                add(None, f"{worst[1]} Dice within the slices its reference covers (fold-0 validation)",
+                    ext["dice_within_reference_slices_mean"],
+                    target_text=f"reference length {lo}-{hi} slices across the cases; whole-volume Dice "
+                                f"{ext['dice_mean']:.3f}")
     else:
         add(None, "mean Dice, fold-0 validation", f.get("val_mean_dice"))
     pp = r.get("postprocessed")

@@ -159,3 +159,22 @@ def test_postprocessed_figures_read_find_best(bench, tmp_path, keep, expected_op
     assert got == {"mean_dice": 0.635, "dice_per_class": {"Esophagus": 0.44, "Mandible": 0.83},
                    "operations": expected_ops}
     assert bench.postprocessed_figures(tmp_path / "missing.json", {}) is None
+
+
+def test_slice_extent_separates_length_from_shape(bench, tmp_path: Path):
+    """A prediction right in every slice the reference covers but one slice too long: the whole-volume Dice
+    drops, the Dice within the reference's slices does not; cases scored from NIfTI files as the benchmark does."""
+    import SimpleITK as sitk
+
+    ref = np.zeros((10, 8, 8), np.uint8)
+    ref[2:6, 3:5, 3:5] = 5
+    pred = ref.copy()
+    pred[6, 3:5, 3:5] = 5
+    for folder, arr in (("raw/labelsTr", ref), ("fold/validation", pred)):
+        (tmp_path / folder).mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / folder / "c1.nii.gz"))
+    out = bench.score_slice_extent(tmp_path / "raw", tmp_path / "fold", ["c1", "absent"], label=5)
+    assert out["reference_length_slices"] == [4, 4]
+    assert out["dice_mean"] == pytest.approx(2 * 16 / (16 + 20))
+    assert out["dice_within_reference_slices_mean"] == pytest.approx(1.0)
+    assert bench.slice_extent_scores(ref, pred, label=3)["reference_slices"] is None
