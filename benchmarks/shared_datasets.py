@@ -88,6 +88,7 @@ from predict_speed import run_timestamped  # noqa: E402
 BENCHMARK = "shared_datasets"
 DEFAULT_WORK_DIR = WORK_DIR / "shared"
 FOLD = 0
+N_FOLDS = 5  # automedseg's cross-validation (--cv datasets train all of them)
 BUDGET_USE_TARGET = 0.95
 BUDGET_USE_OVER = 1.05  # the trainer aims to end inside the budget; more than this is an overrun
 AUTOMEDSEG_CLI = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
@@ -589,15 +590,16 @@ def slice_extent_scores(reference, prediction, *, label: int) -> dict[str, Any]:
     return out
 
 
-def score_slice_extent(raw: Path, fold_dir: Path, cases: list[str], *, label: int) -> dict | None:
-    """:func:`slice_extent_scores` of one class over the fold's 3D validation cases: the spread of the
-    reference's length in slices and the mean Dice within the reference's slices beside the plain mean."""
+def score_slice_extent(raw: Path, validated: Sequence[tuple[Path, Sequence[str]]], *, label: int) -> dict | None:
+    """:func:`slice_extent_scores` of one class over 3D validation cases (``(fold folder, its cases)`` pairs): the
+    spread of the reference's length in slices and the mean Dice within the reference's slices beside the plain
+    mean."""
     import numpy as np
 
     from automedseg.io import read_label
 
     per_case = []
-    for case in cases:
+    for fold_dir, case in ((fd, c) for fd, cases in validated for c in cases):
         pred_path = find_mask(fold_dir / "validation", case)
         ref_path = find_mask(raw / "labelsTr", case)
         if pred_path is None or ref_path is None:
@@ -616,12 +618,104 @@ def score_slice_extent(raw: Path, fold_dir: Path, cases: list[str], *, label: in
             "dice_within_reference_slices_mean": float(np.mean([c["dice_within_reference_slices"] for c in scored]))}
 
 
+@dataclass
+class _FoldContext:
+    """What training one fold of a dataset needs (run_dataset's state, shared by its folds)."""
+
+    name: str
+    raw: Path
+    work: Path
+    configuration: str
+    budget: str
+    budget_s: float
+    threads: int
+    keep: bool
+    state: dict
+    state_path: Path
+    logs: Path
+    steps: dict
+
+
+def _train_fold(ctx: _FoldContext, fold: int) -> tuple[dict, bool]:
+    """Train one fold with the budget (or reuse it with --keep); its figures and whether it was trained now.
+
+    Fold 0 keeps the state key and log names of the fold-0-only benchmark (``train``, ``train_N.log``)."""
+    key, log_stem = ("train", "train") if fold == 0 else (f"train_fold_{fold}", f"train_f{fold}")
+    configuration, budget_s, state = ctx.configuration, ctx.budget_s, ctx.state
+    fold_dir = ctx.work / configuration / f"fold_{fold}"
+    fold_budget = _budget_of(fold_dir / "plans.json", configuration) if (fold_dir / "plans.json").is_file() \
+        else None
+    same_budget = fold_budget is not None and abs(fold_budget - budget_s) <= 0.5
+    finished = (fold_dir / "checkpoint_final.pt").is_file() and (fold_dir / "validation" / "summary.json").is_file()
+    trained_now = False
+    train_state = state.get(key) if isinstance(state.get(key), dict) else {}
+    if ctx.keep and finished and same_budget:
+        ctx.steps[key] = {"reused": str(fold_dir)}
+        if train_state.get("configuration") != configuration or \
+                abs((train_state.get("budget_s") or -1) - budget_s) > 0.5:
+            train_state = {}  # trained outside this script: its wall time is unknown
+    else:
+        restart = not (ctx.keep and same_budget and (fold_dir / "checkpoint_latest.pt").is_file())
+        if restart or train_state.get("configuration") != configuration or \
+                abs((train_state.get("budget_s") or -1) - budget_s) > 0.5:
+            train_state = {"configuration": configuration, "budget_s": budget_s, "runs": []}
+        args = ["train", ctx.raw, "--work-dir", ctx.work, "-c", configuration, "-f", fold, "--time-budget",
+                ctx.budget, "--threads", ctx.threads]
+        if restart:
+            args.append("--restart")
+        state[key] = train_state
+        res = run_cli(args, log_path=ctx.logs / f"{log_stem}_{len(train_state['runs'])}.log",
+                      label=f"{ctx.name} train fold {fold}", threads=ctx.threads)
+        train_state["runs"].append({**_brief(res), "restart": restart})
+        _save_state(ctx.state_path, state)
+        ctx.steps[key] = _brief(res)
+        trained_now = True
+    runs = train_state.get("runs") or []
+    train_wall = sum(r["wall_s"] for r in runs) if runs else None
+    foreign_s = sum(r["foreign_cpu"]["foreign_cpu_s"] for r in runs) if runs else None
+    fig = fold_figures(fold_dir, configuration)
+    fig.update({
+        "fold": fold,
+        "train_runs": runs,
+        "train_wall_s": train_wall,
+        "budget_use": train_wall / budget_s if train_wall is not None else None,
+        "foreign_cpu_cores_during_train": foreign_s / train_wall if train_wall else None,
+    })
+    return fig, trained_now
+
+
+def cv_figures(fold_dirs: list[Path], names: dict[int, str]) -> dict | None:
+    """Cross-validation figures from the folds' validation summaries (typed reader): per class the mean Dice over
+    every validated case of every fold (nnU-Net's CV figure), and their mean over the classes; None when a fold
+    has no summary."""
+    import numpy as np
+
+    from automedseg.validation_summary import read_validation_summary, summary_path
+
+    per_class: dict[str, list[float]] = {}
+    cases: list[str] = []
+    for fd in fold_dirs:
+        try:
+            summary = read_validation_summary(summary_path(fd))
+        except FileNotFoundError:
+            return None
+        for c in summary.per_case:
+            cases.append(c["case"])
+            for k, m in c["metrics"].items():
+                if m.get("dice") is not None:
+                    per_class.setdefault(names.get(int(k), str(k)), []).append(float(m["dice"]))
+    dice = {k: float(np.mean(v)) for k, v in per_class.items()}
+    return {"folds": len(fold_dirs), "n_cases": len(cases), "dice_per_class": dice,
+            "mean_dice": float(np.mean(list(dice.values()))) if dice else None}
+
+
 def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: str, budget_s: float, threads: int,
-                keep: bool) -> dict:
-    """Import (2D), plan, train fold 0, predict + score the test set where labelled; the figures of one dataset."""
+                keep: bool, cv: bool = False) -> dict:
+    """Import (2D), plan, train fold 0 (with ``cv`` all five folds, each with the budget), predict + score the test
+    set where labelled; the figures of one dataset."""
     source = data_root / spec.folder
     result: dict[str, Any] = {"dataset": spec.name, "source": str(source), "budget": budget, "budget_s": budget_s,
-                              "notes": list(spec.notes), "steps": {}}
+                              "notes": list(spec.notes), "steps": {}, "cross_validated": cv}
     if not source.is_dir():
         result["skipped"] = f"{source} does not exist"
         print(f"[{spec.name}] skipped: {result['skipped']}", flush=True)
@@ -662,52 +756,26 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
 
         result["planned_configurations"] = list(Plans.load(work / "plans.json").configurations)
 
-        # 3. train fold 0
+        # 3. train fold 0 (and, for a cross-validated dataset, folds 1-4)
+        ctx = _FoldContext(name=spec.name, raw=raw, work=work, configuration=configuration, budget=budget,
+                           budget_s=budget_s, threads=threads, keep=keep, state=state, state_path=state_path,
+                           logs=logs, steps=steps)
+        fig, trained_now = _train_fold(ctx, FOLD)
         fold_dir = work / configuration / f"fold_{FOLD}"
-        fold_budget = _budget_of(fold_dir / "plans.json", configuration) if (fold_dir / "plans.json").is_file() \
-            else None
-        same_budget = fold_budget is not None and abs(fold_budget - budget_s) <= 0.5
-        finished = (fold_dir / "checkpoint_final.pt").is_file() and (fold_dir / "validation" / "summary.json").is_file()
-        trained_now = False
-        train_state = state.get("train") if isinstance(state.get("train"), dict) else {}
-        if keep and finished and same_budget:
-            steps["train"] = {"reused": str(fold_dir)}
-            if train_state.get("configuration") != configuration or \
-                    abs((train_state.get("budget_s") or -1) - budget_s) > 0.5:
-                train_state = {}  # trained outside this script: its wall time is unknown
-        else:
-            restart = not (keep and same_budget and (fold_dir / "checkpoint_latest.pt").is_file())
-            if restart or train_state.get("configuration") != configuration or \
-                    abs((train_state.get("budget_s") or -1) - budget_s) > 0.5:
-                train_state = {"configuration": configuration, "budget_s": budget_s, "runs": []}
-            args = ["train", raw, "--work-dir", work, "-c", configuration, "-f", FOLD, "--time-budget", budget,
-                    "--threads", threads]
-            if restart:
-                args.append("--restart")
-            state["train"] = train_state
-            res = run_cli(args, log_path=logs / f"train_{len(train_state['runs'])}.log",
-                          label=f"{spec.name} train", threads=threads)
-            train_state["runs"].append({**_brief(res), "restart": restart})
-            _save_state(state_path, state)
-            steps["train"] = _brief(res)
-            trained_now = True
-        runs = train_state.get("runs") or []
-        train_wall = sum(r["wall_s"] for r in runs) if runs else None
-        foreign_s = sum(r["foreign_cpu"]["foreign_cpu_s"] for r in runs) if runs else None
-        fig = fold_figures(fold_dir, configuration)
-        fig.update({
-            "train_runs": runs,
-            "train_wall_s": train_wall,
-            "budget_use": train_wall / budget_s if train_wall is not None else None,
-            "foreign_cpu_cores_during_train": foreign_s / train_wall if train_wall else None,
-        })
         result["fold0"] = fig
         labels = sorted(v for v in fig["plan"]["label_names"] if v > 0)
 
-        # 3b. the post-processing find-best chooses on the fold-0 validation (as nnU-Net's CV figures)
+        folds = [FOLD]
+        if cv:
+            result["cv_folds"] = [fig] + [_train_fold(ctx, k)[0] for k in range(1, N_FOLDS)]
+            folds = list(range(N_FOLDS))
+            result["cv"] = cv_figures([work / configuration / f"fold_{k}" for k in folds], fig["plan"]["label_names"])
+
+        # 3b. the post-processing find-best chooses on the validation of the folds trained (as nnU-Net's CV)
         if fig["validated"]:
+            fold_args = [a for k in folds for a in ("-f", k)]
             steps["find_best"] = _brief(run_cli(["find-best", raw, "--work-dir", work, "-c", configuration,
-                                                 "-f", FOLD], log_path=logs / "find_best.log",
+                                                 *fold_args], log_path=logs / "find_best.log",
                                                 label=f"{spec.name} find-best", threads=threads))
             result["postprocessed"] = postprocessed_figures(work / "find_best.json", fig["plan"]["label_names"])
 
@@ -739,12 +807,14 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
             result["test"] = test
 
         # 4b. the worst class of a 3D dataset: how much its reference's length in slices decides
-        if fig["validated"] and fig["val_dice_per_class"] and fig["plan"].get("dims") == 3:
-            worst_name = min((v, k) for k, v in fig["val_dice_per_class"].items() if v is not None)[1]
+        scored = (result.get("cv") or {}).get("dice_per_class") or fig["val_dice_per_class"]
+        if fig["validated"] and scored and fig["plan"].get("dims") == 3:
+            worst_name = min((v, k) for k, v in scored.items() if v is not None)[1]
             value = next((v for v, n in fig["plan"]["label_names"].items() if n == worst_name), None)
             if value is not None:
-                result["worst_class_extent"] = score_slice_extent(raw, fold_dir, list(fig["val_cases"] or []),
-                                                                  label=value)
+                validated = [(Path(f["fold_dir"]), list(f["val_cases"] or []))
+                             for f in result.get("cv_folds") or [fig]]
+                result["worst_class_extent"] = score_slice_extent(raw, validated, label=value)
 
         # 5. ISBI pixel error on the fold-0 validation
         if spec.pixel_error and fig["val_cases"]:
@@ -829,17 +899,31 @@ def figure_rows(r: dict) -> list[dict]:
             if cls in dice:
                 add(None, f"{cls} Dice, fold-0 validation", dice[cls], published=f"nnU-Net 5-fold CV {pub}")
     elif name == "openkbp_hn_ct":
+        cv = r.get("cv")
+        if cv:  # the targets on the cross-validation, fold 0 beside it
+            for k, v in dice.items():
+                add(None, f"{k} Dice, fold-0 validation", v)
+            dice = cv["dice_per_class"]
+            val_note = [f"{cv['folds']}-fold CV, {cv['n_cases']} cases"]
         low = [f"{k} {v:.3f}" for k, v in dice.items() if v is not None and v <= 0.5]
-        add("val", "", f.get("val_mean_dice"), val_note + ([f"organs <= 0.5: {', '.join(low)}"] if low else []))
+        mean = cv["mean_dice"] if cv else f.get("val_mean_dice")
+        add("val", "", mean, val_note + ([f"organs <= 0.5: {', '.join(low)}"] if low else []))
+        if cv:
+            rows[-1]["figure"] = rows[-1]["figure"].replace("fold-0 validation", f"{cv['folds']}-fold CV")
+            for k, v in dice.items():
+                add(None, f"{k} Dice, {cv['folds']}-fold CV ({cv['n_cases']} cases)", v)
         if dice:
             worst = min((v, k) for k, v in dice.items() if v is not None)
             add("worst", "", worst[0], val_note + [f"worst: {worst[1]}"] + ([f"organs <= 0.5: {', '.join(low)}"]
                                                                              if low else []))
             rows[-1]["figure"] += f" ({worst[1]})"
+            if cv:
+                rows[-1]["figure"] = rows[-1]["figure"].replace("fold-0 validation", f"{cv['folds']}-fold CV")
             ext = r.get("worst_class_extent")
             if ext:
                 lo, hi = ext["reference_length_slices"]
-                add(None, f"{worst[1]} Dice within the slices its reference covers (fold-0 validation)",
+                add(None, f"{worst[1]} Dice within the slices its reference covers "
+                          f"({'cross-validation' if cv else 'fold-0 validation'})",
                     ext["dice_within_reference_slices_mean"],
                     target_text=f"reference length {lo}-{hi} slices across the cases; whole-volume Dice "
                                 f"{ext['dice_mean']:.3f}")
@@ -848,7 +932,8 @@ def figure_rows(r: dict) -> list[dict]:
     pp = r.get("postprocessed")
     if pp and pp.get("mean_dice") is not None:
         low = [f"{k} {v:.3f}" for k, v in pp["dice_per_class"].items() if v is not None and v <= 0.5]
-        add(None, "mean Dice, fold-0 validation after find-best's post-processing (chosen on the same cases)",
+        where = f"{r['cv']['folds']}-fold CV" if r.get("cv") else "fold-0 validation"
+        add(None, f"mean Dice, {where} after find-best's post-processing (chosen on the same cases)",
             pp["mean_dice"], target_text=f"{pp['operations']}" + (f"; <= 0.5: {', '.join(low)}" if low else ""))
     if r.get("failed"):
         for row in rows:
@@ -871,7 +956,9 @@ def _shape(v: list) -> str:
 def build_summary(figures: dict) -> str:
     m = figures["machine"]
     lines = [
-        "# shared_datasets: automedseg fold 0 on every shared dataset, next to published figures",
+        "# shared_datasets: automedseg fold 0 on every shared dataset, next to published figures"
+        + ("; 5-fold CV of " + ", ".join(r["dataset"] for r in figures["datasets"] if r.get("cv"))
+           if any(r.get("cv") for r in figures["datasets"]) else ""),
         "",
         f"Budget per dataset: `--time-budget {figures['budget']}` ({figures['budget_s']:.0f} s) for `plan` and "
         f"`train` fold 0 (default options otherwise), {figures['threads']} threads; datasets run one after the "
@@ -892,8 +979,7 @@ def build_summary(figures: dict) -> str:
         "",
     ]
     rows = []
-    for r in figures["datasets"]:
-        f = r.get("fold0")
+    for r, f in ((d, g) for d in figures["datasets"] for g in (d.get("cv_folds") or [d.get("fold0")])):
         if not f:
             rows.append([r["dataset"], r.get("skipped") and "skipped" or "failed", "", "", "", "", "", "", "", "",
                          ""])
@@ -901,7 +987,7 @@ def build_summary(figures: dict) -> str:
         p = f["plan"]
         use = f.get("budget_use")
         rows.append([
-            r["dataset"], p["configuration"],
+            r["dataset"] + (f" fold {f.get('fold', 0)}" if r.get("cv_folds") else ""), p["configuration"],
             f"{_fmt(f.get('train_wall_s'), 0)} / {figures['budget_s']:.0f} s",
             f"{100 * use:.1f} % {budget_verdict(use)}" if use is not None else "n/a",
             f"{f['epochs']} x {p['iterations_per_epoch']}", f["iterations"],
@@ -946,6 +1032,20 @@ def build_summary(figures: dict) -> str:
                 f"{f['epochs']} epoch(s), {f['iterations']} iterations ({f['samples']} samples); sum of epoch times "
                 f"{f['epoch_train_seconds']} s; mean data wait {_fmt(f.get('data_wait_fraction_mean'), 3)}",
             ]
+            if r.get("cv"):
+                cv = r["cv"]
+                per_fold = ", ".join(f"fold {g.get('fold')}: {_fmt(g.get('val_mean_dice'))}"
+                                     for g in r.get("cv_folds") or [])
+                lines.append(f"- {cv['folds']}-fold CV ({cv['n_cases']} cases, each fold with the budget): mean Dice "
+                             f"{_fmt(cv['mean_dice'])} ("
+                             + ", ".join(f"{k}: {_fmt(v)}" for k, v in cv["dice_per_class"].items())
+                             + f"); per fold: {per_fold}")
+            ext = r.get("worst_class_extent")
+            if ext:
+                lines.append(f"- worst class ({f['plan']['label_names'].get(ext['label'], ext['label'])}): reference "
+                             f"length {ext['reference_length_slices'][0]}-{ext['reference_length_slices'][1]} slices; "
+                             f"Dice {_fmt(ext['dice_mean'])} over the volume, "
+                             f"{_fmt(ext['dice_within_reference_slices_mean'])} within the reference's slices")
             if f.get("zero_pseudo_dice_classes"):
                 lines.append(f"- pseudo-Dice 0 in every epoch: {', '.join(f['zero_pseudo_dice_classes'])}")
             lines.append("- plan notes:")
@@ -991,6 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where shared_datasets.{json,md} go (default benchmarks/results)")
     parser.add_argument("--threads", type=int, default=BENCH_THREADS, help="torch threads (default 2)")
+    parser.add_argument("--cv", default="",
+                        help="comma-separated datasets to cross-validate: all five folds, each with the budget "
+                             "(their targets are then scored on the CV)")
     parser.add_argument("--keep", action="store_true",
                         help="reuse finished steps (import, plan and fold 0 with the same budget, predictions)")
     args = parser.parse_args(argv)
@@ -1001,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in DATASETS]
     if unknown or not names:
         parser.error(f"--datasets: unknown {', '.join(unknown) or '(empty)'}; known: {', '.join(DATASETS)}")
+    cv_names = {n.strip() for n in args.cv.split(",") if n.strip()}
+    if cv_names - set(names):
+        parser.error(f"--cv: {', '.join(sorted(cv_names - set(names)))} not among --datasets")
     try:
         budget_s = parse_duration(args.budget)
     except Exception as e:  # noqa: BLE001 - click's BadParameter
@@ -1017,7 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"=== {name} ===", flush=True)
         results.append(run_dataset(DATASETS[name], data_root=data_root, work_root=work_root, budget=args.budget,
-                                   budget_s=budget_s, threads=args.threads, keep=args.keep))
+                                   budget_s=budget_s, threads=args.threads, keep=args.keep,
+                                   cv=name in cv_names))
     rows = [row for r in results for row in figure_rows(r)]
     figures = {
         "benchmark": BENCHMARK,

@@ -173,8 +173,38 @@ def test_slice_extent_separates_length_from_shape(bench, tmp_path: Path):
     for folder, arr in (("raw/labelsTr", ref), ("fold/validation", pred)):
         (tmp_path / folder).mkdir(parents=True)
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / folder / "c1.nii.gz"))
-    out = bench.score_slice_extent(tmp_path / "raw", tmp_path / "fold", ["c1", "absent"], label=5)
+    out = bench.score_slice_extent(tmp_path / "raw", [(tmp_path / "fold", ["c1", "absent"])], label=5)
     assert out["reference_length_slices"] == [4, 4]
     assert out["dice_mean"] == pytest.approx(2 * 16 / (16 + 20))
     assert out["dice_within_reference_slices_mean"] == pytest.approx(1.0)
     assert bench.slice_extent_scores(ref, pred, label=3)["reference_slices"] is None
+
+
+def test_cv_figures_pool_the_cases_of_every_fold(bench, tmp_path: Path):
+    """The CV Dice of a class is the mean over every validated case of every fold (not the mean of fold means);
+    the openkbp targets are then scored on it, the fold-0 figures kept beside them."""
+    from automedseg.validation_summary import summary_path, write_validation_summary
+
+    dice = {0: [0.8, 0.6], 1: [0.4]}  # fold -> label-5 Dice per case
+    dirs = []
+    for fold, values in dice.items():
+        fd = tmp_path / f"fold_{fold}"
+        summary_path(fd).parent.mkdir(parents=True)
+        per_case = [{"case": f"f{fold}c{i}", "metrics": {"1": {"dice": 0.9}, "5": {"dice": v}}}
+                    for i, v in enumerate(values)]
+        write_validation_summary(summary_path(fd), {"cases": [c["case"] for c in per_case], "per_case": per_case})
+        dirs.append(fd)
+    cv = bench.cv_figures(dirs, {1: "Brainstem", 5: "Esophagus"})
+    assert cv["n_cases"] == 3 and cv["folds"] == 2
+    assert cv["dice_per_class"] == pytest.approx({"Brainstem": 0.9, "Esophagus": 0.6})
+    assert cv["mean_dice"] == pytest.approx(0.75)
+    assert bench.cv_figures([*dirs, tmp_path / "fold_9"], {}) is None  # a fold not validated
+
+    plan = {"batch_size": 2, "label_names": {1: "Brainstem", 5: "Esophagus"}}
+    fold0 = {"val_cases": ["a"], "val_dice_per_class": {"Brainstem": 0.9, "Esophagus": 0.7}, "val_mean_dice": 0.8,
+             "plan": plan}
+    rows = bench.figure_rows({"dataset": "openkbp_hn_ct", "fold0": fold0, "cv": cv})
+    by_figure = {r["figure"]: r for r in rows}
+    assert by_figure["mean Dice of 7 organs, 2-fold CV"]["value"] == pytest.approx(0.75)
+    assert by_figure["worst organ Dice, 2-fold CV (Esophagus)"]["status"] == "PASS"
+    assert by_figure["Esophagus Dice, fold-0 validation"]["value"] == 0.7
