@@ -20,8 +20,8 @@ from automedseg.training_log import EMA_DECAY
 
 EMA_LABEL = "EMA (picks checkpoint_best.pt)"
 PSEUDO_DICE_CAPTION = (
-    "Pseudo-Dice: mean foreground Dice of whole validation images predicted each epoch (no mirroring; dots, "
-    "missing in epochs that scored none). "
+    "Pseudo-Dice: mean foreground Dice of whole validation images predicted each epoch (dots; no mirroring; "
+    "none in epochs that scored no image). "
     f"EMA: its exponential moving average (each scored epoch weighted {1 - EMA_DECAY:g}); checkpoint_best.pt is "
     "saved whenever it reaches a new high (star), and early stopping waits for one. "
     "Patches: Dice on sampled validation patches (foreground oversampled, so it flatters)."
@@ -56,6 +56,7 @@ def progress_figure(history: Sequence[Mapping[str, Any]], *, title: str = "") ->
     """The training curves of ``history`` (the trainer's per-epoch dicts, :class:`~automedseg.training_log.EpochRecord`
     fields) as a matplotlib Figure, titled ``title`` and captioned with :data:`PSEUDO_DICE_CAPTION`."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 11.8))
     axes = fig.subplots(4, 1, sharex=True)
@@ -79,6 +80,7 @@ def progress_figure(history: Sequence[Mapping[str, Any]], *, title: str = "") ->
     axes[3].plot(ep, _values(history, "epoch_seconds"))
     axes[3].set_ylabel("epoch time (s)")
     axes[3].set_xlabel("epoch")
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
     if title:

@@ -291,6 +291,7 @@ def _section_curves(state: WorkFolderState) -> _Section:
         if not folds:
             continue
         fig = _new_figure(figsize=(11, 3.6))
+        from matplotlib.ticker import MaxNLocator
         ax_loss, ax_dice = fig.subplots(1, 2)
         for i, f in enumerate(folds):
             colour = f"C{i % 10}"
@@ -312,6 +313,7 @@ def _section_curves(state: WorkFolderState) -> _Section:
         ax_dice.legend(fontsize=7)
         for ax in (ax_loss, ax_dice):
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(name)
         fig.tight_layout()
         blocks.append(_Figure(f"{FIGURE_PREFIX}curves_{_slug(name)}.png", _png(fig),
