@@ -274,7 +274,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         save_probabilities: Also write ``<case>.npz`` with float16 class probabilities.
         postprocessing: Applied to each label map before writing.
         output_ending: Output file ending (default: the input's).
-        overlays: Also write PNG overlays of a few slices to ``output_dir/overlays``.
+        overlays: Also write PNG overlays of a few slices to ``output_dir/overlays`` (one colour per label, a legend
+            with the plan's label names; :mod:`automedseg.overlays`).
         progress: Show a progress bar.
         num_parts: Split the cases into this many disjoint parts (several processes or machines) ...
         part_id: ... and predict only this one (0-based): case ``i`` belongs to part ``i % num_parts``.
@@ -388,7 +389,8 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
             if overlays:
                 from automedseg.overlays import save_overlay
 
-                save_overlay(image[0], seg, output_dir / "overlays" / f"{case.case_id}.png")
+                save_overlay(image[0], seg, output_dir / "overlays" / f"{case.case_id}.png",
+                             label_names={v: n for n, v in plans.labels.items() if v != 0})
             if save_probabilities:  # channel k: training index k, the k-th smallest declared label value
                 atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
                                 probabilities=probs.astype(np.float16))

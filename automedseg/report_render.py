@@ -11,7 +11,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,23 @@ def _folds_text(folds: Sequence[str]) -> str:
 def _label_title(label: int, state: WorkFolderState) -> str:
     name = state.labels.get(label)
     return f"{label} ({name})" if name and name != str(label) else str(label)
+
+
+def _dice_limits(values: Iterable[float], *, margin_fraction: float = 0.1, min_span: float = 0.05,
+                 pad: float = 0.01) -> tuple[float, float]:
+    """Axis limits of a Dice plot scaled to its finite ``values``, so results near 1 are not squashed flat.
+
+    The data range widened by ``margin_fraction`` of itself (at least ``min_span`` wide), clamped to [0, 1], then
+    ``pad`` beyond that on each side so points at 0 or 1 are not cut by the frame. No finite value: the whole
+    [0, 1] range.
+    """
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    margin = max(margin_fraction * (hi - lo), (min_span - (hi - lo)) / 2, 0.0)
+    lo, hi = max(0.0, lo - margin), min(1.0, hi + margin)
+    if hi - lo < min_span:  # against a clamp: widen on the free side
+        lo, hi = (max(0.0, hi - min_span), hi) if hi >= 1.0 else (lo, min(1.0, lo + min_span))
+    return lo - pad, hi + pad
 
 
 def _slug(text: str) -> str:

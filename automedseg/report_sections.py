@@ -15,12 +15,13 @@ import numpy as np
 
 from automedseg.best_choice import CandidateScore
 from automedseg.machine import machine_info
-from automedseg.overlays import overlay_slices
+from automedseg.overlays import render_overlay
 from automedseg.postprocessing import Postprocessing
 from automedseg.report_render import (
     _Block,
     _Bullets,
     _compact,
+    _dice_limits,
     _f,
     _Figure,
     _folds_text,
@@ -250,6 +251,16 @@ def _section_boxplots(state: WorkFolderState) -> _Section:
     data = {k: v for k, v in data.items() if v}
     if not data or not state.labels:
         return _Section("Per-case Dice", [_Text("No validated case yet.")])
+    counts = ", ".join(f"{n}: {len(v)} cases" for n, v in data.items())
+    return _Section("Per-case Dice", [_Figure(f"{FIGURE_PREFIX}dice_boxplot.png", _png(_boxplot_figure(state, data)),
+                                              f"Per-case Dice of the cross-validation cases ({counts}); "
+                                              "boxes: quartiles, line: median, triangle: mean, dots: cases; "
+                                              "each class's axis is scaled to its cases.")])
+
+
+def _boxplot_figure(state: WorkFolderState, data: dict[str, list[tuple[str, dict[str, Any]]]]) -> Any:
+    """One box plot per class of the per-case Dice of each configuration (``data``: its cases), the Dice axis
+    scaled to the class's cases (:func:`_dice_limits`)."""
     labels = list(state.labels)
     fig = _new_figure(figsize=(max(4.0, 1.2 + 1.1 * len(data)) * len(labels), 3.8))
     axes = fig.subplots(1, len(labels), squeeze=False)[0]
@@ -265,15 +276,12 @@ def _section_boxplots(state: WorkFolderState) -> _Section:
                 ax.scatter(p + jitter, s, s=9, alpha=0.5, color="tab:blue", zorder=3)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=20)
         ax.set_xlim(0.4, len(names) + 0.6)
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylim(*_dice_limits(v for s in series for v in s))
         ax.set_title(f"class {_label_title(label, state)}")
         ax.set_ylabel("Dice")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    counts = ", ".join(f"{n}: {len(v)} cases" for n, v in data.items())
-    return _Section("Per-case Dice", [_Figure(f"{FIGURE_PREFIX}dice_boxplot.png", _png(fig),
-                                              f"Per-case Dice of the cross-validation cases ({counts}); "
-                                              "boxes: quartiles, line: median, triangle: mean, dots: cases.")])
+    return fig
 
 
 def _section_curves(state: WorkFolderState) -> _Section:
@@ -283,6 +291,7 @@ def _section_curves(state: WorkFolderState) -> _Section:
         if not folds:
             continue
         fig = _new_figure(figsize=(11, 3.6))
+        from matplotlib.ticker import MaxNLocator
         ax_loss, ax_dice = fig.subplots(1, 2)
         for i, f in enumerate(folds):
             colour = f"C{i % 10}"
@@ -299,16 +308,18 @@ def _section_curves(state: WorkFolderState) -> _Section:
         ax_loss.legend(fontsize=7)
         ax_dice.set_xlabel("epoch")
         ax_dice.set_ylabel("pseudo-Dice")
-        ax_dice.set_ylim(-0.02, 1.02)
+        ax_dice.set_ylim(*_dice_limits(_number(v) for f in folds for h in f.history
+                                       for v in (h.ema_pseudo_dice, h.mean_pseudo_dice)))
         ax_dice.legend(fontsize=7)
         for ax in (ax_loss, ax_dice):
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(name)
         fig.tight_layout()
         blocks.append(_Figure(f"{FIGURE_PREFIX}curves_{_slug(name)}.png", _png(fig),
                               f"{name}: training loss (solid) and validation cross-entropy (dashed); EMA "
                               "pseudo-Dice (solid) and per-epoch pseudo-Dice on whole validation images (faint), "
-                              "one colour per fold."))
+                              "one colour per fold; the Dice axis is scaled to the data."))
     if not blocks:
         blocks.append(_Text("No fold has logged an epoch yet."))
     return _Section("Training curves", blocks)
@@ -447,8 +458,9 @@ def _pick_cases(cases: list[tuple[str, dict[str, Any]]], labels: Sequence[int]
 
 def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int = 3) -> _Section:
     blocks: list[_Block] = [_Text("Best, median and worst cross-validation case of each configuration (mean "
-                                  "foreground Dice); red: prediction, green: reference contours, "
-                                  f"{n_slices} axial slices through the foreground.")]
+                                  f"foreground Dice), {n_slices} axial slices through the foreground: the "
+                                  "prediction filled, one colour per label (legend below each figure), the "
+                                  "reference as a white contour.")]
     labels = list(state.labels)
     any_figure = False
     for name, record in state.configurations.items():
@@ -458,9 +470,9 @@ def _section_overlays(state: WorkFolderState, notes: list[str], *, n_slices: int
             except (OSError, ValueError, KeyError) as e:
                 notes.append(f"{name}: overlay of {case} (fold {fold}) skipped: {e}")
                 continue
-            rgb = overlay_slices(img, pred, reference=ref, n_slices=n_slices, gap=2)
-            scale = int(max(1, min(4, 256 // max(1, rgb.shape[0]))))
-            rgb = np.kron(rgb, np.ones((scale, scale, 1)))
+            scale = int(max(1, min(4, 256 // max(1, img.shape[-2]))))
+            rgb = render_overlay(img, pred, reference=ref, label_names=state.labels, n_slices=n_slices, gap=2,
+                                 scale=scale)
             blocks.append(_Figure(f"{FIGURE_PREFIX}overlay_{_slug(name)}_{rank}.png", _rgb_png(rgb),
                                   f"{name}, {rank} case: {case} (fold {fold}), mean Dice {dice:.4f}"
                                   + ("" if ref is not None else " (reference not found: prediction only)")))

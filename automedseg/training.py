@@ -14,7 +14,7 @@ Fold folder (``<work>/<configuration>/fold_K/``)::
     checkpoint_best.pt      best EMA pseudo-Dice (whole validation images)
     checkpoint_final.pt     after the last epoch
     log.jsonl               one JSON object per epoch
-    progress.png            loss, pseudo-Dice, learning rate, epoch time
+    progress.png            loss, pseudo-Dice, learning rate, epoch time (:mod:`automedseg.progress_plot`)
     validation/             per-case probabilities (.npz), segmentations, summary.json (per-case Dice)
 """
 
@@ -42,16 +42,17 @@ from automedseg.distributed import Dist
 from automedseg.errors import InputError
 from automedseg.full_image_dice import ImageRotation, image_tiles, score_images
 from automedseg.inference import load_checkpoint
-from automedseg.io import atomic_save_figure, atomic_write
+from automedseg.io import atomic_write
 from automedseg.locks import folder_lock
 from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
 from automedseg.network import build_network, output_strides
 from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
+from automedseg.progress_plot import plot_progress, progress_title
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
-from automedseg.training_log import write_training_log
+from automedseg.training_log import EMA_DECAY, write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
 from automedseg.validation import final_validation_axes, pseudo_dice, validate_fold
 from automedseg.workspace import Workspace
@@ -255,7 +256,7 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
     if progress.epoch >= progress.planned_epochs and final.is_file():
         log(f"{fold_dir}: already trained ({progress.planned_epochs} epochs)")
     else:
-        run = _FoldRun(model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
+        run = _FoldRun(fold=fold, model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
                        config=config, plans=plans, device=device, cache=cache, train_ids=train_ids, val_ids=val_ids,
                        strides=strides, fold_dir=fold_dir, options=options, log=log, epoch_callback=epoch_callback,
                        run_started=run_started)
@@ -284,6 +285,7 @@ def _save_plan_copy(plans: Plans, config: ConfigurationPlan, fold_dir: Path, epo
 class _FoldRun:
     """The fixed parts of one training run: what the epochs train, with what, on which cases, and where to."""
 
+    fold: int | str
     model: torch.nn.Module  # what is trained (DistributedDataParallel around ``net`` in a distributed run)
     net: torch.nn.Module  # the bare network: state dicts, deep-supervision switch, evaluation
     dist: Dist
@@ -396,9 +398,9 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             patch_seconds = time.perf_counter() - t_epoch - train_time
             full = score_images(net, cache, rotation.for_epoch(epoch), local, num_classes=run.plans.num_classes,
                                 device=device, amp=options.amp, dist=dist)
-            mean_dice = full.mean  # whole images steer the EMA (best checkpoint, pruning); None: none scored
+            mean_dice = full.mean  # whole images steer the EMA (best checkpoint, early stop); None: none scored
             if mean_dice is not None:
-                ema = mean_dice if ema is None else 0.9 * ema + 0.1 * mean_dice
+                ema = mean_dice if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * mean_dice
             epoch_time = time.perf_counter() - t_epoch
             p.train_seconds += epoch_time
             entry = {
@@ -448,7 +450,8 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                     _atomic_torch_save({"model": net.state_dict(), "epoch": epoch, "ema_pseudo_dice": ema},
                                        fold_dir / "checkpoint_best.pt")
                 write_training_log(fold_dir / "log.jsonl", history)
-                plot_progress(history, fold_dir / "progress.png")
+                plot_progress(history, fold_dir / "progress.png", title=progress_title(
+                    dataset=run.plans.dataset_name, configuration=config.name, fold=run.fold))
             if bar is not None:
                 bar.close()
                 bar = None
@@ -480,29 +483,3 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
         train_loader.close()
         val_loader.close()
 
-
-def plot_progress(history: list[dict[str, Any]], path: Path) -> None:
-    """Training curves (loss, pseudo-Dice, learning rate, epoch time) as one PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] + 1 for h in history]
-    fig, axes = plt.subplots(4, 1, figsize=(8, 11), sharex=True)
-    axes[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
-    axes[0].plot(ep, [h["val_loss"] for h in history], label="val CE")
-    axes[0].legend()
-    axes[0].set_ylabel("loss")
-    axes[1].plot(ep, [h["mean_pseudo_dice"] for h in history], ".", label="pseudo-Dice (whole images)")
-    axes[1].plot(ep, [h["ema_pseudo_dice"] for h in history], label="EMA")
-    axes[1].plot(ep, [h.get("mean_patch_pseudo_dice") for h in history], alpha=0.5, label="pseudo-Dice (patches)")
-    axes[1].set_ylabel("Dice")
-    axes[1].legend()
-    axes[2].plot(ep, [h["lr"] for h in history])
-    axes[2].set_ylabel("learning rate")
-    axes[3].plot(ep, [h["epoch_seconds"] for h in history])
-    axes[3].set_ylabel("epoch time (s)")
-    axes[3].set_xlabel("epoch")
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=80)

@@ -25,6 +25,9 @@ from automedseg.atomic import atomic_write_text, jsonable
 from automedseg.errors import InputError
 from automedseg.serialize import PlanError, from_jsonable, to_jsonable
 
+EMA_DECAY = 0.9
+"""``ema_pseudo_dice`` after an epoch that scored images: ``EMA_DECAY * previous + (1 - EMA_DECAY) * mean``."""
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -38,8 +41,8 @@ class EpochRecord:
             (:mod:`automedseg.full_image_dice`; ``None``: class neither there nor predicted; empty: no image was
             scored this epoch). Logs written before whole images were scored hold the patch figure here.
         mean_pseudo_dice: Their mean (``None``: nothing scored this epoch).
-        ema_pseudo_dice: Exponential moving average of the mean over the epochs that scored images (what
-            checkpoint_best and pruning follow).
+        ema_pseudo_dice: Exponential moving average of the mean over the epochs that scored images
+            (:data:`EMA_DECAY`; what checkpoint_best and early stopping follow).
         patch_pseudo_dice: Dice per foreground class on the sampled validation patches (foreground oversampled,
             so it flatters: kept for comparison; empty in older logs).
         mean_patch_pseudo_dice: Their mean.

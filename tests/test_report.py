@@ -13,11 +13,13 @@ import torch
 
 from automedseg.demo import make_demo_dataset
 from automedseg.model_selection import find_best
-from automedseg.overlays import overlay_slices
 from automedseg.pipeline import run_plan
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.postprocessing import Postprocessing
 from automedseg.report import collect_state, write_report
+from automedseg.report_render import _dice_limits
+from automedseg.report_sections import _boxplot_figure
+from automedseg.report_state import _cv_cases
 from automedseg.training import TrainOptions, train_fold
 from automedseg.workspace import Workspace
 
@@ -202,10 +204,28 @@ def test_cli_report(trained: tuple[Path, Workspace], tmp_path: Path) -> None:
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
 
 
-@pytest.mark.parametrize("gap, width", [(0, 3 * 10), (2, 3 * 10 + 2 * 2)])
-def test_overlay_slices_gap(gap: int, width: int) -> None:
-    image = np.random.default_rng(0).normal(size=(6, 8, 10)).astype(np.float32)
-    seg = np.zeros((6, 8, 10), np.uint8)
-    seg[1:5, 2:6, 2:7] = 1
-    rgb = overlay_slices(image, seg, reference=seg, n_slices=3, gap=gap)
-    assert rgb.shape == (8, width, 3)
+@pytest.mark.parametrize("values, lo, hi", [
+    ([0.97, 0.99], 0.94, 1.01),  # near 1: a narrow window, clamped at 1 (plus the pad)
+    ([1.0, 1.0], 0.94, 1.01),  # all equal: at least the minimum span
+    ([0.2, 0.9], 0.12, 0.98),  # 10 % margin each side
+    ([0.0, 1.0], -0.01, 1.01),  # the whole range
+    ([0.0, 0.01], -0.01, 0.06),
+    ([], -0.01, 1.01),  # nothing finite: the whole range
+    ([float("nan"), 0.5], 0.465, 0.535),
+])
+def test_dice_limits_scale_to_the_data(values: list[float], lo: float, hi: float) -> None:
+    assert _dice_limits(values) == pytest.approx((lo, hi))
+
+
+def test_boxplot_axes_are_scaled_to_the_cases(trained: tuple[Path, Workspace]) -> None:
+    _, ws = trained
+    state = collect_state(ws)
+    data = {name: _cv_cases(r, state.expected_folds) for name, r in state.configurations.items()}
+    fig = _boxplot_figure(state, data)
+    assert len(fig.axes) == len(state.labels)
+    for ax, label in zip(fig.axes, state.labels):
+        dice = [(c["metrics"].get(str(label)) or {}).get("dice") for cases in data.values() for _, c in cases]
+        finite = [float(d) for d in dice if d is not None and np.isfinite(d)]
+        assert finite
+        assert ax.get_ylim() == pytest.approx(_dice_limits(finite))
+        assert ax.get_ylim()[0] <= min(finite) and ax.get_ylim()[1] >= max(finite)
