@@ -118,6 +118,26 @@ class ChosenPostprocessing:
                               keep_largest_labels=self.keep_largest_labels, min_voxels=dict(self.min_voxels),
                               dice_before=dict(self.dice_before), dice_after=dict(self.dice_after))
 
+    def describe(self) -> str:
+        """What was adopted, in words, with the cross-validation mean Dice before -> after (or why nothing was).
+
+        Example:
+            >>> ChosenPostprocessing(keep_largest_labels=(1,), dice_before={"mean": 0.9755},
+            ...                      dice_after={"mean": 0.983}).describe()
+            'keep the largest component of class(es) 1: mean Dice 0.9755 -> 0.9830'
+            >>> ChosenPostprocessing(dice_before={"mean": 0.9}, dice_after={"mean": 0.9}).describe()
+            'none adopted: no operation raised the mean Dice (0.9000)'
+        """
+        if self.error:
+            return f"none chosen: {self.error}"
+        before, after = self.dice_before.get("mean"), self.dice_after.get("mean")
+        operations = self.as_postprocessing().operations()
+        if not operations:
+            return "none adopted: no operation raised the mean Dice" + (f" ({before:.4f})" if before is not None
+                                                                         else "")
+        figures = f": mean Dice {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
+        return "; ".join(operations) + figures
+
     @classmethod
     def of(cls, choice: Postprocessing, file: Path) -> ChosenPostprocessing:
         """The summary of ``choice``, saved as ``file``."""
@@ -169,6 +189,25 @@ class FindBest:
     folds: Any = "all"
     missing: tuple[str, ...] = ()
     complete: bool | None = None
+
+    def summary(self) -> list[str]:
+        """The winner and its post-processing, one line each, as ``automedseg find-best`` prints them.
+
+        Example:
+            >>> for line in FindBest(BestChoice("2d", mean_dice=0.8, n_cases=10), "mean Dice over 10 cases").summary():
+            ...     print(line)
+            best: 2d (CV mean Dice 0.8000 on 10 cases; ranked by mean Dice over 10 cases)
+            post-processing: not chosen
+        """
+        b = self.best
+        dice = f"CV mean Dice {b.mean_dice:.4f}" if b.mean_dice is not None else "no CV Dice"
+        basis = f"; ranked by {self.ranking_basis}" if self.ranking_basis else ""
+        pp = b.postprocessing
+        if pp is None:
+            post = "not chosen"
+        else:
+            post = pp.describe() + (f" ({pp.file})" if pp.chosen and pp.file else "")
+        return [f"best: {b.configuration} ({dice} on {b.n_cases} cases{basis})", f"post-processing: {post}"]
 
 
 def find_best_path(ws: Workspace) -> Path:

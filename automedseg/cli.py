@@ -18,11 +18,14 @@ import click
 from automedseg.cli_support import (
     CommandGroup,
     calibration_cache_path,
+    cuda_available,
+    existing_workspace,
     fail,
     parse_duration,
     parse_fold,
     parse_numbers,
-    resolve_workspace,
+    planned_workspace,
+    require_folder,
     workspace_for,
 )
 
@@ -45,6 +48,7 @@ def main() -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel processes.")
 def check(dataset: Path, jobs: int) -> None:
     """Check a raw dataset folder and list every problem (exit 2 if any)."""
+    require_folder(dataset, "dataset folder")
     from automedseg.checks import check_dataset
 
     problems = check_dataset(dataset, jobs=jobs, progress=sys.stderr.isatty())
@@ -74,7 +78,7 @@ def check(dataset: Path, jobs: int) -> None:
 @click.option("--spacing-csv", type=click.Path(path_type=Path), default=None,
               help="CSV with the pixel spacing (mm) of each image (2D NIfTI output when it differs between images).")
 @click.option("--spacing-column", "spacing_columns", multiple=True,
-              help="Its spacing column (twice: y then x; default: the column named like spacing/pixel size).")
+              help="Its spacing column (repeatable: y then x; default: the column named like spacing/pixel size).")
 @click.option("--name-column", default=None, help="Its file name column (default: the one naming the images).")
 @click.option("--spacing-mm", default=None, help="Pixel spacing of every image in mm: Y[,X].")
 @click.option("--channel-names", default=None, help="Comma-separated channel names (default: image, or R,G,B).")
@@ -106,14 +110,17 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Work folder (default: DATASET/automedseg, or $AUTOMEDSEG_WORK_DIR/<name>).")
 @click.option("-c", "--configurations", multiple=True, type=click.Choice(DEFAULT_CONFIGS),
-              help="Configurations to plan and preprocess (default: all that apply).")
+              help="Configurations to plan and preprocess (repeatable; default: all that apply).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel processes.")
 @click.option("--device", default="auto", show_default=True,
               help="Plan for: auto, cpu, cuda, mps, or a nominal profile (reference-cpu-2core, reference-gpu-24g).")
-@click.option("--time-budget", default=None, help="Training wall-clock budget per fold, e.g. 30m or 2h.")
+@click.option("--time-budget", default=None,
+              help="Training wall-clock budget per fold, e.g. 30m or 2h (default: 30m on a CPU; on a GPU, none: "
+                   "nnU-Net's 1000 epochs x 250 iterations).")
 @click.option("--architecture", type=click.Choice(["plain_unet", "residual_unet"]), default="plain_unet",
-              show_default=True)
-@click.option("--seed", default=12345, show_default=True)
+              show_default=True, help="Encoder: plain conv blocks (nnU-Net's default) or residual blocks (ResEnc).")
+@click.option("--seed", default=12345, show_default=True,
+              help="Training seed written into the plan (weights, sampling, augmentation); not the folds' split.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for training (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Recompute the fingerprint and every cached case.")
@@ -135,12 +142,12 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     Trained configurations are kept as trained (`--replan CONFIG` plans one afresh); the machine's speed is
     timed once and cached (`--recalibrate` times it again), so the same inputs give the same plans.json.
     """
-    from automedseg.pipeline import run_plan
-
+    require_folder(dataset, "dataset folder")  # before the heavy imports: a wrong path is answered at once
     budget = parse_duration(time_budget)
     ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
     from automedseg.io import DatasetError
+    from automedseg.pipeline import run_plan
 
     try:
         plans = run_plan(dataset, ws, configurations=configurations or None, jobs=jobs, device=device,
@@ -165,17 +172,14 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
             _run_search(ws, dataset, name, n_trials=search_trials, seed=seed, threads=threads)
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @main.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
-@click.option("-c", "--configuration", default="3d_fullres", show_default=True)
-@click.option("-f", "--fold", "fold", default="0", show_default=True, help="Fold 0-4, or 'all'.")
+@click.option("-c", "--configuration", default="3d_fullres", show_default=True,
+              help="A configuration of plans.json: 2d, 3d_fullres, 3d_lowres, or one `automedseg search` added "
+                   "(2d_searched, 3d_fullres_searched, 3d_lowres_searched).")
+@click.option("-f", "--fold", "fold", default="0", show_default=True,
+              help="Fold 0-4, several comma-separated (0,1,2), or 'all'.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the plan's number of epochs.")
@@ -200,17 +204,14 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
           early_stopping: int | None, pretrained: Path | None, restart: bool, threads: int | None,
           workers: int | None, no_amp: bool, no_validate: bool, augment_on: str) -> None:
     """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
-    from automedseg.training import TrainOptions, train_fold
-
-    if work_dir is None and not Path(dataset).is_dir():
-        fail([f"{dataset}: dataset folder does not exist"])
-    ws = workspace_for(dataset, work_dir)
-    if not ws.plans_path.is_file():
-        fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    if work_dir is None:
+        require_folder(dataset, "dataset folder")
+    ws = planned_workspace(dataset, work_dir)
     folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
+    from automedseg.training import TrainOptions, train_fold
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and (device == "cuda" or (device is None and _cuda_available())):
+    if distributed and (device == "cuda" or (device is None and cuda_available())):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     is_main = int(os.environ.get("RANK", "0")) == 0
     options = TrainOptions(
@@ -233,15 +234,18 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 @click.option("-i", "--input", "input_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of images (nnU-Net _0000 files or one, possibly 4D, file per case) or of DICOM series "
                    "(one per subfolder).")
-@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for the masks, one per case named as the case (created; existing masks are kept "
+                   "unless --overwrite).")
 @click.option("-d", "--dataset", "target", default=None, type=click.Path(path_type=Path),
               help="The dataset folder (its work folder is used), a work folder or an imported model folder.")
 @click.option("--model", type=click.Path(path_type=Path), default=None,
               help="A model bundle (.zip from `automedseg export`), verified before use; instead of -d.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Work folder of DATASET when not the default (as for plan).")
 @click.option("-c", "--configuration", default=None,
               help="Configuration, or an ensemble like 2d+3d_fullres (default: find_best.json's choice).")
-@click.option("-f", "--folds", multiple=True, help="Folds to ensemble (default: all trained).")
+@click.option("-f", "--folds", multiple=True, help="Folds to ensemble, repeatable: -f 0 -f 1 (default: all trained).")
 @click.option("--step", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Tile step as a fraction of the patch, in (0, 1].")
 @click.option("--no-mirror", is_flag=True, help="Disable test-time mirroring.")
@@ -249,7 +253,8 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 @click.option("--save-probabilities", is_flag=True, help="Also write class probabilities (.npz).")
 @click.option("--overlays", is_flag=True, help="Write PNG overlays of a few slices per case.")
 @click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+              help="Default: CUDA if present, else MPS, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
 @click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the cases over this many workers ...")
@@ -267,6 +272,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
     if (target is None) == (model is None) or (model is not None and work_dir is not None):
         fail(["predict: name the model with -d DATASET [--work-dir WORK] or with --model MODEL.zip, one of them"])
+    ws = existing_workspace(target, work_dir, hint="train a model first") if target is not None else None
+    require_folder(input_dir, "input folder")
     from automedseg.prediction import run_predict, run_predict_model
 
     options = dict(folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
@@ -275,18 +282,14 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
                    num_parts=num_parts, part_id=part_id, log=click.echo, case_log=lambda m: click.echo(m, err=True),
                    engine=engine, amp=not no_amp, output_format=output_format)
     try:
-        if model is not None:
+        if ws is None:
             report = run_predict_model(model, input_dir, output_dir, configuration=configuration, **options)
         else:
-            ws = resolve_workspace(target, work_dir)
-            if not ws.root.is_dir():
-                fail([f"{target}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
             report = run_predict(ws, input_dir, output_dir, configuration=configuration, **options)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return
-    click.echo(f"{len(report.written)} written, {len(report.skipped_existing)} kept (exist), "
-               f"{len(report.failed)} failed; {report.seconds_per_case:.2f} s per case")
+    click.echo(report.summary())
     if report.failed:  # each named above; 2 when nothing could be predicted, 1 when some cases were
         sys.exit(2 if not report.written and not report.skipped_existing else 1)
 
@@ -307,7 +310,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
               help="Optuna RDB URL shared by all workers, e.g. postgresql://user:pw@host/db "
                    "(default: sqlite:///WORK/search/search.db).")
 @click.option("--study-name", default=None, help="Optuna study name (default: <dataset>_<configuration>).")
-@click.option("--pruner", type=click.Choice(["hyperband", "sha", "none"]), default="hyperband", show_default=True)
+@click.option("--pruner", type=click.Choice(["hyperband", "sha", "none"]), default="hyperband", show_default=True,
+              help="Stops lagging trials: Hyperband, successive halving, or none.")
 @click.option("--seed", default=12345, show_default=True, help="Sampler seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU.")
@@ -331,9 +335,7 @@ def search(dataset: Path, work_dir: Path | None, configuration: str, n_trials: i
     searched configuration is written only if it wins. Workers on other machines join with the same --storage
     and --study-name (and a copy of the work folder).
     """
-    ws = workspace_for(dataset, work_dir)
-    if not ws.plans_path.is_file():
-        fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    ws = planned_workspace(dataset, work_dir)
     _run_search(ws, dataset, configuration, n_trials=n_trials, time_budget_s=parse_duration(time_budget),
                 storage=storage, study_name=study_name, seed=seed, trial_budget_s=parse_duration(trial_budget),
                 pruner=pruner, device=device, threads=threads, keep_trial_files=keep_trial_files, confirm=confirm,
@@ -367,17 +369,19 @@ def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noq
 
 @main.command("find-best")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("-c", "--configurations", multiple=True, help="Candidates (default: every trained configuration).")
-@click.option("-f", "--folds", multiple=True, help="Restrict to these folds (default: all trained).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Work folder of DATASET when not the default (as for plan).")
+@click.option("-c", "--configurations", multiple=True,
+              help="Candidates, repeatable: -c 2d -c 3d_fullres (default: every trained configuration).")
+@click.option("-f", "--folds", multiple=True, help="Restrict to these folds, repeatable: -f 0 -f 1 (default: all).")
 @click.option("--no-ensembles", is_flag=True, help="Do not consider pairwise configuration ensembles.")
 @click.option("--no-postprocessing", is_flag=True, help="Do not choose post-processing for the winner.")
 def find_best_command(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], folds: tuple[str, ...],
                       no_ensembles: bool, no_postprocessing: bool) -> None:
     """Compare trained configurations and their ensembles on cross-validation; write find_best.json."""
+    ws = existing_workspace(dataset, work_dir, hint="train folds first")
     from automedseg.model_selection import find_best
 
-    ws = resolve_workspace(dataset, work_dir)
     try:
         result = find_best(ws, configurations=list(configurations) or None,
                            folds=[parse_fold(f) for f in folds] or None, ensembles=not no_ensembles,
@@ -385,18 +389,18 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
     except ValueError as e:
         fail([str(e)])
         return
-    best = result.best
-    click.echo(f"best: {best.configuration} (CV mean Dice {best.mean_dice:.4f} on {best.n_cases} cases)")
-    click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {best.predict_command}")
+    for line in result.summary():  # the winner and its post-processing, once each (find_best logs neither)
+        click.echo(line)
+    click.echo(f"written to {ws.root / 'find_best.json'}; predict with:\n  {result.best.predict_command}")
 
 
 @main.command("export")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The .zip to write.")
 @click.option("-c", "--configuration", default=None,
               help="Configuration or ensemble like 2d+3d_fullres (default: find_best.json's choice).")
-@click.option("-f", "--folds", multiple=True, help="Folds to export: -f 0 -f 1 or -f 0,1 (default: all trained).")
+@click.option("-f", "--folds", multiple=True, help="Folds to export, repeatable: -f 0 -f 1, or -f 0,1 (default: all).")
 @click.option("--onnx", is_flag=True, help="Add one ONNX graph and JSON sidecar per fold (needs automedseg[export]).")
 @click.option("--onnx-exporter", type=click.Choice(["auto", "dynamo", "legacy"]), default="auto", show_default=True,
               help="torch.onnx exporter (auto: dynamo when onnxscript is installed, else the TorchScript one).")
@@ -404,9 +408,7 @@ def find_best_command(dataset: Path, work_dir: Path | None, configurations: tupl
 def export_command(dataset: Path, work_dir: Path | None, output: Path, configuration: str | None,
                    folds: tuple[str, ...], onnx: bool, onnx_exporter: str, overwrite: bool) -> None:
     """Write a trained model as one self-contained zip (plans, weights, post-processing, CV figures, manifest)."""
-    ws = resolve_workspace(dataset, work_dir)
-    if not ws.root.is_dir():
-        fail([f"{dataset}: no work folder at {ws.root}; train a model first (or pass --work-dir)"])
+    ws = existing_workspace(dataset, work_dir, hint="train a model first")
     from automedseg.bundle_export import export_model
 
     fold_ids = [parse_fold(v) for f in folds for v in f.split(",")]
@@ -437,15 +439,17 @@ def import_model(bundle: Path, into: Path) -> None:
 
 
 @main.command()
-@click.argument("reference_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.argument("prediction_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--labels", multiple=True, type=int, help="Labels to score (default: all in the references).")
+@click.argument("reference_dir", type=click.Path(path_type=Path))
+@click.argument("prediction_dir", type=click.Path(path_type=Path))
+@click.option("--labels", multiple=True, type=int, help="Labels to score, repeatable (default: all in the references).")
 @click.option("--tolerance-mm", default=1.0, show_default=True, help="Tolerance of the normalised surface Dice.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Where the CSV/JSON go (default: PREDICTION_DIR).")
 def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...], tolerance_mm: float,
              output_dir: Path | None) -> None:
     """Score masks against references: Dice, IoU, precision, recall, HD95, ASSD, NSD, volume difference."""
+    require_folder(reference_dir, "reference folder")
+    require_folder(prediction_dir, "prediction folder")
     import warnings
 
     from automedseg.metrics import evaluate_folders
@@ -475,14 +479,10 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
               help="Where report.html, report.md and the figures go (default: WORK/report).")
 def report_command(dataset: Path, work_dir: Path | None, output_dir: Path | None) -> None:
     """Write report.html (self-contained) and report.md of everything trained so far; lists what is missing."""
+    ws = existing_workspace(dataset, work_dir, hint="run `automedseg plan` first")
     from automedseg.report import write_report
 
-    ws = resolve_workspace(dataset, work_dir)
-    try:
-        html_path = write_report(ws, output_dir)
-    except FileNotFoundError as e:
-        fail([str(e)])
-        return
+    html_path = write_report(ws, output_dir)
     click.echo(f"report: {html_path} and {html_path.with_name('report.md')}")
 
 

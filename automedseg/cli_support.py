@@ -11,8 +11,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from automedseg.workspace import Workspace
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -45,6 +49,13 @@ def workspace_for(dataset: Path, work_dir: Path | None):
     if work_dir is None and env:
         work_dir = Path(env) / Path(dataset).resolve().name
     return Workspace.for_dataset(dataset, work_dir)
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imports torch: call it only when about to train)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def calibration_cache_path() -> Path:
@@ -140,3 +151,60 @@ def resolve_workspace(target: Path, work_dir: Path | None):
     if work_dir is None and (Path(target) / "plans.json").is_file():
         return Workspace(Path(target))
     return workspace_for(target, work_dir)
+
+
+def require_folder(path: Path, what: str, *, hint: str = "") -> None:
+    """Exit with status 2 and one line naming ``path`` when it is not an existing folder.
+
+    Commands call it before their heavy imports, so a mistyped path is answered at once.
+
+    Args:
+        path: The folder an argument names.
+        what: What it should be, e.g. ``"dataset folder"``.
+        hint: What to do instead, appended after ``"; "``.
+
+    Example:
+        >>> require_folder(Path("/"), "dataset folder")  # exists: returns
+    """
+    path = Path(path)
+    if path.is_dir():
+        return
+    problem = f"{what} does not exist" if not path.exists() else f"is not a {what} (it is a file)"
+    fail([f"{path}: {problem}" + (f"; {hint}" if hint else "")])
+
+
+def existing_workspace(target: Path, work_dir: Path | None, *, hint: str) -> Workspace:
+    """:func:`resolve_workspace` for the commands that read a work folder (predict, find-best, export, report).
+
+    When the work folder is not there, exits with status 2 and says first which argument names no folder:
+    ``--work-dir``, then ``TARGET`` (a dataset or work folder), else that ``TARGET`` has no work folder yet.
+
+    Args:
+        target: The dataset folder, a work folder or an imported model folder.
+        work_dir: ``--work-dir``, if given.
+        hint: What to do when ``TARGET`` exists but has no work folder, e.g. ``"train a model first"``.
+    """
+    if work_dir is not None:
+        require_folder(work_dir, "work folder")
+    ws = resolve_workspace(target, work_dir)
+    if ws.root.is_dir():
+        return ws
+    require_folder(target, "dataset or work folder")
+    fail([f"{target}: no work folder at {ws.root}; {hint} (or pass --work-dir)"])
+    return ws
+
+
+def planned_workspace(dataset: Path, work_dir: Path | None) -> Workspace:
+    """The work folder of train and search, which must hold ``plans.json``; exits with status 2 otherwise.
+
+    A missing ``--work-dir`` or dataset folder is named first, then a work folder without a plan.
+    """
+    ws = workspace_for(dataset, work_dir)
+    if ws.plans_path.is_file():
+        return ws
+    if work_dir is not None:
+        require_folder(work_dir, "work folder", hint=f"run `automedseg plan {dataset} --work-dir {work_dir}` first")
+    else:
+        require_folder(dataset, "dataset folder")
+    fail([f"{ws.plans_path}: no plan yet; run `automedseg plan {dataset}` first"])
+    return ws

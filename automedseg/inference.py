@@ -235,6 +235,16 @@ class FolderReport:
     failed: dict[str, str]
     seconds_per_case: float
 
+    def summary(self) -> str:
+        """The counts in one line, as ``automedseg predict`` and ``automedseg demo`` print them.
+
+        Example:
+            >>> FolderReport(["a"], ["b", "c"], {}, 0.5).summary()
+            '1 written, 2 kept (exist), 0 failed; 0.50 s per case'
+        """
+        return (f"{len(self.written)} written, {len(self.skipped_existing)} kept (exist), {len(self.failed)} failed; "
+                f"{self.seconds_per_case:.2f} s per case")
+
 
 def find_folds(configuration_dir: Path, folds: Sequence[int | str] | None = None) -> list[Path]:
     """Trained fold folders of a configuration (those with a checkpoint), optionally a subset."""

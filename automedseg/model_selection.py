@@ -295,11 +295,9 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
         configurations=configs, folds=[str(f) for f in folds] if folds is not None else "all",
         missing=tuple(missing), complete=not missing and all(r["complete"] for r in scored))
     write_find_best(find_best_path(ws), result)
-    if log is not None:
-        log(f"find-best: best {best['name']} (mean Dice {best['mean_dice']:.4f}); {basis}")
+    if log is not None:  # the winner, its post-processing and the predict command: FindBest.summary() and the caller
         for line in missing:
             log(f"find-best: missing: {line}")
-        log(f"find-best: predict with: {best_entry.predict_command}")
     return result
 
 

@@ -137,7 +137,7 @@ def _plan_locked(spec: DatasetSpec, ws: Workspace, profile: DeviceProfile, *, co
 def run_demo(out: Path, *, n_cases: int = 24, n_test: int = 4, time_budget_s: float | None = 120.0,
              jobs: int = 2, threads: int | None = None, calibration_cache: Path | None = None,
              progress: bool = True, log: Log = print) -> dict:
-    """Generate the demo dataset under ``out`` and run plan -> train -> predict -> evaluate on it.
+    """Generate the demo dataset under ``out``, run plan -> train -> predict -> evaluate on it, write the report.
 
     Running it again re-plans nothing (the calibration is cached, the trained configuration kept), retrains
     nothing (the fold is trained) and keeps the predictions, so the figures are the same.
@@ -160,6 +160,7 @@ def run_demo(out: Path, *, n_cases: int = 24, n_test: int = 4, time_budget_s: fl
     from automedseg.demo import make_demo_dataset
     from automedseg.inference import find_folds, predict_folder
     from automedseg.metrics import evaluate_folders
+    from automedseg.report import write_report
     from automedseg.trained import check_folds_match
     from automedseg.training import TrainOptions, train_fold
 
@@ -181,8 +182,7 @@ def run_demo(out: Path, *, n_cases: int = 24, n_test: int = 4, time_budget_s: fl
     folds = find_folds(ws.configuration_dir("3d_fullres"), [0])
     check_folds_match(ws, "3d_fullres", folds)
     report = predict_folder(dataset / "imagesTs", pred_dir, [folds], overlays=True, log=log)
-    log(f"   {len(report.written)} predicted, {len(report.skipped_existing)} kept (exist), "
-        f"{report.seconds_per_case:.2f} s per case -> {pred_dir}")
+    log(f"   {report.summary()} -> {pred_dir}")
     log("== evaluate against labelsTs")
     summary = evaluate_folders(dataset / "labelsTs", pred_dir, output_dir=ws.root / "evaluation_imagesTs")
     for label, m in summary["per_label"].items():
@@ -190,4 +190,7 @@ def run_demo(out: Path, *, n_cases: int = 24, n_test: int = 4, time_budget_s: fl
     val = result.validation or {}
     log(f"done: fold-0 validation Dice {val.get('mean_dice') or float('nan'):.3f}; test Dice "
         f"{summary['foreground_mean']['dice']:.3f}; everything is in {ws.root}")
+    log("== report")
+    html_path = write_report(ws)
+    log(f"report: {html_path} and {html_path.with_name('report.md')}")
     return summary

@@ -8,8 +8,10 @@ Layout::
       preprocessed/<data_id>/       cache: <case>.npy, <case>_seg.npy, <case>_locs.npz, <case>.json
       splits.json                   the 5-fold cross-validation split (first automedseg train)
       <configuration>/fold_<K>/     checkpoints, log, plan copy, validation outputs (automedseg train)
-      <configuration>/postprocessing.json   post-processing chosen on cross-validation
+      <configuration>/postprocessing.json   post-processing chosen on cross-validation (automedseg find-best)
+      postprocessing_<A+B>.json     the same for an ensemble
       find_best.json                best configuration / ensemble (automedseg find-best)
+      report/                       report.html, report.md, fig_*.png (automedseg report, automedseg demo)
 
 Paths are passed explicitly as a :class:`Workspace`; only the CLI reads the ``AUTOMEDSEG_WORK_DIR``
 environment variable.

@@ -103,3 +103,23 @@ def test_unreadable_or_missing_find_best(tmp_path: Path) -> None:
         read_find_best(path)
     with pytest.raises(FileNotFoundError):
         read_find_best(tmp_path / "absent.json")
+
+
+
+def test_summary_names_the_winner_and_its_postprocessing_with_before_and_after() -> None:
+    pp = ChosenPostprocessing(**{**PP_SUMMARY, "keep_largest_labels": (2,)})
+    ops = ("keep the largest foreground component; keep the largest component of class(es) 2; "
+           "remove components of class 1 smaller than 12 voxels")
+    assert pp.describe() == f"{ops}: mean Dice 0.8000 -> 0.8200"
+    result = FindBest(BestChoice("2d+3d_fullres", mean_dice=0.8, n_cases=4, postprocessing=pp),
+                      ranking_basis="mean Dice over all 4 cross-validation cases")
+    assert result.summary() == [
+        "best: 2d+3d_fullres (CV mean Dice 0.8000 on 4 cases; ranked by mean Dice over all 4 cross-validation cases)",
+        f"post-processing: {ops}: mean Dice 0.8000 -> 0.8200 (/w/postprocessing_2d+3d_fullres.json)"]
+    none = ChosenPostprocessing(file="/w/p.json", dice_before={"1": 0.9, "mean": 0.9},
+                                dice_after={"1": 0.9, "mean": 0.9})
+    assert none.describe() == "none adopted: no operation raised the mean Dice (0.9000)"
+    failed = ChosenPostprocessing(error="no validation outputs")
+    assert FindBest(BestChoice("2d", postprocessing=failed)).summary() == [
+        "best: 2d (no CV Dice on 0 cases)", "post-processing: none chosen: no validation outputs"]
+    assert FindBest(BestChoice("2d", mean_dice=0.5, n_cases=1)).summary()[1] == "post-processing: not chosen"

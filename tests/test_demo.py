@@ -1,4 +1,5 @@
-"""``automedseg demo`` run twice: the second run re-plans nothing, retrains nothing and reports the same figures."""
+"""``automedseg demo`` run twice: the second run re-plans nothing, retrains nothing and reports the same figures;
+each run prints the prediction counts as ``predict`` does and ends with the report's path."""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
     assert "keeping 3d_fullres as trained" in text and "a fresh plan is the same" in text
     assert "already trained" in text and not any(line.startswith("epoch ") for line in second_log)  # retrains nothing
     assert _hashes(work / "3d_fullres" / "fold_0", "checkpoint_*.pt") == fold
-    assert _hashes(work / "predictions_imagesTs", "**/*") == predictions and "1 kept (exist)" in text
+    assert _hashes(work / "predictions_imagesTs", "**/*") == predictions
+    # the counts as `automedseg predict` prints them
+    assert any(line.startswith("   1 written, 0 kept (exist), 0 failed; ") for line in first_log), first_log
+    assert any(line.startswith("   0 written, 1 kept (exist), 0 failed; ") for line in second_log), second_log
     assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)  # the same figures
-    assert second_log[-1] == first_log[-1]  # "done: fold-0 validation Dice ...; test Dice ..."
+    done = [line for line in first_log if line.startswith("done: ")]
+    assert len(done) == 1 and done == [line for line in second_log if line.startswith("done: ")]
+    # it ends by writing the report and saying where
+    report = work / "report" / "report.html"
+    assert report.is_file()
+    assert first_log[-1] == second_log[-1] == f"report: {report} and {report.with_name('report.md')}"

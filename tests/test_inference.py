@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from automedseg.inference import (
+    FolderReport,
     LoadedFold,
     gaussian_importance,
     load_fold,
@@ -231,3 +232,9 @@ def test_autocast_context_follows_the_precision(precision: str, dtype: torch.dty
     with inf.autocast_context(torch.device("cpu"), precision=precision):
         got = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     assert got == dtype
+
+
+def test_folder_report_summary_is_the_line_predict_and_demo_print() -> None:
+    report = FolderReport(written=[], skipped_existing=["a", "b", "c", "d"], failed={"e": "unreadable"},
+                          seconds_per_case=0.123)
+    assert report.summary() == "0 written, 4 kept (exist), 1 failed; 0.12 s per case"
