@@ -209,7 +209,9 @@ def fit_schedule(plans: Plans, config: ConfigurationPlan, budget_s: float | None
     if budget_s is None:
         return config
     step_s = step_seconds(config.network, config.patch_size, batch=config.batch_size, dims=config.dims,
-                          in_channels=len(plans.channel_names), num_classes=plans.num_classes, device=plans.device)
+                          in_channels=len(plans.channel_names), num_classes=plans.num_classes, device=plans.device,
+                          workers=config.training.num_workers, augment_on_device=config.training.augment_on_device,
+                          augmentation=config.augmentation)
     if trial_epochs is not None:
         epochs, ipe, val = schedule_for_budget(step_s, budget_s, fixed_epochs=trial_epochs,
                                                max_val_iterations=config.training.val_iterations)
