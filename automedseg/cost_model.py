@@ -49,16 +49,14 @@ STEP_LATENCY_S = 0.01  # per step, whatever its size (launches, the optimizer's 
 # 56x40: 362 GFLOP/s vs 3D width 24: 441 GFLOP/s at a calibrated 800 vs 1000 GFLOP/s; see train_speed). Used only
 # for profiles without their own 2D timing (``gflops_by_width_2d``).
 CPU_2D_CONV_EFFICIENCY = 0.6
-# Wall seconds a CPU training step loses per CPU second of the augmentation worker that shares its cores (the
-# worker, at a higher nice value, preempts one training thread and the others wait for it at the next barrier:
-# about 1, plus the switches). Fitted on the two 2-core runs on record, minimising the larger relative error:
-# hippocampus 3d_fullres (width 24, batch 2, 40x56x40, bf16, Xeon): 0.271 s/step without data
-# (benchmarks/results/train_speed.md) vs ~0.40 s/iteration in training (quality_budget.md: 220 iterations in
-# ~90 s epochs, ~2 s of them validation); openkbp_hn_ct 3d_fullres (width 16, batch 2, 32x32x40, EPYC):
-# planned 0.21 s/iteration without data, trained 0.204 (shared_datasets.md). The worker's CPU time per batch,
-# from calibrate_data_throughput on a 2-core EPYC (windows 2.0e8 voxels/s, 3D augmentation 5.5e6 voxels/s):
-# 0.045 s and 0.021 s. Each run alone asks for 2.9 and for below 0; 1.4 leaves both within 17 %.
-CPU_AUGMENT_SHARE = 1.4
+# Wall seconds a CPU training step loses per CPU second of the augmentation worker that shares its cores. A fit
+# on two runs (hippocampus on a Xeon, openkbp on an EPYC) once gave 1.4; the six 20-minute folds of
+# benchmarks/results/shared_datasets.md (AMD EPYC, 2 threads, 2026-11-30, 0.4-0.7 cores taken by other processes)
+# then trained at 0.19-0.24 s/iteration where the network-only estimate said 0.26-0.29 (openkbp 2d: 0.317 vs
+# 0.290): the network part already over-estimates the step on this CPU, and adding the worker's time moved five
+# of six estimates further from the measurement (and shrank the 3D patches). So 0 until a calibration that times
+# a real step with its data pipeline (issue #19, item 3) replaces both; the data figures still decide GPU plans.
+CPU_AUGMENT_SHARE = 0.0
 MAX_DATA_WORKERS = 12
 
 
