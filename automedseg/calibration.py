@@ -1,7 +1,9 @@
 """The machine's speed calibration: measured once, cached with its provenance, reused, so plans stay put.
 
-The planner's cost model needs the training throughput of this machine's convolutions
-(:func:`automedseg.planning.calibrate_conv_gflops`). A timing is noisy (about +-10 % between runs on an idle
+The planner's cost model (:mod:`automedseg.cost_model`) needs the training throughput of this machine's 3D and 2D
+convolutions (:func:`automedseg.planning.calibrate_conv_gflops`) and of one CPU data worker
+(:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
+second of the worker's CPU time). A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
 made from a fresh timing every time flips between runs. So:
 
@@ -19,8 +21,12 @@ made from a fresh timing every time flips between runs. So:
   (or a faster one beyond the hysteresis), so it only ever moves towards the idle machine's speed.
 * **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
   the cached one: timing noise never changes a plan; a real change of the machine replaces it.
-* **Quantised.** The planner sees each throughput rounded to a geometric grid (:func:`quantise_gflops`,
-  four steps per doubling), so no noisy digits reach ``plans.json``.
+* **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
+  (:func:`quantise_gflops`, four steps per doubling), so no noisy digits reach ``plans.json``.
+* **Older cache entries are completed.** An entry written before the 2D convolutions and the data pipeline were
+  timed still loads (the cache's ``schema_version`` stays 1: the new fields are optional); the next ``plan``
+  times the machine once more, keeps the cached 3D figures under the hysteresis rule and caches the completed
+  entry.
 
 ``plans.json`` records which calibration it was planned with (:class:`CalibrationProvenance`: where and
 when it was measured), never a raw timing, so re-plans are byte-identical. Nothing here reads environment
@@ -77,21 +83,48 @@ class Calibration:
     Attributes:
         provenance: What was measured, where and when.
         memory_gib: Host memory (CPU: ``MemTotal``) or GPU memory, GiB.
-        gflops_by_width: ``(feature width, GFLOP/s)`` as measured (best window), before quantisation.
-        cpu_share: Share of the CPU its threads asked for that the process was granted during the timing
-            (``None``: not judged).
+        gflops_by_width: ``(feature width, GFLOP/s)`` of a 3D convolution as measured (best window), before
+            quantisation.
+        cpu_share: Share of the CPU its threads asked for that the process was granted during the
+            convolution timings (``None``: not judged).
+        gflops_by_width_2d: The same for a 2D convolution (empty in caches written before it was timed).
+        window_voxels_per_s: Sampling-window voxels one CPU data worker reads per CPU second (``None`` in
+            caches written before the data pipeline was timed).
+        augment_voxels_per_s: ``(dims, voxels/s)``: patch voxels one CPU data worker augments per CPU second.
     """
 
     provenance: CalibrationProvenance
     memory_gib: float
     gflops_by_width: tuple[tuple[int, float], ...]
     cpu_share: float | None = None
+    gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
+    window_voxels_per_s: float | None = None
+    augment_voxels_per_s: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.gflops_by_width or any(not (g > 0 and math.isfinite(g)) for _, g in self.gflops_by_width):
+        if not self.gflops_by_width:
             raise PlanError("gflops_by_width must hold positive throughputs")
+        if any(not (g > 0 and math.isfinite(g)) for g in _throughputs(self).values()):
+            raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s and augment_voxels_per_s "
+                            "must hold positive throughputs")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
+
+    @property
+    def complete(self) -> bool:
+        """Every part is timed (a cache entry of an older automedseg lacks the 2D and data timings)."""
+        return bool(self.gflops_by_width_2d) and self.window_voxels_per_s is not None and bool(
+            self.augment_voxels_per_s)
+
+
+def _throughputs(cal: Calibration) -> dict[str, float]:
+    """Every throughput of a calibration by name, e.g. ``3d width 32`` or ``augment 2d``."""
+    out = {f"3d width {w}": g for w, g in cal.gflops_by_width}
+    out.update({f"2d width {w}": g for w, g in cal.gflops_by_width_2d})
+    if cal.window_voxels_per_s is not None:
+        out["windows"] = cal.window_voxels_per_s
+    out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
+    return out
 
 
 @dataclass(frozen=True)
@@ -230,14 +263,22 @@ def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
 
 
 def _time_once(machine: _Machine) -> Calibration:
-    """One calibration timing, with the CPU share the process was granted meanwhile."""
-    from automedseg import planning
+    """One calibration timing, with the CPU share the process was granted meanwhile.
+
+    The convolutions (3D, then 2D) are timed by wall clock in a window judged for load; the data pipeline
+    after it, by the CPU time of one thread (:func:`automedseg.calibration_timing.calibrate_data_throughput`),
+    which load barely changes.
+    """
+    from automedseg import calibration_timing, planning
 
     threads = machine.threads if machine.kind == "cpu" else None
     before, t0 = cpu_usage(), time.perf_counter()
     gflops = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                             window_s=TIMING_WINDOW_S)
+    gflops_2d = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
+                                               window_s=TIMING_WINDOW_S, dims=2)
     wall, after = time.perf_counter() - t0, cpu_usage()
+    data = calibration_timing.calibrate_data_throughput()
     share, threshold = granted_share(before, after, wall_s=wall, threads=machine.threads)
     loaded = machine.kind == "cpu" and share is not None and share < threshold
     provenance = CalibrationProvenance(
@@ -245,22 +286,46 @@ def _time_once(machine: _Machine) -> Calibration:
         precision=machine.precision, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         under_load=loaded)
     return Calibration(provenance, machine.memory_gib, tuple((int(w), float(g)) for w, g in gflops),
-                       share if machine.kind == "cpu" else None)
+                       share if machine.kind == "cpu" else None,
+                       gflops_by_width_2d=tuple((int(w), float(g)) for w, g in gflops_2d),
+                       window_voxels_per_s=float(data.window_voxels_per_s),
+                       augment_voxels_per_s=tuple((int(d), float(v)) for d, v in data.augment_voxels_per_s))
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
-    """Per width the faster of two timings (load only ever slows a timing down)."""
-    widths = dict(a.gflops_by_width)
-    best = tuple((w, max(g, widths.get(w, g))) for w, g in b.gflops_by_width)
+    """Per throughput the faster of two timings (load only ever slows a timing down)."""
+    def best(pairs_a: tuple[tuple[int, float], ...], pairs_b: tuple[tuple[int, float], ...]
+             ) -> tuple[tuple[int, float], ...]:
+        seen = dict(pairs_a)
+        return tuple((k, max(v, seen.get(k, v))) for k, v in pairs_b)
+
     share = max((s for s in (a.cpu_share, b.cpu_share) if s is not None), default=None)
-    return dataclasses.replace(b, gflops_by_width=best, cpu_share=share)
+    windows = max((v for v in (a.window_voxels_per_s, b.window_voxels_per_s) if v is not None), default=None)
+    return dataclasses.replace(b, gflops_by_width=best(a.gflops_by_width, b.gflops_by_width), cpu_share=share,
+                               gflops_by_width_2d=best(a.gflops_by_width_2d, b.gflops_by_width_2d),
+                               window_voxels_per_s=windows,
+                               augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s))
 
 
 def _ratio(new: Calibration, old: Calibration) -> float:
-    """The largest factor (>= 1) by which a width's throughput differs between two calibrations."""
-    old_w = dict(old.gflops_by_width)
-    ratios = [max(g / old_w[w], old_w[w] / g) for w, g in new.gflops_by_width if w in old_w]
-    return max(ratios) if len(ratios) == len(old_w) else math.inf
+    """The largest factor (>= 1) by which a throughput differs between two calibrations.
+
+    Throughputs the old calibration lacks (an older cache entry) are not compared; one the new lacks is an
+    infinite difference.
+    """
+    old_t, new_t = _throughputs(old), _throughputs(new)
+    if set(old_t) - set(new_t):
+        return math.inf
+    return max(max(new_t[k] / v, v / new_t[k]) for k, v in old_t.items())
+
+
+def _completed(cached: Calibration, new: Calibration) -> Calibration:
+    """A cached calibration with the parts it lacks (an older automedseg did not time them) taken from ``new``."""
+    return dataclasses.replace(
+        cached, gflops_by_width_2d=cached.gflops_by_width_2d or new.gflops_by_width_2d,
+        window_voxels_per_s=cached.window_voxels_per_s if cached.window_voxels_per_s is not None
+        else new.window_voxels_per_s,
+        augment_voxels_per_s=cached.augment_voxels_per_s or new.augment_voxels_per_s)
 
 
 def _geomean(cal: Calibration) -> float:
@@ -324,11 +389,14 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
     key = CalibrationProvenance(machine.kind, machine.device, machine.threads, machine.torch_version,
                                 machine.precision, "").key
     cached = cache.calibrations.get(key)
-    if cached is not None and not recalibrate and not cached.provenance.under_load:
+    if cached is not None and not recalibrate and not cached.provenance.under_load and cached.complete:
         log(f"calibration: reusing {cached.provenance.describe()} from {cache_path} "
             "(`automedseg plan --recalibrate` measures again)")
         return cached
-    if cached is not None and not recalibrate:
+    if cached is not None and not recalibrate and not cached.complete:
+        log(f"calibration: the cached one ({cached.provenance.describe()}) has no 2D convolution or data pipeline "
+            "timing (an older automedseg): timing again")
+    elif cached is not None and not recalibrate:
         log(f"calibration: the cached one ({cached.provenance.describe()}) is provisional: timing again")
     attempts = 1 if cached is not None else LOADED_ATTEMPTS
     new = _time_once(machine)
@@ -340,21 +408,32 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
     if chosen is new:
         granted = f" (the process got {_share_text(new)} of the CPU it asked for)" if new.cpu_share is not None else ""
         log(f"calibration: measured {new.provenance.describe()}{granted}")
-        if cache_path is not None:
-            calibrations = {**cache.calibrations, key: new}
-            write_calibration_cache(cache_path, CalibrationCache(dict(sorted(calibrations.items()))))
-            log(f"calibration: cached in {cache_path}")
+    elif not chosen.complete and not new.provenance.under_load:  # (under load: timed again by the next plan)
+        chosen = _completed(chosen, new)
+        log(f"calibration: the 2D convolution and data pipeline timings added to the calibration of "
+            f"{chosen.provenance.measured_at}")
+    if chosen is not cached and cache_path is not None:
+        calibrations = {**cache.calibrations, key: chosen}
+        write_calibration_cache(cache_path, CalibrationCache(dict(sorted(calibrations.items()))))
+        log(f"calibration: cached in {cache_path}")
     return chosen
 
 
 def profile_from(calibration: Calibration) -> DeviceProfile:
-    """The planner's device profile of a calibration: throughputs quantised, provenance attached."""
+    """The planner's device profile of a calibration: throughputs (GFLOP/s, voxels/s) quantised, provenance attached.
+
+    Parts an older cache entry lacks stay absent (the cost model then falls back, see :mod:`automedseg.cost_model`).
+    """
     p = calibration.provenance
     return DeviceProfile(
         kind=p.kind, name=f"{p.device}, {p.threads} threads" if p.kind == "cpu" else p.device,
         cpu_threads=p.threads, memory_gib=calibration.memory_gib,
         gflops_by_width=tuple((w, quantise_gflops(g)) for w, g in calibration.gflops_by_width),
         measured=True, calibration=p,
+        gflops_by_width_2d=tuple((w, quantise_gflops(g)) for w, g in calibration.gflops_by_width_2d) or None,
+        window_voxels_per_s=None if calibration.window_voxels_per_s is None
+        else quantise_gflops(calibration.window_voxels_per_s),
+        augment_voxels_per_s=tuple((d, quantise_gflops(v)) for d, v in calibration.augment_voxels_per_s) or None,
     )
 
 

@@ -21,6 +21,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from automedseg import __version__
+from automedseg.calibration_timing import (  # noqa: F401  (re-exported)
+    CALIBRATION_WIDTHS,
+    calibrate_conv_gflops,
+    calibrate_data_throughput,
+)
+from automedseg.cost_model import (  # noqa: F401  (re-exported)
+    CPU_2D_CONV_EFFICIENCY,
+    CPU_STEP_OVERHEAD,
+    StepEstimate,
+    activation_bytes,
+    data_workers,
+    estimate_step,
+    step_seconds,
+    widen_for_data,
+)
 from automedseg.fingerprint_types import Fingerprint
 from automedseg.lateral import class_centroids, mirror_confusions
 from automedseg.machine import cpu_model_name, host_memory_gib
@@ -63,20 +78,17 @@ DEFAULT_CPU_BUDGET_S = 30 * 60.0
 GPU_DEFAULT_EPOCHS = 1000
 MIN_ITERATIONS = 4000  # below this the planner trades width, then batch, then patch for more steps
 DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels (nnU-Net)
-# Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
-CPU_STEP_OVERHEAD = 1.6
-# 2D convolutions reach ~60% of the 3D calibration's throughput on CPU (measured: 2D U-Net, width 32, batch 92,
-# 56x40: 362 GFLOP/s vs 3D width 24: 441 GFLOP/s at a calibrated 800 vs 1000 GFLOP/s; see train_speed).
-CPU_2D_CONV_EFFICIENCY = 0.6
 SHORTEST_USEFUL_STEP_S = 0.1
 WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
-CALIBRATION_WIDTHS = (8, 16, 32, 64)
+DATA_BOUND_WIDTHS = (40, 48, 64)  # wider than nnU-Net's 32, for a device that would otherwise wait for data
 
-# Nominal profiles for planning a machine that is not this one (plans/ examples, tests).
+# Nominal profiles for planning a machine that is not this one (plans/ examples, tests). The CPU's data figures
+# are calibrate_data_throughput's on a 2-core EPYC; the GPU's data pipeline is not modelled (its host is unknown).
 NOMINAL_PROFILES: dict[str, DeviceProfile] = {
     "reference-cpu-2core": DeviceProfile(
         kind="cpu", name="nominal 2-core AVX-512 CPU", cpu_threads=2, memory_gib=23.0,
         gflops_by_width=((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0)), measured=False,
+        window_voxels_per_s=2.0e8, augment_voxels_per_s=((2, 6.0e6), (3, 5.5e6)),
     ),
     "reference-gpu-24g": DeviceProfile(
         kind="cuda", name="nominal 24 GiB CUDA GPU", cpu_threads=12, memory_gib=24.0,
@@ -86,54 +98,6 @@ NOMINAL_PROFILES: dict[str, DeviceProfile] = {
 
 
 # --- device ---------------------------------------------------------------------------------------
-
-
-def calibrate_conv_gflops(*, device: str, widths: Sequence[int] = CALIBRATION_WIDTHS, threads: int | None = None,
-                          windows: int = 2, window_s: float = 0.15) -> tuple[tuple[int, float], ...]:
-    """Time a 3x3x3 convolution forward+backward at a few widths; one to three seconds in all by default.
-
-    Each width is timed in ``windows`` windows of about ``window_s`` seconds (at most 50 steps) and the
-    fastest counts: a busy moment of the machine is not the device's speed.
-
-    Uses the precision training uses (:func:`automedseg.device.autocast_context`: bf16 on CPUs with
-    native bf16, fp32 on other CPUs, fp16 AMP on CUDA) and channels-last.
-    """
-    import time
-
-    import torch
-
-    from automedseg.device import autocast_context
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    dev = torch.device(device)
-    out = []
-    for w in widths:
-        side = (20, 24, 24) if dev.type == "cpu" else (64, 64, 64)
-        x = torch.randn(2, w, *side, device=dev).to(memory_format=torch.channels_last_3d).requires_grad_(True)
-        conv = torch.nn.Conv3d(w, w, 3, padding=1).to(dev).to(memory_format=torch.channels_last_3d)
-
-        def step(conv: torch.nn.Module = conv, x: torch.Tensor = x) -> None:
-            with autocast_context(dev, True):
-                y = conv(x)
-            y.float().sum().backward()
-
-        step()
-        step()  # the first calls in a process pick kernels and allocate: not timed
-        seconds = math.inf
-        for _ in range(windows):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            n, t0 = 0, time.perf_counter()
-            while n < 2 or (time.perf_counter() - t0 < window_s and n < 50):
-                step()
-                n += 1
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = min(seconds, (time.perf_counter() - t0) / n)
-        flops = 3 * 2 * w * w * 27 * 2 * math.prod(side)
-        out.append((int(w), float(f"{flops / seconds / 1e9:.2g}")))
-    return tuple(out)
 
 
 def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceProfile:
@@ -159,19 +123,24 @@ def measure_device(kind: str = "auto", *, threads: int | None = None) -> DeviceP
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda: no CUDA device here; plan with --device reference-gpu-24g instead")
         props = torch.cuda.get_device_properties(0)
-        return DeviceProfile(
-            kind="cuda", name=props.name, cpu_threads=os.cpu_count() or 1,
-            memory_gib=round(props.total_memory / 2**30, 1), gflops_by_width=calibrate_conv_gflops(device="cuda"),
-        )
+        return _timed_profile("cuda", props.name, os.cpu_count() or 1, round(props.total_memory / 2**30, 1), None)
     if kind == "mps":
         return DeviceProfile(kind="mps", name="Apple MPS", cpu_threads=os.cpu_count() or 1,
                              memory_gib=host_memory_gib(), gflops_by_width=((8, 200.0), (64, 2000.0)))
     if kind != "cpu":
         raise ValueError(f"unknown device {kind!r}; use cpu, cuda, mps or one of {sorted(NOMINAL_PROFILES)}")
     n = threads or os.cpu_count() or 1
+    return _timed_profile("cpu", f"{cpu_model_name()}, {n} threads", n, host_memory_gib(), n)
+
+
+def _timed_profile(kind: str, name: str, cpu_threads: int, memory_gib: float, threads: int | None) -> DeviceProfile:
+    """A profile from fresh timings: 3D and 2D convolutions on the device, the data pipeline on the CPU."""
+    data = calibrate_data_throughput()
     return DeviceProfile(
-        kind="cpu", name=f"{cpu_model_name()}, {n} threads", cpu_threads=n,
-        memory_gib=host_memory_gib(), gflops_by_width=calibrate_conv_gflops(device="cpu", threads=n),
+        kind=kind, name=name, cpu_threads=cpu_threads, memory_gib=memory_gib,
+        gflops_by_width=calibrate_conv_gflops(device=kind, threads=threads),
+        gflops_by_width_2d=calibrate_conv_gflops(device=kind, threads=threads, dims=2),
+        window_voxels_per_s=data.window_voxels_per_s, augment_voxels_per_s=data.augment_voxels_per_s,
     )
 
 
@@ -192,28 +161,6 @@ def network_for(spacing: Sequence[float], patch: Sequence[int], *, dims: int, ba
         deep_supervision=True,
     )
     return net, rounded
-
-
-def activation_bytes(net: NetworkPlan, patch: Sequence[int], *, batch: int) -> float:
-    """Rough training memory: ~10 float32 activation copies per stage (calibrated on nnU-Net's 8 GB plans)."""
-    total, size = 0.0, np.asarray(patch, dtype=float)
-    for feats, stride in zip(net.features_per_stage, net.strides):
-        size = size / np.asarray(stride)
-        total += feats * float(np.prod(size))
-    return total * 10 * 4 * batch
-
-
-def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
-                 num_classes: int, device: DeviceProfile) -> float:
-    """Cost-model estimate of one training iteration on ``device``."""
-    from automedseg.network import estimate_training_flops
-
-    flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
-                                    patch_size=tuple(patch), dims=dims) * batch
-    overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else 1.15
-    if dims == 2 and device.kind == "cpu":
-        overhead /= CPU_2D_CONV_EFFICIENCY
-    return overhead * flops / (device.gflops_at(net.features_per_stage[0]) * 1e9) + 0.01
 
 
 # --- configurations -------------------------------------------------------------------------------
@@ -323,14 +270,16 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
             if budget / t < min_iters:
                 break
         batch = nb
-    step_s = step_seconds(net, rounded, batch=batch, dims=dims, in_channels=ctx.in_channels,
-                          num_classes=ctx.num_classes, device=ctx.device)
+    net, step = _use_idle_device(ctx, sp, patch, net, rounded, batch=batch, dims=dims, limit_bytes=limit_bytes,
+                                 notes=notes)
+    step_s = step.seconds
     (epochs, ipe, val_iterations), used_budget, sched_notes = _schedule(step_s, ctx, dims=dims)
     notes += sched_notes
     fold_s = step_s * epochs * ipe
     notes.append(
         f"width {net.features_per_stage[0]}, batch {batch}, patch {rounded}: "
-        f"~{step_s:.2f} s/iteration, {epochs} x {ipe} iterations, ~{fold_s / 60:.0f} min per fold on {ctx.device.name}"
+        f"~{step_s:.2f} s/iteration ({step.describe()}), {epochs} x {ipe} iterations, ~{fold_s / 60:.0f} min per "
+        f"fold on {ctx.device.name}"
     )
     aniso_patch = dims == 3 and max(rounded) / rounded[0] > ANISO_THRESHOLD
     # Axes along which mirroring would swap lateralised classes stay out of mirroring (training and TTA).
@@ -343,7 +292,7 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         mirror_axes=mirror,
         do_dummy_2d=aniso_patch,
     )
-    workers = 1 if ctx.device.kind == "cpu" else max(1, min(12, ctx.device.cpu_threads - 1))
+    workers = data_workers(ctx.device)
     recipe = recipe_for(epochs * ipe if used_budget is not None else None)
     notes.insert(-1, recipe.reason)
     training = TrainingPlan(
@@ -378,6 +327,38 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         training=training,
         notes=tuple(notes),
     )
+
+
+def _use_idle_device(ctx: _Context, spacing: Sequence[float], patch: Sequence[int], net: NetworkPlan,
+                     rounded: Sequence[int], *, batch: int, dims: int, limit_bytes: float,
+                     notes: list[str]) -> tuple[NetworkPlan, StepEstimate]:
+    """The network and its step; a data-bound device (its workers slower than its step) gets a wider network.
+
+    Up to the width whose step matches the data time (:data:`DATA_BOUND_WIDTHS`): the device would otherwise
+    idle for the difference. A note says so.
+    """
+    def estimate(n: NetworkPlan, p: Sequence[int]) -> StepEstimate:
+        return estimate_step(n, p, batch=batch, dims=dims, in_channels=ctx.in_channels,
+                             num_classes=ctx.num_classes, device=ctx.device)
+
+    step = estimate(net, rounded)
+    if not step.data_bound:
+        return net, step
+    width = net.features_per_stage[0]
+    wider = widen_for_data(
+        lambda w: network_for(spacing, patch, dims=dims, base=w, architecture=ctx.architecture),
+        [w for w in DATA_BOUND_WIDTHS if w > width], estimate=estimate,
+        fits=lambda n, p: activation_bytes(n, p, batch=batch) <= limit_bytes)
+    idle = 100 * (1 - step.network_s / step.data_s)
+    if wider is None:
+        notes.append(f"data-bound: the {data_workers(ctx.device)} data workers need ~{step.data_s:.3g} s a batch, the "
+                     f"network ~{step.network_s:.3g} s: the device idles ~{idle:.0f}% of each step")
+        return net, step
+    wide = estimate(*wider)
+    notes.append(f"data-bound: the {data_workers(ctx.device)} data workers need ~{step.data_s:.3g} s a batch, the "
+                 f"width-{width} network ~{step.network_s:.3g} s (the device idle ~{idle:.0f}%): width raised to "
+                 f"{wider[0].features_per_stage[0]} (~{wide.network_s:.3g} s) at the same step time")
+    return wider[0], wide
 
 
 def plan_dataset(fingerprint: Fingerprint, *, device: DeviceProfile, time_budget_s: float | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.device_profile import CalibrationProvenance, DeviceProfile  # noqa: F401  (re-exported)
 from automedseg.labelmap import index_dtype, indices_to_values, label_values, value_dtype, values_to_indices  # noqa: F401
 from automedseg.serialize import PlanError, from_jsonable, to_jsonable  # noqa: F401  (re-exported)
 
@@ -285,86 +286,6 @@ class ConfigurationPlan:
         for name, top in (("image_order", 5), ("label_order", 1), ("out_of_plane_order", 5)):
             _require(0 <= getattr(self, name) <= top,
                      f"{where}: {name} must be a spline order 0-{top}, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class CalibrationProvenance:
-    """Where and when a calibration was measured (:mod:`automedseg.calibration`): what ``plans.json`` records.
-
-    Attributes:
-        kind: ``cpu`` or ``cuda``.
-        device: CPU model or GPU name.
-        threads: Torch threads the timing used (CPU) or the host's CPU count (CUDA).
-        torch_version: ``torch.__version__`` of the timing.
-        precision: ``bf16`` or ``fp32`` (CPU, as training uses), ``fp16`` (CUDA AMP).
-        measured_at: UTC time of the timing, ISO 8601.
-        under_load: The timing ran while another process took CPU time (a provisional calibration).
-    """
-
-    kind: str
-    device: str
-    threads: int
-    torch_version: str
-    precision: str
-    measured_at: str
-    under_load: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("cpu", "cuda"):
-            raise PlanError(f"kind {self.kind!r} is not cpu or cuda")
-        if self.threads < 1:
-            raise PlanError(f"threads must be at least 1, got {self.threads}")
-
-    @property
-    def key(self) -> str:
-        """The cache key: one calibration per device, thread count, torch version and precision."""
-        return f"{self.kind} | {self.device} | {self.threads} threads | torch {self.torch_version} | {self.precision}"
-
-    def describe(self) -> str:
-        """One line for logs, e.g. ``AMD EPYC, 2 threads, torch 2.13.0, fp32, measured 2025-01-02T10:00:00Z``."""
-        load = " (under load)" if self.under_load else ""
-        return (f"{self.device}, {self.threads} threads, torch {self.torch_version}, {self.precision}, "
-                f"measured {self.measured_at}{load}")
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """The machine a plan was made for.
-
-    Attributes:
-        kind: ``cpu``, ``cuda`` or ``mps``.
-        name: Human-readable device name.
-        cpu_threads: Torch threads used for training.
-        memory_gib: Host memory (CPU) or accelerator memory (GPU) available for training.
-        gflops_by_width: ``(feature width, GFLOP/s)`` pairs: measured training throughput of a 3x3(x3)
-            convolution of that width (forward + backward, mixed precision where supported).
-        measured: ``False`` for a nominal profile (planning for a machine other than this one).
-        calibration: Which cached calibration of this machine the throughput comes from (its provenance,
-            see :mod:`automedseg.calibration`); absent for nominal profiles and older plans.
-    """
-
-    kind: str
-    name: str
-    cpu_threads: int
-    memory_gib: float
-    gflops_by_width: tuple[tuple[int, float], ...]
-    measured: bool = True
-    calibration: CalibrationProvenance | None = field(default=None, metadata={"omit_if_none": True})
-
-    def gflops_at(self, width: int) -> float:
-        """Throughput for a given feature width, interpolated log-linearly between calibrated widths."""
-        import math
-
-        pts = sorted(self.gflops_by_width)
-        if width <= pts[0][0]:
-            return pts[0][1]
-        if width >= pts[-1][0]:
-            return pts[-1][1]
-        for (w0, g0), (w1, g1) in zip(pts, pts[1:]):
-            if w0 <= width <= w1:
-                t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
-                return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
-        return pts[-1][1]  # pragma: no cover
 
 
 @dataclass(frozen=True)

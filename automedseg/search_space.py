@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.plans import AugmentationPlan, ChannelNormalization, ConfigurationPlan, NetworkPlan, Plans
+from automedseg.plans import AugmentationPlan, ChannelNormalization, ConfigurationPlan, NetworkPlan, Plans, TrainingPlan
 
 SEARCHED_SUFFIX = "_searched"
 BASE_LR = {"sgd": 1e-2, "adamw": 1e-3}
@@ -176,22 +176,25 @@ def _scale_patch(patch: list[int], med: list[int], factor: float, floor: int) ->
 
 
 def _width_for_step(plans: Plans, net_of: Callable[[int], tuple[NetworkPlan, list[int]]], batch: int, dims: int,
-                    step_s: float) -> int:
+                    step_s: float, training: TrainingPlan) -> int:
     """The width (a multiple of :data:`WIDTH_STEP`) whose network ``net_of(width)`` steps closest to ``step_s``.
 
+    The step is the cost model's, data pipeline included (``training``'s workers and augmentation placement).
     Where no width matches (narrow convolutions run far below a device's peak rate, so halving the width of a
     CPU network saves little), the closest is taken and the trial's time budget absorbs the rest: a costlier
-    step buys fewer iterations.
+    step buys fewer iterations. Widths whose steps tie (a data-bound GPU: the step is the data time whatever
+    the width) go to the widest: the device would otherwise idle.
     """
     from automedseg.planning import step_seconds
 
     def cost(w: int) -> float:
         net, rounded = net_of(w)
         return step_seconds(net, rounded, batch=batch, dims=dims, in_channels=len(plans.channel_names),
-                            num_classes=plans.num_classes, device=plans.device)
+                            num_classes=plans.num_classes, device=plans.device, workers=training.num_workers,
+                            augment_on_device=training.augment_on_device)
 
     widths = range(MIN_WIDTH, 128 + 1, WIDTH_STEP)
-    return min(widths, key=lambda w: (abs(np.log(cost(w) / step_s)), w))
+    return min(widths, key=lambda w: (abs(np.log(cost(w) / step_s)), -w))
 
 
 def _memory_limit_bytes(plans: Plans, base: ConfigurationPlan) -> float:
@@ -242,7 +245,8 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         net = dataclasses.replace(net0, architecture=arch, features_per_stage=feats, n_conv_per_stage_encoder=enc)
     if context != 1.0:  # more (less) context for less (more) capacity: the step time of the variant above
         ref_s = step_seconds(net, patch, batch=batch, dims=dims, in_channels=len(plans.channel_names),
-                             num_classes=plans.num_classes, device=plans.device)
+                             num_classes=plans.num_classes, device=plans.device, workers=tr.num_workers,
+                             augment_on_device=tr.augment_on_device)
         # The topology rounds the patch up to divisibility: aim for the factor after rounding.
         target = float(np.prod(patch)) * context
         tries = [network_for(sp, _scale_patch(list(patch), med, context * f, 2 * MIN_FEATURE_MAP), dims=dims,
@@ -252,7 +256,7 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         def net_of(w: int) -> tuple[NetworkPlan, list[int]]:
             return network_for(sp, scaled, dims=dims, base=w, architecture=arch)
 
-        width = _width_for_step(plans, net_of, batch, dims, ref_s)
+        width = _width_for_step(plans, net_of, batch, dims, ref_s, tr)
         net, patch = net_of(width)
     drop = -int(p.get("depth_delta", 0))
     keep = max(min(3, net.n_stages), net.n_stages - drop)
@@ -315,7 +319,9 @@ def fit_schedule(plans: Plans, config: ConfigurationPlan, budget_s: float | None
     if budget_s is None:
         return config
     step_s = step_seconds(config.network, config.patch_size, batch=config.batch_size, dims=config.dims,
-                          in_channels=len(plans.channel_names), num_classes=plans.num_classes, device=plans.device)
+                          in_channels=len(plans.channel_names), num_classes=plans.num_classes, device=plans.device,
+                          workers=config.training.num_workers, augment_on_device=config.training.augment_on_device,
+                          augmentation=config.augmentation)
     if trial_epochs is not None:
         epochs, ipe, val = schedule_for_budget(step_s, budget_s, fixed_epochs=trial_epochs,
                                                max_val_iterations=config.training.val_iterations)

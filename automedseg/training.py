@@ -36,6 +36,7 @@ import torch
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.cost_model import step_ratio_note
 from automedseg.device import autocast_context, memory_format, needs_grad_scaler, precision_for, select_device
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.distributed import Dist
@@ -351,7 +352,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
     spent_before, validation_estimate = p.train_seconds, None
     epoch_walls: list[float] = []
     last_mark = time.perf_counter()
-    bar = None
+    bar, planned_s = None, tr.estimated_seconds_per_iteration
     try:
         while p.epoch < p.planned_epochs:
             epoch = p.epoch
@@ -412,6 +413,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / iterations,
                 "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": iterations,
                 "planned_epochs": p.planned_epochs, "time": time.time(),
+                "planned_seconds_per_iteration": tr.estimated_seconds_per_iteration,
             }
             history.append(entry)
             improved = ema is not None and ema > p.best
@@ -458,7 +460,8 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             log(f"epoch {epoch + 1}/{p.planned_epochs}: loss {entry['train_loss']:.4f}, pseudo-Dice {full.describe()} "
                 f"(EMA {'-' if ema is None else f'{ema:.3f}'}; patches {entry['mean_patch_pseudo_dice']:.3f}), "
                 f"{epoch_time:.1f} s, {entry['seconds_per_iteration']:.3f} s/it, data wait "
-                f"{100 * entry['data_wait_fraction']:.0f}%")
+                f"{100 * entry['data_wait_fraction']:.0f}%{step_ratio_note(planned_s, entry['seconds_per_iteration'])}")
+            planned_s = None  # the planned step beside the measured one: in the first epoch's line only
             stop = False
             if run.epoch_callback is not None and run.epoch_callback(epoch, math.nan if ema is None else ema):
                 log("stopped by the epoch callback (pruned)")

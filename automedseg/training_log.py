@@ -55,6 +55,8 @@ class EpochRecord:
         iterations: Training iterations run.
         planned_epochs: The schedule's epochs after this epoch's refit.
         time: Unix time at the end of the epoch.
+        planned_seconds_per_iteration: The plan's cost-model step (``training.estimated_seconds_per_iteration``),
+            beside the measured ``seconds_per_iteration`` (absent in logs of older runs).
     """
 
     epoch: int
@@ -74,6 +76,7 @@ class EpochRecord:
     iterations: int | None = None
     planned_epochs: int | None = None
     time: float | None = None
+    planned_seconds_per_iteration: float | None = None
 
 
 def write_training_log(path: Path, records: Sequence[EpochRecord | Mapping[str, Any]]) -> None:

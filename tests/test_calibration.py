@@ -1,7 +1,8 @@
 """Same inputs, same plan: the machine's calibration is cached, quantised, held by hysteresis, and a timing
 taken under load is not believed.
 
-The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`) and the CPU-time accounting
+The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`, 3D and 2D), the data pipeline's
+(:func:`automedseg.calibration_timing.calibrate_data_throughput`) and the CPU-time accounting
 (:func:`automedseg.calibration.cpu_usage`) are replaced by fakes, so every case is instant and exact; ``plan``
 runs through the CLI with the cache file in ``tmp_path`` (``AUTOMEDSEG_CALIBRATION``).
 """
@@ -19,14 +20,17 @@ import torch
 from click.testing import CliRunner, Result
 
 from automedseg import calibration as C
-from automedseg import planning
+from automedseg import calibration_timing, planning
 from automedseg.calibration import quantise_gflops, read_calibration_cache
+from automedseg.calibration_timing import DataThroughput
 from automedseg.cli import calibration_cache_path, main
 from automedseg.plans import Plans
 
 # Each width sits within 1 % of a boundary of the 2^(k/4) grid: a +-5 % change moves some width to another grid
 # value, so quantisation alone would change the plan and the hysteresis is what keeps it.
 BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
+BASE_2D = ((8, 90.0), (16, 300.0), (32, 600.0), (64, 800.0))
+DATA = DataThroughput(window_voxels_per_s=2.1e8, augment_voxels_per_s=((2, 6.3e6), (3, 5.4e6)))
 
 
 def _scaled(factor: float) -> tuple[tuple[int, float], ...]:
@@ -35,18 +39,38 @@ def _scaled(factor: float) -> tuple[tuple[int, float], ...]:
 
 @dataclass
 class FakeTiming:
-    """Stands in for the convolution timing: returns ``tables`` in turn (the last one repeats)."""
+    """Stands in for the convolution timing: 3D returns ``tables`` in turn (the last one repeats), 2D ``BASE_2D``.
+
+    ``calls`` counts the calibrations (the 3D timings); ``calls_2d`` the 2D ones.
+    """
 
     tables: list[tuple[tuple[int, float], ...]] = field(default_factory=lambda: [BASE])
     calls: int = 0
+    calls_2d: int = 0
     fail: bool = False
 
-    def __call__(self, *, device: str, threads: int | None = None, **_: object) -> tuple[tuple[int, float], ...]:
+    def __call__(self, *, device: str, threads: int | None = None, dims: int = 3,
+                 **_: object) -> tuple[tuple[int, float], ...]:
         if self.fail:
             raise AssertionError("the device was timed although a calibration is cached")
+        if dims == 2:
+            self.calls_2d += 1
+            return BASE_2D
         table = self.tables[min(self.calls, len(self.tables) - 1)]
         self.calls += 1
         return table
+
+
+@dataclass
+class FakeData:
+    """Stands in for the data pipeline's timing."""
+
+    result: DataThroughput = DATA
+    calls: int = 0
+
+    def __call__(self, **_: object) -> DataThroughput:
+        self.calls += 1
+        return self.result
 
 
 def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:
@@ -67,6 +91,7 @@ class Planner:
     work: Path
     cache: Path
     timing: FakeTiming
+    data: FakeData
 
     def plan(self, *extra: str) -> Result:
         args = ["plan", str(self.dataset), "--work-dir", str(self.work), "-c", "3d_fullres", "-j", "1",
@@ -88,10 +113,11 @@ class Planner:
 def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Planner:
     cache = tmp_path / "cache" / "calibration.json"
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
-    timing = FakeTiming()
+    timing, data = FakeTiming(), FakeData()
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
+    monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
-    return Planner(demo_dataset, tmp_path / "work", cache, timing)
+    return Planner(demo_dataset, tmp_path / "work", cache, timing, data)
 
 
 @pytest.mark.parametrize("factor", [0.9, 0.95, 1.05, 1.1])
@@ -235,3 +261,93 @@ def test_calibration_cache_location(monkeypatch: pytest.MonkeyPatch, env: dict[s
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert calibration_cache_path() == Path(expected)
+
+
+# --- the 2D convolutions and the data pipeline ------------------------------------------------------------
+
+
+def test_calibration_stores_2d_convolutions_and_the_data_pipeline(planner: Planner) -> None:
+    planner.plan()
+    assert (planner.timing.calls, planner.timing.calls_2d, planner.data.calls) == (1, 1, 1)
+    entry = planner.entry()
+    assert entry.complete and entry.gflops_by_width_2d == BASE_2D
+    assert (entry.window_voxels_per_s, entry.augment_voxels_per_s) == (DATA.window_voxels_per_s,
+                                                                        DATA.augment_voxels_per_s)
+    device = Plans.load(planner.work / "plans.json").device
+    assert device.gflops_by_width_2d == tuple((w, quantise_gflops(g)) for w, g in BASE_2D)
+    assert device.window_voxels_per_s == quantise_gflops(DATA.window_voxels_per_s)
+    assert device.augment_voxels_per_s == tuple((d, quantise_gflops(v)) for d, v in DATA.augment_voxels_per_s)
+    planner.timing.fail = True
+    planner.plan()  # reused: nothing timed again
+    assert planner.data.calls == 1
+
+
+def _strip_new_fields(cache: Path) -> None:
+    """Rewrite the cache as an automedseg from before the 2D and data timings wrote it."""
+    data = json.loads(cache.read_text())
+    for entry in data["calibrations"].values():
+        for name in ("gflops_by_width_2d", "window_voxels_per_s", "augment_voxels_per_s"):
+            del entry[name]
+    cache.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("factor", "kept"), [
+    (0.95, True),  # within the hysteresis: the cached 3D figures stay, the new parts are added
+    (2.0, False),  # a real change: the new calibration replaces the old entry
+])
+def test_an_old_cache_entry_loads_and_is_completed_once(planner: Planner, factor: float, kept: bool) -> None:
+    planner.plan()
+    first, measured_at = planner.plans_bytes, planner.entry().provenance.measured_at
+    _strip_new_fields(planner.cache)
+    old = planner.entry()
+    assert not old.complete and old.gflops_by_width == BASE and old.window_voxels_per_s is None
+
+    planner.timing.tables = [_scaled(factor)]
+    result = planner.plan()
+    assert "has no 2D convolution or data pipeline timing" in result.output
+    assert (planner.timing.calls, planner.data.calls) == (2, 2)
+    entry = planner.entry()
+    assert entry.complete and entry.gflops_by_width_2d == BASE_2D
+    assert entry.gflops_by_width == (BASE if kept else _scaled(factor))
+    assert (planner.plans_bytes == first) == kept
+    if kept:
+        assert entry.provenance.measured_at == measured_at
+        assert "timings added to the calibration of" in result.output
+
+    planner.timing.fail = True
+    planner.plan()  # complete now: reused without timing
+    assert planner.data.calls == 2
+
+
+def test_an_old_cache_entry_is_not_completed_from_a_timing_under_load(planner: Planner,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    planner.plan()
+    _strip_new_fields(planner.cache)
+    stripped = planner.cache.read_bytes()
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(0.5))
+    planner.timing.tables = [_scaled(0.5)]
+    planner.plan()
+    assert planner.cache.read_bytes() == stripped  # kept as it was; the next plan times again
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
+    planner.timing.tables = [BASE]
+    planner.plan()
+    assert planner.entry().complete and planner.timing.calls == 3
+
+
+@pytest.mark.parametrize(("data", "replaced"), [
+    (DataThroughput(2.2e8, ((2, 6.0e6), (3, 5.6e6))), False),  # noise
+    (DataThroughput(2.1e8, ((2, 6.3e6), (3, 2.0e6))), True),  # 3D augmentation 2.7x slower: a real change
+    (DataThroughput(1.0e8, ((2, 6.3e6), (3, 5.4e6))), True),
+])
+def test_hysteresis_covers_the_data_pipeline(planner: Planner, data: DataThroughput, replaced: bool) -> None:
+    planner.plan()
+    first = planner.plans_bytes
+    planner.data.result = data
+    result = planner.plan("--recalibrate")
+    assert ("replacing it" in result.output) == replaced
+    entry = planner.entry()
+    assert (entry.window_voxels_per_s, entry.augment_voxels_per_s) == (
+        (data.window_voxels_per_s, data.augment_voxels_per_s) if replaced else
+        (DATA.window_voxels_per_s, DATA.augment_voxels_per_s))
+    if not replaced:
+        assert planner.plans_bytes == first

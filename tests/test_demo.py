@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from automedseg import planning
+from automedseg import calibration_timing, planning
+from automedseg.calibration_timing import DataThroughput
 from automedseg.pipeline import run_demo
 
 torch.set_num_threads(1)
@@ -30,6 +31,8 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
         return TABLE
 
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
+    monkeypatch.setattr(calibration_timing, "calibrate_data_throughput",
+                        lambda **_: DataThroughput(2e8, ((2, 6e6), (3, 5.5e6))))
     options = dict(n_cases=5, n_test=1, time_budget_s=8.0, jobs=1, threads=1,
                    calibration_cache=tmp_path / "calibration.json", progress=False)
     first_log: list[str] = []
@@ -38,12 +41,13 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
     plans = (work / "plans.json").read_bytes()
     fold = _hashes(work / "3d_fullres" / "fold_0", "checkpoint_*.pt")
     predictions = _hashes(work / "predictions_imagesTs", "**/*")
-    assert len(calls) == 1 and fold
+    assert [c.get("dims", 3) for c in calls] == [3, 2] and fold  # one calibration: 3D and 2D convolutions
 
     def no_timing(**_: object) -> None:
         raise AssertionError("the second demo timed the device again")
 
     monkeypatch.setattr(planning, "calibrate_conv_gflops", no_timing)
+    monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", no_timing)
     second_log: list[str] = []
     second = run_demo(tmp_path, log=second_log.append, **options)
     text = "\n".join(second_log)

@@ -22,6 +22,7 @@ from automedseg.plans import (
     value_dtype,
     values_to_indices,
 )
+from automedseg.serialize import from_jsonable, to_jsonable
 
 CPU = NOMINAL_PROFILES["reference-cpu-2core"]
 GPU = NOMINAL_PROFILES["reference-gpu-24g"]
@@ -103,6 +104,12 @@ BAD_EDITS = [
     ("labels.tumour", 1.5, "plans.labels.tumour: expected an integer"),
     ("transpose_forward", [0, 1], "plans.transpose_forward: expected 3 entries"),
     ("device.gflops_by_width.0", [8], "plans.device.gflops_by_width[0]: expected 2 entries"),
+    ("device.window_voxels_per_s", -1.0, "plans.device: window_voxels_per_s must be a positive number"),
+    ("device.window_voxels_per_s", "fast", "plans.device.window_voxels_per_s: expected a number"),
+    ("device.augment_voxels_per_s", [[4, 1e6]], "augment_voxels_per_s must be (dims, voxels/s) pairs"),
+    ("device.augment_voxels_per_s", [[3, 0.0]], "augment_voxels_per_s must hold positive throughputs"),
+    ("device.gflops_by_width_2d", [[8, -5.0]], "gflops_by_width_2d must hold positive throughputs"),
+    ("device.gflops_by_width", [], "gflops_by_width must not be empty"),
     ("dataset_name", 7, "plans.dataset_name: expected a string"),
     ("configurations.3d_fullres.augmentation", [], "plans.configurations.3d_fullres.augmentation: expected an object"),
     # unknown field
@@ -286,3 +293,42 @@ def test_device_gflops_interpolates_log_linearly():
     g = CPU.gflops_at(12)
     assert 210.0 < g < 610.0
     assert g == pytest.approx((210.0 * 610.0) ** 0.5, rel=0.2)
+
+
+NEW_DEVICE_FIELDS = ("gflops_by_width_2d", "window_voxels_per_s", "augment_voxels_per_s")
+
+
+@pytest.mark.parametrize("which", ["plan_3d", "plan_2d"])
+def test_a_plan_from_before_the_data_calibration_loads_and_saves_unchanged(request, which):
+    data = copy.deepcopy(request.getfixturevalue(which).to_dict())
+    for name in NEW_DEVICE_FIELDS:
+        data["device"].pop(name, None)
+    text = json.dumps(data, indent=2) + "\n"
+    loaded = Plans.from_json(text)
+    assert all(getattr(loaded.device, name) is None for name in NEW_DEVICE_FIELDS)
+    assert loaded.to_json() == text  # absent fields stay absent
+
+
+def test_device_data_and_2d_fields_round_trip():
+    device = dataclasses.replace(CPU, gflops_by_width_2d=((8, 100.0), (64, 900.0)), window_voxels_per_s=2e8,
+                                 augment_voxels_per_s=((2, 6e6), (3, 5e6)))
+    data = to_jsonable(device)
+    assert data["augment_voxels_per_s"] == [[2, 6e6], [3, 5e6]] and data["window_voxels_per_s"] == 2e8
+    assert from_jsonable(DeviceProfile, data, "device") == device
+
+
+@pytest.mark.parametrize(("table_2d", "width", "dims", "expected"), [
+    (None, 8, 2, 210.0),  # no 2D timing: the 3D figures
+    (((8, 100.0), (64, 900.0)), 8, 2, 100.0),
+    (((8, 100.0), (64, 900.0)), 64, 2, 900.0),
+    (((8, 100.0), (64, 900.0)), 8, 3, 210.0),  # 3D networks keep the 3D figures
+])
+def test_device_gflops_at_reads_the_2d_table(table_2d, width, dims, expected):
+    assert dataclasses.replace(CPU, gflops_by_width_2d=table_2d).gflops_at(width, dims=dims) == expected
+
+
+@pytest.mark.parametrize(("pairs", "dims", "expected"), [
+    (None, 3, None), (((2, 6e6), (3, 5e6)), 3, 5e6), (((2, 6e6), (3, 5e6)), 2, 6e6), (((3, 5e6),), 2, None),
+])
+def test_device_augment_rate(pairs, dims, expected):
+    assert dataclasses.replace(CPU, augment_voxels_per_s=pairs).augment_rate(dims) == expected

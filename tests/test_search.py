@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from automedseg import training
 from automedseg.planning import activation_bytes, network_for, step_seconds
-from automedseg.plans import ChannelNormalization, Plans
+from automedseg.plans import ChannelNormalization, DeviceProfile, Plans
 from automedseg.preprocessing import complete_cases
 from automedseg.search import (
     BASE_LR,
@@ -176,6 +176,21 @@ def test_context_trades_against_width_at_equal_step_time(search_planned: tuple[P
         assert off <= abs(math.log(step(net, patch) / ref)) + 1e-9, w
     for axis, size in enumerate(v.patch_size):
         assert size % math.prod(s[axis] for s in v.network.strides) == 0
+
+
+@pytest.mark.parametrize("context", [0.5, 2.0])
+def test_context_on_a_data_bound_gpu_takes_the_widest_of_the_tied_widths(search_planned: tuple[Path, Workspace],
+                                                                          context: float) -> None:
+    # Workers far slower than any network: every width steps at the data time, so the widths tie and the
+    # device, idle anyway, gets the widest (not the narrowest).
+    _, ws = search_planned
+    plans, base = _base(ws)
+    gpu = DeviceProfile(kind="cuda", name="data-bound test GPU", cpu_threads=4, memory_gib=80.0,
+                        gflops_by_width=((8, 1e4), (64, 1e5)), measured=False, window_voxels_per_s=1e3,
+                        augment_voxels_per_s=((2, 1e3), (3, 1e3)))
+    plans = dataclasses.replace(plans, device=gpu)
+    v = apply_params(plans, _roomy(base), {"context": context})
+    assert v.network.features_per_stage[0] == 128
 
 
 def test_no_more_context_where_the_patch_covers_the_image(search_planned: tuple[Path, Workspace]) -> None:

@@ -120,8 +120,15 @@ def test_loss_decreases_on_the_demo(planned: tuple[Path, Workspace]) -> None:
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
 def test_train_2d_and_3d_validate_and_record_overrides(planned: tuple[Path, Workspace], configuration: str) -> None:
     _, ws = planned
-    res = train_fold(ws, configuration, 1, options=_fast(restart=True), log=lambda s: None)
+    lines: list[str] = []
+    res = train_fold(ws, configuration, 1, options=_fast(restart=True), log=lines.append)
     fold_dir = res.fold_dir
+    planned_s = Plans.load(fold_dir / "plans.json").configuration(configuration).training \
+        .estimated_seconds_per_iteration
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert planned_s and f"planned {planned_s:.3f} s/it (measured " in epochs[0]  # the first epoch: both steps
+    assert "planned" not in epochs[1]
+    assert [h["planned_seconds_per_iteration"] for h in _history(fold_dir)] == [planned_s] * 2
     for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "log.jsonl",
                  "progress.png", "plans.json"):
         assert (fold_dir / name).is_file(), name

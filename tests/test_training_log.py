@@ -63,3 +63,14 @@ def test_patch_and_whole_image_fields_are_read_from_old_and_new_logs(tmp_path: P
                                                                                                   seconds)
     write_training_log(path, [record])
     assert read_training_log(path) == [record]
+
+
+@pytest.mark.parametrize(("line", "planned"), [
+    ('{"epoch": 0, "epoch_seconds": 1.0, "seconds_per_iteration": 0.4}', None),  # a log from before the field
+    ('{"epoch": 0, "epoch_seconds": 1.0, "seconds_per_iteration": 0.4, "planned_seconds_per_iteration": 0.3}', 0.3),
+])
+def test_planned_step_beside_the_measured_one(tmp_path: Path, line: str, planned: float | None) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(line + "\n")
+    (record,) = read_training_log(path)
+    assert record.planned_seconds_per_iteration == planned and record.seconds_per_iteration == 0.4

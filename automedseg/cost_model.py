@@ -1,0 +1,233 @@
+"""The planner's cost model: how long one training iteration takes on a device, network and data pipeline.
+
+A step has two parts, both calibrated per machine (:mod:`automedseg.calibration_timing`, cached by
+:mod:`automedseg.calibration`) and read from the :class:`~automedseg.plans.DeviceProfile`:
+
+* **The network**: the analytic training FLOPs (:func:`automedseg.network.estimate_training_flops`) over the
+  calibrated convolution throughput at the network's width (``gflops_by_width``; for 2D configurations
+  ``gflops_by_width_2d``, or the 3D figure times :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no
+  2D timing), times an overhead for what is not a convolution.
+* **The data**: the CPU seconds one data worker spends on a batch: reading the sampling windows
+  (``window_voxels_per_s``) and, unless augmentation runs on the device, augmenting the training patches
+  (``augment_voxels_per_s``).
+
+How they combine depends on where the workers run (:func:`estimate_step`):
+
+* **GPU** (and MPS): the workers run in parallel to the step on their own cores, so a step takes the longer
+  of the network step and the data time (a batch's worker seconds over the workers). A step whose data
+  time is the longer one is *data-bound*: the device idles for the difference.
+* **CPU**: the worker shares the cores with the training threads; the training loses
+  :data:`CPU_AUGMENT_SHARE` seconds of wall time per CPU second the worker takes.
+
+A profile without data figures (nominal GPU profiles, plans from before the data calibration) has an
+infinitely fast data pipeline: the step is the network's.
+
+Example:
+    >>> from automedseg.planning import NOMINAL_PROFILES, network_for
+    >>> net, patch = network_for([1.0, 1.0, 1.0], [40, 56, 40], dims=3, base=24)  # doctest: +SKIP
+    >>> estimate_step(net, patch, batch=2, dims=3, in_channels=1, num_classes=3,
+    ...               device=NOMINAL_PROFILES["reference-cpu-2core"])  # doctest: +SKIP
+    StepEstimate(network_s=0.29, data_s=0.061, seconds=0.35, data_bound=False)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from automedseg.plans import AugmentationPlan, DeviceProfile, NetworkPlan
+from automedseg.topology import ANISO_THRESHOLD
+
+# Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
+CPU_STEP_OVERHEAD = 1.6
+GPU_STEP_OVERHEAD = 1.15
+STEP_LATENCY_S = 0.01  # per step, whatever its size (launches, the optimizer's Python)
+# 2D convolutions reach ~60% of the 3D calibration's throughput on CPU (measured: 2D U-Net, width 32, batch 92,
+# 56x40: 362 GFLOP/s vs 3D width 24: 441 GFLOP/s at a calibrated 800 vs 1000 GFLOP/s; see train_speed). Used only
+# for profiles without their own 2D timing (``gflops_by_width_2d``).
+CPU_2D_CONV_EFFICIENCY = 0.6
+# Wall seconds a CPU training step loses per CPU second of the augmentation worker that shares its cores. A fit
+# on two runs (hippocampus on a Xeon, openkbp on an EPYC) once gave 1.4; the six 20-minute folds of
+# benchmarks/results/shared_datasets.md (AMD EPYC, 2 threads, 2026-11-30, 0.4-0.7 cores taken by other processes)
+# then trained at 0.19-0.24 s/iteration where the network-only estimate said 0.26-0.29 (openkbp 2d: 0.317 vs
+# 0.290): the network part already over-estimates the step on this CPU, and adding the worker's time moved five
+# of six estimates further from the measurement (and shrank the 3D patches). So 0 until a calibration that times
+# a real step with its data pipeline (issue #19, item 3) replaces both; the data figures still decide GPU plans.
+CPU_AUGMENT_SHARE = 0.0
+MAX_DATA_WORKERS = 12
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """One training iteration as the cost model sees it.
+
+    Attributes:
+        network_s: The network's forward + backward + optimizer step.
+        data_s: GPU: wall seconds the workers need for a batch (in parallel to the step); CPU: the seconds the
+            step loses to the worker sharing its cores. 0 when the profile has no data figures.
+        seconds: The iteration: ``max(network_s, data_s)`` on a GPU, ``network_s + data_s`` on a CPU.
+        data_bound: The workers are slower than the device (GPU only): it idles ``data_s - network_s`` a step.
+    """
+
+    network_s: float
+    data_s: float
+    seconds: float
+    data_bound: bool
+
+    def describe(self) -> str:
+        """The parts, for the plan's notes, e.g. ``network 0.29 s + augmentation worker 0.06 s``."""
+        if self.data_s <= 0:
+            return f"network {self.network_s:.3g} s"
+        if self.data_bound:
+            return f"data-bound: the workers need {self.data_s:.3g} s a batch, the network {self.network_s:.3g} s"
+        if self.seconds > self.network_s:  # CPU: the worker shares the cores
+            return f"network {self.network_s:.3g} s + augmentation worker {self.data_s:.3g} s"
+        return f"network {self.network_s:.3g} s, data {self.data_s:.3g} s in parallel"
+
+
+def data_workers(device: DeviceProfile) -> int:
+    """Background data workers the planner gives a device: one on a CPU, one per spare core (at most 12) else."""
+    return 1 if device.kind == "cpu" else max(1, min(MAX_DATA_WORKERS, device.cpu_threads - 1))
+
+
+def augments_on_device(device: DeviceProfile, requested: bool | None = None) -> bool:
+    """Whether training augments on the device (:func:`automedseg.device_batches.use_device_augmentation`'s rule)."""
+    return bool(requested) if requested is not None else device.kind == "cuda"
+
+
+def activation_bytes(net: NetworkPlan, patch: Sequence[int], *, batch: int) -> float:
+    """Rough training memory: ~10 float32 activation copies per stage (calibrated on nnU-Net's 8 GB plans)."""
+    total, size = 0.0, np.asarray(patch, dtype=float)
+    for feats, stride in zip(net.features_per_stage, net.strides):
+        size = size / np.asarray(stride)
+        total += feats * float(np.prod(size))
+    return total * 10 * 4 * batch
+
+
+def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
+                         num_classes: int, device: DeviceProfile) -> float:
+    """The network's part of one training iteration on ``device``."""
+    from automedseg.network import estimate_training_flops
+
+    flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
+                                    patch_size=tuple(patch), dims=dims) * batch
+    overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
+    if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
+        overhead /= CPU_2D_CONV_EFFICIENCY
+    return overhead * flops / (device.gflops_at(net.features_per_stage[0], dims=dims) * 1e9) + STEP_LATENCY_S
+
+
+def default_augmentation(patch: Sequence[int], dims: int) -> AugmentationPlan:
+    """The planner's augmentation for a patch, as far as it sets the worker's work (rotation range, dummy 2D)."""
+    dummy_2d = dims == 3 and max(patch) / patch[0] > ANISO_THRESHOLD
+    return AugmentationPlan(rotation_range_rad=(-math.pi, math.pi) if dims == 2 else (-0.5236, 0.5236),
+                            do_dummy_2d=dummy_2d)
+
+
+def data_cpu_seconds(patch: Sequence[int], *, batch: int, dims: int, device: DeviceProfile,
+                     augmentation: AugmentationPlan | None = None, on_device: bool = False) -> float:
+    """CPU seconds one data worker spends on a batch (0 when the profile has no data figures).
+
+    Args:
+        patch: Training patch.
+        batch: Samples per batch.
+        dims: 2 or 3.
+        device: The profile with ``window_voxels_per_s`` and ``augment_voxels_per_s``.
+        augmentation: The configuration's augmentation (default: :func:`default_augmentation`); it sets the
+            sampling window and whether the spatial transform is 2D (``do_dummy_2d``).
+        on_device: Augmentation runs on the device: the worker only reads windows.
+    """
+    from automedseg.augmentation_sampler import sampling_patch_size
+
+    if device.window_voxels_per_s is None:
+        return 0.0
+    aug = augmentation if augmentation is not None else default_augmentation(patch, dims)
+    window = math.prod(sampling_patch_size(patch, aug, dims=dims))
+    seconds = window / device.window_voxels_per_s
+    if not on_device:
+        rate = device.augment_rate(2 if aug.do_dummy_2d else dims)
+        seconds += math.prod(patch) / rate if rate else 0.0
+    return batch * seconds
+
+
+def estimate_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
+                  num_classes: int, device: DeviceProfile, workers: int | None = None,
+                  augment_on_device: bool | None = None,
+                  augmentation: AugmentationPlan | None = None) -> StepEstimate:
+    """Cost-model estimate of one training iteration on ``device``, with its network and data parts.
+
+    Args:
+        net: The network.
+        patch: Training patch.
+        batch: Samples per batch.
+        dims: 2 or 3.
+        in_channels: Input channels.
+        num_classes: Output classes.
+        device: The profile.
+        workers: Data workers (default :func:`data_workers`; 0: batches made in the training process).
+        augment_on_device: As the plan's ``training.augment_on_device`` (``None``: on CUDA).
+        augmentation: The configuration's augmentation (default :func:`default_augmentation`).
+    """
+    network = network_step_seconds(net, patch, batch=batch, dims=dims, in_channels=in_channels,
+                                   num_classes=num_classes, device=device)
+    cpu_s = data_cpu_seconds(patch, batch=batch, dims=dims, device=device, augmentation=augmentation,
+                             on_device=augments_on_device(device, augment_on_device))
+    workers = data_workers(device) if workers is None else workers
+    if workers == 0:  # batches made in the training process, between the steps
+        return StepEstimate(network, cpu_s, network + cpu_s, False)
+    if device.kind == "cpu":
+        data = CPU_AUGMENT_SHARE * cpu_s
+        return StepEstimate(network, data, network + data, False)
+    data = cpu_s / workers
+    return StepEstimate(network, data, max(network, data), data > network)
+
+
+def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
+                 num_classes: int, device: DeviceProfile, workers: int | None = None,
+                 augment_on_device: bool | None = None, augmentation: AugmentationPlan | None = None) -> float:
+    """Cost-model estimate of one training iteration on ``device`` in seconds (:func:`estimate_step`)."""
+    return estimate_step(net, patch, batch=batch, dims=dims, in_channels=in_channels, num_classes=num_classes,
+                         device=device, workers=workers, augment_on_device=augment_on_device,
+                         augmentation=augmentation).seconds
+
+
+def widen_for_data(make_network: Callable[[int], tuple[NetworkPlan, Sequence[int]]], widths: Sequence[int], *,
+                   estimate: Callable[[NetworkPlan, Sequence[int]], StepEstimate],
+                   fits: Callable[[NetworkPlan, Sequence[int]], bool]) -> tuple[NetworkPlan, Sequence[int]] | None:
+    """The widest network whose step stays within the data time of a data-bound configuration.
+
+    A data-bound device idles while the workers prepare the next batch; a wider network uses that time at no
+    cost in wall time (a larger batch would not: its data time grows with it).
+
+    Args:
+        make_network: Width -> (network, patch) of the configuration.
+        widths: Candidate widths, narrowest first (all wider than the current one).
+        estimate: The step of a network and patch at the configuration's batch.
+        fits: Whether a network and patch fit the device's memory at that batch.
+
+    Returns:
+        The widest candidate whose network step does not exceed its data time, or ``None``.
+    """
+    best = None
+    for width in widths:
+        net, patch = make_network(width)
+        est = estimate(net, patch)
+        if not fits(net, patch) or est.network_s > est.data_s:
+            break
+        best = (net, patch)
+    return best
+
+
+def step_ratio_note(predicted_s: float | None, measured_s: float) -> str:
+    """How a measured step compares with the plan's, for the trainer's log (empty without a prediction).
+
+    Example:
+        >>> step_ratio_note(0.30, 0.42)
+        ', planned 0.300 s/it (measured 1.40x)'
+    """
+    if not predicted_s or not math.isfinite(measured_s):
+        return ""
+    return f", planned {predicted_s:.3f} s/it (measured {measured_s / predicted_s:.2f}x)"

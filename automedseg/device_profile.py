@@ -1,0 +1,124 @@
+"""The machine a plan is made for: :class:`DeviceProfile` and the provenance of its calibration.
+
+Part of ``plans.json`` (``device``; re-exported by :mod:`automedseg.plans`); measured by
+:mod:`automedseg.calibration`, read by the cost model (:mod:`automedseg.cost_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from automedseg.serialize import PlanError
+
+_OMIT = {"omit_if_none": True}  # an optional field added later: left out of plans.json while it is null
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class CalibrationProvenance:
+    """Where and when a calibration was measured (:mod:`automedseg.calibration`): what ``plans.json`` records.
+
+    Attributes:
+        kind: ``cpu`` or ``cuda``.
+        device: CPU model or GPU name.
+        threads: Torch threads the timing used (CPU) or the host's CPU count (CUDA).
+        torch_version: ``torch.__version__`` of the timing.
+        precision: ``bf16`` or ``fp32`` (CPU, as training uses), ``fp16`` (CUDA AMP).
+        measured_at: UTC time of the timing, ISO 8601.
+        under_load: The timing ran while another process took CPU time (a provisional calibration).
+    """
+
+    kind: str
+    device: str
+    threads: int
+    torch_version: str
+    precision: str
+    measured_at: str
+    under_load: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cpu", "cuda"):
+            raise PlanError(f"kind {self.kind!r} is not cpu or cuda")
+        if self.threads < 1:
+            raise PlanError(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def key(self) -> str:
+        """The cache key: one calibration per device, thread count, torch version and precision."""
+        return f"{self.kind} | {self.device} | {self.threads} threads | torch {self.torch_version} | {self.precision}"
+
+    def describe(self) -> str:
+        """One line for logs, e.g. ``AMD EPYC, 2 threads, torch 2.13.0, fp32, measured 2025-01-02T10:00:00Z``."""
+        load = " (under load)" if self.under_load else ""
+        return (f"{self.device}, {self.threads} threads, torch {self.torch_version}, {self.precision}, "
+                f"measured {self.measured_at}{load}")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The machine a plan was made for.
+
+    Attributes:
+        kind: ``cpu``, ``cuda`` or ``mps``.
+        name: Human-readable device name.
+        cpu_threads: Torch threads used for training.
+        memory_gib: Host memory (CPU) or accelerator memory (GPU) available for training.
+        gflops_by_width: ``(feature width, GFLOP/s)`` pairs: measured training throughput of a 3x3(x3)
+            convolution of that width (forward + backward, mixed precision where supported).
+        measured: ``False`` for a nominal profile (planning for a machine other than this one).
+        calibration: Which cached calibration of this machine the throughput comes from (its provenance,
+            see :mod:`automedseg.calibration`); absent for nominal profiles and older plans.
+        gflops_by_width_2d: The same for a 3x3 2D convolution (absent: 2D uses the 3D figures).
+        window_voxels_per_s: Sampling-window voxels one CPU data worker reads per second of its CPU time.
+        augment_voxels_per_s: ``(dims, voxels/s)``: patch voxels one CPU data worker augments per CPU second.
+
+    The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
+    cost model takes the data pipeline as free). The last three fields are newer than the first plans: absent
+    (``null``) they are left out of ``plans.json``, so older plans load and save unchanged.
+    """
+
+    kind: str
+    name: str
+    cpu_threads: int
+    memory_gib: float
+    gflops_by_width: tuple[tuple[int, float], ...]
+    measured: bool = True
+    calibration: CalibrationProvenance | None = field(default=None, metadata=_OMIT)
+    gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
+    window_voxels_per_s: float | None = field(default=None, metadata=_OMIT)
+    augment_voxels_per_s: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
+
+    def __post_init__(self) -> None:
+        if not self.gflops_by_width:
+            raise PlanError("gflops_by_width must not be empty")
+        for name in ("gflops_by_width", "gflops_by_width_2d", "augment_voxels_per_s"):
+            if not all(_positive(v) for _, v in getattr(self, name) or ()):
+                raise PlanError(f"{name} must hold positive throughputs")
+        if not all(d in (2, 3) for d, _ in self.augment_voxels_per_s or ()):
+            raise PlanError("augment_voxels_per_s must be (dims, voxels/s) pairs with dims 2 or 3")
+        if self.window_voxels_per_s is not None and not _positive(self.window_voxels_per_s):
+            raise PlanError("window_voxels_per_s must be a positive number or null")
+
+    def gflops_at(self, width: int, *, dims: int = 3) -> float:
+        """Throughput for a given feature width, interpolated log-linearly between calibrated widths.
+
+        ``dims=2`` reads ``gflops_by_width_2d`` where the profile has it, else the 3D figures.
+        """
+        pts = sorted(self.gflops_by_width_2d if dims == 2 and self.gflops_by_width_2d else self.gflops_by_width)
+        if width <= pts[0][0]:
+            return pts[0][1]
+        if width >= pts[-1][0]:
+            return pts[-1][1]
+        for (w0, g0), (w1, g1) in zip(pts, pts[1:]):
+            if w0 <= width <= w1:
+                t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+                return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
+        return pts[-1][1]  # pragma: no cover
+
+    def augment_rate(self, dims: int) -> float | None:
+        """Voxels per second one data worker augments for a ``dims``-D patch (``None``: not calibrated)."""
+        return dict(self.augment_voxels_per_s or ()).get(dims)

@@ -1,0 +1,266 @@
+"""The planner's cost model: network and data pipeline, how they combine per device, and what the planner does
+with a data-bound device. Profiles are built by hand (no timing), so every figure is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from automedseg import cost_model as M
+from automedseg.augmentation_sampler import sampling_patch_size
+from automedseg.network import estimate_training_flops
+from automedseg.planning import DATA_BOUND_WIDTHS, NOMINAL_PROFILES, network_for, plan_dataset
+from automedseg.plans import AugmentationPlan, DeviceProfile
+
+CPU = NOMINAL_PROFILES["reference-cpu-2core"]
+GPU = NOMINAL_PROFILES["reference-gpu-24g"]
+NO_DATA = {"window_voxels_per_s": None, "augment_voxels_per_s": None}
+PATCH = (40, 56, 40)
+
+
+def _net(base: int = 24, patch: tuple[int, ...] = PATCH, dims: int = 3):
+    return network_for([1.0] * dims, list(patch), dims=dims, base=base)
+
+
+def _profile(base: DeviceProfile, **kw: object) -> DeviceProfile:
+    return dataclasses.replace(base, **kw)
+
+
+def _estimate(device: DeviceProfile, *, batch: int = 2, base: int = 24, patch: tuple[int, ...] = PATCH,
+              **kw: object) -> M.StepEstimate:
+    net, rounded = _net(base, patch, len(patch))
+    return M.estimate_step(net, rounded, batch=batch, dims=len(patch), in_channels=1, num_classes=3, device=device,
+                           **kw)
+
+
+# --- the network ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dims", "factor"), [
+    (CPU, 3, M.CPU_STEP_OVERHEAD),
+    (CPU, 2, M.CPU_STEP_OVERHEAD / M.CPU_2D_CONV_EFFICIENCY),  # no 2D timing: the fixed efficiency
+    (_profile(CPU, gflops_by_width_2d=CPU.gflops_by_width), 2, M.CPU_STEP_OVERHEAD),  # 2D timed: no factor
+    (GPU, 2, M.GPU_STEP_OVERHEAD),
+])
+def test_network_step_overheads(device: DeviceProfile, dims: int, factor: float) -> None:
+    patch = PATCH if dims == 3 else (224, 192)
+    net, rounded = _net(32, patch, dims)
+    flops = estimate_training_flops(net, in_channels=1, num_classes=3, patch_size=tuple(rounded), dims=dims) * 2
+    expected = factor * flops / (device.gflops_at(32, dims=dims) * 1e9) + M.STEP_LATENCY_S
+    got = M.network_step_seconds(net, rounded, batch=2, dims=dims, in_channels=1, num_classes=3, device=device)
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("gflops_2d", [500.0, 1000.0, 2000.0])
+def test_2d_calibration_is_used_when_present(gflops_2d: float) -> None:
+    net, rounded = _net(32, (224, 192), 2)
+    timed = _profile(CPU, gflops_by_width_2d=((8, gflops_2d), (64, gflops_2d)))
+    seconds = M.network_step_seconds(net, rounded, batch=4, dims=2, in_channels=1, num_classes=3, device=timed)
+    flops = estimate_training_flops(net, in_channels=1, num_classes=3, patch_size=tuple(rounded), dims=2) * 4
+    assert seconds == pytest.approx(M.CPU_STEP_OVERHEAD * flops / (gflops_2d * 1e9) + M.STEP_LATENCY_S)
+
+
+# --- the data pipeline ------------------------------------------------------------------------------------
+
+
+def test_data_cpu_seconds_are_windows_plus_augmentation() -> None:
+    aug = M.default_augmentation(PATCH, 3)
+    window = math.prod(sampling_patch_size(PATCH, aug, dims=3))
+    per_sample = window / CPU.window_voxels_per_s + math.prod(PATCH) / CPU.augment_rate(3)
+    assert M.data_cpu_seconds(PATCH, batch=3, dims=3, device=CPU) == pytest.approx(3 * per_sample)
+    windows_only = M.data_cpu_seconds(PATCH, batch=3, dims=3, device=CPU, on_device=True)
+    assert windows_only == pytest.approx(3 * window / CPU.window_voxels_per_s)
+
+
+@pytest.mark.parametrize(("patch", "dims", "dummy_2d", "rate_dims"), [
+    ((40, 56, 40), 3, False, 3),
+    ((8, 160, 160), 3, True, 2),  # anisotropic patch: in-plane spatial augmentation, the 2D rate
+    ((224, 192), 2, False, 2),
+])
+def test_the_augmentation_rate_follows_the_spatial_transform(patch, dims: int, dummy_2d: bool, rate_dims: int) -> None:
+    aug = M.default_augmentation(patch, dims)
+    assert aug.do_dummy_2d == dummy_2d
+    device = _profile(CPU, augment_voxels_per_s=((rate_dims, 1e6),), window_voxels_per_s=1e30)
+    assert M.data_cpu_seconds(patch, batch=1, dims=dims, device=device) == pytest.approx(math.prod(patch) / 1e6)
+
+
+def test_a_profile_without_data_figures_has_a_free_data_pipeline() -> None:
+    old = _profile(CPU, **NO_DATA)
+    est = _estimate(old)
+    assert est.data_s == 0.0 and est.seconds == est.network_s and not est.data_bound
+
+
+@pytest.mark.parametrize("augment_rate", [2e7, 5e6, 1e6, 2e5])
+def test_the_cpu_step_adds_the_workers_share(augment_rate: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the worker's time is added at CPU_AUGMENT_SHARE (0 as measured on the EPYC runs on record: the
+    plans stay those of the network alone); with a share, slower augmentation makes a slower step."""
+    device = _profile(CPU, augment_voxels_per_s=((2, augment_rate), (3, augment_rate)))
+    free = _estimate(_profile(CPU, **NO_DATA))
+    assert _estimate(device).seconds == pytest.approx(free.seconds)  # the shipped share: 0
+    monkeypatch.setattr(M, "CPU_AUGMENT_SHARE", 1.4)
+    est = _estimate(device)
+    cpu_s = M.data_cpu_seconds(_net()[1], batch=2, dims=3, device=device)
+    assert est.network_s == free.network_s
+    assert est.seconds == pytest.approx(free.seconds + 1.4 * cpu_s)  # the worker shares the cores
+    assert not est.data_bound
+    slower = _estimate(_profile(device, augment_voxels_per_s=((2, augment_rate / 2), (3, augment_rate / 2))))
+    assert slower.seconds > est.seconds
+
+
+@pytest.mark.parametrize(("workers", "window_rate", "bound"), [
+    (11, 1e12, False),  # fast workers: the network's step
+    (11, 1e6, True),  # slow workers: the data time
+    (1, 1e7, True),
+])
+def test_gpu_step_is_the_longer_of_network_and_data(workers: int, window_rate: float, bound: bool) -> None:
+    device = _profile(GPU, window_voxels_per_s=window_rate, augment_voxels_per_s=((2, 1e7), (3, 1e7)))
+    est = _estimate(device, batch=4, workers=workers)
+    data = M.data_cpu_seconds(_net()[1], batch=4, dims=3, device=device, on_device=True) / workers
+    assert est.data_s == pytest.approx(data)
+    assert est.seconds == pytest.approx(max(est.network_s, data)) and est.data_bound == bound
+
+
+@pytest.mark.parametrize(("requested", "augmentation_counted"), [(None, False), (True, False), (False, True)])
+def test_cuda_workers_augment_only_when_augmentation_is_off_the_device(requested, augmentation_counted) -> None:
+    device = _profile(GPU, window_voxels_per_s=2e8, augment_voxels_per_s=((2, 1e6), (3, 1e6)))
+    est = _estimate(device, augment_on_device=requested, workers=1)
+    windows = M.data_cpu_seconds(_net()[1], batch=2, dims=3, device=device, on_device=True)
+    assert (est.data_s > 1.5 * windows) == augmentation_counted
+
+
+def test_in_process_batches_add_to_the_step() -> None:
+    est = _estimate(_profile(GPU, window_voxels_per_s=1e7), workers=0)
+    assert est.seconds == pytest.approx(est.network_s + est.data_s) and not est.data_bound
+
+
+@pytest.mark.parametrize(("kind", "threads", "workers"), [("cpu", 2, 1), ("cpu", 64, 1), ("cuda", 16, 12),
+                                                          ("cuda", 4, 3), ("cuda", 1, 1), ("mps", 8, 7)])
+def test_data_workers(kind: str, threads: int, workers: int) -> None:
+    assert M.data_workers(_profile(CPU, kind=kind, cpu_threads=threads)) == workers
+
+
+# --- the planner with a data-bound device -----------------------------------------------------------------
+
+
+def _hippocampus_like(make) -> dict:
+    return make([(1.0, 1.0, 1.0)] * 20, [(36, 50, 35)] * 20, labels={"background": 0, "anterior": 1,
+                                                                        "posterior": 2})
+
+
+@pytest.mark.parametrize("budget", [None, 240.0])
+def test_a_data_bound_gpu_gets_a_wider_network_than_with_free_data(synthetic_fingerprint, budget) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+    free = plan_dataset(fp, device=GPU, time_budget_s=budget, configurations=["3d_fullres"])
+    slow = _profile(GPU, window_voxels_per_s=5e7, augment_voxels_per_s=((2, 5e5), (3, 5e5)))
+    fed = plan_dataset(fp, device=slow, time_budget_s=budget, configurations=["3d_fullres"])
+    a, b = free.configuration("3d_fullres"), fed.configuration("3d_fullres")
+    assert not any("data-bound" in n for n in a.notes)
+    assert a.batch_size == b.batch_size and a.patch_size == b.patch_size
+    # with augmentation on the device the workers only read windows: not data-bound, the same plan
+    assert a.network == b.network
+
+    # The workers augment beside the device (MPS; CUDA with augment_on_device false): 11 workers at 5e5 voxels/s
+    # leave the device idle.
+    workers_augment = dataclasses.replace(slow, kind="mps")
+    fed = plan_dataset(fp, device=workers_augment, time_budget_s=budget, configurations=["3d_fullres"])
+    c = fed.configuration("3d_fullres")
+    assert c.network.features_per_stage[0] > a.network.features_per_stage[0]
+    note = next(n for n in c.notes if n.startswith("data-bound"))
+    assert f"width raised to {c.network.features_per_stage[0]}" in note
+    est = M.estimate_step(c.network, c.patch_size, batch=c.batch_size, dims=3, in_channels=1, num_classes=3,
+                          device=workers_augment)
+    assert est.data_bound or est.network_s == pytest.approx(est.data_s, rel=0.3)  # up to the data time
+    assert c.training.estimated_seconds_per_iteration == pytest.approx(round(est.seconds, 4))
+    assert "data-bound" in c.notes[-1]  # the summary line names it
+
+
+def test_a_starved_device_gets_the_widest_candidate(synthetic_fingerprint) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+    starved = _profile(GPU, kind="mps", window_voxels_per_s=1e6, augment_voxels_per_s=((2, 1e5), (3, 1e5)))
+    config = plan_dataset(fp, device=starved, configurations=["3d_fullres"]).configuration("3d_fullres")
+    assert config.network.features_per_stage[0] == max(DATA_BOUND_WIDTHS)
+    assert "width raised to 64" in next(n for n in config.notes if n.startswith("data-bound"))
+
+
+def test_data_bound_with_no_wider_network_that_fits_the_data_time_says_the_device_idles(synthetic_fingerprint) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+    device = _profile(GPU, kind="mps", **NO_DATA)
+    free = plan_dataset(fp, device=device, configurations=["3d_fullres"]).configuration("3d_fullres")
+    batch, patch = free.batch_size, free.patch_size
+    n32, n40 = (_estimate(device, batch=batch, base=w, patch=patch).network_s for w in (32, 40))
+    # Workers that need a little more than the width-32 step, less than the width-40 one.
+    window = math.prod(sampling_patch_size(patch, M.default_augmentation(patch, 3), dims=3))
+    rate = batch * window / (M.data_workers(device) * (n32 + n40) / 2)
+    slow = _profile(device, window_voxels_per_s=rate, augment_voxels_per_s=((2, 1e30), (3, 1e30)))
+    config = plan_dataset(fp, device=slow, configurations=["3d_fullres"]).configuration("3d_fullres")
+    assert config.network == free.network
+    assert "the device idles" in next(n for n in config.notes if n.startswith("data-bound"))
+
+
+@pytest.mark.parametrize(("steps", "expected"), [
+    ([(64, 0.010, 0.020), (96, 0.025, 0.020)], 64),  # stops before the network outgrows the data time
+    ([(64, 0.030, 0.020)], None),
+    ([(64, 0.010, 0.020), (96, 0.015, 0.020)], 96),
+])
+def test_widen_for_data(steps, expected) -> None:
+    table = {w: M.StepEstimate(n, d, max(n, d), d > n) for w, n, d in steps}
+    nets = {w: _net(w)[0] for w in table}
+    got = M.widen_for_data(lambda w: (nets[w], PATCH), list(table),
+                           estimate=lambda net, _: table[net.features_per_stage[0]], fits=lambda *_: True)
+    assert (got[0].features_per_stage[0] if got else None) == expected
+
+
+def test_widen_for_data_stops_at_memory() -> None:
+    nets = {w: _net(w)[0] for w in (40, 48)}
+    got = M.widen_for_data(lambda w: (nets[w], PATCH), [40, 48],
+                           estimate=lambda net, _: M.StepEstimate(0.01, 0.02, 0.02, True),
+                           fits=lambda net, _: net.features_per_stage[0] < 48)
+    assert got is not None and got[0].features_per_stage[0] == 40
+
+
+# --- notes and the trainer's line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("est", "text"), [
+    (M.StepEstimate(0.29, 0.0, 0.29, False), "network 0.29 s"),
+    (M.StepEstimate(0.29, 0.06, 0.35, False), "network 0.29 s + augmentation worker 0.06 s"),
+    (M.StepEstimate(0.02, 0.01, 0.02, False), "network 0.02 s, data 0.01 s in parallel"),
+    (M.StepEstimate(0.02, 0.03, 0.03, True), "data-bound: the workers need 0.03 s a batch, the network 0.02 s"),
+])
+def test_step_estimate_describe(est: M.StepEstimate, text: str) -> None:
+    assert est.describe() == text
+
+
+@pytest.mark.parametrize(("predicted", "measured", "text"), [
+    (0.30, 0.42, ", planned 0.300 s/it (measured 1.40x)"),
+    (0.5, 0.25, ", planned 0.500 s/it (measured 0.50x)"),
+    (None, 0.42, ""),
+    (0.3, float("nan"), ""),
+])
+def test_step_ratio_note(predicted, measured: float, text: str) -> None:
+    assert M.step_ratio_note(predicted, measured) == text
+
+
+def test_the_nominal_cpu_plan_notes_name_the_worker_when_it_counts(synthetic_fingerprint,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+
+    def note() -> str:
+        return plan_dataset(fp, device=CPU, time_budget_s=1200, configurations=["3d_fullres"]).configuration(
+            "3d_fullres").notes[-1]
+
+    assert "augmentation worker" not in note()  # the shipped share is 0: the network's step alone
+    monkeypatch.setattr(M, "CPU_AUGMENT_SHARE", 1.4)
+    assert "augmentation worker" in note()
+
+
+def test_default_augmentation_matches_the_planner(synthetic_fingerprint) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+    config = plan_dataset(fp, device=CPU, time_budget_s=1200, configurations=["3d_fullres"]).configuration(
+        "3d_fullres")
+    aug = M.default_augmentation(config.patch_size, 3)
+    assert sampling_patch_size(config.patch_size, aug, dims=3) == sampling_patch_size(
+        config.patch_size, config.augmentation, dims=3)
+    assert isinstance(aug, AugmentationPlan)
