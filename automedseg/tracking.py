@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import time
@@ -112,7 +113,8 @@ class RunInfo:
             "poly_exponent": tr.poly_exponent, "time_budget_s": tr.time_budget_s, "seed": tr.seed,
             "num_classes": len(self.class_names) + 1, "labels": dict(self.plans.labels),
         }
-        return {k: str(v) for k, v in values.items() if v is not None}
+        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in values.items()
+                if v is not None}
 
 
 TrackerFactory = Callable[[RunInfo], "Tracker | None"]
