@@ -28,6 +28,7 @@ from automedseg.cli_support import (
     require_folder,
     workspace_for,
 )
+from automedseg.progress_events import open_progress, progress_option
 
 DEFAULT_CONFIGS = ("2d", "3d_fullres", "3d_lowres")
 
@@ -134,15 +135,18 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
 @click.option("--replan", multiple=True, type=click.Choice(DEFAULT_CONFIGS), metavar="CONFIG",
               help="Plan this configuration afresh although folds of it are trained: its folder is moved aside "
                    "to CONFIG.replaced-<time> first (repeatable).")
+@progress_option
 def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], jobs: int, device: str,
          time_budget: str | None, architecture: str, seed: int, threads: int | None, overwrite: bool,
-         no_preprocess: bool, search_trials: int, recalibrate: bool, replan: tuple[str, ...]) -> None:
+         no_preprocess: bool, search_trials: int, recalibrate: bool, replan: tuple[str, ...],
+         progress_format: str) -> None:
     """Check, fingerprint, plan and preprocess a raw dataset.
 
     Trained configurations are kept as trained (`--replan CONFIG` plans one afresh); the machine's speed is
     timed once and cached (`--recalibrate` times it again), so the same inputs give the same plans.json.
     """
     require_folder(dataset, "dataset folder")  # before the heavy imports: a wrong path is answered at once
+    open_progress(progress_format)
     budget = parse_duration(time_budget)
     ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
@@ -199,14 +203,19 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
 @click.option("--augment-on", type=click.Choice(["auto", "device", "workers"]), default="auto", show_default=True,
               help="Where augmentation runs: batched on the training device (the workers only read windows), "
                    "in the CPU workers, or auto (the device when it is CUDA).")
+@click.option("--mlflow", metavar="URI", default=None, help="Log to MLflow: a server URL, sqlite:///mlflow.db or a "
+              "folder (file:///abs/mlruns); needs automedseg[mlflow].")
+@progress_option
 def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, device: str | None,
           epochs: int | None, iterations_per_epoch: int | None, time_budget: str | None,
           early_stopping: int | None, pretrained: Path | None, restart: bool, threads: int | None,
-          workers: int | None, no_amp: bool, no_validate: bool, augment_on: str) -> None:
+          workers: int | None, no_amp: bool, no_validate: bool, augment_on: str, mlflow: str | None,
+          progress_format: str) -> None:
     """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
     if work_dir is None:
         require_folder(dataset, "dataset folder")
     ws = planned_workspace(dataset, work_dir)
+    events = open_progress(progress_format)
     folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
     from automedseg.training import TrainOptions, train_fold
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
@@ -214,6 +223,8 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     if distributed and (device == "cuda" or (device is None and cuda_available())):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     is_main = int(os.environ.get("RANK", "0")) == 0
+    from automedseg.tracking import training_trackers
+
     options = TrainOptions(
         distributed=distributed,
         device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
@@ -221,6 +232,7 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
         validate=not no_validate, progress=sys.stderr.isatty() and is_main,
         augment_on_device={"auto": None, "device": True, "workers": False}[augment_on],
+        trackers=training_trackers(mlflow_uri=mlflow, progress=events),
     )
     for f in folds:
         result = train_fold(ws, configuration, f, options=options, log=click.echo)
@@ -265,11 +277,14 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
 @click.option("--no-amp", is_flag=True, help="Predict in float32 (ONNX Runtime always does).")
 @click.option("--output-format", type=click.Choice(["image", "dicom-seg"]), default="image", show_default=True,
               help="Masks as images (the input's format; NIfTI for DICOM series) or, for DICOM series, DICOM-SEG.")
+@progress_option
 def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path | None, work_dir: Path | None,
             configuration: str | None, folds: tuple[str, ...], step: float, no_mirror: bool,
             no_postprocessing: bool, save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
-            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool, output_format: str) -> None:
+            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool, output_format: str,
+            progress_format: str) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
+    events = open_progress(progress_format)
     if (target is None) == (model is None) or (model is not None and work_dir is not None):
         fail(["predict: name the model with -d DATASET [--work-dir WORK] or with --model MODEL.zip, one of them"])
     ws = existing_workspace(target, work_dir, hint="train a model first") if target is not None else None
@@ -290,6 +305,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
         fail([str(e)])
         return
     click.echo(report.summary())
+    if events is not None:
+        events.note(written=len(report.written), kept=len(report.skipped_existing), failed=len(report.failed))
     if report.failed:  # each named above; 2 when nothing could be predicted, 1 when some cases were
         sys.exit(2 if not report.written and not report.skipped_existing else 1)
 

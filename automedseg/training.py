@@ -15,6 +15,7 @@ Fold folder (``<work>/<configuration>/fold_K/``)::
     checkpoint_final.pt     after the last epoch
     log.jsonl               one JSON object per epoch
     progress.png            loss, pseudo-Dice, learning rate, epoch time (:mod:`automedseg.progress_plot`)
+    events.out.tfevents.*   TensorBoard, when installed (automedseg.tracking)
     validation/             per-case probabilities (.npz), segmentations, summary.json (per-case Dice)
 """
 
@@ -53,6 +54,7 @@ from automedseg.preprocessing import complete_cases
 from automedseg.progress_plot import plot_progress, progress_title
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
+from automedseg.tracking import RunInfo, TrackerSet, open_trackers
 from automedseg.training_log import EMA_DECAY, write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
 from automedseg.validation import final_validation_axes, pseudo_dice, validate_fold
@@ -179,7 +181,8 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
     # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).
     lock = folder_lock(fold_dir, purpose=f"train {configuration} fold {fold}") if dist.is_main else \
         contextlib.nullcontext()
-    with lock:
+    run_info = RunInfo(plans=plans, config=config, fold=fold, fold_dir=fold_dir, log=log)
+    with lock, open_trackers(options.trackers, run_info, active=dist.is_main) as trackers:
         for folder in (fold_dir, fold_dir / "validation"):
             remove_stale_temp_files(folder)
         if options.restart and dist.is_main:
@@ -188,13 +191,14 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
             (fold_dir / "log.jsonl").unlink(missing_ok=True)
         return _train_locked(ws, plans, config, configuration, fold, fold_dir=fold_dir, resume=resume, cache=cache,
                              train_ids=train_ids, val_ids=val_ids, device=device, dist=dist, options=options, log=log,
-                             epoch_callback=epoch_callback, run_started=run_started)
+                             epoch_callback=epoch_callback, run_started=run_started, trackers=trackers)
 
 
 def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, configuration: str, fold: int | str, *,
                   fold_dir: Path, resume: bool, cache: Path, train_ids: Sequence[str], val_ids: Sequence[str],
                   device: torch.device, dist: Dist, options: TrainOptions, log: Log,
-                  epoch_callback: Callable[[int, float], bool] | None, run_started: float) -> FoldResult:
+                  epoch_callback: Callable[[int, float], bool] | None, run_started: float,
+                  trackers: TrackerSet) -> FoldResult:
     """The body of :func:`train_fold` once the inputs are checked and the fold folder is locked."""
     latest = fold_dir / "checkpoint_latest.pt"
     final = fold_dir / "checkpoint_final.pt"
@@ -260,8 +264,9 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
         run = _FoldRun(fold=fold, model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
                        config=config, plans=plans, device=device, cache=cache, train_ids=train_ids, val_ids=val_ids,
                        strides=strides, fold_dir=fold_dir, options=options, log=log, epoch_callback=epoch_callback,
-                       run_started=run_started)
-        _run_epochs(run, progress)
+                       run_started=run_started, trackers=trackers)
+        with trackers.stage("training", epochs_done=progress.epoch, epochs=progress.planned_epochs):
+            _run_epochs(run, progress)
         if dist.is_main:
             _save_plan_copy(plans, config, fold_dir, progress.planned_epochs)
     if dist.world > 1:
@@ -270,8 +275,10 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
             f"(checksum {checksum:.6f})")
     validation = None
     if options.validate and fold != "all" and dist.is_main:
-        validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log,
-                                   mirror_axes=_final_validation_axes(config, progress, len(val_ids)))
+        with trackers.stage("validation") as end:
+            validation = validate_fold(ws, plans, config, fold_dir, val_ids, model=net, device=device, log=log,
+                                       mirror_axes=_final_validation_axes(config, progress, len(val_ids)))
+            end.update(mean_dice=validation["mean_dice"], dice_per_class=validation["dice_per_class"])
     dist.finish()
     return FoldResult(fold_dir, len(progress.history), progress.best, progress.train_seconds, validation)
 
@@ -305,6 +312,7 @@ class _FoldRun:
     log: Log
     epoch_callback: Callable[[int, float], bool] | None
     run_started: float
+    trackers: TrackerSet  # what the epochs are reported to (automedseg.tracking)
 
 
 @dataclass
@@ -454,6 +462,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 write_training_log(fold_dir / "log.jsonl", history)
                 plot_progress(history, fold_dir / "progress.png", title=progress_title(
                     dataset=run.plans.dataset_name, configuration=config.name, fold=run.fold))
+            run.trackers.on_epoch(entry)
             if bar is not None:
                 bar.close()
                 bar = None

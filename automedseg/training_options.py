@@ -7,10 +7,13 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from automedseg.planning import schedule_for_budget
 from automedseg.plans import ConfigurationPlan
+
+if TYPE_CHECKING:
+    from automedseg.tracking import TrackerFactory
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class TrainOptions:
             (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
         lr_schedule: ``lr_schedule(epoch, planned_epochs, initial_lr)`` -> the epoch's learning rate instead of
             the poly decay (search trials with continuation, :mod:`automedseg.search_rungs`).
+        trackers: What the run reports epochs and stages to (:mod:`automedseg.tracking`): factories called with
+            the fold's :class:`~automedseg.tracking.RunInfo`; ``None``: the defaults (TensorBoard event files
+            when ``tensorboard`` is installed); ``()``: none.
     """
 
     device: str | None = None
@@ -59,6 +65,7 @@ class TrainOptions:
     distributed: bool = False
     augment_on_device: bool | None = None
     lr_schedule: Callable[[int, int, float], float] | None = None
+    trackers: tuple[TrackerFactory, ...] | None = None
 
 
 @dataclass
