@@ -145,8 +145,8 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     Trained configurations are kept as trained (`--replan CONFIG` plans one afresh); the machine's speed is
     timed once and cached (`--recalibrate` times it again), so the same inputs give the same plans.json.
     """
-    require_folder(dataset, "dataset folder")  # before the heavy imports: a wrong path is answered at once
     open_progress(progress_format)
+    require_folder(dataset, "dataset folder")  # before the heavy imports: a wrong path is answered at once
     budget = parse_duration(time_budget)
     ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
@@ -212,10 +212,10 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
           workers: int | None, no_amp: bool, no_validate: bool, augment_on: str, mlflow: str | None,
           progress_format: str) -> None:
     """Train one fold (0-4) of 5-fold cross-validation, or 'all'. Re-running resumes."""
+    events = open_progress(progress_format)
     if work_dir is None:
         require_folder(dataset, "dataset folder")
     ws = planned_workspace(dataset, work_dir)
-    events = open_progress(progress_format)
     folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
     from automedseg.training import TrainOptions, train_fold
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
