@@ -171,7 +171,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         splits = load_or_create_splits(ws, all_cases)
         if not str(fold).isdigit() or int(fold) >= len(splits):
             raise InputError(f"fold {fold}: {ws.splits_path} has folds 0-{len(splits) - 1} (or use 'all')")
-        train_ids, val_ids = splits[int(fold)]["train"], splits[int(fold)]["val"]
+        train_ids, val_ids = list(splits[int(fold)].train), list(splits[int(fold)].val)
     device = select_device(options.device)
     dist = Dist.start(device) if options.distributed else Dist()
     # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).
