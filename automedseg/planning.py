@@ -24,6 +24,7 @@ from automedseg import __version__
 from automedseg.fingerprint_types import Fingerprint
 from automedseg.lateral import class_centroids, mirror_confusions
 from automedseg.machine import cpu_model_name, host_memory_gib
+from automedseg.network_cost import estimate_training_flops
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -206,8 +207,6 @@ def activation_bytes(net: NetworkPlan, patch: Sequence[int], *, batch: int) -> f
 def step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
                  num_classes: int, device: DeviceProfile) -> float:
     """Cost-model estimate of one training iteration on ``device``."""
-    from automedseg.network import estimate_training_flops
-
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else 1.15

@@ -45,7 +45,8 @@ from automedseg.inference import load_checkpoint
 from automedseg.io import atomic_save_figure, atomic_write
 from automedseg.locks import folder_lock
 from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
-from automedseg.network import build_network, output_strides
+from automedseg.network import build_network
+from automedseg.network_cost import output_strides
 from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
