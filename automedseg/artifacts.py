@@ -7,14 +7,16 @@ owner's reader instead of parsing the file:
 * ``fingerprint.json``: :mod:`automedseg.fingerprint` (``Fingerprint``, ``save_fingerprint`` / ``load_fingerprint``;
   the dataclasses are in :mod:`automedseg.fingerprint_types`);
 * the preprocessed ``<case>.json``: :mod:`automedseg.preprocessing` (``CaseMeta``, ``read_case_meta``);
-* ``splits.json``: :mod:`automedseg.splits` (``read_splits``);
+* ``splits.json``: :mod:`automedseg.splits` (``FoldSplit``, ``read_splits`` / ``write_splits``);
 * a fold's ``log.jsonl``: :mod:`automedseg.training_log` (``EpochRecord``, ``read_training_log``);
 * a fold's ``validation/summary.json``: :mod:`automedseg.validation_summary` (``ValidationSummary``);
 * ``postprocessing.json``: :mod:`automedseg.postprocessing` (``Postprocessing.load`` / ``Postprocessing.save``);
 * ``find_best.json``: :mod:`automedseg.best_choice` (``FindBest``, ``read_find_best``; written by
-  :func:`automedseg.model_selection.find_best`).
+  :func:`automedseg.model_selection.find_best`);
 * a search's ``search/<study>/confirmation.json``: :mod:`automedseg.search_confirm` (``Confirmation``,
-  ``read_confirmation``).
+  ``read_confirmation``);
+* an evaluation's ``metrics_summary.json``: :mod:`automedseg.metrics` (``MetricsSummary``, ``read_metrics_summary``;
+  written by :func:`automedseg.metrics.evaluate_folders`).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from automedseg.errors import InputError
-from automedseg.images import CaseFiles, DatasetError, Geometry
+from automedseg.case_files import CaseFiles
+from automedseg.errors import DatasetError, InputError
+from automedseg.geometry import Geometry
 
 #: SNOMED CT "Tissue" (85756007): the property category and type of every segment (the model knows no anatomy).
 TISSUE = ("85756007", "SCT", "Tissue")

@@ -10,9 +10,19 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class InputError(ValueError):
     """A file, folder or option cannot be used; the message says which and why."""
+
+
+class DatasetError(InputError):
+    """A dataset folder cannot be used; ``problems`` holds one line per problem found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class LockedError(InputError):

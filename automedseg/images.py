@@ -4,33 +4,29 @@ input's exact geometry, and finding the cases of a folder of images (:func:`disc
 Every image becomes a float32 array ``(C, Z, Y, X)`` in SimpleITK array order; 2D images (PNG, TIFF,
 JPEG, BMP) become ``(C, 1, Y, X)``. The :class:`Geometry` of each file (size, spacing, origin, direction)
 is kept so predictions can be written back with exactly the input's geometry.
+
+:class:`CaseFiles` (:mod:`automedseg.case_files`), :class:`~automedseg.errors.DatasetError` and :class:`Geometry`
+(:mod:`automedseg.geometry`) are importable from here too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from automedseg.atomic import atomic_write
-from automedseg.errors import InputError
+from automedseg.case_files import CaseFiles
+from automedseg.dicom import discover_dicom_series, read_dicom_series
+from automedseg.errors import DatasetError
 from automedseg.geometry import Geometry
 from automedseg.imagefile import check_image_file
 
 IMAGE_ENDINGS_3D = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_ENDINGS_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 IMAGE_ENDINGS = IMAGE_ENDINGS_3D + IMAGE_ENDINGS_2D
-
-
-class DatasetError(InputError):
-    """A dataset folder cannot be used; ``problems`` holds one line per problem found."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
 
 
 def file_ending(path: Path | str) -> str:
@@ -137,21 +133,6 @@ def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
     atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
 
 
-@dataclass(frozen=True)
-class CaseFiles:
-    """The files of one case.
-
-    Attributes:
-        case_id: Case identifier (file name without channel suffix and ending).
-        images: One path per channel file (nnU-Net layout), or a single (possibly 4D) path (MSD).
-        label: Label file, ``None`` for test cases.
-    """
-
-    case_id: str
-    images: tuple[Path, ...]
-    label: Path | None = None
-
-
 def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | None = None) -> list[CaseFiles]:
     """Find the cases of a folder of images to predict, in either layout.
 
@@ -168,8 +149,6 @@ def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | No
         raise DatasetError([f"{folder}: input folder does not exist"])
     files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and file_ending(p) in IMAGE_ENDINGS)
     if not files:
-        from automedseg.dicom import discover_dicom_series
-
         series = discover_dicom_series(folder)
         if series:
             return series
@@ -210,8 +189,6 @@ def read_images(case: CaseFiles, *, n_channels: int,
         ValueError: Channel count or channel geometries do not match (message names the file).
     """
     if len(case.images) == 1 and Path(case.images[0]).is_dir():  # a DICOM series
-        from automedseg.dicom import read_dicom_series
-
         image, geometry = read_dicom_series(case.images[0])
         if n_channels != 1:
             raise ValueError(f"{case.images[0]}: a DICOM series is one channel, the model takes {n_channels}")

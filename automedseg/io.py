@@ -34,13 +34,13 @@ from automedseg.atomic import (  # noqa: F401  (re-exported: the writers callers
     atomic_write_json,
     atomic_write_text,
 )
+from automedseg.case_files import CaseFiles  # noqa: F401  (re-exported)
+from automedseg.errors import DatasetError  # noqa: F401  (re-exported)
+from automedseg.geometry import Geometry  # noqa: F401  (re-exported)
 from automedseg.images import (  # noqa: F401  (re-exported)
     IMAGE_ENDINGS,
     IMAGE_ENDINGS_2D,
     IMAGE_ENDINGS_3D,
-    CaseFiles,
-    DatasetError,
-    Geometry,
     discover_images,
     file_ending,
     label_dtype,

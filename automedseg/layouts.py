@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automedseg.images import IMAGE_ENDINGS_2D, CaseFiles, DatasetError, file_ending
+from automedseg.case_files import CaseFiles
+from automedseg.errors import DatasetError
+from automedseg.images import IMAGE_ENDINGS_2D, file_ending
 
 
 @dataclass(frozen=True)

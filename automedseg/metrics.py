@@ -1,5 +1,8 @@
 """Segmentation metrics of whole cases, their summaries, and the evaluation of a folder of predictions.
 
+Owner of the evaluation's ``metrics_summary.json`` (:class:`MetricsSummary`, read with
+:func:`read_metrics_summary`), which :func:`evaluate_folders` writes.
+
 The metrics of one pair of masks (Dice, IoU, precision, recall, HD95, ASSD, NSD, volumes) and their conventions
 (surfaces, empty masks, units) are in :mod:`automedseg.mask_metrics`; they are re-exported here, so
 ``automedseg.metrics.dice`` and the like keep working.
@@ -16,15 +19,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from automedseg.artifacts import read_artifact, write_artifact
+from automedseg.atomic import atomic_write_json, atomic_write_text, jsonable
 from automedseg.errors import InputError
 from automedseg.mask_metrics import (  # noqa: F401  (re-exported: the per-mask metrics callers know from here)
     METRIC_NAMES,
@@ -41,9 +46,13 @@ from automedseg.mask_metrics import (  # noqa: F401  (re-exported: the per-mask 
     surface_distances,
     volume_difference,
 )
+from automedseg.serialize import from_jsonable
 
 SUPPORTED_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff")
 """File endings that :func:`evaluate_folders` pairs and reads."""
+
+METRICS_SUMMARY_FILE = "metrics_summary.json"
+"""The summary :func:`evaluate_folders` writes into its output folder."""
 
 
 def _squeeze_channel(seg: np.ndarray) -> np.ndarray:
@@ -180,22 +189,58 @@ def _read_segmentation(path: Path) -> tuple[np.ndarray, Any]:
     return array.astype(np.int64), geometry
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+@dataclass(frozen=True, kw_only=True)
+class MetricsSummary:
+    """The content of ``metrics_summary.json``: the summary of :func:`evaluate_folders`, without ``per_case``.
+
+    Attributes:
+        labels: The evaluated labels.
+        tolerance_mm: Tolerance of the normalised surface Dice.
+        missing_predictions: Reference files without a prediction (not scored).
+        geometry_warnings: Pairs whose geometry differs (scored voxel by voxel).
+        n_cases: How many prediction / reference pairs were scored.
+        per_label: Label value (as a string) -> metric name -> mean over the cases (``None``: no value).
+        n_valid: Label -> metric name -> how many values the mean is based on.
+        foreground_mean: Metric name -> mean over the labels other than 0 of the per-label means.
+
+    Fields are keyword-only and written in this order (that of :func:`evaluate_folders`' summary).
+
+    Example:
+        >>> s = MetricsSummary.from_mapping({"n_cases": 1, "per_label": {1: {"dice": float("nan")}}})
+        >>> s.metric_per_label("dice")
+        {'1': None}
+    """
+
+    labels: tuple[int, ...] = ()
+    tolerance_mm: float | None = None
+    missing_predictions: tuple[str, ...] = ()
+    geometry_warnings: tuple[str, ...] = ()
+    n_cases: int
+    per_label: dict[str, dict[str, float | None]]
+    n_valid: dict[str, dict[str, int]] = field(default_factory=dict)
+    foreground_mean: dict[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = METRICS_SUMMARY_FILE) -> MetricsSummary:
+        """Build (and check) a summary from its JSON form or :func:`evaluate_folders`' dictionary.
+
+        ``where`` names it in errors; ``per_case`` (in the dictionary, not in the file) is left out.
+        """
+        return from_jsonable(cls, jsonable({k: v for k, v in data.items() if k != "per_case"}), where)
+
+    def metric_per_label(self, name: str) -> dict[str, float | None]:
+        """Label (as a string) -> mean of metric ``name`` (``None`` where absent or without a value)."""
+        return {label: metrics.get(name) for label, metrics in self.per_label.items()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    from automedseg.atomic import atomic_write_text
+def read_metrics_summary(path: Path) -> MetricsSummary:
+    """Read an evaluation's ``metrics_summary.json``.
 
-    atomic_write_text(path, text)
+    Raises:
+        FileNotFoundError: There is no such file.
+        InputError: The file is not JSON or a field is wrong (the message names the file and the field).
+    """
+    return read_artifact(MetricsSummary, path)
 
 
 def evaluate_folders(
@@ -297,12 +342,8 @@ def evaluate_folders(
             writer.writerow(
                 [record["case"], record["file"], label, *(repr(metrics[m]) for m in METRIC_NAMES)]
             )
-    _atomic_write_text(output_dir / "metrics_per_case.csv", buffer.getvalue())
-    _atomic_write_text(
-        output_dir / "metrics_per_case.json",
-        json.dumps(_jsonable(per_case), indent=2, allow_nan=False) + "\n",
-    )
-    _atomic_write_text(
-        output_dir / "metrics_summary.json", json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n"
-    )
+    atomic_write_text(output_dir / "metrics_per_case.csv", buffer.getvalue())
+    atomic_write_json(output_dir / "metrics_per_case.json", per_case)
+    path = output_dir / METRICS_SUMMARY_FILE
+    write_artifact(path, MetricsSummary.from_mapping(summary, str(path)))
     return {**summary, "per_case": per_case}

@@ -31,6 +31,7 @@ import torch
 
 from automedseg.errors import InputError
 from automedseg.loaded_fold import LoadedFold
+from automedseg.network_cost import total_stride
 from automedseg.plans import ConfigurationPlan, Plans, to_jsonable
 
 GRAPH_NAME = "model.onnx"
@@ -132,8 +133,6 @@ def export_onnx(model: torch.nn.Module, plans: Plans, config: ConfigurationPlan,
     data = proto.SerializeToString()
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     # A second input shape (batch 1, spatial axes of another size) checks that the axes are really dynamic.
-    from automedseg.network import total_stride
-
     other = torch.randn((1, len(plans.channel_names),
                          *[p + s for p, s in zip(config.patch_size, total_stride(config.network))]), generator=gen)
     diff = 0.0
@@ -157,8 +156,6 @@ def export_onnx(model: torch.nn.Module, plans: Plans, config: ConfigurationPlan,
 def onnx_sidecar(plans: Plans, config: ConfigurationPlan, *, fold: str, info: dict[str, Any],
                  postprocessing: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON that says how to use a fold's graph without automedseg (``onnx.json``)."""
-    from automedseg.network import total_stride
-
     dims = config.dims
     spatial = _axis_names(dims)[2:]
     return {

@@ -41,7 +41,6 @@ from automedseg.errors import InputError
 
 if TYPE_CHECKING:
     from automedseg.plans import ConfigurationPlan, Plans
-    from automedseg.progress_events import ProgressEvents
     from automedseg.training_log import EpochRecord
 
 Log = Callable[[str], None]
@@ -205,14 +204,21 @@ def open_trackers(factories: Sequence[TrackerFactory] | None, run: RunInfo, *, a
     return TrackerSet([t for t in built if t is not None], log=run.log)
 
 
+class _HasTracker(Protocol):
+    """What gives a tracker per run (the JSON progress stream); a protocol, so this module needs not import it."""
+
+    def tracker(self, run: RunInfo) -> Tracker: ...
+
+
 def default_trackers() -> tuple[TrackerFactory, ...]:
     """What every training run reports to unless told otherwise: TensorBoard, when installed."""
     return (tensorboard_tracker,)
 
 
-def training_trackers(*, mlflow_uri: str | None = None, progress: ProgressEvents | None = None,
+def training_trackers(*, mlflow_uri: str | None = None, progress: _HasTracker | None = None,
                       ) -> tuple[TrackerFactory, ...]:
-    """The defaults plus MLflow (when ``mlflow_uri`` is given) and a JSON progress stream (``progress``)."""
+    """The defaults plus MLflow (when ``mlflow_uri`` is given) and a JSON progress stream (``progress``: the
+    :class:`~automedseg.progress_events.ProgressEvents` of ``--progress json``, whose ``tracker`` it adds)."""
     extra: list[TrackerFactory] = []
     if mlflow_uri:
         extra.append(mlflow_tracker(mlflow_uri))

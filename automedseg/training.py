@@ -47,7 +47,8 @@ from automedseg.inference import load_checkpoint
 from automedseg.io import atomic_write
 from automedseg.locks import folder_lock
 from automedseg.losses import DeepSupervisionLoss, soft_dice_loss  # noqa: F401 - soft_dice_loss: re-exported
-from automedseg.network import build_network, output_strides
+from automedseg.network import build_network
+from automedseg.network_cost import output_strides
 from automedseg.planning import END_WINDOW, budget_epochs, last_epoch_iterations
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import complete_cases
@@ -175,7 +176,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         splits = load_or_create_splits(ws, all_cases)
         if not str(fold).isdigit() or int(fold) >= len(splits):
             raise InputError(f"fold {fold}: {ws.splits_path} has folds 0-{len(splits) - 1} (or use 'all')")
-        train_ids, val_ids = splits[int(fold)]["train"], splits[int(fold)]["val"]
+        train_ids, val_ids = list(splits[int(fold)].train), list(splits[int(fold)].val)
     device = select_device(options.device)
     dist = Dist.start(device) if options.distributed else Dist()
     # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).

@@ -25,7 +25,7 @@ from automedseg.errors import InputError
 from automedseg.io import read_label
 from automedseg.plans import PlanError, Plans, indices_to_values
 from automedseg.preprocessing import case_meta_path, read_case_meta
-from automedseg.splits import read_splits
+from automedseg.splits import Splits, read_splits
 from automedseg.validation_summary import SUMMARY_FILE, read_validation_summary
 from automedseg.workspace import Workspace
 
@@ -147,7 +147,7 @@ class ValidationOutputs:
         }
 
 
-def _read_splits(ws: Workspace) -> list[dict[str, list[str]]] | None:
+def _read_splits(ws: Workspace) -> Splits | None:
     return read_splits(ws.splits_path) if ws.splits_path.is_file() else None
 
 
@@ -174,7 +174,7 @@ def _configuration_info(ws: Workspace, configuration: str) -> tuple[str, tuple[i
 
 
 def _fold_names(ws: Workspace, configuration: str, folds: Sequence[int | str] | None,
-                splits: list[dict[str, Any]] | None) -> list[str]:
+                splits: Splits | None) -> list[str]:
     if folds is not None:
         return [str(f) for f in folds]
     found = {int(p.name[5:]) for p in ws.configuration_dir(configuration).glob("fold_*")
@@ -216,7 +216,7 @@ def collect_validation(ws: Workspace, configuration: str, *,
             summary = None
         expected: list[str] | None = None
         if splits is not None and fold.isdigit() and int(fold) < len(splits):
-            expected = [str(c) for c in splits[int(fold)]["val"]]
+            expected = list(splits[int(fold)].val)
         elif summary is not None:
             expected = list(summary.cases)
         if not found:

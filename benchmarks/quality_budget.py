@@ -43,11 +43,13 @@ Results go to ``benchmarks/results/quality_budget.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,6 +70,9 @@ from _common import (  # noqa: E402
     write_results,
 )
 from predict_speed import run_timestamped  # noqa: E402
+
+if TYPE_CHECKING:
+    from automedseg.splits import Splits
 
 CONFIGURATION = "3d_fullres"
 PLANS_IDENTIFIER = "nnUNetPlans"
@@ -319,7 +324,7 @@ def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, ite
     cases = complete_cases(ws.preprocessed_dir(cfg.data_identifier), plans, cfg)
     splits = load_or_create_splits(ws, cases)  # exactly what `automedseg train` would make
     if val_cases is not None:
-        splits[FOLD] = {"train": splits[FOLD]["train"], "val": splits[FOLD]["val"][:val_cases]}
+        splits = with_fewer_val_cases(splits, val_cases)
         write_splits(ws.splits_path, splits)
     args = ["train", msd_dir, "--work-dir", work, "-c", CONFIGURATION, "-f", FOLD, "--time-budget", budget,
             "--threads", BENCH_THREADS, "--restart"]
@@ -334,21 +339,28 @@ def train_automedseg(msd_dir: Path, work: Path, *, budget: str, device: str, ite
 # --------------------------------------------------------------------------------------------------------
 
 
-def write_nnunet_split(pre: Path, splits: list[dict]) -> dict:
+def with_fewer_val_cases(splits: Splits, val_cases: int) -> Splits:
+    """``splits`` with fold :data:`FOLD` validating only on its first ``val_cases`` cases."""
+    fold = splits[FOLD]
+    return (*splits[:FOLD], dataclasses.replace(fold, val=fold.val[:val_cases]), *splits[FOLD + 1:])
+
+
+def write_nnunet_split(pre: Path, splits: Splits) -> dict:
     """Write ``splits_final.json`` (automedseg's split) into nnU-Net's preprocessed dataset folder."""
     data_dir = pre / f"{PLANS_IDENTIFIER}_{CONFIGURATION}"
     have = {p.name.split(".")[0] for p in data_dir.iterdir() if not p.name.endswith("_seg.b2nd")} if \
         data_dir.is_dir() else set()
-    need = {c for s in splits for c in (*s["train"], *s["val"])}
+    need = {c for s in splits for c in (*s.train, *s.val)}
     missing = sorted(need - have)
     if missing:
         raise SystemExit(f"{len(missing)} split cases are not in nnU-Net's preprocessed data {data_dir}: "
                          f"{missing[:5]}")
     path = pre / "splits_final.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
-    path.write_text(json.dumps(splits, indent=1))
+    data = [{"train": list(s.train), "val": list(s.val)} for s in splits]  # nnU-Net's format (automedseg's too)
+    path.write_text(json.dumps(data, indent=1))
     return {"path": str(path), "replaced_existing": previous is not None,
-            "existing_was_identical": previous == splits if previous is not None else None}
+            "existing_was_identical": previous == data if previous is not None else None}
 
 
 def train_nnunet(bin_dir: Path, *, work_root: Path, scratch: Path, dataset_name: str, budget_s: float,
@@ -536,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = read_splits(a_work / "splits.json")
     if args.val_cases is not None and args.automedseg_work_dir is not None:
-        splits[FOLD] = {"train": splits[FOLD]["train"], "val": splits[FOLD]["val"][: args.val_cases]}
+        splits = with_fewer_val_cases(splits, args.val_cases)
 
     nnunet = None
     split_info = None

@@ -796,11 +796,13 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
             steps["evaluate"] = _brief(run_cli(["evaluate", raw / "labelsTs", pred_dir, "-o", eval_dir],
                                                log_path=logs / "evaluate.log", label=f"{spec.name} evaluate",
                                                threads=threads))
-            full = json.loads((eval_dir / "metrics_summary.json").read_text())
+            from automedseg.metrics import METRICS_SUMMARY_FILE, read_metrics_summary
+
+            full = read_metrics_summary(eval_dir / METRICS_SUMMARY_FILE)
             test: dict[str, Any] = {
-                "n_cases": full.get("n_cases"),
-                "full_image_dice_per_label": {str(k): v.get("dice") for k, v in full["per_label"].items()},
-                "full_image_missing_predictions": full.get("missing_predictions"),
+                "n_cases": full.n_cases,
+                "full_image_dice_per_label": full.metric_per_label("dice"),
+                "full_image_missing_predictions": list(full.missing_predictions),
             }
             if (raw / "fovTs").is_dir():
                 test["fov"] = score_drive_test(raw, pred_dir, labels)

@@ -28,6 +28,7 @@ from automedseg.constants import N_SPLITS
 
 if TYPE_CHECKING:
     from automedseg.fingerprint import ClassStats, Fingerprint
+    from automedseg.plans import NetworkPlan
 
 torch.set_num_threads(1)
 
@@ -277,6 +278,35 @@ def _synthetic_fingerprint(spacings: Sequence[Sequence[float]], shapes: Sequence
         dataset=DatasetSummary.of_cases(cases, intensity=pooled, labels=labels.values()),
         cases=tuple(cases),
     )
+
+
+def _small_network_plan(architecture: str, dims: int, *, widths: tuple[int, ...] = (4, 8, 8),
+                        deep_supervision: bool = True, n_enc: int = 2, n_dec: int = 1) -> NetworkPlan:
+    """A small anisotropic network plan: in-plane-only first downsampling, (1,3,3) first kernel in 3D."""
+    from automedseg.plans import NetworkPlan
+
+    n = len(widths)
+    if dims == 3:
+        kernels = ((1, 3, 3),) + ((3, 3, 3),) * (n - 1)
+        strides = ((1, 1, 1), (1, 2, 2)) + ((2, 2, 2),) * (n - 2)
+    else:
+        kernels = ((3, 3),) + ((3, 1),) * (n - 1)
+        strides = ((1, 1), (1, 2)) + ((2, 2),) * (n - 2)
+    return NetworkPlan(
+        architecture=architecture,
+        features_per_stage=widths,
+        kernel_sizes=kernels,
+        strides=strides,
+        n_conv_per_stage_encoder=(n_enc,) * n,
+        n_conv_per_stage_decoder=(n_dec,) * (n - 1),
+        deep_supervision=deep_supervision,
+    )
+
+
+@pytest.fixture
+def small_network_plan() -> Callable[..., NetworkPlan]:
+    """Factory: ``small_network_plan(architecture, dims, widths=, deep_supervision=, n_enc=, n_dec=)``."""
+    return _small_network_plan
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from automedseg.cli import main
 from automedseg.dicom import discover_dicom_series, read_dicom_series, segment_numbers
-from automedseg.images import DatasetError
+from automedseg.errors import DatasetError
 
 PREDICT = ["--threads", "1", "--no-mirror", "--device", "cpu"]
 

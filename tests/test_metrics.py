@@ -13,6 +13,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from automedseg import metrics as M
+from automedseg.atomic import jsonable
+from automedseg.errors import InputError
 
 SPACING_3D = (3.0, 0.7, 0.9)  # (z, y, x)
 SPACING_2D = (0.7, 0.9)  # (y, x)
@@ -348,11 +350,15 @@ def test_evaluate_folders(folders: tuple[Path, Path]) -> None:
         for name, value in expected[label].items():
             assert result["per_case"][0]["metrics"][label][name] == pytest.approx(value, rel=1e-5), name
 
-    summary = json.loads((pred_dir / "metrics_summary.json").read_text())
-    assert summary["missing_predictions"] == ["case_b.nii.gz"]
-    assert summary["n_cases"] == 2 and summary["tolerance_mm"] == 1.5
-    assert summary["per_label"]["1"]["dice"] == pytest.approx(result["per_label"][1]["dice"])
-    assert "per_case" not in summary
+    summary = M.read_metrics_summary(pred_dir / M.METRICS_SUMMARY_FILE)
+    assert summary.missing_predictions == ("case_b.nii.gz",)
+    assert summary.n_cases == 2 and summary.tolerance_mm == 1.5 and summary.labels == (1, 2)
+    assert summary.metric_per_label("dice")["1"] == pytest.approx(result["per_label"][1]["dice"])
+    assert summary.n_valid["2"]["dice"] == 2
+    # the file keeps the format of the summary dictionary (keys in order, NaN as null)
+    text = (pred_dir / M.METRICS_SUMMARY_FILE).read_text()
+    summary_only = {k: v for k, v in result.items() if k != "per_case"}
+    assert text == json.dumps(jsonable(summary_only), indent=2, allow_nan=False) + "\n"
 
     per_case = json.loads((pred_dir / "metrics_per_case.json").read_text())
     assert [r["file"] for r in per_case] == ["case_a.nii.gz", "case_c.mha"]
@@ -404,3 +410,15 @@ def test_evaluate_folders_shape_mismatch_names_file(tmp_path: Path) -> None:
 def test_evaluate_folders_without_references(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no images"):
         M.evaluate_folders(tmp_path, tmp_path, labels=None, output_dir=None)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"per_label": {}}), "missing field 'n_cases'"),
+    (json.dumps({"n_cases": 1, "per_label": {"1": {"dice": "high"}}}), r"per_label\.1\.dice: expected a number"),
+])
+def test_read_metrics_summary_names_the_file_and_field(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / M.METRICS_SUMMARY_FILE
+    path.write_text(content)
+    with pytest.raises(InputError, match=f"metrics_summary.json.*{message}"):
+        M.read_metrics_summary(path)

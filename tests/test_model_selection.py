@@ -20,13 +20,15 @@ from automedseg.plans import (
     TrainingPlan,
 )
 from automedseg.postprocessing import load_postprocessing
+from automedseg.splits import FoldSplit, write_splits
 from automedseg.validation_outputs import ValidationCases, average_probabilities, collect_validation
 from automedseg.workspace import Workspace
 
 SHAPE = (6, 10, 10)  # (z, y, x)
 SPACING = (2.0, 1.0, 1.0)
 CASES = [f"case_{i}" for i in range(4)]
-SPLITS = [{"train": CASES[2:], "val": CASES[:2]}, {"train": CASES[:2], "val": CASES[2:]}]
+SPLITS = (FoldSplit(train=tuple(CASES[2:]), val=tuple(CASES[:2])),
+          FoldSplit(train=tuple(CASES[:2]), val=tuple(CASES[2:])))
 GEOMETRY = Geometry(size=tuple(reversed(SHAPE)), spacing=tuple(reversed(SPACING)), origin=(0.0, 0.0, 0.0),
                     direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
 
@@ -77,7 +79,7 @@ def _make_work(root: Path, *, folds: dict[str, list[int]] | None = None, value: 
     device = DeviceProfile("cpu", "test", 1, 1.0, ((8, 1.0),))
     Plans("Test", ("T2",), {"background": 0, "organ": value}, (0, 1, 2), SPACING, SHAPE, device, configs
           ).save(ws.plans_path)
-    ws.splits_path.write_text(json.dumps(SPLITS))
+    write_splits(ws.splits_path, SPLITS)
     for case in CASES:
         label_file = root / "raw" / "labelsTr" / f"{case}.nii.gz"
         write_segmentation(_reference().astype(np.uint16) * value, GEOMETRY, label_file)
@@ -90,10 +92,10 @@ def _make_work(root: Path, *, folds: dict[str, list[int]] | None = None, value: 
         for fold in fold_list:
             vdir = ws.fold_dir(name, fold) / "validation"
             vdir.mkdir(parents=True)
-            for case in SPLITS[fold]["val"]:
+            for case in SPLITS[fold].val:
                 np.savez_compressed(vdir / f"{case}.npz", probabilities=probs)
                 write_segmentation(probs.argmax(0) * value, GEOMETRY, vdir / f"{case}.nii.gz")
-            (vdir / "summary.json").write_text(json.dumps({"cases": SPLITS[fold]["val"], "mean_dice": 0.0}))
+            (vdir / "summary.json").write_text(json.dumps({"cases": list(SPLITS[fold].val), "mean_dice": 0.0}))
     return ws
 
 

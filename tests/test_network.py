@@ -1,9 +1,10 @@
-"""Tests for automedseg.network: shapes, gradients, registry, cost model, bf16 and memory formats."""
+"""Tests for automedseg.network: shapes, gradients, registry, the cost model against the modules, bf16 and memory
+formats (the cost model alone: test_network_cost.py)."""
 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,49 +15,17 @@ from automedseg.network import (
     DynamicUNet,
     build_network,
     count_parameters,
-    cumulative_strides,
-    deep_supervision_scales,
-    estimate_activation_elements,
     estimate_forward_flops,
     estimate_training_flops,
     get_architecture,
     output_shapes,
     output_strides,
-    total_stride,
 )
 from automedseg.plans import NetworkPlan
 
 torch.set_num_threads(1)
 
 ARCHS = ("plain_unet", "residual_unet")
-
-
-def make_plan(
-    architecture: str,
-    dims: int,
-    *,
-    widths: tuple[int, ...] = (4, 8, 8),
-    deep_supervision: bool = True,
-    n_enc: int = 2,
-    n_dec: int = 1,
-) -> NetworkPlan:
-    """A small anisotropic plan: in-plane-only first downsampling, (1,3,3) first kernel in 3D."""
-    n = len(widths)
-    if dims == 3:
-        kernels = ((1, 3, 3),) + ((3, 3, 3),) * (n - 1)
-        strides = ((1, 1, 1), (1, 2, 2)) + ((2, 2, 2),) * (n - 2)
-    else:
-        kernels = ((3, 3),) + ((3, 1),) * (n - 1)
-        strides = ((1, 1), (1, 2)) + ((2, 2),) * (n - 2)
-    return NetworkPlan(
-        architecture=architecture,
-        features_per_stage=widths,
-        kernel_sizes=kernels,
-        strides=strides,
-        n_conv_per_stage_encoder=(n_enc,) * n,
-        n_conv_per_stage_decoder=(n_dec,) * (n - 1),
-        deep_supervision=deep_supervision,
-    )
 
 
 def patch_for(dims: int) -> tuple[int, ...]:
@@ -67,8 +36,8 @@ CASES = [(a, d) for a in ARCHS for d in (2, 3)]
 
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
-def test_deep_supervision_output_shapes(arch: str, dims: int) -> None:
-    net = make_plan(arch, dims)
+def test_deep_supervision_output_shapes(arch: str, dims: int, small_network_plan: Callable[..., NetworkPlan]) -> None:
+    net = small_network_plan(arch, dims)
     model = build_network(net, in_channels=2, num_classes=3, dims=dims)
     patch = patch_for(dims)
     outs = model(torch.randn(2, 2, *patch))
@@ -83,8 +52,9 @@ def test_deep_supervision_output_shapes(arch: str, dims: int) -> None:
 
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
-def test_gradients_reach_every_used_parameter(arch: str, dims: int) -> None:
-    net = make_plan(arch, dims)
+def test_gradients_reach_every_used_parameter(arch: str, dims: int,
+                                              small_network_plan: Callable[..., NetworkPlan]) -> None:
+    net = small_network_plan(arch, dims)
     model = build_network(net, in_channels=1, num_classes=2, dims=dims)
     x = torch.randn(2, 1, *patch_for(dims), requires_grad=True)
     loss = sum(o.square().mean() for o in model(x))
@@ -98,8 +68,9 @@ def test_gradients_reach_every_used_parameter(arch: str, dims: int) -> None:
 
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
-def test_deep_supervision_off_returns_tensor(arch: str, dims: int) -> None:
-    net = make_plan(arch, dims)
+def test_deep_supervision_off_returns_tensor(arch: str, dims: int,
+                                             small_network_plan: Callable[..., NetworkPlan]) -> None:
+    net = small_network_plan(arch, dims)
     model = build_network(net, in_channels=1, num_classes=3, dims=dims).eval()
     x = torch.randn(1, 1, *patch_for(dims))
     with torch.no_grad():
@@ -111,31 +82,31 @@ def test_deep_supervision_off_returns_tensor(arch: str, dims: int) -> None:
     torch.testing.assert_close(single, full)
 
 
-def test_plan_without_deep_supervision_has_same_state_dict_keys() -> None:
-    on = build_network(make_plan("plain_unet", 3), in_channels=1, num_classes=2, dims=3)
+def test_plan_without_deep_supervision_has_same_state_dict_keys(small_network_plan: Callable[..., NetworkPlan]) -> None:
+    on = build_network(small_network_plan("plain_unet", 3), in_channels=1, num_classes=2, dims=3)
     off = build_network(
-        make_plan("plain_unet", 3, deep_supervision=False), in_channels=1, num_classes=2, dims=3
+        small_network_plan("plain_unet", 3, deep_supervision=False), in_channels=1, num_classes=2, dims=3
     )
     assert off.deep_supervision is False
     assert set(on.state_dict()) == set(off.state_dict())
     off.load_state_dict(on.state_dict())
     assert isinstance(off(torch.randn(1, 1, 8, 16, 16)), torch.Tensor)
-    assert output_strides(make_plan("plain_unet", 3, deep_supervision=False)) == ((1, 1, 1),)
+    assert output_strides(small_network_plan("plain_unet", 3, deep_supervision=False)) == ((1, 1, 1),)
 
 
-def test_registry_rejects_unknown_names() -> None:
+def test_registry_rejects_unknown_names(small_network_plan: Callable[..., NetworkPlan]) -> None:
     assert set(ARCHITECTURE_REGISTRY) == {"plain_unet", "residual_unet"}
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         get_architecture("nope")
-    net = make_plan("plain_unet", 3)
+    net = small_network_plan("plain_unet", 3)
     object.__setattr__(net, "architecture", "transformer")  # bypass the plan's own validation
     with pytest.raises(ValueError, match="transformer"):
         build_network(net, in_channels=1, num_classes=2, dims=3)
 
 
-def test_registry_dispatches_on_architecture() -> None:
-    plain = build_network(make_plan("plain_unet", 2), in_channels=1, num_classes=2, dims=2)
-    res = build_network(make_plan("residual_unet", 2), in_channels=1, num_classes=2, dims=2)
+def test_registry_dispatches_on_architecture(small_network_plan: Callable[..., NetworkPlan]) -> None:
+    plain = build_network(small_network_plan("plain_unet", 2), in_channels=1, num_classes=2, dims=2)
+    res = build_network(small_network_plan("residual_unet", 2), in_channels=1, num_classes=2, dims=2)
     assert type(plain) is ARCHITECTURE_REGISTRY["plain_unet"]
     assert type(res) is ARCHITECTURE_REGISTRY["residual_unet"]
     assert isinstance(plain, DynamicUNet) and isinstance(res, DynamicUNet)
@@ -146,31 +117,24 @@ def test_registry_dispatches_on_architecture() -> None:
     ("dims", "kernel_dims", "patch"),
     [(2, 3, (16, 16)), (3, 2, (8, 16, 16))],
 )
-def test_dimension_mismatch_is_rejected(dims: int, kernel_dims: int, patch: tuple[int, ...]) -> None:
-    net = make_plan("plain_unet", kernel_dims)
+def test_dimension_mismatch_is_rejected(dims: int, kernel_dims: int, patch: tuple[int, ...],
+                                        small_network_plan: Callable[..., NetworkPlan]) -> None:
+    net = small_network_plan("plain_unet", kernel_dims)
     with pytest.raises(ValueError, match="entries"):
         build_network(net, in_channels=1, num_classes=2, dims=dims)
     with pytest.raises(ValueError):
         estimate_training_flops(net, in_channels=1, num_classes=2, patch_size=patch, dims=dims)
 
 
-def test_indivisible_input_is_rejected() -> None:
-    model = build_network(make_plan("plain_unet", 3), in_channels=1, num_classes=2, dims=3)
+def test_indivisible_input_is_rejected(small_network_plan: Callable[..., NetworkPlan]) -> None:
+    model = build_network(small_network_plan("plain_unet", 3), in_channels=1, num_classes=2, dims=3)
     assert model.total_stride == (2, 4, 4)
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 1, 8, 18, 16))
 
 
-def test_strides_helpers() -> None:
-    net = make_plan("plain_unet", 3, widths=(4, 8, 8, 8))
-    assert cumulative_strides(net) == ((1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8))
-    assert total_stride(net) == (4, 8, 8)
-    assert output_strides(net) == ((1, 1, 1), (1, 2, 2), (2, 4, 4))
-    assert deep_supervision_scales(net)[1] == (1.0, 0.5, 0.5)
-
-
-def test_weight_init_and_parameter_count() -> None:
-    model = build_network(make_plan("residual_unet", 3), in_channels=1, num_classes=2, dims=3)
+def test_weight_init_and_parameter_count(small_network_plan: Callable[..., NetworkPlan]) -> None:
+    model = build_network(small_network_plan("residual_unet", 3), in_channels=1, num_classes=2, dims=3)
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
     assert convs and all(float(m.bias.detach().abs().sum()) == 0.0 for m in convs)
     norms = [m for m in model.modules() if isinstance(m, nn.InstanceNorm3d)]
@@ -203,8 +167,9 @@ def _measured_forward_flops(model: nn.Module, x: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
 @pytest.mark.parametrize("deep_supervision", [True, False])
-def test_flop_estimate_matches_the_model(arch: str, dims: int, deep_supervision: bool) -> None:
-    net = make_plan(arch, dims, deep_supervision=deep_supervision)
+def test_flop_estimate_matches_the_model(arch: str, dims: int, deep_supervision: bool,
+                                         small_network_plan: Callable[..., NetworkPlan]) -> None:
+    net = small_network_plan(arch, dims, deep_supervision=deep_supervision)
     patch = patch_for(dims)
     model = build_network(net, in_channels=2, num_classes=3, dims=dims)
     measured = _measured_forward_flops(model, torch.randn(1, 2, *patch))
@@ -218,38 +183,12 @@ def test_flop_estimate_matches_the_model(arch: str, dims: int, deep_supervision:
     assert train == pytest.approx(3.0 * measured)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_flop_estimate_scaling(arch: str) -> None:
-    kw = {"in_channels": 1, "num_classes": 3, "dims": 3}
-    net = make_plan(arch, 3, widths=(32, 64, 128, 256))
-    base = estimate_training_flops(net, patch_size=(16, 64, 64), **kw)
-    assert base > 0
-    bigger = estimate_training_flops(net, patch_size=(32, 64, 128), **kw)
-    assert bigger / base == pytest.approx(4.0, rel=0.05)
-    wide = make_plan(arch, 3, widths=(64, 128, 256, 512))
-    ratio = estimate_training_flops(wide, patch_size=(16, 64, 64), **kw) / base
-    assert 3.5 < ratio < 4.05
-    mem = estimate_activation_elements(net, patch_size=(16, 64, 64), **kw)
-    assert 0 < mem
-    assert estimate_activation_elements(net, patch_size=(32, 64, 128), **kw) / mem == pytest.approx(
-        4.0, rel=0.05
-    )
-
-
-def test_flop_estimate_is_cheap() -> None:
-    net = make_plan("residual_unet", 3, widths=(32, 64, 128, 256, 320, 320))
-    start = time.perf_counter()
-    for _ in range(200):
-        estimate_training_flops(net, in_channels=1, num_classes=3, patch_size=(64, 128, 128), dims=3)
-    assert time.perf_counter() - start < 1.0
-
-
 # --- precision and memory formats ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
-def test_bf16_autocast_forward_backward(arch: str, dims: int) -> None:
-    model = build_network(make_plan(arch, dims), in_channels=1, num_classes=2, dims=dims)
+def test_bf16_autocast_forward_backward(arch: str, dims: int, small_network_plan: Callable[..., NetworkPlan]) -> None:
+    model = build_network(small_network_plan(arch, dims), in_channels=1, num_classes=2, dims=dims)
     x = torch.randn(2, 1, *patch_for(dims))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = model(x)
@@ -261,9 +200,9 @@ def test_bf16_autocast_forward_backward(arch: str, dims: int) -> None:
 
 
 @pytest.mark.parametrize(("arch", "dims"), CASES)
-def test_channels_last(arch: str, dims: int) -> None:
+def test_channels_last(arch: str, dims: int, small_network_plan: Callable[..., NetworkPlan]) -> None:
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-    model = build_network(make_plan(arch, dims), in_channels=1, num_classes=2, dims=dims)
+    model = build_network(small_network_plan(arch, dims), in_channels=1, num_classes=2, dims=dims)
     x = torch.randn(2, 1, *patch_for(dims))
     with torch.no_grad():
         ref = model(x)

@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from automedseg.cli import main
 from automedseg.demo import make_demo_dataset
 from automedseg.locks import folder_lock
+from automedseg.splits import read_splits
 
 torch.set_num_threads(1)
 GARBAGE = b"\x00\x13\x37 this is not an image \xff\xfe" * 20
@@ -385,8 +386,8 @@ def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
     assert json.loads((cache / "cache_complete.json").read_text())["cases"] == [f"demo_{i:03d}" for i in range(40)]
     done = subprocess.run(train, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    splits = json.loads((work / "splits.json").read_text())
-    assert sorted(c for s in splits for c in s["val"]) == [f"demo_{i:03d}" for i in range(40)]
+    splits = read_splits(work / "splits.json")
+    assert sorted(c for s in splits for c in s.val) == [f"demo_{i:03d}" for i in range(40)]
 
 
 def test_second_trainer_on_a_fold_is_refused(env: Env) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from automedseg.errors import InputError
-from automedseg.splits import load_or_create_splits, read_splits, write_splits
+from automedseg.splits import FoldSplit, load_or_create_splits, read_splits, write_splits
 from automedseg.workspace import Workspace
 
 CASES = [f"c{i}" for i in range(10)]
@@ -17,22 +17,36 @@ CASES = [f"c{i}" for i in range(10)]
 def test_made_once_then_read_back(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     splits = load_or_create_splits(ws, CASES)
-    assert len(splits) == 5 and sorted(c for s in splits for c in s["val"]) == CASES
+    assert len(splits) == 5 and sorted(c for s in splits for c in s.val) == CASES
+    assert all(isinstance(s, FoldSplit) and isinstance(s.train, tuple) for s in splits)
     assert load_or_create_splits(ws, CASES) == splits == read_splits(ws.splits_path)
 
 
 def test_write_splits_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "splits.json"
-    splits = [{"train": ("a", "b"), "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]
+    splits = (FoldSplit(train=("a", "b"), val=("c",)), FoldSplit(train=("c",), val=("a", "b")))
     write_splits(path, splits)
-    assert read_splits(path) == [{"train": ["a", "b"], "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]
+    assert read_splits(path) == splits
     assert not list(tmp_path.glob(".*"))  # atomic: no temporary file left
 
 
+def test_the_file_format_is_a_list_of_train_val_objects(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    write_splits(path, [FoldSplit(train=("a", "b"), val=("c",)), FoldSplit(train=("c",), val=("a", "b"))])
+    expected = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]
+    assert path.read_text() == json.dumps(expected, indent=2) + "\n"
+
+
+def test_a_hand_edited_file_with_extra_keys_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps([{"train": ["a"], "val": ["b"], "note": "x"}, {"train": ["b"], "val": ["a"]}]))
+    assert read_splits(path) == (FoldSplit(("a",), ("b",)), FoldSplit(("b",), ("a",)))
+
+
 @pytest.mark.parametrize("splits", [
-    [{"train": ["a"], "val": ["b"]}],  # one fold
-    [{"train": ["a"]}, {"train": ["b"], "val": ["a"]}],  # no val
-    [{"train": ["a"], "val": [1]}, {"train": ["b"], "val": ["a"]}],  # not a case id
+    [FoldSplit(train=("a",), val=("b",))],  # one fold
+    [{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}],  # not typed
+    [FoldSplit(train=("a",), val=(1,)), FoldSplit(train=("b",), val=("a",))],  # not a case id
 ])
 def test_write_splits_refuses_a_bad_shape(tmp_path: Path, splits: list) -> None:
     path = tmp_path / "splits.json"

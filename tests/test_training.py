@@ -20,7 +20,7 @@ from automedseg.demo import make_demo_dataset
 from automedseg.device import precision_for
 from automedseg.pipeline import run_plan
 from automedseg.plans import Plans
-from automedseg.splits import load_or_create_splits
+from automedseg.splits import FoldSplit, load_or_create_splits
 from automedseg.training import (
     DeepSupervisionLoss,
     TrainOptions,
@@ -102,10 +102,10 @@ def test_splits_are_made_once_and_reused(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     ids = [f"c{i}" for i in range(10)]
     first = load_or_create_splits(ws, ids)
-    assert len(first) == 5 and sorted(sum((s["val"] for s in first), [])) == ids
+    assert len(first) == 5 and sorted(c for s in first for c in s.val) == ids
     edited = [{"train": ids[2:], "val": ids[:2]}] * 5
     ws.splits_path.write_text(json.dumps(edited))
-    assert load_or_create_splits(ws, ids) == edited
+    assert load_or_create_splits(ws, ids) == (FoldSplit(train=tuple(ids[2:]), val=tuple(ids[:2])),) * 5
 
 
 def test_loss_decreases_on_the_demo(planned: tuple[Path, Workspace]) -> None:
