@@ -134,9 +134,8 @@ def _mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
 #: --batches``, 2-core AMD EPYC, 1 thread, bf16, DRIVE's network of width 8, a busy machine): CPU seconds for 48
 #: slices of 192 x 160 with 4 mirrored copies fell from 5.9 (one slice, 4 samples, per call) to 5.3 / 5.1 at 8 /
 #: 16 samples per call and rose again at 42 / 64 (5.6 / 6.3: the activations outgrow the caches; a second run:
-#: 6.4 -> 5.6-5.8 at 8-24, 6.0 at 32). Peak memory
-#: of such a forward call: ~6.5 MiB a sample at width 8 and ~23 MiB at width 32 in bf16, twice that in float32,
-#: so well under 1 GiB here.
+#: 6.4 -> 5.6-5.8 at 8-24, 6.0 at 32). Peak memory of such a forward call: ~6.5 MiB a sample at width 8 and
+#: ~23 MiB at width 32 in bf16, twice that in float32, so well under 1 GiB here.
 FORWARD_VOXELS_2D = 16 * 192 * 256
 #: At most this many samples per forward call, however small the patch.
 MAX_FORWARD_BATCH = 32
