@@ -129,16 +129,66 @@ def _mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+#: Input voxels per forward call of a 2D configuration (all samples: tiles of several slices and their mirrored
+#: copies): 16 tiles of 192 x 256 (DRIVE's plan), 3 of 512 x 512. Provenance (``benchmarks/predict_speed_2d.py
+#: --batches``, 2-core AMD EPYC, 1 thread, bf16, DRIVE's network of width 8, a busy machine): CPU seconds for 48
+#: slices of 192 x 160 with 4 mirrored copies fell from 5.9 (one slice, 4 samples, per call) to 5.3 / 5.1 at 8 /
+#: 16 samples per call and rose again at 42 / 64 (5.6 / 6.3: the activations outgrow the caches; a second run:
+#: 6.4 -> 5.6-5.8 at 8-24, 6.0 at 32). Peak memory of such a forward call: ~6.5 MiB a sample at width 8 and
+#: ~23 MiB at width 32 in bf16, twice that in float32, so well under 1 GiB here.
+FORWARD_VOXELS_2D = 16 * 192 * 256
+#: At most this many samples per forward call, however small the patch.
+MAX_FORWARD_BATCH = 32
+
+
+def forward_batch_size(patch_size: Sequence[int], *, voxels: int = FORWARD_VOXELS_2D,
+                       cap: int = MAX_FORWARD_BATCH) -> int:
+    """Samples per forward call for a 2D patch: ``voxels`` input voxels, at least 1, at most ``cap``.
+
+    Example:
+        >>> forward_batch_size((192, 256)), forward_batch_size((512, 512)), forward_batch_size((32, 32))
+        (16, 3, 32)
+    """
+    return max(1, min(int(cap), int(voxels) // math.prod(int(p) for p in patch_size)))
+
+
+def _even_bounds(n: int, most: int) -> list[int]:
+    """Bounds that split ``range(n)`` into as few chunks of at most ``most`` as possible, evened out.
+
+    Example:
+        >>> _even_bounds(10, 3), _even_bounds(24, 10), _even_bounds(3, 10)
+        ([0, 2, 5, 7, 10], [0, 8, 16, 24], [0, 3])
+    """
+    calls = -(-n // max(1, most))
+    return [n * k // calls for k in range(calls + 1)]
+
+
 @torch.inference_mode()
 def predict_preprocessed(model: torch.nn.Module, data: np.ndarray, config: ConfigurationPlan, *,
                          device: torch.device, num_classes: int, step: float = 0.5,
-                         mirror_axes: Sequence[int] | None = None, tile_batch: int = 4,
-                         forward_batch: int = 8, amp: bool = True) -> np.ndarray:
+                         mirror_axes: Sequence[int] | None = None, tile_batch: int | None = None,
+                         forward_batch: int | None = None, amp: bool = True) -> np.ndarray:
     """Sliding-window logits over a preprocessed ``(C, Z, Y, X)`` image.
 
-    2D configurations predict each z-slice. Tiles are blended with a Gaussian, ``tile_batch`` at a time;
-    with ``mirror_axes`` (patch axes) the logits of all flip combinations are averaged. Tiles and their
-    mirrored copies run through the network ``forward_batch`` samples per call.
+    The tiles of every item (the volume in 3D, each z-slice in 2D) are blended with a Gaussian; with
+    ``mirror_axes`` (patch axes) the logits of all flip combinations are averaged. Tiles are taken
+    ``tile_batch`` at a time, in a 2D configuration across slices, and these tiles and all their mirrored copies
+    go through the network ``forward_batch`` samples per call: a few large batches use a CPU far better than
+    many small ones. Only the slices a batch touches are held padded, so memory stays that of the output.
+
+    Args:
+        model: The network (or any callable from a ``(N, C, *patch)`` tensor to ``(N, K, *patch)`` logits).
+        data: The preprocessed image.
+        config: Supplies the patch and dims.
+        device: Where the network runs and the logits are accumulated.
+        num_classes: ``K``.
+        step: Tile step as a fraction of the patch.
+        mirror_axes: Patch axes to mirror over (test-time augmentation); ``None``: no mirroring.
+        tile_batch: Tiles per batch; default: 2D ``forward_batch`` over the mirrored copies (at least 1), 3D 4.
+        forward_batch: Samples per forward call; default: 2D ``tile_batch`` times the mirrored copies, with
+            ``tile_batch`` from :func:`forward_batch_size` of the patch (so at least one tile and all its copies),
+            3D 8.
+        amp: bf16 (CPU) / fp16 (CUDA) autocast.
 
     Returns:
         float32 logits ``(K, Z, Y, X)``.
@@ -146,47 +196,60 @@ def predict_preprocessed(model: torch.nn.Module, data: np.ndarray, config: Confi
     patch = tuple(config.patch_size)
     dims = config.dims
     c, *spatial = data.shape
-    vol = data if dims == 3 else data.transpose(1, 0, 2, 3)  # 2D: slices become the batch (Z, C, Y, X)
+    vol = data if dims == 3 else data.transpose(1, 0, 2, 3)  # 2D: slices become the items (Z, C, Y, X)
     img_shape = tuple(spatial) if dims == 3 else tuple(spatial[1:])
     pad = [max(p - s, 0) for p, s in zip(patch, img_shape)]
     pad_before = [p // 2 for p in pad]
     padded_shape = tuple(s + p for s, p in zip(img_shape, pad))
+    crop = (slice(None), *[slice(b, b + s) for b, s in zip(pad_before, img_shape)])
     weight = torch.from_numpy(gaussian_importance(patch)).to(device)
     starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(padded_shape, patch)]))
+    regions = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts]
     flips = _mirror_sets([a + 2 for a in (mirror_axes or ())])
+    if dims == 3:  # 3D as before: a 3D patch is large already
+        tile_batch, forward_batch = tile_batch or 4, forward_batch or 8
+    elif forward_batch is None:  # whole tiles with all their mirrored copies, at least one
+        tile_batch = tile_batch or max(1, forward_batch_size(patch) // len(flips))
+        forward_batch = tile_batch * len(flips)
+    else:
+        tile_batch = tile_batch or max(1, forward_batch // len(flips))
     mf = memory_format(dims) if device.type == "cpu" else torch.contiguous_format
+    norm = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+    for region in regions:  # every item has the same tiles, so the same normaliser
+        norm[region] += weight
     n_items = 1 if dims == 3 else vol.shape[0]
+    jobs = [(item, t) for item in range(n_items) for t in range(len(starts))]  # item by item: few are live
+    live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # item -> (padded input, weighted logit sum)
     out = np.zeros((num_classes, *spatial), dtype=np.float32)
-    for item in range(n_items):
-        arr = vol if dims == 3 else vol[item]
-        x = torch.zeros((c, *padded_shape), dtype=torch.float32)
-        sl = tuple(slice(b, b + s) for b, s in zip(pad_before, img_shape))
-        x[(slice(None), *sl)] = torch.from_numpy(np.array(arr, dtype=np.float32))
-        x = x.to(device)
-        acc = torch.zeros((num_classes, *padded_shape), dtype=torch.float32, device=device)
-        norm = torch.zeros(padded_shape, dtype=torch.float32, device=device)
-        for i in range(0, len(starts), tile_batch):
-            chunk = starts[i:i + tile_batch]
-            tiles = torch.stack([x[(slice(None), *[slice(s, s + p) for s, p in zip(st, patch)])] for st in chunk])
-            # All mirrored copies of all tiles go through the network together, ``forward_batch`` at a time:
-            # a few large batches use a CPU far better than many batches of one.
-            inputs = torch.cat([torch.flip(tiles, f) if f else tiles for f in flips])
-            outs = []
-            for j in range(0, len(inputs), forward_batch):
-                with autocast_context(device, amp):
-                    outs.append(model(inputs[j:j + forward_batch].contiguous(memory_format=mf)).float())
-            y = torch.cat(outs).view(len(flips), len(chunk), num_classes, *patch)
-            logits = sum(torch.flip(y[k], f) if f else y[k] for k, f in enumerate(flips)) / len(flips)
-            for st, lg in zip(chunk, logits):
-                region = tuple(slice(s, s + p) for s, p in zip(st, patch))
-                acc[(slice(None), *region)] += lg * weight
-                norm[region] += weight
-        acc /= norm
-        res = acc[(slice(None), *sl)].cpu().numpy()
-        if dims == 3:
-            out[:] = res
-        else:
-            out[:, item] = res
+    bounds = _even_bounds(len(jobs), tile_batch)
+    for i, end in zip(bounds, bounds[1:]):
+        chunk = jobs[i:end]
+        for item, _ in chunk:
+            if item not in live:
+                x = torch.zeros((c, *padded_shape), dtype=torch.float32)
+                x[crop] = torch.from_numpy(np.array(vol if dims == 3 else vol[item], dtype=np.float32))
+                live[item] = (x.to(device), torch.zeros((num_classes, *padded_shape), dtype=torch.float32,
+                                                        device=device))
+        tiles = torch.stack([live[item][0][(slice(None), *regions[t])] for item, t in chunk])
+        # All mirrored copies of all tiles go through the network together, ``forward_batch`` at a time.
+        inputs = torch.cat([torch.flip(tiles, f) if f else tiles for f in flips])
+        outs = []
+        for j in range(0, len(inputs), forward_batch):
+            with autocast_context(device, amp):
+                outs.append(model(inputs[j:j + forward_batch].contiguous(memory_format=mf)).float())
+        y = torch.cat(outs).view(len(flips), len(chunk), num_classes, *patch)
+        logits = sum(torch.flip(y[k], f) if f else y[k] for k, f in enumerate(flips)) / len(flips)
+        for (item, t), lg in zip(chunk, logits):
+            live[item][1][(slice(None), *regions[t])] += lg * weight
+        finished = end // len(starts)  # items before this one have all their tiles
+        for item in [k for k in live if k < finished]:
+            acc = live.pop(item)[1]
+            acc /= norm
+            res = acc[crop].cpu().numpy()
+            if dims == 3:
+                out[:] = res
+            else:
+                out[:, item] = res
     return out
 
 
