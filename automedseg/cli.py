@@ -146,12 +146,12 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     budget = parse_duration(time_budget)
     ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
+    from automedseg import api
     from automedseg.io import DatasetError
-    from automedseg.pipeline import run_plan
 
     try:
-        plans = run_plan(dataset, ws, configurations=configurations or None, jobs=jobs, device=device,
-                         time_budget_s=budget, architecture=architecture, seed=seed, threads=threads,
+        plans = api.plan(dataset, work_dir=ws.root, configurations=configurations, jobs=jobs, device=device,
+                         time_budget=budget, architecture=architecture, seed=seed, threads=threads,
                          overwrite=overwrite, preprocess=not no_preprocess, progress=sys.stderr.isatty(),
                          calibration_cache=calibration_cache_path(), recalibrate=recalibrate, replan=replan,
                          log=click.echo)
@@ -208,22 +208,21 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         require_folder(dataset, "dataset folder")
     ws = planned_workspace(dataset, work_dir)
     folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
-    from automedseg.training import TrainOptions, train_fold
+    from automedseg import api
+
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and (device == "cuda" or (device is None and cuda_available())):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     is_main = int(os.environ.get("RANK", "0")) == 0
-    options = TrainOptions(
-        distributed=distributed,
-        device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-        time_budget_s=parse_duration(time_budget), restart=restart, pretrained=pretrained,
-        early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
-        validate=not no_validate, progress=sys.stderr.isatty() and is_main,
-        augment_on_device={"auto": None, "device": True, "workers": False}[augment_on],
-    )
+    budget = parse_duration(time_budget)
     for f in folds:
-        result = train_fold(ws, configuration, f, options=options, log=click.echo)
+        result = api.train(dataset, work_dir=ws.root, configuration=configuration, fold=f, distributed=distributed,
+                           device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                           time_budget=budget, restart=restart, pretrained=pretrained,
+                           early_stopping_patience=early_stopping, threads=threads, workers=workers, amp=not no_amp,
+                           validate=not no_validate, progress=sys.stderr.isatty() and is_main,
+                           augment_on=augment_on, log=click.echo)
         msg = f"fold {f}: {result.epochs_run} epochs, {result.train_seconds / 60:.1f} min"
         if result.validation and result.validation.get("mean_dice") is not None:
             msg += f", validation mean Dice {result.validation['mean_dice']:.4f}"
@@ -274,18 +273,17 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
         fail(["predict: name the model with -d DATASET [--work-dir WORK] or with --model MODEL.zip, one of them"])
     ws = existing_workspace(target, work_dir, hint="train a model first") if target is not None else None
     require_folder(input_dir, "input folder")
-    from automedseg.prediction import run_predict, run_predict_model
+    from automedseg import api
 
-    options = dict(folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
-                   postprocess=not no_postprocessing, save_probabilities=save_probabilities, overlays=overlays,
-                   overwrite=overwrite, device=device, threads=threads, progress=sys.stderr.isatty(),
-                   num_parts=num_parts, part_id=part_id, log=click.echo, case_log=lambda m: click.echo(m, err=True),
-                   engine=engine, amp=not no_amp, output_format=output_format)
     try:
-        if ws is None:
-            report = run_predict_model(model, input_dir, output_dir, configuration=configuration, **options)
-        else:
-            report = run_predict(ws, input_dir, output_dir, configuration=configuration, **options)
+        report = api.predict(input_dir, model=model if ws is None else target, work_dir=None if ws is None else ws.root,
+                             output_dir=output_dir, configuration=configuration,
+                             folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
+                             postprocess=not no_postprocessing, save_probabilities=save_probabilities,
+                             overlays=overlays, overwrite=overwrite, device=device, threads=threads,
+                             progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
+                             case_log=lambda m: click.echo(m, err=True), engine=engine, amp=not no_amp,
+                             output_format=output_format)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return
@@ -452,24 +450,24 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
     require_folder(prediction_dir, "prediction folder")
     import warnings
 
-    from automedseg.metrics import evaluate_folders
+    from automedseg import api
 
     try:
         with warnings.catch_warnings():  # geometry warnings come back in the summary and are printed below
             warnings.simplefilter("ignore", UserWarning)
-            summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
-                                       tolerance_mm=tolerance_mm, output_dir=output_dir)
+            summary = api.evaluate(reference_dir, prediction_dir, labels=labels, tolerance_mm=tolerance_mm,
+                                   output_dir=output_dir)
     except ValueError as e:
         fail([str(e)])
         return
-    for label, m in summary["per_label"].items():
+    for label, m in summary.per_label.items():
         click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
                    f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}")
-    for note in summary.get("geometry_warnings", []):
+    for note in summary.geometry_warnings:
         click.echo(f"warning: {note}", err=True)
-    if summary.get("missing_predictions"):
-        click.echo(f"missing predictions: {', '.join(summary['missing_predictions'])}", err=True)
-    click.echo(f"written to {output_dir or prediction_dir}")
+    if summary.missing_predictions:
+        click.echo(f"missing predictions: {', '.join(summary.missing_predictions)}", err=True)
+    click.echo(f"written to {summary.output_dir}")
 
 
 @main.command("report")
