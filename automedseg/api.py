@@ -231,8 +231,7 @@ def load_model(work_dir_or_bundle: PathLike, *, configuration: str | None = None
         log: Where notes go: the post-processing used (``None``: nowhere).
 
     Returns:
-        A `Predictor`: ``model.predict(array, spacing_mm=...)`` or
-        ``model.predict(sitk_image)``.
+        A `Predictor`: ``model.predict(array, spacing_mm=...)`` or ``model.predict(sitk_image)``.
 
     Raises:
         InputError: No trained model there, no ``find_best.json`` and no ``configuration``, a fold trained with
@@ -305,9 +304,9 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         case_log: Where the cases skipped go, one line each (files only; ``None``: nowhere).
 
     Returns:
-        With ``output_dir``: the `FolderReport` (``written``, ``skipped_existing``,
-        ``failed``; ``summary()`` is the line the command prints). Without: for a folder, case name -> label map;
-        for an array, its label map; for a SimpleITK image, a mask image with its geometry; for a list, a list.
+        With ``output_dir``: the `FolderReport` (``written``, ``skipped_existing``, ``failed``; ``summary()`` is the
+        line the command prints). Without: for a folder, case name -> label map; for an array, its label map; for a
+        SimpleITK image, a mask image with its geometry; for a list, a list.
 
     Raises:
         InputError: A missing folder, overlapping folders, a bad option, no usable model (as :func:`load_model`);
@@ -336,7 +335,7 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         raise InputError(f"{', '.join(k for k, v in ignored.items() if v)}: only with output_dir (files)")
     if isinstance(model, Predictor):
         given = [k for k, v in {"configuration": configuration, "folds": folds, "device": device,
-                                "work_dir": work_dir}.items() if v is not None]
+                                "work_dir": work_dir, "threads": threads}.items() if v is not None]
         if given or not postprocess or engine != "torch":
             raise InputError(f"{', '.join(given) or 'postprocess, engine'}: set when the model is loaded "
                              "(automedseg.load_model), not with a loaded model")
