@@ -24,17 +24,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from automedseg.api import (
-        CaseMetrics,
-        EvaluationSummary,
-        duration_seconds,
-        evaluate,
-        load_model,
-        plan,
-        predict,
-        train,
-    )
+    from automedseg.api import duration_seconds, evaluate, load_model, plan, predict, train
     from automedseg.inference import FolderReport
+    from automedseg.metrics import CaseMetrics, EvaluationSummary
     from automedseg.plans import Plans
     from automedseg.predictor import Predictor
     from automedseg.training_options import FoldResult
@@ -42,8 +34,8 @@ if TYPE_CHECKING:
 #: Public name -> the module that defines it (imported on first use).
 _EXPORTS = {
     "plan": "automedseg.api", "train": "automedseg.api", "predict": "automedseg.api", "evaluate": "automedseg.api",
-    "load_model": "automedseg.api", "duration_seconds": "automedseg.api", "EvaluationSummary": "automedseg.api",
-    "CaseMetrics": "automedseg.api", "Predictor": "automedseg.predictor", "Plans": "automedseg.plans",
+    "load_model": "automedseg.api", "duration_seconds": "automedseg.api", "EvaluationSummary": "automedseg.metrics",
+    "CaseMetrics": "automedseg.metrics", "Predictor": "automedseg.predictor", "Plans": "automedseg.plans",
     "FoldResult": "automedseg.training_options", "FolderReport": "automedseg.inference",
 }
 

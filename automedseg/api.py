@@ -20,23 +20,24 @@ The work folder of a dataset is, as for the commands, ``work_dir`` when given, e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast, overload
 
 if TYPE_CHECKING:
     import numpy as np
     import SimpleITK as sitk
 
     from automedseg.inference import FolderReport
+    from automedseg.metrics import EvaluationSummary
     from automedseg.plans import Plans
     from automedseg.predictor import Predictor
     from automedseg.training_options import FoldResult
     from automedseg.workspace import Workspace
 
-__all__ = ["plan", "train", "predict", "evaluate", "load_model", "EvaluationSummary", "CaseMetrics",
-           "duration_seconds"]
+    _InMemory: TypeAlias = "dict[str, np.ndarray] | np.ndarray | sitk.Image | list[np.ndarray | sitk.Image]"
+
+__all__ = ["plan", "train", "predict", "evaluate", "load_model", "duration_seconds"]
 
 Log = Callable[[str], None]
 PathLike = str | Path
@@ -260,6 +261,29 @@ def load_model(work_dir_or_bundle: PathLike, *, configuration: str | None = None
                               check_bundle=False, **options)
 
 
+@overload
+def predict(images: PathLike, *, model: PathLike, output_dir: PathLike, work_dir: PathLike | None = None,
+            configuration: str | None = None, folds: Sequence[int | str] | None = None,
+            spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
+            postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+            overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
+            amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
+            progress: bool = False, log: Log | None = print, case_log: Log | None = print,
+            ) -> FolderReport: ...
+
+
+@overload
+def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | sitk.Image], *,
+            model: PathLike | Predictor, output_dir: None = None, work_dir: PathLike | None = None,
+            configuration: str | None = None, folds: Sequence[int | str] | None = None,
+            spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
+            postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+            overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
+            amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
+            progress: bool = False, log: Log | None = print, case_log: Log | None = print,
+            ) -> _InMemory: ...
+
+
 def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | sitk.Image], *,
             model: PathLike | Predictor, output_dir: PathLike | None = None, work_dir: PathLike | None = None,
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
@@ -349,7 +373,8 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
             raise InputError("spacing_mm: image files carry their own spacing; pass it only with arrays")
         return predictor.predict_folder(images, **options)
     if isinstance(images, Sequence):
-        return [predictor.predict(image, spacing_mm=spacing_mm, **options) for image in images]
+        return [predictor.predict(cast("np.ndarray | sitk.Image", image), spacing_mm=spacing_mm, **options)
+                for image in images]
     return predictor.predict(images, spacing_mm=spacing_mm, **options)
 
 
@@ -365,85 +390,6 @@ def _predict_files(input_dir: Path, output_dir: Path, *, model: PathLike, work_d
     if ws is None:
         return run_predict_model(Path(model), input_dir, output_dir, configuration=configuration, **options)
     return run_predict(ws, input_dir, output_dir, configuration=configuration, **options)
-
-
-@dataclass(frozen=True)
-class CaseMetrics:
-    """The metrics of one evaluated case.
-
-    Attributes:
-        case: The case name (the file name without its ending).
-        file: The file name, the same in both folders.
-        metrics: Label -> metric name (``dice``, ``iou``, ``precision``, ``recall``, ``hd95``, ``assd``, ``nsd``,
-            volumes) -> value; distances in mm, NaN where undefined (one mask empty).
-    """
-
-    case: str
-    file: str
-    metrics: dict[int, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class EvaluationSummary:
-    """What :func:`evaluate` found: the figures of every label and case, and what the files written hold.
-
-    Attributes:
-        labels: The labels scored.
-        tolerance_mm: Tolerance of the normalised surface Dice.
-        n_cases: Cases scored (reference files with a prediction).
-        per_label: Label -> metric -> mean over the cases (NaN values left out).
-        n_valid: Label -> metric -> how many values each mean is based on.
-        foreground_mean: Metric -> mean of the per-label means over the labels other than 0.
-        per_case: Every case's metrics.
-        missing_predictions: Reference files without a prediction (not scored).
-        geometry_warnings: Predictions whose geometry differs from their reference (scored voxel by voxel).
-        output_dir: Where ``metrics_summary.json``, ``metrics_per_case.json`` and ``metrics_per_case.csv`` went.
-
-    Example:
-        >>> s = EvaluationSummary.from_dict({"labels": [1], "tolerance_mm": 1.0, "n_cases": 1,
-        ...     "per_label": {1: {"dice": 0.9}}, "n_valid": {1: {"dice": 1}}, "foreground_mean": {"dice": 0.9},
-        ...     "per_case": [{"case": "a", "file": "a.nii.gz", "metrics": {1: {"dice": 0.9}}}],
-        ...     "missing_predictions": [], "geometry_warnings": []}, output_dir=Path("out"))
-        >>> s.mean_dice, s.per_case[0].case, s.to_dict()["per_label"]
-        (0.9, 'a', {1: {'dice': 0.9}})
-    """
-
-    labels: tuple[int, ...]
-    tolerance_mm: float
-    n_cases: int
-    per_label: dict[int, dict[str, float]]
-    n_valid: dict[int, dict[str, int]]
-    foreground_mean: dict[str, float]
-    per_case: tuple[CaseMetrics, ...]
-    missing_predictions: tuple[str, ...]
-    geometry_warnings: tuple[str, ...]
-    output_dir: Path
-
-    @property
-    def mean_dice(self) -> float:
-        """The mean Dice over the foreground labels (``foreground_mean["dice"]``)."""
-        return float(self.foreground_mean.get("dice", math.nan))
-
-    @classmethod
-    def from_dict(cls, summary: Mapping[str, Any], *, output_dir: Path) -> EvaluationSummary:
-        """From what :func:`automedseg.metrics.evaluate_folders` returns."""
-        return cls(labels=tuple(int(v) for v in summary["labels"]), tolerance_mm=float(summary["tolerance_mm"]),
-                   n_cases=int(summary["n_cases"]),
-                   per_label={int(k): dict(v) for k, v in summary["per_label"].items()},
-                   n_valid={int(k): dict(v) for k, v in summary["n_valid"].items()},
-                   foreground_mean=dict(summary["foreground_mean"]),
-                   per_case=tuple(CaseMetrics(r["case"], r["file"], {int(k): dict(v) for k, v in r["metrics"].items()})
-                                  for r in summary["per_case"]),
-                   missing_predictions=tuple(summary.get("missing_predictions", ())),
-                   geometry_warnings=tuple(summary.get("geometry_warnings", ())), output_dir=Path(output_dir))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary as :func:`automedseg.metrics.evaluate_folders` returns it (plain dicts and lists)."""
-        return {"labels": list(self.labels), "tolerance_mm": self.tolerance_mm,
-                "missing_predictions": list(self.missing_predictions),
-                "geometry_warnings": list(self.geometry_warnings), "n_cases": self.n_cases,
-                "per_label": self.per_label, "n_valid": self.n_valid, "foreground_mean": self.foreground_mean,
-                "per_case": [{"case": c.case, "file": c.file, "metrics": c.metrics} for c in self.per_case]}
 
 
 def evaluate(reference_dir: PathLike, prediction_dir: PathLike, *, labels: Sequence[int] | None = None,
@@ -463,14 +409,14 @@ def evaluate(reference_dir: PathLike, prediction_dir: PathLike, *, labels: Seque
         output_dir: Where the figures are written (default: ``prediction_dir``).
 
     Returns:
-        The :class:`EvaluationSummary`.
+        The `EvaluationSummary`.
 
     Raises:
         InputError: A folder does not exist, or no prediction matches a reference.
         ValueError: No reference images, a pair of different shapes, a label map that is not integral.
     """
     from automedseg.errors import InputError
-    from automedseg.metrics import evaluate_folders
+    from automedseg.metrics import EvaluationSummary, evaluate_folders
 
     for folder, what in ((reference_dir, "reference folder"), (prediction_dir, "prediction folder")):
         if not Path(folder).is_dir():

@@ -215,11 +215,10 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     if distributed and (device == "cuda" or (device is None and cuda_available())):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     is_main = int(os.environ.get("RANK", "0")) == 0
-    budget = parse_duration(time_budget)
     for f in folds:
         result = api.train(dataset, work_dir=ws.root, configuration=configuration, fold=f, distributed=distributed,
                            device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-                           time_budget=budget, restart=restart, pretrained=pretrained,
+                           time_budget=parse_duration(time_budget), restart=restart, pretrained=pretrained,
                            early_stopping_patience=early_stopping, threads=threads, workers=workers, amp=not no_amp,
                            validate=not no_validate, progress=sys.stderr.isatty() and is_main,
                            augment_on=augment_on, log=click.echo)
@@ -275,8 +274,10 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
     require_folder(input_dir, "input folder")
     from automedseg import api
 
+    source = target if target is not None else model
+    assert source is not None  # one of them, checked above
     try:
-        report = api.predict(input_dir, model=model if ws is None else target, work_dir=None if ws is None else ws.root,
+        report = api.predict(input_dir, model=source, work_dir=None if ws is None else ws.root,
                              output_dir=output_dir, configuration=configuration,
                              folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
                              postprocess=not no_postprocessing, save_probabilities=save_probabilities,

@@ -87,6 +87,10 @@ class Predictor:
     def predict(self, image: sitk.Image, *, spacing_mm: None = None, step: float = 0.5, mirror: bool = True,
                 amp: bool = True) -> sitk.Image: ...
 
+    @overload
+    def predict(self, image: np.ndarray | sitk.Image, *, spacing_mm: Sequence[float] | None = None,
+                step: float = 0.5, mirror: bool = True, amp: bool = True) -> np.ndarray | sitk.Image: ...
+
     def predict(self, image: np.ndarray | sitk.Image, *, spacing_mm: Sequence[float] | None = None,
                 step: float = 0.5, mirror: bool = True, amp: bool = True) -> np.ndarray | sitk.Image:
         """Segment one image in memory.

@@ -21,9 +21,9 @@ import torch
 
 import automedseg
 from automedseg import planning
-from automedseg.api import EvaluationSummary
 from automedseg.errors import InputError
 from automedseg.inference import FolderReport
+from automedseg.metrics import EvaluationSummary
 from automedseg.plans import Plans
 from automedseg.predictor import Predictor
 from automedseg.training_options import FoldResult
