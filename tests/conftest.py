@@ -798,6 +798,8 @@ def write_dicom_series() -> Callable[..., dict[str, str]]:
 def _untrained_model(dataset: Path, work: Path, configuration: str, *, seed: int = 0) -> Path:
     """``dataset`` planned into ``work`` for ``configuration`` (not preprocessed) and a fold 0 with random weights:
     all that inference reads (the fold's plan copy and a checkpoint). Returns the work folder."""
+    import dataclasses
+
     from automedseg.network import build_network
     from automedseg.pipeline import run_plan
     from automedseg.workspace import Workspace
@@ -811,7 +813,7 @@ def _untrained_model(dataset: Path, work: Path, configuration: str, *, seed: int
                           dims=config.dims)
     fold_dir = ws.fold_dir(configuration, 0)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    plans.__class__(**{**plans.__dict__, "configurations": {configuration: config}}).save(fold_dir / "plans.json")
+    dataclasses.replace(plans, configurations={configuration: config}).save(fold_dir / "plans.json")
     torch.save({"model": model.state_dict()}, fold_dir / "checkpoint_final.pt")
     return work
 
