@@ -158,12 +158,12 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
     budget = parse_duration(time_budget)
     ws = workspace_for(dataset, work_dir)
     t0 = time.perf_counter()
+    from automedseg import api
     from automedseg.io import DatasetError
-    from automedseg.pipeline import run_plan
 
     try:
-        plans = run_plan(dataset, ws, configurations=configurations or None, jobs=jobs, device=device,
-                         time_budget_s=budget, architecture=architecture, seed=seed, threads=threads,
+        plans = api.plan(dataset, work_dir=ws.root, configurations=configurations, jobs=jobs, device=device,
+                         time_budget=budget, architecture=architecture, seed=seed, threads=threads,
                          overwrite=overwrite, preprocess=not no_preprocess, progress=sys.stderr.isatty(),
                          calibration_cache=calibration_cache_path(), recalibrate=recalibrate, replan=replan,
                          log=click.echo)
@@ -225,7 +225,8 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
         require_folder(dataset, "dataset folder")
     ws = planned_workspace(dataset, work_dir)
     folds: list[int | str] = [parse_fold(f) for f in fold.split(",")]
-    from automedseg.training import TrainOptions, train_fold
+    from automedseg import api
+
     # Launched by torchrun: join its process group (DistributedDataParallel), one GPU per local rank.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and (device == "cuda" or (device is None and cuda_available())):
@@ -233,17 +234,14 @@ def train(dataset: Path, work_dir: Path | None, configuration: str, fold: str, d
     is_main = int(os.environ.get("RANK", "0")) == 0
     from automedseg.tracking import training_trackers
 
-    options = TrainOptions(
-        distributed=distributed,
-        device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
-        time_budget_s=parse_duration(time_budget), restart=restart, pretrained=pretrained,
-        early_stopping_patience=early_stopping, threads=threads, num_workers=workers, amp=not no_amp,
-        validate=not no_validate, progress=sys.stderr.isatty() and is_main,
-        augment_on_device={"auto": None, "device": True, "workers": False}[augment_on],
-        trackers=training_trackers(mlflow_uri=mlflow, progress=events),
-    )
     for f in folds:
-        result = train_fold(ws, configuration, f, options=options, log=click.echo)
+        result = api.train(dataset, work_dir=ws.root, configuration=configuration, fold=f, distributed=distributed,
+                           device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                           time_budget=parse_duration(time_budget), restart=restart, pretrained=pretrained,
+                           early_stopping_patience=early_stopping, threads=threads, workers=workers, amp=not no_amp,
+                           validate=not no_validate, progress=sys.stderr.isatty() and is_main,
+                           augment_on=augment_on, trackers=training_trackers(mlflow_uri=mlflow, progress=events),
+                           log=click.echo)
         msg = f"fold {f}: {result.epochs_run} epochs, {result.train_seconds / 60:.1f} min"
         if result.validation and result.validation.get("mean_dice") is not None:
             msg += f", validation mean Dice {result.validation['mean_dice']:.4f}"

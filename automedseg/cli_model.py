@@ -64,18 +64,19 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
         fail(["predict: name the model with -d DATASET [--work-dir WORK] or with --model MODEL.zip, one of them"])
     ws = existing_workspace(target, work_dir, hint="train a model first") if target is not None else None
     require_folder(input_dir, "input folder")
-    from automedseg.prediction import run_predict, run_predict_model
+    from automedseg import api
 
-    options = dict(folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
-                   postprocess=not no_postprocessing, save_probabilities=save_probabilities, overlays=overlays,
-                   overwrite=overwrite, device=device, threads=threads, progress=sys.stderr.isatty(),
-                   num_parts=num_parts, part_id=part_id, log=click.echo, case_log=lambda m: click.echo(m, err=True),
-                   engine=engine, amp=not no_amp, output_format=output_format)
+    source = target if target is not None else model
+    assert source is not None  # one of them, checked above
     try:
-        if ws is None:
-            report = run_predict_model(model, input_dir, output_dir, configuration=configuration, **options)
-        else:
-            report = run_predict(ws, input_dir, output_dir, configuration=configuration, **options)
+        report = api.predict(input_dir, model=source, work_dir=None if ws is None else ws.root,
+                             output_dir=output_dir, configuration=configuration,
+                             folds=[parse_fold(f) for f in folds] or None, step=step, mirror=not no_mirror,
+                             postprocess=not no_postprocessing, save_probabilities=save_probabilities,
+                             overlays=overlays, overwrite=overwrite, device=device, threads=threads,
+                             progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
+                             case_log=lambda m: click.echo(m, err=True), engine=engine, amp=not no_amp,
+                             output_format=output_format)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return
@@ -171,24 +172,24 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
     require_folder(prediction_dir, "prediction folder")
     import warnings
 
-    from automedseg.metrics import evaluate_folders
+    from automedseg import api
 
     try:
         with warnings.catch_warnings():  # geometry warnings come back in the summary and are printed below
             warnings.simplefilter("ignore", UserWarning)
-            summary = evaluate_folders(reference_dir, prediction_dir, labels=list(labels) or None,
-                                       tolerance_mm=tolerance_mm, output_dir=output_dir)
+            summary = api.evaluate(reference_dir, prediction_dir, labels=labels, tolerance_mm=tolerance_mm,
+                                   output_dir=output_dir)
     except ValueError as e:
         fail([str(e)])
         return
-    for label, m in summary["per_label"].items():
+    for label, m in summary.per_label.items():
         click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
                    f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}")
-    for note in summary.get("geometry_warnings", []):
+    for note in summary.geometry_warnings:
         click.echo(f"warning: {note}", err=True)
-    if summary.get("missing_predictions"):
-        click.echo(f"missing predictions: {', '.join(summary['missing_predictions'])}", err=True)
-    click.echo(f"written to {output_dir or prediction_dir}")
+    if summary.missing_predictions:
+        click.echo(f"missing predictions: {', '.join(summary.missing_predictions)}", err=True)
+    click.echo(f"written to {summary.output_dir}")
 
 
 @click.command("report")

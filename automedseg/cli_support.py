@@ -2,13 +2,13 @@
 and the calibration cache from the arguments and the environment, and turning errors into messages and exit codes.
 
 With :mod:`automedseg.cli`, the only module that reads environment variables (``AUTOMEDSEG_WORK_DIR``,
-``AUTOMEDSEG_CALIBRATION``, ``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``). Imports nothing heavy (``--help`` stays instant).
+``AUTOMEDSEG_CALIBRATION``, ``XDG_CACHE_HOME``, ``AUTOMEDSEG_DEBUG``); :mod:`automedseg.api` finds work folders and
+the calibration cache with the functions here, as the commands do. Imports nothing heavy (``--help`` stays instant).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,20 +26,13 @@ def parse_duration(text: str | None) -> float | None:
         >>> parse_duration("1h30m"), parse_duration("45"), parse_duration(None)
         (5400.0, 45.0, None)
     """
-    if text is None:
-        return None
-    t = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", t)
-        if not parts or "".join(a + b for a, b in parts) != t.replace(" ", ""):
-            raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 2h or 1h30m",
-                                     param_hint="'--time-budget'")
-        seconds = float(sum(float(v) * {"h": 3600, "m": 60, "s": 1}[u] for v, u in parts))
-    if seconds <= 0:
-        raise click.BadParameter(f"{text!r}: a duration must be longer than 0", param_hint="'--time-budget'")
-    return seconds
+    from automedseg.api import duration_seconds
+    from automedseg.errors import InputError
+
+    try:
+        return duration_seconds(text)
+    except InputError as e:
+        raise click.BadParameter(str(e), param_hint="'--time-budget'") from None
 
 
 def workspace_for(dataset: Path, work_dir: Path | None):

@@ -11,6 +11,7 @@ is kept so predictions can be written back with exactly the input's geometry.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +69,23 @@ def read_image_file(path: Path, *, spacing_2d_mm: Sequence[float] | None = None)
         OSError: SimpleITK cannot read it.
     """
     path = Path(path)
-    img = _read_sitk(path)
+    arr, geometry = image_to_array(_read_sitk(path))
+    if geometry.ndim == 2 and spacing_2d_mm is not None and file_ending(path) in IMAGE_ENDINGS_2D:
+        geometry = dataclasses.replace(geometry, spacing=(float(spacing_2d_mm[1]), float(spacing_2d_mm[0])))
+    return arr, geometry
+
+
+def image_to_array(img: sitk.Image) -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image as a ``(C, Z, Y, X)`` array (native dtype) and the geometry of its spatial part.
+
+    As :func:`read_image_file` reads files: a 4D image gives C = its 4th dimension, a vector (RGB) image C = its
+    components, a 2D image Z = 1.
+
+    Example:
+        >>> arr, geometry = image_to_array(sitk.Image(4, 3, sitk.sitkUInt8))
+        >>> arr.shape, geometry.size
+        ((1, 1, 3, 4), (4, 3))
+    """
     ncomp = img.GetNumberOfComponentsPerPixel()
     arr = sitk.GetArrayViewFromImage(img).copy()  # (z, y, x[, comp]) or (t, z, y, x) for 4D
     dim = img.GetDimension()
@@ -91,8 +108,6 @@ def read_image_file(path: Path, *, spacing_2d_mm: Sequence[float] | None = None)
         n_components = ncomp
         if dim == 2:
             arr = arr[:, None]  # (C, 1, Y, X)
-            if spacing_2d_mm is not None and file_ending(path) in IMAGE_ENDINGS_2D:
-                spacing = (float(spacing_2d_mm[1]), float(spacing_2d_mm[0]))
     geometry = Geometry(
         size=tuple(int(v) for v in size),
         spacing=tuple(float(v) for v in spacing),
@@ -125,12 +140,31 @@ def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
     expected = tuple(reversed(geometry.size))
     if arr.shape != expected:
         raise ValueError(f"{path}: array shape {arr.shape} does not match the geometry's {expected}")
-    img = sitk.GetImageFromArray(arr)
-    if file_ending(path) not in IMAGE_ENDINGS_2D:
-        img.SetSpacing(geometry.spacing)
-        img.SetOrigin(geometry.origin)
-        img.SetDirection(geometry.direction)
+    img = sitk.GetImageFromArray(arr) if file_ending(path) in IMAGE_ENDINGS_2D else array_to_image(arr, geometry)
     atomic_write(path, lambda tmp: sitk.WriteImage(img, str(tmp), useCompression=True))
+
+
+def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A scalar array (Z, Y, X) (``(1, Y, X)`` or ``(Y, X)`` for a 2D geometry) as a SimpleITK image with
+    exactly ``geometry``'s spacing, origin and direction.
+
+    Example:
+        >>> g = Geometry(size=(4, 3), spacing=(0.5, 2.0), origin=(1.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
+        >>> img = array_to_image(np.zeros((1, 3, 4), np.uint8), g)
+        >>> img.GetSize(), img.GetSpacing(), img.GetOrigin()
+        ((4, 3), (0.5, 2.0), (1.0, 0.0))
+    """
+    arr = np.asarray(array)
+    if geometry.ndim == 2 and arr.ndim == 3:
+        arr = arr[0]
+    expected = tuple(reversed(geometry.size))
+    if arr.shape != expected:
+        raise ValueError(f"array shape {arr.shape} does not match the geometry's {expected}")
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
 
 
 def discover_images(folder: Path, *, n_channels: int, file_ending_hint: str | None = None) -> list[CaseFiles]:

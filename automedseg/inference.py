@@ -4,7 +4,8 @@ A trained fold folder holds ``plans.json`` (the plan with the configuration as t
 ``checkpoint_final.pt`` (or ``checkpoint_best.pt`` / ``checkpoint_latest.pt``). :func:`load_fold`
 rebuilds the network from them; :func:`predict_preprocessed` runs a Gaussian-weighted sliding window with
 optional mirroring in preprocessed space; :func:`predict_case` goes from a raw image to class
-probabilities on the raw image grid, averaging several folds (an ensemble).
+probabilities on the raw image grid, averaging several folds (an ensemble); :func:`segment_case` makes the label
+map of one image as ``automedseg predict`` writes it, and :func:`predict_folder` does that for a folder.
 """
 
 from __future__ import annotations
@@ -366,17 +367,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
     check_step(step)
     output_dir = Path(output_dir)
     check_output_folder(Path(input_dir), output_dir)
-    dev = select_device(device)
-    loader = load_fold
-    if engine == "onnxruntime":
-        from automedseg.onnx_engine import load_onnx_fold
-
-        loader, amp = load_onnx_fold, False
-    elif engine != "torch":
-        raise InputError(f"--engine {engine}: use torch or onnxruntime")
-    groups = [[loader(d, device=dev, warn=log) for d in group] for group in fold_groups]
-    if engine == "onnxruntime":
-        dev = torch.device("cpu")  # the sliding window accumulates where ONNX Runtime hands its outputs back
+    groups, dev = load_fold_groups(fold_groups, device=device, engine=engine, warn=log)
+    amp = amp and engine == "torch"
     plans = groups[0][0].plans
     n_ch = len(plans.channel_names)
     cases = discover_images(Path(input_dir), n_channels=n_ch)[part_id::num_parts]
@@ -391,6 +383,76 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                               overwrite=overwrite, save_probabilities=save_probabilities,
                               postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
                               progress=progress, log=log, dicom_seg=output_format == "dicom-seg")
+
+
+def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | None = None, engine: str = "torch",
+                     warn: Callable[[str], None] = print) -> tuple[list[list[LoadedFold]], torch.device]:
+    """Load the folds of an ensemble (one list of fold folders per configuration) for :func:`segment_case`.
+
+    Args:
+        fold_groups: As :func:`predict_folder` takes them.
+        device: ``cpu``, ``cuda``, ``mps`` or ``None`` for what exists.
+        engine: ``torch``, or ``onnxruntime`` (the folds' ONNX graphs; they compute in float32, so pass
+            ``amp=False`` to :func:`segment_case`).
+        warn: Where a damaged checkpoint that a later one replaces is reported.
+
+    Returns:
+        The loaded folds and the device the sliding window accumulates on (the CPU for ONNX Runtime).
+    """
+    dev = select_device(device)
+    loader = load_fold
+    if engine == "onnxruntime":
+        from automedseg.onnx_engine import load_onnx_fold
+
+        loader = load_onnx_fold
+    elif engine != "torch":
+        raise InputError(f"--engine {engine}: use torch or onnxruntime")
+    groups = [[loader(d, device=dev, warn=warn) for d in group] for group in fold_groups]
+    if engine == "onnxruntime":
+        dev = torch.device("cpu")  # the sliding window accumulates where ONNX Runtime hands its outputs back
+    return groups, dev
+
+
+def segment_case(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geometry: Geometry, *,
+                 device: torch.device, step: float = 0.5, mirror: bool = True, amp: bool = True,
+                 postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                 source: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Segment one image with an ensemble: what ``automedseg predict`` does to each case before writing it.
+
+    Folds are averaged within a configuration, then configurations; the argmax is mapped to the declared label
+    values and ``postprocessing`` applied.
+
+    Args:
+        groups: Loaded folds, one list per configuration (:func:`load_fold_groups`).
+        image: float32 ``(C, Z, Y, X)`` as :func:`automedseg.io.read_images` reads it (Z = 1 for a 2D image).
+        geometry: Its geometry.
+        device: Where the sliding window runs.
+        step: Tile step as a fraction of the patch.
+        mirror: Test-time mirroring over the plan's mirror axes.
+        amp: bf16 / fp16 inference where :func:`~automedseg.device.precision_for` allows it.
+        postprocessing: Applied to the label map.
+        source: What the image is (its file), for the messages.
+
+    Returns:
+        The label map ``(Z, Y, X)`` of declared label values and the class probabilities ``(K, Z, Y, X)``.
+
+    Raises:
+        InputError: A 2D image for a model trained on 3D volumes, or the other way round.
+        ValueError: NaN or infinite intensities.
+    """
+    plans = groups[0][0].plans
+    trained_2d = plans.original_median_shape[0] == 1
+    if (geometry.ndim == 2 or geometry.size[-1] == 1) != trained_2d:
+        raise InputError(f"{source}: a {'2D image' if not trained_2d else '3D volume'}, but the "
+                         f"model was trained on {'2D images' if trained_2d else '3D volumes'}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError(f"{source}: NaN or infinite intensities")
+    probs = sum(predict_case(g, image, geometry, device=device, step=step, mirror=mirror, amp=amp)
+                for g in groups) / len(groups)
+    seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
+    if postprocessing is not None:
+        seg = postprocessing(seg)
+    return seg, probs
 
 
 def check_step(step: float) -> None:
@@ -429,9 +491,7 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
 
     from automedseg.io import atomic_save_npz, file_ending, read_images, write_segmentation
 
-    dev = device
     n_ch = len(plans.channel_names)
-    trained_2d = plans.original_median_shape[0] == 1
     report = FolderReport([], [], {}, 0.0)
     bar = None
     if progress:
@@ -448,16 +508,8 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                 report.skipped_existing.append(case.case_id)
                 continue
             image, geometry = read_images(case, n_channels=n_ch)
-            if (geometry.ndim == 2 or geometry.size[-1] == 1) != trained_2d:
-                raise InputError(f"{case.images[0]}: a {'2D image' if not trained_2d else '3D volume'}, but the "
-                                 f"model was trained on {'2D images' if trained_2d else '3D volumes'}")
-            if not np.all(np.isfinite(image)):
-                raise ValueError(f"{case.images[0]}: NaN or infinite intensities")
-            probs = sum(predict_case(g, image, geometry, device=dev, step=step, mirror=mirror, amp=amp)
-                        for g in groups) / len(groups)
-            seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
-            if postprocessing is not None:
-                seg = postprocessing(seg)
+            seg, probs = segment_case(groups, image, geometry, device=device, step=step, mirror=mirror, amp=amp,
+                                      postprocessing=postprocessing, source=str(case.images[0]))
             # The mask is written last: its presence marks a finished case (a kill before it redoes the case).
             if overlays:
                 from automedseg.overlays import save_overlay

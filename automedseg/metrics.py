@@ -150,6 +150,85 @@ def summarize(per_case: Sequence[Mapping[Any, Mapping[str, float]]]) -> dict[str
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CaseMetrics:
+    """The metrics of one evaluated case.
+
+    Attributes:
+        case: The case name (the file name without its ending).
+        file: The file name, the same in both folders.
+        metrics: Label -> metric name (``dice``, ``iou``, ``precision``, ``recall``, ``hd95``, ``assd``, ``nsd``,
+            volumes) -> value; distances in mm, NaN where undefined (one mask empty).
+    """
+
+    case: str
+    file: str
+    metrics: dict[int, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    """What :func:`automedseg.evaluate` found (:func:`evaluate_folders`, typed): the figures of every label and case.
+
+    Attributes:
+        labels: The labels scored.
+        tolerance_mm: Tolerance of the normalised surface Dice.
+        n_cases: Cases scored (reference files with a prediction).
+        per_label: Label -> metric -> mean over the cases (NaN values left out).
+        n_valid: Label -> metric -> how many values each mean is based on.
+        foreground_mean: Metric -> mean of the per-label means over the labels other than 0.
+        per_case: Every case's metrics.
+        missing_predictions: Reference files without a prediction (not scored).
+        geometry_warnings: Predictions whose geometry differs from their reference (scored voxel by voxel).
+        output_dir: Where ``metrics_summary.json``, ``metrics_per_case.json`` and ``metrics_per_case.csv`` went.
+
+    Example:
+        >>> s = EvaluationSummary.from_dict({"labels": [1], "tolerance_mm": 1.0, "n_cases": 1,
+        ...     "per_label": {1: {"dice": 0.9}}, "n_valid": {1: {"dice": 1}}, "foreground_mean": {"dice": 0.9},
+        ...     "per_case": [{"case": "a", "file": "a.nii.gz", "metrics": {1: {"dice": 0.9}}}],
+        ...     "missing_predictions": [], "geometry_warnings": []}, output_dir=Path("out"))
+        >>> s.mean_dice, s.per_case[0].case, s.to_dict()["per_label"]
+        (0.9, 'a', {1: {'dice': 0.9}})
+    """
+
+    labels: tuple[int, ...]
+    tolerance_mm: float
+    n_cases: int
+    per_label: dict[int, dict[str, float]]
+    n_valid: dict[int, dict[str, int]]
+    foreground_mean: dict[str, float]
+    per_case: tuple[CaseMetrics, ...]
+    missing_predictions: tuple[str, ...]
+    geometry_warnings: tuple[str, ...]
+    output_dir: Path
+
+    @property
+    def mean_dice(self) -> float:
+        """The mean Dice over the foreground labels (``foreground_mean["dice"]``)."""
+        return float(self.foreground_mean.get("dice", math.nan))
+
+    @classmethod
+    def from_dict(cls, summary: Mapping[str, Any], *, output_dir: Path) -> EvaluationSummary:
+        """From what :func:`evaluate_folders` returns."""
+        return cls(labels=tuple(int(v) for v in summary["labels"]), tolerance_mm=float(summary["tolerance_mm"]),
+                   n_cases=int(summary["n_cases"]),
+                   per_label={int(k): dict(v) for k, v in summary["per_label"].items()},
+                   n_valid={int(k): dict(v) for k, v in summary["n_valid"].items()},
+                   foreground_mean=dict(summary["foreground_mean"]),
+                   per_case=tuple(CaseMetrics(r["case"], r["file"], {int(k): dict(v) for k, v in r["metrics"].items()})
+                                  for r in summary["per_case"]),
+                   missing_predictions=tuple(summary.get("missing_predictions", ())),
+                   geometry_warnings=tuple(summary.get("geometry_warnings", ())), output_dir=Path(output_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as :func:`evaluate_folders` returns it (plain dicts and lists)."""
+        return {"labels": list(self.labels), "tolerance_mm": self.tolerance_mm,
+                "missing_predictions": list(self.missing_predictions),
+                "geometry_warnings": list(self.geometry_warnings), "n_cases": self.n_cases,
+                "per_label": self.per_label, "n_valid": self.n_valid, "foreground_mean": self.foreground_mean,
+                "per_case": [{"case": c.case, "file": c.file, "metrics": c.metrics} for c in self.per_case]}
+
+
 def _split_ending(name: str) -> tuple[str, str] | None:
     lower = name.lower()
     for ending in SUPPORTED_ENDINGS:

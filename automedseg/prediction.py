@@ -9,6 +9,7 @@ folder with :func:`automedseg.inference.predict_folder`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def best_configuration(ws: Workspace) -> str:
             from None
 
 
-def _postprocessing(path: Path, log: Log) -> Callable[[np.ndarray], np.ndarray]:
+def _postprocessing(path: Path, log: Log) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
     choice = Postprocessing.load(path)
     ops = choice.operations()
     log(f"post-processing from {path}: {'; '.join(ops) if ops else 'none'}")
@@ -51,7 +52,69 @@ def _postprocessing(path: Path, log: Log) -> Callable[[np.ndarray], np.ndarray]:
     def post(seg: np.ndarray) -> np.ndarray:
         return apply_postprocessing(seg, choice)
 
-    return post
+    return post, list(ops)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a work folder predicts with: the configuration (or ensemble), its trained folds, the post-processing.
+
+    Attributes:
+        configuration: A configuration or ``+``-joined ensemble.
+        fold_groups: The fold folders of each member configuration, in the order of ``configuration``.
+        postprocessing: The post-processing chosen on cross-validation, ``None`` when there is none (or it is off).
+        postprocessing_operations: What it does, one line per operation (empty when none).
+    """
+
+    configuration: str
+    fold_groups: list[list[Path]]
+    postprocessing: Callable[[np.ndarray], np.ndarray] | None
+    postprocessing_operations: tuple[str, ...] = ()
+
+
+def choose_model(ws: Workspace, *, configuration: str | None = None, folds: Sequence[int | str] | None = None,
+                 postprocess: bool = True, check_bundle: bool = True, threads: int | None = None,
+                 log: Log = _quiet) -> ModelChoice:
+    """Resolve what :func:`run_predict` predicts with, checking every fold against the work folder's plan.
+
+    Args:
+        ws: The work folder (or an imported model folder).
+        configuration: A configuration or ``+``-joined ensemble; ``None``: the imported model's, else
+            ``find_best.json``'s choice.
+        folds: Folds to ensemble (``None``: all trained).
+        postprocess: Use the post-processing chosen on cross-validation when there is one.
+        check_bundle: When ``ws`` is an imported model, check its files against its manifest first.
+        threads: Torch CPU threads (``None``: leave as is).
+        log: Where the post-processing used is noted.
+
+    Raises:
+        InputError: No usable ``find_best.json``, folds trained on another plan, an imported model whose files
+            differ from its manifest.
+        FileNotFoundError: A configuration or fold without a trained checkpoint.
+    """
+    if check_bundle:
+        from automedseg.bundle import verify_folder
+
+        manifest = verify_folder(ws.root)  # an imported model: every file against its manifest
+        if manifest is not None and configuration is None:
+            configuration = manifest.configuration
+    if configuration is None:
+        configuration = best_configuration(ws)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    members = configuration.split("+")
+    groups = [find_folds(ws.configuration_dir(m), list(folds) if folds else None) for m in members]
+    from automedseg.trained import check_folds_match
+
+    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
+        check_folds_match(ws, member, group)
+    pp_path = postprocessing_path(ws, configuration)
+    if not (postprocess and pp_path.is_file()):
+        return ModelChoice(configuration, groups, None)
+    post, ops = _postprocessing(pp_path, log)
+    return ModelChoice(configuration, groups, post, tuple(ops))
 
 
 def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configuration: str | None = None,
@@ -85,28 +148,9 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
     """
     check_step(step)
     check_output_folder(input_dir, output_dir)  # before anything is loaded or written
-    if check_bundle:
-        from automedseg.bundle import verify_folder
-
-        manifest = verify_folder(ws.root)  # an imported model: every file against its manifest
-        if manifest is not None and configuration is None:
-            configuration = manifest.configuration
-    if configuration is None:
-        configuration = best_configuration(ws)
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    members = configuration.split("+")
-    groups = [find_folds(ws.configuration_dir(m), list(folds) if folds else None) for m in members]
-    from automedseg.trained import check_folds_match
-
-    for member, group in zip(members, groups):  # each fold against the plan the work folder has for it
-        check_folds_match(ws, member, group)
-    post = None
-    pp_path = postprocessing_path(ws, configuration)
-    if postprocess and pp_path.is_file():
-        post = _postprocessing(pp_path, log)
+    choice = choose_model(ws, configuration=configuration, folds=folds, postprocess=postprocess,
+                          check_bundle=check_bundle, threads=threads, log=log)
+    groups, post = choice.fold_groups, choice.postprocessing
     return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
                           overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
                           overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,

@@ -823,3 +823,33 @@ def _write_dicom_series(volume: sitk.Image, folder: Path, *, series_number: int 
 def write_dicom_series() -> Callable[..., dict[str, str]]:
     """``write_dicom_series(volume, folder, series_number=3)``: a 3D SimpleITK image as a CT DICOM series."""
     return _write_dicom_series
+
+
+def _untrained_model(dataset: Path, work: Path, configuration: str, *, seed: int = 0) -> Path:
+    """``dataset`` planned into ``work`` for ``configuration`` (not preprocessed) and a fold 0 with random weights:
+    all that inference reads (the fold's plan copy and a checkpoint). Returns the work folder."""
+    import dataclasses
+
+    from automedseg.network import build_network
+    from automedseg.pipeline import run_plan
+    from automedseg.workspace import Workspace
+
+    ws = Workspace(work)
+    plans = run_plan(dataset, ws, configurations=[configuration], jobs=1, device="reference-cpu-2core",
+                     time_budget_s=60.0, preprocess=False)
+    config = plans.configuration(configuration)
+    torch.manual_seed(seed)
+    model = build_network(config.network, in_channels=len(plans.channel_names), num_classes=plans.num_classes,
+                          dims=config.dims)
+    fold_dir = ws.fold_dir(configuration, 0)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    dataclasses.replace(plans, configurations={configuration: config}).save(fold_dir / "plans.json")
+    torch.save({"model": model.state_dict()}, fold_dir / "checkpoint_final.pt")
+    return work
+
+
+@pytest.fixture(scope="session")
+def untrained_model() -> Callable[..., Path]:
+    """Factory: ``untrained_model(dataset, work, configuration)`` -> the work folder, planned, with a fold 0 of
+    random weights (inference needs nothing more; nothing is trained or preprocessed)."""
+    return _untrained_model
