@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from automedseg.version import __version__
 
 if TYPE_CHECKING:
     from automedseg.api import duration_seconds, evaluate, load_model, plan, predict, train

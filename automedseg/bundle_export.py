@@ -168,10 +168,10 @@ def export_model(ws: Workspace, output: Path, *, configuration: str | None = Non
         InputError: No ``find_best.json`` and no ``configuration``, a fold without a checkpoint or trained with
             another plan, a damaged checkpoint or plan, an existing output, or (``onnx``) onnx missing.
     """
-    import automedseg
     from automedseg.inference import find_folds
     from automedseg.prediction import best_configuration, postprocessing_path
     from automedseg.trained import check_folds_match
+    from automedseg.version import __version__
 
     output = Path(output)
     if output.exists() and not overwrite:
@@ -244,7 +244,7 @@ def export_model(ws: Workspace, output: Path, *, configuration: str | None = Non
                         log(f"export: {key}/{GRAPH_NAME}: opset {info['opset']}, {info['exporter']} exporter, "
                             f"max |ONNX - torch| {info['max_abs_difference']:.2g}")
             manifest = _manifest(plans, configuration, members, groups, checkpoints, out.files, pp_member,
-                                 onnx_info, automedseg.__version__)
+                                 onnx_info, __version__)
             info = zipfile.ZipInfo(MANIFEST_NAME, date_time=_DATE)
             info.compress_type, info.create_system, info.external_attr = zipfile.ZIP_DEFLATED, 3, 0o100644 << 16
             zf.writestr(info, json.dumps(to_jsonable(manifest), indent=2) + "\n")

@@ -26,7 +26,7 @@ def parse_duration(text: str | None) -> float | None:
         >>> parse_duration("1h30m"), parse_duration("45"), parse_duration(None)
         (5400.0, 45.0, None)
     """
-    from automedseg.api import duration_seconds
+    from automedseg.durations import duration_seconds
     from automedseg.errors import InputError
 
     try:

@@ -121,8 +121,8 @@ def write_dicom_seg(seg: np.ndarray, series_folder: Path, path: Path, *, labels:
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
 
-    from automedseg import __version__
     from automedseg.atomic import atomic_write
+    from automedseg.version import __version__
 
     files = series_files(Path(series_folder))
     sources = [pydicom.dcmread(f) for f in files]

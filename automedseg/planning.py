@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from automedseg import __version__
 from automedseg.calibration_timing import (  # noqa: F401  (re-exported)
     CALIBRATION_WIDTHS,
     calibrate_conv_gflops,
@@ -71,6 +70,7 @@ from automedseg.topology import (  # noqa: F401  (re-exported)
     pooling_topology,
     target_spacing,
 )
+from automedseg.version import __version__
 
 MAX_FEATURES = {2: 512, 3: 320}
 BASE_FEATURES = 32
