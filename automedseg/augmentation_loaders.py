@@ -17,6 +17,7 @@ from batchgenerators.transforms.abstract_transforms import AbstractTransform
 
 from automedseg.augmentation_sampler import TAG_GLOBAL, TAG_VALIDATION, PatchSampler, derive_seed, sampling_patch_size
 from automedseg.augmentation_transforms import build_transforms, build_validation_transforms
+from automedseg.class_sampling import SharedClassWeights
 from automedseg.plans import ConfigurationPlan
 
 Stride = Sequence[int]
@@ -145,6 +146,7 @@ def make_training_loader(
     num_cached_per_worker: int = 2,
     worker_niceness: int = 0,
     windows_only: bool = False,
+    class_weights: SharedClassWeights | None = None,
 ) -> BatchLoader:
     """Augmented training batches of ``config`` from the cache, made in background workers.
 
@@ -165,6 +167,8 @@ def make_training_loader(
             training threads (which synchronise with each other) are not the ones descheduled.
         windows_only: Return the sampling windows untransformed (contiguous float32 / int8, no targets): the
             augmentation then runs batched on the training device (:mod:`automedseg.device_batches`).
+        class_weights: Weights of the forced-foreground class draw, shared with the workers
+            (:mod:`automedseg.class_sampling`); ``None``: uniform.
 
     Returns:
         A :class:`BatchLoader`; use it as a context manager or call :meth:`BatchLoader.close`.
@@ -180,6 +184,7 @@ def make_training_loader(
         oversample_foreground=config.training.oversample_foreground,
         sample_patch_size=sampling_patch_size(config.patch_size, aug, dims=config.dims),
         seed=seed,
+        class_weights=class_weights,
     )
     sampler.worker_niceness = int(worker_niceness)
     if windows_only:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
+from automedseg.class_sampling import SharedClassWeights
 from automedseg.plans import AugmentationPlan
 
 Stride = Sequence[int]
@@ -172,6 +173,8 @@ class PatchSampler(SlimDataLoaderBase):
         seed: Integer seed, or a generator from which one is drawn once. Worker ``i`` of a background
             loader uses the stream ``(seed, i)``; the in-process stream is worker 0's.
         max_open_cases: Memory maps kept open at once.
+        class_weights: Weights of the forced-foreground class draw (shared with the worker processes; see
+            :mod:`automedseg.class_sampling`); ``None``: every class equally often.
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class PatchSampler(SlimDataLoaderBase):
         sample_patch_size: Sequence[int] | None = None,
         seed: int | np.random.Generator = 0,
         max_open_cases: int = 64,
+        class_weights: SharedClassWeights | None = None,
     ) -> None:
         super().__init__(None, batch_size, None)
         if len(case_ids) == 0:
@@ -216,6 +220,7 @@ class PatchSampler(SlimDataLoaderBase):
         self._class_cases: dict[int, list[str]] | None = None
         self.rng = np.random.default_rng([self.seed, TAG_SAMPLER, 0])
         self.worker_niceness = 0
+        self.class_weights = class_weights
 
     def set_thread_id(self, thread_id: int) -> None:
         """Select the random stream of worker ``thread_id`` and seed the global ``random`` module with it.
@@ -300,12 +305,19 @@ class PatchSampler(SlimDataLoaderBase):
         return self._class_cases
 
     def draw_class_first(self) -> tuple[str, int | None]:
-        """A foreground class drawn uniformly (rare classes as often as common ones), then a case that has it."""
+        """A foreground class, then a case that has it.
+
+        The class is drawn uniformly (rare classes as often as common ones), or with :attr:`class_weights`
+        where given (classes not yet learned more often).
+        """
         table = self.class_cases()
         if not table:
             return self.case_ids[int(self.rng.integers(len(self.case_ids)))], None
         classes = list(table)
-        k = classes[int(self.rng.integers(len(classes)))]
+        if self.class_weights is None:
+            k = classes[int(self.rng.integers(len(classes)))]
+        else:
+            k = self.class_weights.pick(classes, float(self.rng.random()))
         return table[k][int(self.rng.integers(len(table[k])))], k
 
     def sample(self, case: str, force_foreground: bool, cls: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 
 from automedseg.augmentation import BatchLoader, make_training_loader
 from automedseg.augmentation_batched import augment_batch, deep_supervision_targets, make_batch_random
+from automedseg.class_sampling import SharedClassWeights
 from automedseg.plans import ConfigurationPlan
 
 __all__ = ["DeviceBatches", "make_device_training_loader", "use_device_augmentation"]
@@ -180,7 +181,8 @@ class DeviceBatches:
 def make_device_training_loader(folder: Path | str, case_ids: Sequence[str], config: ConfigurationPlan, *,
                                 device: torch.device, deep_supervision_strides: Sequence[Sequence[int]],
                                 seed: int | None = None, num_processes: int | None = None,
-                                worker_niceness: int = 0) -> DeviceBatches:
+                                worker_niceness: int = 0,
+                                class_weights: SharedClassWeights | None = None) -> DeviceBatches:
     """Training batches of ``config`` whose augmentation runs batched on ``device``.
 
     Args:
@@ -191,10 +193,10 @@ def make_device_training_loader(folder: Path | str, case_ids: Sequence[str], con
         deep_supervision_strides: Cumulative strides of the network outputs.
         seed: Overrides ``config.training.seed``.
         num_processes: Window-reading workers (default ``config.training.num_workers``; 0: in-process).
-        worker_niceness: As :func:`~automedseg.augmentation.make_training_loader`.
+        worker_niceness, class_weights: As :func:`~automedseg.augmentation.make_training_loader`.
     """
     seed = config.training.seed if seed is None else int(seed)
     loader = make_training_loader(folder, case_ids, config, seed=seed, num_processes=num_processes,
-                                  worker_niceness=worker_niceness, windows_only=True)
+                                  worker_niceness=worker_niceness, windows_only=True, class_weights=class_weights)
     return DeviceBatches(loader, config=config, device=device, deep_supervision_strides=deep_supervision_strides,
                          seed=int(np.random.SeedSequence([seed % 2**63, 13]).generate_state(1)[0]))

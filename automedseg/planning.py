@@ -55,6 +55,7 @@ from automedseg.schedule import (  # noqa: F401  (re-exported)
     TRAIN_FRACTION,
     Schedule,
     budget_epochs,
+    class_sampling_for,
     last_epoch_iterations,
     recipe_for,
     schedule_for_budget,
@@ -295,12 +296,16 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     workers = data_workers(ctx.device)
     recipe = recipe_for(epochs * ipe if used_budget is not None else None)
     notes.insert(-1, recipe.reason)
+    sampling = class_sampling_for(ctx.num_classes - 1)
+    if sampling.reason:
+        notes.insert(-1, sampling.reason)
     training = TrainingPlan(
         epochs=epochs,
         iterations_per_epoch=ipe,
         optimizer=recipe.optimizer,
         initial_lr=recipe.initial_lr,
         weight_decay=recipe.weight_decay,
+        class_sampling=sampling.mode,
         val_iterations=val_iterations,
         num_workers=workers,
         seed=ctx.seed,

@@ -31,6 +31,7 @@ NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
 ARCHITECTURES = ("plain_unet", "residual_unet")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("bf16", "fp16", "fp32")
+CLASS_SAMPLING = ("uniform", "difficulty")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -180,6 +181,9 @@ class TrainingPlan:
         fixed_epochs: The number of epochs is fixed (search trials: the pruner's steps): a time budget sets
             the iterations per epoch only, and the trainer does not refit the epochs to it
             (:func:`automedseg.planning.schedule_for_budget`).
+        class_sampling: How the forced-foreground samples pick their class: ``uniform`` (each class equally
+            often) or ``difficulty`` (classes with a low training soft Dice more often; see
+            :mod:`automedseg.class_sampling`).
         augment_on_device: Augment batched on the training device (:mod:`automedseg.device_batches`; the CPU
             workers only read windows) instead of in the CPU workers. ``null``: on CUDA devices only; the
             trainer records its choice in the fold's plan copy.
@@ -205,6 +209,7 @@ class TrainingPlan:
     precision: str | None = None
     fixed_epochs: bool = False
     augment_on_device: bool | None = None
+    class_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -220,6 +225,8 @@ class TrainingPlan:
             _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, f"{name} must not be negative")
         _require(self.dice_weight + self.ce_weight > 0, "dice_weight and ce_weight cannot both be 0")
         _require(0.0 <= self.oversample_foreground <= 1.0, "oversample_foreground must be in [0, 1]")
+        _require(self.class_sampling in CLASS_SAMPLING,
+                 f"class_sampling {self.class_sampling!r} is not one of {CLASS_SAMPLING}")
         _require(self.num_workers >= 0, "num_workers must not be negative")
         for name in ("time_budget_s", "estimated_seconds_per_iteration", "estimated_fold_seconds"):
             value = getattr(self, name)

@@ -37,6 +37,7 @@ import torch
 
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
+from automedseg.class_sampling import class_weights_for, update_class_weights
 from automedseg.cost_model import step_ratio_note
 from automedseg.device import autocast_context, memory_format, needs_grad_scaler, precision_for, select_device
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
@@ -229,7 +230,8 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
         config.training, precision=precision, augment_on_device=on_device))
     scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(precision) else None
     strides = output_strides(config.network)
-    loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight)
+    loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight,
+                                  track_classes=True)
 
     progress = _Progress(epoch=0, planned_epochs=tr.epochs)
     if resume:
@@ -344,13 +346,14 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
     tr = config.training
     seed = tr.seed + 1000 * p.epoch + 7919 * dist.rank  # resumed runs and other ranks draw fresh batches
     local = dataclasses.replace(config, batch_size=max(1, config.batch_size // dist.world))  # global batch split
+    weights = class_weights_for(tr.class_sampling, run.plans.num_classes, history)
     if tr.augment_on_device:  # the workers only read windows; spatial and intensity transforms on the device
         train_loader = make_device_training_loader(cache, train_ids, local, device=device,
-                                                   deep_supervision_strides=strides, seed=seed,
+                                                   deep_supervision_strides=strides, seed=seed, class_weights=weights,
                                                    worker_niceness=10 if device.type == "cpu" else 0)
     else:
         train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
-                                            worker_niceness=10 if device.type == "cpu" else 0)
+                                            worker_niceness=10 if device.type == "cpu" else 0, class_weights=weights)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     # Whole validation images, about as many tiles an epoch as the patch pseudo-Dice has patches (all ranks).
     rotation = ImageRotation.from_cache(cache, val_ids, config, seed=tr.seed,
@@ -402,6 +405,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                     bar.update()
             train_time = time.perf_counter() - t_epoch
             iterations = max(1, len(losses))
+            class_dice, sampling = update_class_weights(weights, run.loss_fn.take_class_dice())
             wait = train_loader.wait_seconds
             val_loss, patch_dice = pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
                                                options.amp, run.plans.num_classes, dist)
@@ -418,7 +422,7 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 "pseudo_dice": full.dice, "mean_pseudo_dice": mean_dice, "ema_pseudo_dice": ema, "lr": lr,
                 "patch_pseudo_dice": patch_dice, "pseudo_dice_images": full.images,
                 "mean_patch_pseudo_dice": float(np.nanmean(patch_dice)) if len(patch_dice) else 0.0,
-                "pseudo_dice_seconds": full.seconds,
+                "pseudo_dice_seconds": full.seconds, "train_soft_dice": class_dice, "class_weights": sampling,
                 "epoch_seconds": epoch_time, "seconds_per_iteration": train_time / iterations,
                 "data_wait_fraction": wait / max(train_time, 1e-9), "iterations": iterations,
                 "planned_epochs": p.planned_epochs, "time": time.time(),

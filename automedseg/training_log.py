@@ -55,6 +55,10 @@ class EpochRecord:
         iterations: Training iterations run.
         planned_epochs: The schedule's epochs after this epoch's refit.
         time: Unix time at the end of the epoch.
+        train_soft_dice: Soft Dice per foreground class over the epoch's training batches (highest-resolution
+            output; empty in older logs).
+        class_weights: Weights per class index (background first) the forced-foreground samples were drawn with
+            after this epoch (``class_sampling: difficulty``; empty otherwise).
         planned_seconds_per_iteration: The plan's cost-model step (``training.estimated_seconds_per_iteration``),
             beside the measured ``seconds_per_iteration`` (absent in logs of older runs).
     """
@@ -77,6 +81,8 @@ class EpochRecord:
     planned_epochs: int | None = None
     time: float | None = None
     planned_seconds_per_iteration: float | None = None
+    train_soft_dice: tuple[float | None, ...] = ()
+    class_weights: tuple[float, ...] = ()
 
 
 def write_training_log(path: Path, records: Sequence[EpochRecord | Mapping[str, Any]]) -> None:

@@ -710,9 +710,9 @@ def cv_figures(fold_dirs: list[Path], names: dict[int, str]) -> dict | None:
 
 
 def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: str, budget_s: float, threads: int,
-                keep: bool, cv: bool = False) -> dict:
-    """Import (2D), plan, train fold 0 (with ``cv`` all five folds, each with the budget), predict + score the test
-    set where labelled; the figures of one dataset."""
+                keep: bool, cv: bool = False, first_folds: tuple[int, ...] = ()) -> dict:
+    """Import (2D), plan, train fold 0 (with ``cv`` all five folds, each with the budget; ``first_folds`` before
+    the others), predict + score the test set where labelled; the figures of one dataset."""
     source = data_root / spec.folder
     result: dict[str, Any] = {"dataset": spec.name, "source": str(source), "budget": budget, "budget_s": budget_s,
                               "notes": list(spec.notes), "steps": {}, "cross_validated": cv}
@@ -760,6 +760,8 @@ def run_dataset(spec: DatasetSpec, *, data_root: Path, work_root: Path, budget: 
         ctx = _FoldContext(name=spec.name, raw=raw, work=work, configuration=configuration, budget=budget,
                            budget_s=budget_s, threads=threads, keep=keep, state=state, state_path=state_path,
                            logs=logs, steps=steps)
+        for k in first_folds if cv else ():  # e.g. a fold that failed before: its answer first (reused below)
+            _train_fold(ctx, k)
         fig, trained_now = _train_fold(ctx, FOLD)
         fold_dir = work / configuration / f"fold_{FOLD}"
         result["fold0"] = fig
@@ -1096,6 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cv", default="",
                         help="comma-separated datasets to cross-validate: all five folds, each with the budget "
                              "(their targets are then scored on the CV)")
+    parser.add_argument("--first-folds", default="",
+                        help="comma-separated folds of a --cv dataset to train before the others (e.g. one that "
+                             "failed before, to see it first); with --keep they are then reused")
     parser.add_argument("--keep", action="store_true",
                         help="reuse finished steps (import, plan and fold 0 with the same budget, predictions)")
     args = parser.parse_args(argv)
@@ -1115,6 +1120,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget: {e}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    try:
+        first_folds = tuple(int(k) for k in args.first_folds.split(",") if k.strip())
+    except ValueError:
+        parser.error(f"--first-folds: not a list of fold numbers: {args.first_folds!r}")
+    if any(not 0 <= k < N_FOLDS for k in first_folds):
+        parser.error(f"--first-folds: folds are 0-{N_FOLDS - 1}")
+    if first_folds and not args.keep:
+        parser.error("--first-folds needs --keep (the folds trained first are reused in their turn)")
     os.environ.update(thread_env(args.threads))
     data_root = (args.data_root or default_data_root()).resolve()
     work_root = args.work_dir.resolve()
@@ -1126,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {name} ===", flush=True)
         results.append(run_dataset(DATASETS[name], data_root=data_root, work_root=work_root, budget=args.budget,
                                    budget_s=budget_s, threads=args.threads, keep=args.keep,
-                                   cv=name in cv_names))
+                                   cv=name in cv_names, first_folds=first_folds))
     rows = [row for r in results for row in figure_rows(r)]
     figures = {
         "benchmark": BENCHMARK,
