@@ -237,6 +237,7 @@ def predict(images: PathLike, *, model: PathLike, output_dir: PathLike, work_dir
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+            uncertainty: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -249,6 +250,7 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+            uncertainty: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -260,6 +262,7 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
+            uncertainty: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -286,6 +289,8 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         postprocess: Apply the post-processing chosen on cross-validation.
         save_probabilities: Also write ``<case>.npz`` with the class probabilities (files only).
         overlays: Also write PNG overlays of a few slices per case (files only).
+        uncertainty: Also write per-voxel entropy and fold-disagreement maps and ``uncertainty_summary.json``, the
+            least certain cases first (files only; :mod:`automedseg.uncertainty`).
         overwrite: Predict cases whose mask exists again (files only).
         device: ``cpu``, ``cuda``, ``mps``; default: CUDA if present, else MPS, else the CPU.
         threads: Torch CPU threads.
@@ -321,11 +326,12 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         return _predict_files(Path(images), Path(output_dir), model=model, work_dir=work_dir,
                               configuration=configuration, folds=folds, step=step, mirror=mirror,
                               postprocess=postprocess, save_probabilities=save_probabilities, overlays=overlays,
-                              overwrite=overwrite, device=device, threads=threads, engine=engine, amp=amp,
-                              output_format=output_format, num_parts=num_parts, part_id=part_id, progress=progress,
-                              log=log or _quiet, case_log=case_log or _quiet)
-    ignored = {"save_probabilities": save_probabilities, "overlays": overlays, "overwrite": overwrite,
-               "num_parts": num_parts != 1, "part_id": part_id != 0, "output_format": output_format != "image"}
+                              uncertainty=uncertainty, overwrite=overwrite, device=device, threads=threads,
+                              engine=engine, amp=amp, output_format=output_format, num_parts=num_parts,
+                              part_id=part_id, progress=progress, log=log or _quiet, case_log=case_log or _quiet)
+    ignored = {"save_probabilities": save_probabilities, "overlays": overlays, "uncertainty": uncertainty,
+               "overwrite": overwrite, "num_parts": num_parts != 1, "part_id": part_id != 0,
+               "output_format": output_format != "image"}
     if any(ignored.values()):
         raise InputError(f"{', '.join(k for k, v in ignored.items() if v)}: only with output_dir (files)")
     if isinstance(model, Predictor):
@@ -364,7 +370,8 @@ def _predict_files(input_dir: Path, output_dir: Path, *, model: PathLike, work_d
 
 
 def evaluate(reference_dir: PathLike, prediction_dir: PathLike, *, labels: Sequence[int] | None = None,
-             tolerance_mm: float = 1.0, output_dir: PathLike | None = None) -> EvaluationSummary:
+             tolerance_mm: float = 1.0, output_dir: PathLike | None = None,
+             probabilities: PathLike | None = None) -> EvaluationSummary:
     """Score masks against references (``automedseg evaluate``): Dice, IoU, precision, recall, HD95, ASSD, NSD.
 
     Files are paired by name; the spacing is the reference's. The figures are also written, atomically, to
@@ -378,21 +385,27 @@ def evaluate(reference_dir: PathLike, prediction_dir: PathLike, *, labels: Seque
         labels: Labels to score (default: every non-zero value in the references).
         tolerance_mm: Tolerance of the normalised surface Dice.
         output_dir: Where the figures are written (default: ``prediction_dir``).
+        probabilities: Folder of the cases' class probabilities (``<case>.npz``, as ``predict
+            --save-probabilities`` writes them; often ``prediction_dir``): adds each label's voxel-level
+            precision-recall curve and average precision (``pr_curves``; :mod:`automedseg.pr_curves`).
 
     Returns:
         The `EvaluationSummary`.
 
     Raises:
-        InputError: A folder does not exist, or no prediction matches a reference.
+        InputError: A folder does not exist, no prediction matches a reference, a scored case without
+            probabilities or with probabilities that do not fit its reference (the message names the file).
         ValueError: No reference images, a pair of different shapes, a label map that is not integral.
     """
     from automedseg.errors import InputError
     from automedseg.metrics import EvaluationSummary, evaluate_folders
 
-    for folder, what in ((reference_dir, "reference folder"), (prediction_dir, "prediction folder")):
-        if not Path(folder).is_dir():
+    for folder, what in ((reference_dir, "reference folder"), (prediction_dir, "prediction folder"),
+                         (probabilities, "probabilities folder")):
+        if folder is not None and not Path(folder).is_dir():
             raise InputError(f"{folder}: {what} does not exist")
     out = Path(prediction_dir if output_dir is None else output_dir)
     summary = evaluate_folders(Path(reference_dir), Path(prediction_dir), labels=list(labels) if labels else None,
-                               tolerance_mm=tolerance_mm, output_dir=out)
+                               tolerance_mm=tolerance_mm, output_dir=out,
+                               probabilities_dir=None if probabilities is None else Path(probabilities))
     return EvaluationSummary.from_dict(summary, output_dir=out)

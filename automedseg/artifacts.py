@@ -16,7 +16,10 @@ owner's reader instead of parsing the file:
 * a search's ``search/<study>/confirmation.json``: :mod:`automedseg.search_confirm` (``Confirmation``,
   ``read_confirmation``);
 * an evaluation's ``metrics_summary.json``: :mod:`automedseg.metrics` (``MetricsSummary``, ``read_metrics_summary``;
-  written by :func:`automedseg.metrics.evaluate_folders`).
+  written by :func:`automedseg.metrics.evaluate_folders`; its precision-recall curves are
+  :class:`automedseg.pr_curves.PRCurve`);
+* a prediction's ``uncertainty_summary.json`` and ``uncertainty/<case>.json``: :mod:`automedseg.uncertainty`
+  (``UncertaintySummary``, ``read_uncertainty_summary``; ``CaseUncertainty``).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises

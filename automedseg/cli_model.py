@@ -39,6 +39,9 @@ from automedseg.progress_events import open_progress, progress_option
 @click.option("--no-postprocessing", is_flag=True, help="Do not apply postprocessing.json.")
 @click.option("--save-probabilities", is_flag=True, help="Also write class probabilities (.npz).")
 @click.option("--overlays", is_flag=True, help="Write PNG overlays of a few slices per case.")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write per-voxel entropy and fold-disagreement maps (OUTPUT/uncertainty/) and "
+                   "uncertainty_summary.json, the least certain cases first.")
 @click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU.")
@@ -55,9 +58,9 @@ from automedseg.progress_events import open_progress, progress_option
 @progress_option
 def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path | None, work_dir: Path | None,
             configuration: str | None, folds: tuple[str, ...], step: float, no_mirror: bool,
-            no_postprocessing: bool, save_probabilities: bool, overlays: bool, overwrite: bool, device: str | None,
-            threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool, output_format: str,
-            progress_format: str) -> None:
+            no_postprocessing: bool, save_probabilities: bool, overlays: bool, uncertainty: bool, overwrite: bool,
+            device: str | None, threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool,
+            output_format: str, progress_format: str) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
     events = open_progress(progress_format)
     if (target is None) == (model is None) or (model is not None and work_dir is not None):
@@ -76,7 +79,7 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
                              overlays=overlays, overwrite=overwrite, device=device, threads=threads,
                              progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
                              case_log=lambda m: click.echo(m, err=True), engine=engine, amp=not no_amp,
-                             output_format=output_format)
+                             output_format=output_format, uncertainty=uncertainty)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return
@@ -165,11 +168,16 @@ def import_model(bundle: Path, into: Path) -> None:
 @click.option("--tolerance-mm", default=1.0, show_default=True, help="Tolerance of the normalised surface Dice.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Where the CSV/JSON go (default: PREDICTION_DIR).")
+@click.option("--probabilities", "probabilities_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of the cases' class probabilities (CASE.npz, from predict --save-probabilities): adds "
+                   "voxel-level precision-recall curves and average precision per label.")
 def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...], tolerance_mm: float,
-             output_dir: Path | None) -> None:
+             output_dir: Path | None, probabilities_dir: Path | None) -> None:
     """Score masks against references: Dice, IoU, precision, recall, HD95, ASSD, NSD, volume difference."""
     require_folder(reference_dir, "reference folder")
     require_folder(prediction_dir, "prediction folder")
+    if probabilities_dir is not None:
+        require_folder(probabilities_dir, "probabilities folder")
     import warnings
 
     from automedseg import api
@@ -178,13 +186,16 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
         with warnings.catch_warnings():  # geometry warnings come back in the summary and are printed below
             warnings.simplefilter("ignore", UserWarning)
             summary = api.evaluate(reference_dir, prediction_dir, labels=labels, tolerance_mm=tolerance_mm,
-                                   output_dir=output_dir)
+                                   output_dir=output_dir, probabilities=probabilities_dir)
     except ValueError as e:
         fail([str(e)])
         return
     for label, m in summary.per_label.items():
+        curve = summary.pr_curves.get(label)
+        ap = "" if curve is None else "  AP -" if curve.average_precision is None else \
+            f"  AP {curve.average_precision:.4f}"
         click.echo(f"label {label}: Dice {m['dice']:.4f}  HD95 {m['hd95']:.2f} mm  "
-                   f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}")
+                   f"NSD@{tolerance_mm:g}mm {m['nsd']:.4f}{ap}")
     for note in summary.geometry_warnings:
         click.echo(f"warning: {note}", err=True)
     if summary.missing_predictions:
@@ -197,12 +208,21 @@ def evaluate(reference_dir: Path, prediction_dir: Path, labels: tuple[int, ...],
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Work folder (as for plan).")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Where report.html, report.md and the figures go (default: WORK/report).")
-def report_command(dataset: Path, work_dir: Path | None, output_dir: Path | None) -> None:
+@click.option("--evaluation", "evaluations", multiple=True, type=click.Path(path_type=Path),
+              help="An evaluation folder (evaluate's output) whose precision-recall curves to show; repeatable.")
+@click.option("--predictions", multiple=True, type=click.Path(path_type=Path),
+              help="A predict --uncertainty output folder whose least certain cases to list; repeatable.")
+def report_command(dataset: Path, work_dir: Path | None, output_dir: Path | None, evaluations: tuple[Path, ...],
+                   predictions: tuple[Path, ...]) -> None:
     """Write report.html (self-contained) and report.md of everything trained so far; lists what is missing."""
     ws = existing_workspace(dataset, work_dir, hint="run `automedseg plan` first")
+    for folder in evaluations:
+        require_folder(folder, "evaluation folder")
+    for folder in predictions:
+        require_folder(folder, "predictions folder")
     from automedseg.report import write_report
 
-    html_path = write_report(ws, output_dir)
+    html_path = write_report(ws, output_dir, evaluations=evaluations, predictions=predictions)
     click.echo(f"report: {html_path} and {html_path.with_name('report.md')}")
 
 

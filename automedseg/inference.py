@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from automedseg.atomic import remove_stale_temp_files
+from automedseg.checkpoints import CheckpointError, load_checkpoint  # noqa: F401  (re-exported)
 from automedseg.device import autocast_context, channels_last_norms, memory_format, select_device
 from automedseg.errors import InputError
 from automedseg.io import CaseFiles, Geometry
@@ -30,36 +31,8 @@ from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import preprocess_image, restore_probabilities
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only).
-
-    Raises:
-        CheckpointError: The file is missing, empty, truncated or not a checkpoint (message names the file).
-    """
-    import pickle
-    import zipfile
-
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint file is missing") from None
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{path}: damaged or not a checkpoint ({first})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not an automedseg checkpoint (no model weights)")
-    return ckpt
-
-
-class CheckpointError(InputError):
-    """A checkpoint file cannot be used; the message names it."""
+CaseSegmenter = Callable[[Path], Callable[..., tuple[np.ndarray, np.ndarray]]]
+"""Mask path -> what segments that case as :func:`segment_case` does (:func:`predict_folder`'s hook)."""
 
 
 def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = None,
@@ -332,7 +305,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                    postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
                    num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print,
-                   engine: str = "torch", output_format: str = "image") -> FolderReport:
+                   engine: str = "torch", output_format: str = "image",
+                   case_segmenter: CaseSegmenter | None = None) -> FolderReport:
     """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
 
     Args:
@@ -358,6 +332,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
             float32, in the same pipeline (:mod:`automedseg.onnx_engine`).
         output_format: ``image`` (the input's format; NIfTI for DICOM series) or ``dicom-seg`` (DICOM series
             input only: :func:`automedseg.dicom.write_dicom_seg`).
+        case_segmenter: Given the mask path of a case, what segments it instead of :func:`segment_case` (called
+            as that, before the mask is written; e.g. :func:`automedseg.uncertainty.uncertainty_segmenter`).
     """
     from automedseg.io import discover_images
 
@@ -382,7 +358,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         return _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror, amp=amp,
                               overwrite=overwrite, save_probabilities=save_probabilities,
                               postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
-                              progress=progress, log=log, dicom_seg=output_format == "dicom-seg")
+                              progress=progress, log=log, dicom_seg=output_format == "dicom-seg",
+                              case_segmenter=case_segmenter)
 
 
 def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | None = None, engine: str = "torch",
@@ -441,18 +418,28 @@ def segment_case(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geom
         ValueError: NaN or infinite intensities.
     """
     plans = groups[0][0].plans
-    trained_2d = plans.original_median_shape[0] == 1
-    if (geometry.ndim == 2 or geometry.size[-1] == 1) != trained_2d:
-        raise InputError(f"{source}: a {'2D image' if not trained_2d else '3D volume'}, but the "
-                         f"model was trained on {'2D images' if trained_2d else '3D volumes'}")
-    if not np.all(np.isfinite(image)):
-        raise ValueError(f"{source}: NaN or infinite intensities")
+    check_case_image(plans, image, geometry, source=source)
     probs = sum(predict_case(g, image, geometry, device=device, step=step, mirror=mirror, amp=amp)
                 for g in groups) / len(groups)
     seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
     if postprocessing is not None:
         seg = postprocessing(seg)
     return seg, probs
+
+
+def check_case_image(plans: Plans, image: np.ndarray, geometry: Geometry, *, source: str = "image") -> None:
+    """Refuse what :func:`segment_case` refuses (see there): a 2D image for a 3D model or the other way round, NaN.
+
+    Raises:
+        InputError: A 2D image for a model trained on 3D volumes, or the other way round (names ``source``).
+        ValueError: NaN or infinite intensities (names ``source``).
+    """
+    trained_2d = plans.original_median_shape[0] == 1
+    if (geometry.ndim == 2 or geometry.size[-1] == 1) != trained_2d:
+        raise InputError(f"{source}: a {'2D image' if not trained_2d else '3D volume'}, but the "
+                         f"model was trained on {'2D images' if trained_2d else '3D volumes'}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError(f"{source}: NaN or infinite intensities")
 
 
 def check_step(step: float) -> None:
@@ -486,7 +473,7 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                    plans: Plans, device: torch.device, step: float, mirror: bool, amp: bool, overwrite: bool,
                    save_probabilities: bool, postprocessing: Callable[[np.ndarray], np.ndarray] | None,
                    output_ending: str | None, overlays: bool, progress: bool, log: Callable[[str], None],
-                   dicom_seg: bool = False) -> FolderReport:
+                   dicom_seg: bool = False, case_segmenter: CaseSegmenter | None = None) -> FolderReport:
     import time
 
     from automedseg.io import atomic_save_npz, file_ending, read_images, write_segmentation
@@ -508,8 +495,9 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                 report.skipped_existing.append(case.case_id)
                 continue
             image, geometry = read_images(case, n_channels=n_ch)
-            seg, probs = segment_case(groups, image, geometry, device=device, step=step, mirror=mirror, amp=amp,
-                                      postprocessing=postprocessing, source=str(case.images[0]))
+            segment = segment_case if case_segmenter is None else case_segmenter(out)
+            seg, probs = segment(groups, image, geometry, device=device, step=step, mirror=mirror, amp=amp,
+                                 postprocessing=postprocessing, source=str(case.images[0]))
             # The mask is written last: its presence marks a finished case (a kill before it redoes the case).
             if overlays:
                 from automedseg.overlays import save_overlay
@@ -518,7 +506,7 @@ def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequenc
                              label_names={v: n for n, v in plans.labels.items() if v != 0})
             if save_probabilities:  # channel k: training index k, the k-th smallest declared label value
                 atomic_save_npz(output_dir / f"{case.case_id}.npz", compressed=True,
-                                probabilities=probs.astype(np.float16))
+                                probabilities=probs.astype(np.float16), label_values=np.asarray(plans.label_values))
             if dicom_seg:
                 from automedseg.dicom import write_dicom_seg
 

@@ -1,7 +1,8 @@
 """Segmentation metrics of whole cases, their summaries, and the evaluation of a folder of predictions.
 
 Owner of the evaluation's ``metrics_summary.json`` (:class:`MetricsSummary`, read with
-:func:`read_metrics_summary`), which :func:`evaluate_folders` writes.
+:func:`read_metrics_summary`), which :func:`evaluate_folders` writes; with the cases' class probabilities it
+holds voxel-level precision-recall curves and average precision per label too (:mod:`automedseg.pr_curves`).
 
 The metrics of one pair of masks (Dice, IoU, precision, recall, HD95, ASSD, NSD, volumes) and their conventions
 (surfaces, empty masks, units) are in :mod:`automedseg.mask_metrics`; they are re-exported here, so
@@ -46,7 +47,8 @@ from automedseg.mask_metrics import (  # noqa: F401  (re-exported: the per-mask 
     surface_distances,
     volume_difference,
 )
-from automedseg.serialize import from_jsonable
+from automedseg.pr_curves import PRCurve, add_counts, curve_from_counts, probability_counts, read_probabilities
+from automedseg.serialize import from_jsonable, to_jsonable
 
 SUPPORTED_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff")
 """File endings that :func:`evaluate_folders` pairs and reads."""
@@ -181,6 +183,8 @@ class EvaluationSummary:
         missing_predictions: Reference files without a prediction (not scored).
         geometry_warnings: Predictions whose geometry differs from their reference (scored voxel by voxel).
         output_dir: Where ``metrics_summary.json``, ``metrics_per_case.json`` and ``metrics_per_case.csv`` went.
+        pr_curves: Label -> its voxel-level precision-recall curve and average precision over every case (empty
+            unless the probabilities were given).
 
     Example:
         >>> s = EvaluationSummary.from_dict({"labels": [1], "tolerance_mm": 1.0, "n_cases": 1,
@@ -201,11 +205,18 @@ class EvaluationSummary:
     missing_predictions: tuple[str, ...]
     geometry_warnings: tuple[str, ...]
     output_dir: Path
+    pr_curves: dict[int, PRCurve] = field(default_factory=dict)
 
     @property
     def mean_dice(self) -> float:
         """The mean Dice over the foreground labels (``foreground_mean["dice"]``)."""
         return float(self.foreground_mean.get("dice", math.nan))
+
+    @property
+    def mean_average_precision(self) -> float:
+        """The mean average precision over the foreground labels that have one (NaN: none)."""
+        return _nanmean([c.average_precision for k, c in self.pr_curves.items() if k != 0
+                         and c.average_precision is not None])[0]
 
     @classmethod
     def from_dict(cls, summary: Mapping[str, Any], *, output_dir: Path) -> EvaluationSummary:
@@ -218,7 +229,9 @@ class EvaluationSummary:
                    per_case=tuple(CaseMetrics(r["case"], r["file"], {int(k): dict(v) for k, v in r["metrics"].items()})
                                   for r in summary["per_case"]),
                    missing_predictions=tuple(summary.get("missing_predictions", ())),
-                   geometry_warnings=tuple(summary.get("geometry_warnings", ())), output_dir=Path(output_dir))
+                   geometry_warnings=tuple(summary.get("geometry_warnings", ())), output_dir=Path(output_dir),
+                   pr_curves={int(k): from_jsonable(PRCurve, jsonable(v), f"pr_curves.{k}")
+                              for k, v in (summary.get("pr_curves") or {}).items()})
 
     def to_dict(self) -> dict[str, Any]:
         """The summary as :func:`evaluate_folders` returns it (plain dicts and lists)."""
@@ -226,7 +239,8 @@ class EvaluationSummary:
                 "missing_predictions": list(self.missing_predictions),
                 "geometry_warnings": list(self.geometry_warnings), "n_cases": self.n_cases,
                 "per_label": self.per_label, "n_valid": self.n_valid, "foreground_mean": self.foreground_mean,
-                "per_case": [{"case": c.case, "file": c.file, "metrics": c.metrics} for c in self.per_case]}
+                "per_case": [{"case": c.case, "file": c.file, "metrics": c.metrics} for c in self.per_case],
+                **({"pr_curves": {k: to_jsonable(v) for k, v in self.pr_curves.items()}} if self.pr_curves else {})}
 
 
 def _split_ending(name: str) -> tuple[str, str] | None:
@@ -281,6 +295,8 @@ class MetricsSummary:
         per_label: Label value (as a string) -> metric name -> mean over the cases (``None``: no value).
         n_valid: Label -> metric name -> how many values the mean is based on.
         foreground_mean: Metric name -> mean over the labels other than 0 of the per-label means.
+        pr_curves: Label (as a string) -> voxel-level precision-recall curve and average precision over every case
+            (``evaluate --probabilities``); ``None`` (left out of the file) without probabilities.
 
     Fields are keyword-only and written in this order (that of :func:`evaluate_folders`' summary).
 
@@ -298,6 +314,7 @@ class MetricsSummary:
     per_label: dict[str, dict[str, float | None]]
     n_valid: dict[str, dict[str, int]] = field(default_factory=dict)
     foreground_mean: dict[str, float | None] = field(default_factory=dict)
+    pr_curves: dict[str, PRCurve] | None = field(default=None, metadata={"omit_if_none": True})
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = METRICS_SUMMARY_FILE) -> MetricsSummary:
@@ -310,6 +327,17 @@ class MetricsSummary:
     def metric_per_label(self, name: str) -> dict[str, float | None]:
         """Label (as a string) -> mean of metric ``name`` (``None`` where absent or without a value)."""
         return {label: metrics.get(name) for label, metrics in self.per_label.items()}
+
+    def average_precision_per_label(self) -> dict[str, float | None]:
+        """Label (as a string) -> average precision (``None``: undefined); empty without ``pr_curves``.
+
+        Example:
+            >>> curve = {"average_precision": 0.5, "positives": 2, "negatives": 2}
+            >>> MetricsSummary.from_mapping({"n_cases": 1, "per_label": {}, "pr_curves": {1: curve}}
+            ...                             ).average_precision_per_label()
+            {'1': 0.5}
+        """
+        return {label: c.average_precision for label, c in (self.pr_curves or {}).items()}
 
 
 def read_metrics_summary(path: Path) -> MetricsSummary:
@@ -329,6 +357,7 @@ def evaluate_folders(
     labels: Sequence[int] | None = None,
     tolerance_mm: float = 1.0,
     output_dir: Path | None = None,
+    probabilities_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every prediction against the reference file of the same name.
 
@@ -347,14 +376,18 @@ def evaluate_folders(
         labels: Labels to evaluate; ``None`` uses every non-zero value found in any reference file.
         tolerance_mm: Tolerance of the normalised surface Dice.
         output_dir: Where the result files go.
+        probabilities_dir: Folder of ``<case>.npz`` class probabilities (``predict --save-probabilities``), one
+            for every scored case: adds ``pr_curves``, label -> :class:`~automedseg.pr_curves.PRCurve` as a
+            dictionary, over the voxels of every scored case (:func:`automedseg.pr_curves.read_probabilities`).
 
     Returns:
-        The summary (``labels``, ``tolerance_mm``, ``missing_predictions`` and the keys of
-        :func:`summarize`) plus ``per_case``: a list of ``{"case", "file", "metrics"}`` records.
+        The summary (``labels``, ``tolerance_mm``, ``missing_predictions``, the keys of :func:`summarize` and, with
+        ``probabilities_dir``, ``pr_curves``) plus ``per_case``: a list of ``{"case", "file", "metrics"}`` records.
 
     Raises:
         FileNotFoundError: A folder does not exist.
         ValueError: No reference images, a pair with different shapes, or a non-integer label map.
+        InputError: A scored case without its probabilities, or probabilities that do not fit (names the file).
     """
     reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
     for folder in (reference_dir, prediction_dir):
@@ -383,6 +416,7 @@ def evaluate_folders(
 
     per_case: list[dict[str, Any]] = []
     notes: list[str] = []
+    counts: dict[int, np.ndarray] = {}
     for name in paired:
         ref, ref_geom = _read_segmentation(reference_dir / name)
         pred, pred_geom = _read_segmentation(prediction_dir / name)
@@ -391,6 +425,10 @@ def evaluate_folders(
             raise ValueError(
                 f"{prediction_dir / name}: prediction shape {pred.shape} differs from reference shape {ref.shape}"
             )
+        if probabilities_dir is not None:
+            npz = Path(probabilities_dir) / f"{references[name]}.npz"
+            probs, values = read_probabilities(npz, shape=ref.shape)
+            add_counts(counts, probability_counts(ref, probs, labels=label_list, label_values=values, source=str(npz)))
         if ref_geom.ndim == 2:
             ref, pred = ref[0], pred[0]
         diff = ref_geom.matches(pred_geom)
@@ -411,6 +449,8 @@ def evaluate_folders(
         "geometry_warnings": notes,
         **summarize([record["metrics"] for record in per_case]),
     }
+    if probabilities_dir is not None:
+        summary["pr_curves"] = {label: to_jsonable(curve_from_counts(counts[label])) for label in label_list}
 
     output_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()

@@ -123,7 +123,7 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
                 overwrite: bool = False, device: str | None = None, threads: int | None = None,
                 progress: bool = False, num_parts: int = 1, part_id: int = 0, log: Log = _quiet,
                 case_log: Log = print, engine: str = "torch", check_bundle: bool = True,
-                amp: bool = True, output_format: str = "image") -> FolderReport:
+                amp: bool = True, output_format: str = "image", uncertainty: bool = False) -> FolderReport:
     """Segment a folder of images with the trained folds of a work folder (ensembled), post-processed as CV chose.
 
     Args:
@@ -139,6 +139,9 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         engine: ``torch`` or ``onnxruntime`` (the folds' ONNX graphs, from ``automedseg export --onnx``).
         check_bundle: When ``ws`` is an imported model (``automedseg import-model``), check its files against
             its manifest first; its manifest's configuration is the default.
+        uncertainty: Also write per-voxel entropy and fold-disagreement maps of each case, and
+            ``uncertainty_summary.json`` listing the least certain cases first (:mod:`automedseg.uncertainty`);
+            its one-line summary goes to ``log``.
         Others: as :func:`automedseg.inference.predict_folder`.
 
     Raises:
@@ -151,10 +154,21 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
     choice = choose_model(ws, configuration=configuration, folds=folds, postprocess=postprocess,
                           check_bundle=check_bundle, threads=threads, log=log)
     groups, post = choice.fold_groups, choice.postprocessing
-    return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
-                          overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                          overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
-                          engine=engine, amp=amp, output_format=output_format)
+    segmenter = None
+    if uncertainty:
+        from automedseg.uncertainty import uncertainty_segmenter
+
+        segmenter = uncertainty_segmenter
+    report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
+                            overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
+                            overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
+                            engine=engine, amp=amp, output_format=output_format, case_segmenter=segmenter)
+    if uncertainty:
+        from automedseg.uncertainty import SUMMARY_FILE, write_uncertainty_summary
+
+        summary = write_uncertainty_summary(output_dir, cases=[*report.written, *report.skipped_existing])
+        log(f"{summary.describe()}: {Path(output_dir) / SUMMARY_FILE}")
+    return report
 
 
 def run_predict_model(model: Path, input_dir: Path, output_dir: Path, *, configuration: str | None = None,

@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from automedseg.report_outputs import ExtraOutputs, extra_sections, read_extra_outputs
 from automedseg.report_render import (
     _Figure,
     _render_html,
@@ -49,7 +51,7 @@ from automedseg.report_state import (
 from automedseg.workspace import Workspace
 
 
-def _build_sections(state: WorkFolderState) -> list[_Section]:
+def _build_sections(state: WorkFolderState, extras: ExtraOutputs | None = None) -> list[_Section]:
     """Every section of the report, in order (the Missing section second, filled last)."""
     notes: list[str] = []
     body = [
@@ -57,6 +59,7 @@ def _build_sections(state: WorkFolderState) -> list[_Section]:
         _section_ensembles(state),
         _section_boxplots(state),
         _section_curves(state),
+        *extra_sections(extras or ExtraOutputs(), state),
         _section_timing(state),
         _section_plans(state),
         _section_overlays(state, notes),
@@ -65,27 +68,34 @@ def _build_sections(state: WorkFolderState) -> list[_Section]:
     return [_section_overview(state), _section_missing(state, notes), *body]
 
 
-def write_report(ws: Workspace, output_dir: Path | None = None) -> Path:
+def write_report(ws: Workspace, output_dir: Path | None = None, *, evaluations: Sequence[Path] = (),
+                 predictions: Sequence[Path] = ()) -> Path:
     """Write ``report.html`` and ``report.md`` (+ its ``fig_*.png`` files) for a work folder.
 
     Args:
         ws: The work folder; any partial state is fine (what is absent is listed under "Missing").
         output_dir: Where to write (default ``<work>/report/``). Stale ``fig_*.png`` files of an
             earlier report there are removed.
+        evaluations: Evaluation folders (``automedseg evaluate``'s ``metrics_summary.json``) whose precision-recall
+            curves and average precision to show (:mod:`automedseg.report_outputs`).
+        predictions: Prediction folders (``automedseg predict --uncertainty``'s ``uncertainty_summary.json``)
+            whose least certain cases to list.
 
     Returns:
         The path of ``report.html``.
 
     Raises:
         FileNotFoundError: The work folder does not exist.
+        InputError: A named evaluation or prediction summary is missing or damaged (names the file).
     """
     from automedseg.io import atomic_write_bytes, atomic_write_text
 
     if not ws.root.is_dir():
         raise FileNotFoundError(f"{ws.root}: no work folder (run `automedseg plan` first)")
     out = Path(output_dir) if output_dir is not None else ws.root / REPORT_DIR
+    extras = read_extra_outputs(evaluations=evaluations, predictions=predictions)
     state = collect_state(ws)
-    sections = _build_sections(state)
+    sections = _build_sections(state, extras)
     title = f"automedseg report: {state.dataset_name}"
     figures = [b for s in sections for b in s.blocks if isinstance(b, _Figure)]
     out.mkdir(parents=True, exist_ok=True)

@@ -113,9 +113,10 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
     mirrored passes as ``predict`` does; the summary records the axes.
 
     Writes ``validation/<case>.npz`` (float16 probabilities, compressed; channel ``k`` is training index
-    ``k``, i.e. the ``k``-th smallest declared label value), ``validation/<case>.nii.gz`` (the argmax
-    mapped back to the declared label values) and ``validation/summary.json`` (per-case, per-class Dice
-    and the mean, keyed by declared value), which the post-processing and ensemble choices read.
+    ``k``, i.e. the ``k``-th smallest declared label value, ``label_values`` says which),
+    ``validation/<case>.nii.gz`` (the argmax mapped back to the declared label values) and
+    ``validation/summary.json`` (per-case, per-class Dice and the mean, keyed by declared value), which the
+    post-processing and ensemble choices read.
     """
     from automedseg.io import atomic_save_npz, read_label, write_segmentation
     from automedseg.metrics import compute_case_metrics, summarize
@@ -142,7 +143,8 @@ def validate_fold(ws: Workspace, plans: Plans, config: ConfigurationPlan, fold_d
                                                    mirror=bool(tuple(mirror_axes)))
         probs = restore_probabilities(probs, props, plans, config)
         seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
-        atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16))
+        atomic_save_npz(out_dir / f"{cid}.npz", compressed=True, probabilities=probs.astype(np.float16),
+                        label_values=np.asarray(plans.label_values))
         write_segmentation(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         if not meta.label_file or not Path(meta.label_file).is_file():
             continue  # the raw reference is gone: nothing to score against
