@@ -10,7 +10,8 @@ owner's reader instead of parsing the file:
 * ``splits.json``: :mod:`automedseg.splits` (``FoldSplit``, ``read_splits`` / ``write_splits``);
 * a fold's ``log.jsonl``: :mod:`automedseg.training_log` (``EpochRecord``, ``read_training_log``);
 * a fold's ``validation/summary.json``: :mod:`automedseg.validation_summary` (``ValidationSummary``);
-* ``postprocessing.json``: :mod:`automedseg.postprocessing` (``Postprocessing.load`` / ``Postprocessing.save``);
+* ``postprocessing.json``: :mod:`automedseg.postprocessing_format` (``Postprocessing.load`` / ``.save``;
+  chosen and applied by :mod:`automedseg.postprocessing`, which re-exports them);
 * ``find_best.json``: :mod:`automedseg.best_choice` (``FindBest``, ``read_find_best``; written by
   :func:`automedseg.model_selection.find_best`);
 * a search's ``search/<study>/confirmation.json``: :mod:`automedseg.search_confirm` (``Confirmation``,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from automedseg.artifacts import read_artifact, write_artifact
 from automedseg.atomic import jsonable
-from automedseg.postprocessing import Postprocessing
+from automedseg.postprocessing_format import VERSION_2_KEYS, Postprocessing
 from automedseg.serialize import from_jsonable, to_jsonable
 
 if TYPE_CHECKING:
@@ -91,7 +91,8 @@ class ChosenPostprocessing:
     """``find_best.json``'s summary of the best candidate's post-processing (the whole choice is in ``file``).
 
     Either the choice (``file``, the operations and the mean Dice before and after) or, when none could be
-    chosen, only ``error``.
+    chosen, only ``error``. The operations of version 2 of ``postprocessing.json`` (``min_size_mm3``,
+    ``opening_radius_mm``, ``closing_radius_mm``, ``fill_holes``) are written only when adopted.
 
     Example:
         >>> ChosenPostprocessing(error="no validation outputs").chosen
@@ -102,6 +103,10 @@ class ChosenPostprocessing:
     keep_largest_foreground: bool = False
     keep_largest_labels: tuple[int, ...] = ()
     min_voxels: dict[str, int] = field(default_factory=dict)
+    min_size_mm3: dict[str, float] | None = field(default=None, metadata=_OMIT)
+    opening_radius_mm: dict[str, float] | None = field(default=None, metadata=_OMIT)
+    closing_radius_mm: dict[str, float] | None = field(default=None, metadata=_OMIT)
+    fill_holes: dict[str, str] | None = field(default=None, metadata=_OMIT)
     dice_before: dict[str, float | None] = field(default_factory=dict)
     dice_after: dict[str, float | None] = field(default_factory=dict)
     error: str | None = field(default=None, metadata=_OMIT)
@@ -116,6 +121,7 @@ class ChosenPostprocessing:
         describe; the steps and provenance are only in ``file``)."""
         return Postprocessing(keep_largest_foreground=self.keep_largest_foreground,
                               keep_largest_labels=self.keep_largest_labels, min_voxels=dict(self.min_voxels),
+                              **{k: dict(getattr(self, k) or {}) for k in VERSION_2_KEYS},
                               dice_before=dict(self.dice_before), dice_after=dict(self.dice_after))
 
     def describe(self) -> str:
@@ -143,6 +149,7 @@ class ChosenPostprocessing:
         """The summary of ``choice``, saved as ``file``."""
         return cls(file=str(file), keep_largest_foreground=choice.keep_largest_foreground,
                    keep_largest_labels=choice.keep_largest_labels, min_voxels=dict(choice.min_voxels),
+                   **{k: dict(getattr(choice, k)) or None for k in VERSION_2_KEYS},
                    dice_before=dict(choice.dice_before), dice_after=dict(choice.dice_after))
 
 

@@ -239,7 +239,7 @@ def export_model(ws: Workspace, output: Path, *, configuration: str | None = Non
                         out.add(f"{key}/{GRAPH_NAME}", graph)
                         out.add_json(f"{key}/{SIDECAR_NAME}", onnx_sidecar(
                             fold_plans, cfg, fold=d.name.removeprefix("fold_"), info=info,
-                            postprocessing=to_jsonable(pp_default) if pp_default is not None else None))
+                            postprocessing=pp_default.to_dict() if pp_default is not None else None))
                         onnx_info = info
                         log(f"export: {key}/{GRAPH_NAME}: opset {info['opset']}, {info['exporter']} exporter, "
                             f"max |ONNX - torch| {info['max_abs_difference']:.2g}")

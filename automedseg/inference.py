@@ -30,6 +30,9 @@ from automedseg.network import build_network
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.preprocessing import preprocess_image, restore_probabilities
 
+Postprocess = Callable[[np.ndarray, tuple[float, ...]], np.ndarray]
+"""Post-processing of a predicted label map ``(Z, Y, X)``, given its voxel spacing ``(z, y, x)`` in mm (the image's:
+operations in millimetres need it), e.g. :func:`automedseg.postprocessing.apply_postprocessing` of a choice."""
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 CaseSegmenter = Callable[[Path], Callable[..., tuple[np.ndarray, np.ndarray]]]
 """Mask path -> what segments that case as :func:`segment_case` does (:func:`predict_folder`'s hook)."""
@@ -302,7 +305,7 @@ def find_folds(configuration_dir: Path, folds: Sequence[int | str] | None = None
 def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequence[Path]], *,
                    device: str | None = None, step: float = 0.5, mirror: bool = True, amp: bool = True,
                    overwrite: bool = False, save_probabilities: bool = False,
-                   postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                   postprocessing: Postprocess | None = None,
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
                    num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print,
                    engine: str = "torch", output_format: str = "image",
@@ -320,7 +323,7 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         amp: bf16 (CPU) / fp16 (CUDA) inference.
         overwrite: Re-predict cases whose output exists (otherwise kept, so interrupted runs continue).
         save_probabilities: Also write ``<case>.npz`` with float16 class probabilities.
-        postprocessing: Applied to each label map before writing.
+        postprocessing: Applied to each label map, with the image's voxel spacing in mm, before writing.
         output_ending: Output file ending (default: the input's).
         overlays: Also write PNG overlays of a few slices to ``output_dir/overlays`` (one colour per label, a legend
             with the plan's label names; :mod:`automedseg.overlays`).
@@ -392,7 +395,7 @@ def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | Non
 
 def segment_case(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geometry: Geometry, *,
                  device: torch.device, step: float = 0.5, mirror: bool = True, amp: bool = True,
-                 postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                 postprocessing: Postprocess | None = None,
                  source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Segment one image with an ensemble: what ``automedseg predict`` does to each case before writing it.
 
@@ -407,7 +410,7 @@ def segment_case(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geom
         step: Tile step as a fraction of the patch.
         mirror: Test-time mirroring over the plan's mirror axes.
         amp: bf16 / fp16 inference where :func:`~automedseg.device.precision_for` allows it.
-        postprocessing: Applied to the label map.
+        postprocessing: Applied to the label map, with ``geometry.spacing_zyx`` (mm).
         source: What the image is (its file), for the messages.
 
     Returns:
@@ -423,7 +426,7 @@ def segment_case(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geom
                 for g in groups) / len(groups)
     seg = plans.to_values(probs.argmax(0))  # training indices -> declared label values
     if postprocessing is not None:
-        seg = postprocessing(seg)
+        seg = postprocessing(seg, geometry.spacing_zyx)
     return seg, probs
 
 
@@ -471,7 +474,7 @@ def check_output_folder(input_dir: Path, output_dir: Path) -> None:
 
 def _predict_cases(cases: Sequence[CaseFiles], output_dir: Path, groups: Sequence[Sequence[LoadedFold]], *,
                    plans: Plans, device: torch.device, step: float, mirror: bool, amp: bool, overwrite: bool,
-                   save_probabilities: bool, postprocessing: Callable[[np.ndarray], np.ndarray] | None,
+                   save_probabilities: bool, postprocessing: Postprocess | None,
                    output_ending: str | None, overlays: bool, progress: bool, log: Callable[[str], None],
                    dicom_seg: bool = False, case_segmenter: CaseSegmenter | None = None) -> FolderReport:
     import time

@@ -302,13 +302,15 @@ def find_best(ws: Workspace, *, configurations: Sequence[str] | None = None,
 
 
 def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequence[int | str] | None = None,
-                             remove_small: bool = True,
+                             remove_small: bool = True, morphology: bool = True,
                              tolerance: float = DEFAULT_TOLERANCE) -> Postprocessing:
     """Choose the post-processing of a configuration (or an ensemble ``A+B``) on its validation outputs.
 
     Reads every fold's ``validation/<case>.nii.gz`` (ensembles: the averaged ``<case>.npz``
-    probabilities) and the case's reference label (``label_file`` of the preprocessed case JSON), runs
-    :func:`choose_postprocessing`, writes the result to :func:`postprocessing_path` and returns it.
+    probabilities) and the case's reference label (``label_file`` of the preprocessed case JSON), with the
+    reference's voxel spacing in mm (what the operations in millimetres are measured with; ``automedseg
+    predict`` passes each image's), runs :func:`choose_postprocessing` (``remove_small``, ``morphology``: its
+    steps 3 and 4 to 6), writes the result to :func:`postprocessing_path` and returns it.
     Cases are loaded on demand, so large datasets need not fit in memory at once.
 
     Raises:
@@ -319,7 +321,8 @@ def determine_postprocessing(ws: Workspace, configuration: str, *, folds: Sequen
     if len(cases) == 0:
         raise ValueError(f"{configuration}: no validation outputs with reference labels to choose the "
                          f"post-processing on; {'; '.join(cases.missing) or 'nothing was found'}")
-    choice = choose_postprocessing(cases, labels=cases.labels, remove_small=remove_small, tolerance=tolerance)
+    choice = choose_postprocessing(cases, labels=cases.labels, remove_small=remove_small, morphology=morphology,
+                                   tolerance=tolerance)
     choice = choice.with_provenance(configuration=configuration, members=members, cases=cases.case_ids,
                                     missing=cases.missing)
     choice.save(postprocessing_path(ws, configuration))

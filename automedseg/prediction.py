@@ -17,7 +17,14 @@ import numpy as np
 
 from automedseg.best_choice import find_best_path, read_find_best
 from automedseg.errors import InputError
-from automedseg.inference import FolderReport, check_output_folder, check_step, find_folds, predict_folder
+from automedseg.inference import (
+    FolderReport,
+    Postprocess,
+    check_output_folder,
+    check_step,
+    find_folds,
+    predict_folder,
+)
 from automedseg.postprocessing import Postprocessing, apply_postprocessing, postprocessing_path
 from automedseg.workspace import Workspace
 
@@ -44,13 +51,13 @@ def best_configuration(ws: Workspace) -> str:
             from None
 
 
-def _postprocessing(path: Path, log: Log) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
+def _postprocessing(path: Path, log: Log) -> tuple[Postprocess, list[str]]:
     choice = Postprocessing.load(path)
     ops = choice.operations()
     log(f"post-processing from {path}: {'; '.join(ops) if ops else 'none'}")
 
-    def post(seg: np.ndarray) -> np.ndarray:
-        return apply_postprocessing(seg, choice)
+    def post(seg: np.ndarray, spacing_mm: tuple[float, ...]) -> np.ndarray:
+        return apply_postprocessing(seg, choice, spacing_mm=spacing_mm)
 
     return post, list(ops)
 
@@ -68,7 +75,7 @@ class ModelChoice:
 
     configuration: str
     fold_groups: list[list[Path]]
-    postprocessing: Callable[[np.ndarray], np.ndarray] | None
+    postprocessing: Postprocess | None
     postprocessing_operations: tuple[str, ...] = ()
 
 

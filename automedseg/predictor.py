@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
     import torch
 
+    from automedseg.inference import Postprocess
     from automedseg.loaded_fold import LoadedFold
     from automedseg.plans import Plans
     from automedseg.workspace import Workspace
@@ -49,7 +50,7 @@ class Predictor:
     """
 
     def __init__(self, groups: Sequence[Sequence[LoadedFold]], *, device: torch.device, configuration: str,
-                 fold_dirs: Sequence[Sequence[Path]], postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                 fold_dirs: Sequence[Sequence[Path]], postprocessing: Postprocess | None = None,
                  postprocessing_operations: Sequence[str] = (), amp: bool = True) -> None:
         self._groups = [list(g) for g in groups]
         self._device = device

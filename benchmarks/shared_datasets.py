@@ -57,6 +57,7 @@ Results go to ``--results-dir`` (default ``benchmarks/results``): ``shared_datas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -467,6 +468,8 @@ def postprocessed_figures(find_best_json: Path, names: dict[int, str]) -> dict |
            if pp.keep_largest_labels else "",
            "keep the largest foreground component" if pp.keep_largest_foreground else "",
            f"remove components under {pp.min_voxels} voxels" if pp.min_voxels else ""]
+    ops += dataclasses.replace(pp, keep_largest_foreground=False, keep_largest_labels=(),
+                               min_voxels={}).as_postprocessing().operations()  # mm^3, opening, closing, holes
     return {"mean_dice": pp.dice_after.get("mean"), "dice_per_class": after,
             "operations": "; ".join(o for o in ops if o) or "none"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from automedseg.best_choice import (
 )
 from automedseg.errors import InputError
 from automedseg.postprocessing import no_postprocessing
+from automedseg.serialize import to_jsonable
 
 PP_SUMMARY = {"file": "/w/postprocessing_2d+3d_fullres.json", "keep_largest_foreground": True,
               "keep_largest_labels": [2], "min_voxels": {"1": 12}, "dice_before": {"1": 0.8, "mean": 0.8},
@@ -51,6 +53,11 @@ def test_round_trip_keeps_the_json_as_written(tmp_path: Path) -> None:
                         "remove components of class 1 smaller than 12 voxels"]),
     ({"error": "no validation outputs"}, False, []),
     (None, None, None),
+    ({**PP_SUMMARY, "min_voxels": {}, "min_size_mm3": {"1": 35.5}, "closing_radius_mm": {"2": 1.5},
+      "fill_holes": {"1": "2d"}}, True,  # version-2 operations, written only when adopted
+     ["keep the largest foreground component", "keep the largest component of class(es) 2",
+      "remove components of class 1 smaller than 35.5 mm^3", "close class 2 with a ball of radius 1.5 mm",
+      "fill the holes of class 1 (per slice along z)"]),
 ])
 def test_postprocessing_summary(tmp_path: Path, summary: dict | None, chosen: bool | None,
                                 operations: list[str] | None) -> None:
@@ -72,6 +79,10 @@ def test_summary_of_a_choice() -> None:
     summary = ChosenPostprocessing.of(choice, Path("/w/2d/postprocessing.json"))
     assert summary.chosen and summary.file == "/w/2d/postprocessing.json"
     assert summary.as_postprocessing().operations() == choice.operations() == []
+    assert summary.fill_holes is None and "fill_holes" not in to_jsonable(summary)  # nothing adopted: not written
+    holes = dataclasses.replace(choice, version=0, fill_holes={"1": "3d"})
+    summary = ChosenPostprocessing.of(holes, Path("/w/2d/postprocessing.json"))
+    assert summary.fill_holes == {"1": "3d"} and summary.as_postprocessing().operations() == holes.operations()
 
 
 def test_typed_result_written_as_is(tmp_path: Path) -> None:

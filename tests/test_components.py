@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from automedseg.components import keep_largest_component, label_components, largest_only, remove_small_components
+from automedseg.components import (
+    keep_largest_component,
+    label_components,
+    largest_only,
+    remove_small_components,
+    remove_small_components_mm3,
+    voxel_volume_mm3,
+)
 
 
 def _blobs() -> np.ndarray:
@@ -81,3 +88,33 @@ def test_largest_only_keeps_an_empty_mask_empty():
     empty = np.zeros((3, 3), bool)
     assert largest_only(empty) is empty
     assert int(largest_only(_blobs() == 2).sum()) == 8
+
+
+@pytest.mark.parametrize("spacing_mm, shape, volume", [
+    ((1.0, 1.0, 1.0), (4, 16, 16), 1.0),
+    ((3.0, 0.8, 0.5), (4, 16, 16), 1.2),
+    ((999.0, 0.5, 0.5), (1, 16, 16), 0.25),  # one slice: the z spacing is a dummy, the size an area
+])
+def test_voxel_volume_mm3(spacing_mm, shape, volume):
+    assert voxel_volume_mm3(spacing_mm, shape) == pytest.approx(volume)
+
+
+@pytest.mark.parametrize("min_size_mm3, spacing_mm, labels, expected_counts", [
+    (8.0, (1.0, 1.0, 1.0), None, {1: 32, 2: 8}),  # the speck (1 mm^3) and the far block (4 mm^3) go
+    (8.0, (2.0, 1.0, 1.0), None, {1: 32, 2: 12}),  # at 2 mm^3 a voxel the far block is 8 mm^3: kept
+    (8.0, (2.0, 1.0, 1.0), [1], {1: 32, 2: 12}),
+    (3.0, (2.0, 2.0, 2.0), [2], {1: 33, 2: 12}),
+    (0.0, (1.0, 1.0, 1.0), None, {1: 33, 2: 12}),
+])
+def test_remove_small_components_mm3(min_size_mm3, spacing_mm, labels, expected_counts):
+    out = remove_small_components_mm3(_blobs(), min_size_mm3=min_size_mm3, spacing_mm=spacing_mm, labels=labels)
+    assert {v: int((out == v).sum()) for v in (1, 2)} == expected_counts
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_size_mm3": -1.0, "spacing_mm": (1.0, 1.0, 1.0)}, "min_size_mm3"),
+    ({"min_size_mm3": 1.0, "spacing_mm": (1.0, 1.0)}, "spacing_mm"),
+])
+def test_remove_small_components_mm3_refuses(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        remove_small_components_mm3(_blobs(), **kwargs)

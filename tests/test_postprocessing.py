@@ -145,16 +145,17 @@ def test_choose_small_component_threshold():
         cases.append((ref, pred, sp))
     choice = choose_postprocessing(cases, labels=[1])
     assert choice.keep_largest_labels == () and not choice.keep_largest_foreground
-    assert "1" in choice.min_voxels and 2 <= choice.min_voxels["1"] <= 64
-    assert choice.min_voxels_by_label == {1: choice.min_voxels["1"]}
-    step = choice.steps[-1]
-    assert step.step == "remove_small" and step.adopted and step.min_voxels == choice.min_voxels["1"]
-    assert step.candidates and str(step.min_voxels) in step.candidates
-    out = apply_postprocessing(cases[0][1], choice)
+    assert choice.min_voxels == {} and choice.version == 2  # the threshold is in mm^3 now (2 mm^3 per voxel)
+    assert "1" in choice.min_size_mm3 and 4 <= choice.min_size_mm3["1"] <= 128
+    assert choice.min_size_mm3_by_label == {1: choice.min_size_mm3["1"]}
+    (step,) = [s for s in choice.steps if s.step == "remove_small"]
+    assert step.adopted and step.min_size_mm3 == choice.min_size_mm3["1"] and step.min_voxels is None
+    assert step.candidates and f"{step.min_size_mm3:g}" in step.candidates
+    out = apply_postprocessing(cases[0][1], choice, spacing_mm=SPACING)
     assert int(out.sum()) == int(cases[0][1].sum()) - 2
     assert choice.dice_after["1"] > choice.dice_before["1"]
     no_small = choose_postprocessing(cases, labels=[1], remove_small=False)
-    assert no_small.min_voxels == {}
+    assert no_small.min_size_mm3 == {} and no_small.min_voxels == {}
 
 
 def test_choose_rejects_bad_input():
@@ -163,6 +164,195 @@ def test_choose_rejects_bad_input():
     ref = np.zeros((2, 3, 3), np.uint8)
     with pytest.raises(ValueError, match="shape"):
         choose_postprocessing([(ref, np.zeros((2, 3, 4), np.uint8), SPACING)], labels=[1])
+
+
+# --- morphology on cross-validation ------------------------------------------------------------------
+
+FLAT = (999.0, 1.0, 1.0)  # a single-slice image (1, Y, X) with its dummy z spacing
+
+
+def _disk(shape: tuple[int, ...], center: tuple[int, ...], radius: float) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius ** 2
+
+
+def _planted_spur() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A blob open under the cross (5 x 5 without corners) and a voxel touching it at a corner only: one component,
+    so only the opening removes it."""
+    ref = np.zeros((1, 9, 9), np.uint8)
+    ref[0, 3:6, 2:7] = ref[0, 2:7, 3:6] = 1
+    pred = ref.copy()
+    pred[0, 1, 2] = 1
+    return ref, pred, FLAT
+
+
+def _planted_slit() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A rectangle cut in two by a one-voxel slit."""
+    ref = np.zeros((1, 9, 12), np.uint8)
+    ref[0, 2:7, 2:10] = 1
+    pred = ref.copy()
+    pred[0, :, 6] = 0
+    return ref, pred, FLAT
+
+
+def _planted_channel() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A cylinder along z predicted with a channel through it, open at both ends: a hole of every slice only."""
+    ref = np.zeros((6, 12, 12), np.uint8)
+    ref[:, _disk((12, 12), (6, 6), 4)] = 1
+    pred = ref.copy()
+    pred[:, _disk((12, 12), (6, 6), 2)] = 0
+    return ref, pred, (1.0, 1.0, 1.0)
+
+
+def _planted_cavity() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A cube predicted with a ball-shaped cavity: a hole in 3D (and of each slice through it)."""
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[1:11, 1:11, 1:11] = 1
+    pred = ref.copy()
+    pred[_disk(ref.shape, (6, 6, 6), 2)] = 0
+    return ref, pred, (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("make, name, step, value", [
+    (_planted_spur, "opening_radius_mm", "opening", 1.0),
+    (_planted_slit, "closing_radius_mm", "closing", 1.0),
+    (_planted_channel, "fill_holes", "fill_holes", "2d"),  # filling in 3D does nothing
+    (_planted_cavity, "fill_holes", "fill_holes", "3d"),  # both fill it: the 3D one, the milder, is preferred
+])
+def test_choose_adopts_a_planted_helpful_operation(make, name: str, step: str, value: object):
+    cases = [make() for _ in range(3)]
+    choice = choose_postprocessing(cases, labels=[1])
+    assert getattr(choice, name) == {"1": value} and choice.version == 2
+    (adopted,) = [s for s in choice.steps if s.step == step]
+    assert adopted.adopted and (adopted.mode if step == "fill_holes" else adopted.radius_mm) == value
+    assert adopted.dice_after > adopted.dice_before and str(value).removesuffix(".0") in adopted.candidates
+    assert choice.dice_after["1"] > choice.dice_before["1"]
+    dice = [dice_per_label(r, apply_postprocessing(p, choice, spacing_mm=sp), labels=[1])[1] for r, p, sp in cases]
+    assert np.mean(dice) == pytest.approx(choice.dice_after["1"])  # applying reproduces the figure
+
+
+def _fine_detail() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Predicted perfectly: a thin line (opening deletes it), a true gap (closing fills it), a true hole."""
+    ref = np.zeros((1, 12, 14), np.uint8)
+    ref[0, 2:6, 2:6] = ref[0, 3, 6:9] = 1
+    ref[0, 2:6, 10:12] = ref[0, 7:10, 2:5] = ref[0, 7:10, 6:9] = 1
+    ref[0, 8, 3] = 0
+    return ref, ref.copy(), FLAT
+
+
+@pytest.mark.parametrize("step", ["opening", "closing", "fill_holes"])
+def test_choose_refuses_an_operation_that_lowers_the_dice(step: str):
+    choice = choose_postprocessing([_fine_detail() for _ in range(2)], labels=[1])
+    assert choice.operations() == [] and choice.version == 1
+    (tested,) = [s for s in choice.steps if s.step == step]
+    assert not tested.adopted and tested.dice_after < tested.dice_before == 1.0
+    assert tested.radius_mm is None and tested.mode is None
+
+
+def test_choose_refuses_what_helps_some_cases_but_lowers_the_mean():
+    cases = [_planted_spur(), _fine_detail()]  # the opening would fix the spur but delete the thin line
+    choice = choose_postprocessing(cases, labels=[1])
+    (opening,) = [s for s in choice.steps if s.step == "opening"]
+    assert not opening.adopted and opening.dice_after < opening.dice_before and choice.opening_radius_mm == {}
+
+
+def test_choose_decides_per_class_and_leaves_the_others_alone():
+    cases = []
+    for _ in range(2):
+        ref, pred, spacing = _planted_slit()  # class 1: closing helps
+        detail = _fine_detail()[0][:, :9, :12] * 2  # class 2: predicted perfectly, any operation hurts it
+        ref, pred = np.concatenate([ref, detail], axis=1), np.concatenate([pred, detail], axis=1)
+        cases.append((ref, pred, spacing))
+    choice = choose_postprocessing(cases, labels=[1, 2])
+    assert choice.closing_radius_mm == {"1": 1.0} and choice.opening_radius_mm == choice.fill_holes == {}
+    assert choice.dice_after["2"] == choice.dice_before["2"] == 1.0
+    assert choice.dice_after["1"] > choice.dice_before["1"]
+
+
+def _contested() -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Class 1 inside a ring of class 2; filling the holes of either takes class 1's missing centre. Class 1's hole
+    filling pays only with that centre (it also fills a true hole of its other ring)."""
+    shape = (22, 34)
+    ref = np.zeros(shape, np.uint8)
+    ref[_disk(shape, (11, 11), 9)] = 2
+    ref[_disk(shape, (11, 11), 4)] = 1
+    pred = ref.copy()
+    pred[_disk(shape, (11, 11), 6) & ~_disk(shape, (11, 11), 4)] = 0  # class 2 misses its inner band
+    pred[_disk(shape, (11, 11), 2)] = 0  # class 1 misses its centre
+    for seg in (ref, pred):
+        seg[_disk(shape, (11, 27), 5)] = 1
+        seg[_disk(shape, (11, 27), 2)] = 0  # a true hole
+    return ref[None], pred[None], FLAT
+
+
+def test_choose_withdraws_what_the_classes_together_would_spoil():
+    cases = [_contested() for _ in range(2)]
+    choice = choose_postprocessing(cases, labels=[1, 2])
+    fills = {s.label: s.adopted for s in choice.steps if s.step == "fill_holes"}
+    assert fills == {1: True, 2: True}  # each alone raises its Dice
+    (withdrawn,) = [s for s in choice.steps if s.step == "withdrawn"]
+    assert withdrawn.label == 1 and withdrawn.dice_after < withdrawn.dice_before
+    assert choice.fill_holes == {"2": "2d"}
+    assert choice.dice_after["1"] == choice.dice_before["1"] and choice.dice_after["2"] > choice.dice_before["2"]
+    for label in (1, 2):
+        dice = [dice_per_label(r, apply_postprocessing(p, choice, spacing_mm=sp), labels=[label])[label]
+                for r, p, sp in cases]
+        assert np.mean(dice) == pytest.approx(choice.dice_after[str(label)])
+
+
+def test_choose_without_morphology():
+    choice = choose_postprocessing([_planted_slit() for _ in range(2)], labels=[1], morphology=False)
+    assert choice.operations() == [] and not any(s.step == "closing" for s in choice.steps)
+
+
+def _mm_choice(**fields: dict) -> Postprocessing:
+    return Postprocessing(keep_largest_foreground=False, keep_largest_labels=(), min_voxels={}, **fields)
+
+
+@pytest.mark.parametrize("fields, spacing_mm, kept", [
+    ({"closing_radius_mm": {"1": 1.0}}, (1.0, 1.0, 1.0), 80),  # the gap slice (1 mm) is bridged
+    ({"closing_radius_mm": {"1": 1.0}}, (3.0, 1.0, 1.0), 64),  # ... not when it is 3 mm thick
+    ({"min_size_mm3": {"1": 40.0}}, (1.0, 1.0, 1.0), 0),  # two blocks of 32 mm^3
+    ({"min_size_mm3": {"1": 40.0}}, (2.0, 1.0, 1.0), 64),  # ... of 64 mm^3
+    ({"min_size_mm3": {"1": 40.0}}, (2.0, 2.0, 2.0), 64),
+])
+def test_apply_measures_in_mm_with_the_spacing_given(fields: dict, spacing_mm: tuple[float, ...], kept: int):
+    seg = np.zeros((7, 4, 4), np.uint8)
+    seg[1:6] = 1
+    seg[3] = 0  # two blocks of 32 voxels, one slice apart
+    for image in (seg, seg[None]):  # a leading axis of one is accepted
+        out = apply_postprocessing(image, _mm_choice(**fields), spacing_mm=spacing_mm)
+        assert out.shape == image.shape and out.dtype == image.dtype and int(out.sum()) == kept
+
+
+def test_apply_in_mm_needs_the_spacing():
+    with pytest.raises(ValueError, match="spacing_mm"):
+        apply_postprocessing(np.zeros((2, 3, 3), np.uint8), _mm_choice(opening_radius_mm={"1": 1.0}))
+    seg = np.zeros((1, 5, 5), np.uint8)
+    seg[0, 1:4, 1:4] = 1
+    seg[0, 2, 2] = 0
+    assert apply_postprocessing(seg, _mm_choice(fill_holes={"1": "3d"}))[0, 2, 2] == 1  # holes need no mm
+
+
+def test_predict_applies_the_choice_with_the_image_spacing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import automedseg.prediction as prediction
+
+    path = tmp_path / "postprocessing.json"
+    _mm_choice(closing_radius_mm={"1": 1.0}).save(path)
+    seen = []
+
+    def spy(seg: np.ndarray, choice: Postprocessing, *, spacing_mm: object = None) -> np.ndarray:
+        seen.append(spacing_mm)
+        return apply_postprocessing(seg, choice, spacing_mm=spacing_mm)
+
+    monkeypatch.setattr(prediction, "apply_postprocessing", spy)
+    post, ops = prediction._postprocessing(path, log=lambda s: None)
+    seg = np.zeros((7, 4, 4), np.uint8)
+    seg[1:6] = 1
+    seg[3] = 0
+    assert ops == ["close class 1 with a ball of radius 1 mm"]
+    assert int(post(seg, (1.0, 1.0, 1.0)).sum()) == 80 and int(post(seg, (3.0, 1.0, 1.0)).sum()) == 64
+    assert seen == [(1.0, 1.0, 1.0), (3.0, 1.0, 1.0)]
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -228,6 +418,48 @@ def test_old_file_fields_are_typed(tmp_path: Path):
     assert choice.min_voxels_by_label == {2: 12}
 
 
+@pytest.mark.parametrize("extra, version, operations", [
+    ({}, 1, ["remove components of class 2 smaller than 12 voxels"]),
+    # version 1 ignored keys it did not know: a version-2 key in a version-1 file changes nothing
+    ({"fill_holes": {"2": "3d"}}, 1, ["remove components of class 2 smaller than 12 voxels"]),
+    # without a version, the lowest that holds the file
+    ({"version": None, "fill_holes": {"2": "3d"}}, 2,
+     ["remove components of class 2 smaller than 12 voxels", "fill the holes of class 2 (in 3D)"]),
+])
+def test_version_1_files_mean_what_they_meant(tmp_path: Path, extra: dict, version: int, operations: list[str]):
+    data = {**V1_FILE, "keep_largest_labels": [], **extra}
+    if extra.get("version", 1) is None:
+        del data["version"]
+    path = tmp_path / "postprocessing.json"
+    path.write_text(json.dumps(data))
+    choice = load_postprocessing(path)
+    assert choice.version == version and choice.operations() == operations
+    assert choice.min_voxels_by_label == {2: 12}
+    seg = _blobs()
+    assert int((apply_postprocessing(seg, choice) == 2).sum()) == 0  # 8 and 4 voxels, both under 12
+    save_postprocessing(choice, path)
+    written = json.loads(path.read_text())
+    assert written["version"] == version and ("fill_holes" in written) == (version == 2)
+    assert load_postprocessing(path) == choice
+
+
+def test_version_2_round_trip(tmp_path: Path):
+    choice = choose_postprocessing([_planted_channel(), _planted_cavity()[:2] + ((1.0, 1.0, 1.0),)], labels=[1])
+    choice = choice.with_provenance(configuration="3d_fullres", members=["3d_fullres"], cases=["a", "b"], missing=[])
+    assert choice.version == 2 and choice.fill_holes
+    path = tmp_path / "postprocessing.json"
+    save_postprocessing(choice, path)
+    written = json.loads(path.read_text())
+    assert written["format"] == "automedseg-postprocessing" and written["version"] == 2
+    assert set(written) >= {"min_voxels", "min_size_mm3", "opening_radius_mm", "closing_radius_mm", "fill_holes"}
+    assert all("mode" not in step and "radius_mm" not in step for step in written["steps"] if not step["adopted"])
+    loaded = load_postprocessing(path)
+    assert loaded == choice and loaded.to_dict() == written
+    seg = _planted_channel()[1]
+    assert np.array_equal(apply_postprocessing(seg, loaded, spacing_mm=(1.0, 1.0, 1.0)),
+                          apply_postprocessing(seg, choice, spacing_mm=(1.0, 1.0, 1.0)))
+
+
 def test_apply_neutral_choice_returns_a_copy():
     seg = _blobs()
     out = apply_postprocessing(seg, no_postprocessing([1, 2]))
@@ -254,15 +486,22 @@ _REQUIRED = '"keep_largest_foreground": false, "keep_largest_labels": [], "min_v
     ('{"keep_largest_foreground": false, "keep_largest_labels": [], "min_voxels": {"1": -2}}',
      r"min_voxels\.1: must be a non-negative integer"),
     ('{"format": "other", ' + _REQUIRED + "}", "format 'other' is not supported"),
-    ('{"version": 2, ' + _REQUIRED + "}", "version 2 is not supported"),
+    ('{"version": 3, ' + _REQUIRED + "}", "version 3 is not supported"),
+    ('{"version": 1, "closing_radius_mm": {"1": 0}, ' + _REQUIRED + "}", None),  # version 1 ignores it
+    ('{"closing_radius_mm": {"1": 0}, ' + _REQUIRED + "}", r"closing_radius_mm\.1: must be a positive number"),
+    ('{"fill_holes": {"1": "4d"}, ' + _REQUIRED + "}", r"fill_holes\.1: must be one of"),
+    ('{"min_size_mm3": {"x": 2}, ' + _REQUIRED + "}", "min_size_mm3: key 'x'"),
     ('{"connectivity": "face", ' + _REQUIRED + "}", "connectivity: 'face'"),
     ('{"n_cases": "four", ' + _REQUIRED + "}", r"\.n_cases: expected an integer"),
     ('{"steps": [{"step": "keep_largest", "adopted": true, "size": 3}], ' + _REQUIRED + "}",
      r"\.steps\[0\]: unknown field\(s\) \['size'\]"),
 ])
-def test_load_malformed_file_names_the_file_and_field(tmp_path: Path, content: str, message: str):
+def test_load_malformed_file_names_the_file_and_field(tmp_path: Path, content: str, message: str | None):
     path = tmp_path / "postprocessing.json"
     path.write_text(content)
+    if message is None:
+        assert load_postprocessing(path).operations() == []
+        return
     with pytest.raises(PostprocessingError, match=message) as info:
         load_postprocessing(path)
     assert str(path) in str(info.value)
@@ -277,6 +516,9 @@ def test_load_missing_file(tmp_path: Path):
     ({"keep_largest_labels": (-1,)}, "keep_largest_labels"),
     ({"min_voxels": {"0": 3}}, "min_voxels: key '0'"),
     ({"labels": (0, 1)}, "labels"),
+    ({"opening_radius_mm": {"1": -1.0}}, "opening_radius_mm.1"),
+    ({"min_size_mm3": {"1": float("inf")}}, "min_size_mm3.1"),
+    ({"version": 1, "fill_holes": {"1": "3d"}}, "version: 1 cannot hold fill_holes"),
 ])
 def test_invalid_choice_cannot_be_built(kwargs: dict, message: str):
     fields = {"keep_largest_foreground": False, "keep_largest_labels": (), "min_voxels": {}} | kwargs

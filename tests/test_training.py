@@ -326,7 +326,8 @@ def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) ->
     assert choice.labels == (1, 200)
     out = tmp_path / "pred"
     report = predict_folder(ds.root / "imagesTs", out, [[res.fold_dir]], device="cpu", mirror=False,
-                            postprocessing=lambda seg: apply_postprocessing(seg, choice), log=lambda s: None)
+                            postprocessing=lambda seg, spacing: apply_postprocessing(seg, choice, spacing_mm=spacing),
+                            log=lambda s: None)
     assert report.written == ds.test_ids
     for case in ds.test_ids:
         pred, _ = read_label(out / f"{case}{ds.ending}")
