@@ -227,7 +227,8 @@ def case_uncertainty(case: str, *, entropy: np.ndarray, disagreement: np.ndarray
 
 def segment_case_with_uncertainty(groups: Sequence[Sequence[LoadedFold]], image: np.ndarray, geometry: Geometry, *,
                                   out: Path, device: torch.device, step: float = 0.5, mirror: bool = True,
-                                  amp: bool = True, postprocessing: Callable[[np.ndarray], np.ndarray] | None = None,
+                                  amp: bool = True,
+                                  postprocessing: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
                                   source: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """:func:`automedseg.inference.segment_case`, also writing the case's maps and record (module note).
 
@@ -253,7 +254,7 @@ def segment_case_with_uncertainty(groups: Sequence[Sequence[LoadedFold]], image:
     index = probs.argmax(0)
     seg = plans.to_values(index)
     if postprocessing is not None:
-        seg = postprocessing(seg)
+        seg = postprocessing(seg, geometry.spacing_zyx)
     entropy = normalized_entropy(probs)
     disagreement = fold_disagreement(members, index)
     out = Path(out)
