@@ -113,10 +113,13 @@ def test_evaluate(trained: tuple[Path, Path], tmp_path: Path) -> None:
     assert any(out.iterdir())
 
 
-def test_search_one_tiny_trial(copy: tuple[Path, Path]) -> None:
+def test_search_one_tiny_trial(copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search command's wiring: one trial of 2 epochs (not the 20 of a real trial) of the fewest iterations
+    (a 1 s trial budget), adopted unconfirmed."""
     dataset, work = copy
+    monkeypatch.setattr("automedseg.search.TRIAL_EPOCHS", 2)
     r = CliRunner().invoke(main, ["search", str(dataset), "--work-dir", str(work), "-c", "3d_fullres",
-                                  "--trials", "1", "--trial-budget", "15s", "--pruner", "none", "--seed", "0",
+                                  "--trials", "1", "--trial-budget", "1s", "--pruner", "none", "--seed", "0",
                                   "--device", "cpu", "--threads", "1", "--fidelity", "short", "--confirm", "0"])
     assert r.exit_code == 0, r.output
     assert "1 complete, 0 pruned, 0 failed" in r.output, r.output  # pruner none: the rule-plan trial completes

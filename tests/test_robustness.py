@@ -360,11 +360,17 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
-    """SIGKILL ``plan`` while it preprocesses: ``train`` refuses the partial cache; a re-run of plan completes it."""
-    dataset = make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=40, n_test=0, seed=1)
+    """SIGKILL ``plan`` while it preprocesses: ``train`` refuses the partial cache; a re-run of plan completes it.
+
+    15 cases: the kill comes within a poll (20 ms) of the third cached case, long before the last. The 1 min
+    budget makes the plan's epochs small (5 validation batches, not the 50 of an unbudgeted plan), which the
+    one-iteration epoch of ``train`` keeps.
+    """
+    n = 15
+    dataset = make_demo_dataset(tmp_path / "Dataset_Demo", n_cases=n, n_test=0, seed=1)
     work = tmp_path / "work"
     plan = _cli("plan", str(dataset), "--work-dir", str(work), "-c", "3d_fullres", "-j", "1", "--device",
-                "reference-cpu-2core")
+                "reference-cpu-2core", "--time-budget", "1m")
     proc = subprocess.Popen(plan, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache = work / "preprocessed" / "fullres"
     deadline = time.time() + 120
@@ -374,7 +380,7 @@ def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     cached = len(list(cache.glob("demo_*.json")))
-    assert 3 <= cached < 40 and not (cache / "cache_complete.json").exists()
+    assert 3 <= cached < n and not (cache / "cache_complete.json").exists()
     train = _cli("train", str(dataset), "--work-dir", str(work), "-f", "0", "--epochs", "1",
                  "--iterations-per-epoch", "1", "--workers", "0", "--threads", "1", "--device", "cpu", "--no-validate")
     refused = subprocess.run(train, capture_output=True, text=True, timeout=120)
@@ -383,18 +389,22 @@ def test_train_refuses_the_cache_of_a_killed_plan(tmp_path: Path) -> None:
     assert not (work / "splits.json").exists() and not (work / "3d_fullres").exists()
     again = subprocess.run(plan, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert json.loads((cache / "cache_complete.json").read_text())["cases"] == [f"demo_{i:03d}" for i in range(40)]
+    assert json.loads((cache / "cache_complete.json").read_text())["cases"] == [f"demo_{i:03d}" for i in range(n)]
     done = subprocess.run(train, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     splits = read_splits(work / "splits.json")
-    assert sorted(c for s in splits for c in s.val) == [f"demo_{i:03d}" for i in range(40)]
+    assert sorted(c for s in splits for c in s.val) == [f"demo_{i:03d}" for i in range(n)]
 
 
 def test_second_trainer_on_a_fold_is_refused(env: Env) -> None:
-    """Two trainers on one fold: the second exits 2 naming the first; the first finishes unharmed."""
+    """Two trainers on one fold: the second exits 2 naming the first; the first finishes unharmed.
+
+    The first is stopped (SIGSTOP) while it holds the lock and continued once the second has given up, so it
+    need not train long enough to outlive the second's start-up.
+    """
     args = [a.format(**vars(env)) for a in TRAIN]
     args[args.index("--epochs") + 1] = "3"
-    args[args.index("--iterations-per-epoch") + 1] = "40"
+    args[args.index("--iterations-per-epoch") + 1] = "4"
     first = subprocess.Popen(_cli(*args, "--restart"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     lock = env.fold / ".automedseg.lock"
@@ -402,7 +412,12 @@ def test_second_trainer_on_a_fold_is_refused(env: Env) -> None:
     while time.time() < deadline and str(first.pid) not in (lock.read_text() if lock.is_file() else ""):
         assert first.poll() is None, first.communicate()
         time.sleep(0.02)
-    second = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=120)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert str(first.pid) in lock.read_text(), "the first trainer released the lock before it was stopped"
+        second = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     assert second.returncode == 2, second.stdout + second.stderr
     assert f"in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr

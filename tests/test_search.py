@@ -248,15 +248,21 @@ def test_fit_schedule_reproduces_the_planner_and_fixes_trial_epochs(search_plann
     assert longer.iterations_per_epoch > short.iterations_per_epoch
 
 
-@pytest.mark.parametrize(("budget_s", "trainer_budget_s"), [(0.5, None), (20.0, None), (0.5, 1.0)])
+@pytest.mark.parametrize(("budget_s", "trainer_budget_s", "iterations"), [
+    pytest.param(0.5, None, None, id="too-short"),  # a 0.5 s trial would be cut to one epoch
+    pytest.param(20.0, None, 2, id="to-spare"),  # 3 x 2 iterations leave most of 17 s: it would be extended
+    pytest.param(0.5, 1.0, None, id="own-budget"),  # the trainer's refit path
+])
 def test_a_trial_trains_exactly_its_rungs_epochs(search_planned: tuple[Path, Workspace], budget_s: float,
-                                                 trainer_budget_s: float | None) -> None:
-    """The trainer neither refits a trial's schedule to the full-fold rule nor cuts its epochs to the budget
-    (a 0.5 s trial would stop after one epoch), not even when handed a budget of its own (its refit path): a trial
-    trains the epochs the pruner counts."""
+                                                 trainer_budget_s: float | None, iterations: int | None) -> None:
+    """The trainer neither refits a trial's schedule to the full-fold rule nor fits its epochs to the budget
+    (a 0.5 s trial would stop after one epoch, a 20 s trial of 2 iterations an epoch would be extended), not even
+    when handed a budget of its own (its refit path): a trial trains the epochs the pruner counts."""
     _, ws = search_planned
     name = f"exact-{budget_s:g}-{trainer_budget_s}"
-    extra = {} if trainer_budget_s is None else {"time_budget_s": trainer_budget_s}
+    extra: dict[str, Any] = {} if trainer_budget_s is None else {"time_budget_s": trainer_budget_s}
+    if iterations is not None:
+        extra["iterations_per_epoch"] = iterations
     run_search(ws, "3d_fullres", n_trials=1, study_name=name, seed=0, keep_trial_files=True,
                trial_options={"epochs": 3, "val_iterations": 2, "num_workers": 0, **extra},
                **{**COMMON, "trial_budget_s": budget_s})

@@ -253,7 +253,7 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
     """Kill the CLI with SIGKILL while an epoch runs; the re-run resumes and loses at most that epoch."""
     dataset, ws = planned
     cmd = [sys.executable, "-m", "automedseg.cli", "train", str(dataset), "--work-dir", str(ws.root),
-           "-c", "3d_fullres", "-f", "0", "--epochs", "6", "--iterations-per-epoch", "15", "--workers", "1",
+           "-c", "3d_fullres", "-f", "0", "--epochs", "3", "--iterations-per-epoch", "6", "--workers", "1",
            "--threads", "1", "--device", "cpu", "--no-validate", "--restart"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fold_dir = ws.fold_dir("3d_fullres", 0)
@@ -283,15 +283,15 @@ def test_sigkill_mid_epoch_then_resume(planned: tuple[Path, Workspace]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     done_before = len(_history(fold_dir))
-    assert 1 <= done_before < 6
+    assert 1 <= done_before < 3
     resumed = subprocess.run([c for c in cmd if c != "--restart"], capture_output=True, text=True, env=env,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {fold_dir} at epoch {done_before}" in resumed.stdout
     hist = _history(fold_dir)
-    assert [h["epoch"] for h in hist] == list(range(6))
+    assert [h["epoch"] for h in hist] == list(range(3))
     ckpt = torch.load(fold_dir / "checkpoint_final.pt", weights_only=True)
-    assert ckpt["epoch"] == 5
+    assert ckpt["epoch"] == 2
 
 
 def test_sparse_label_values_end_to_end(tmp_path: Path, write_nnunet_dataset) -> None:
