@@ -44,6 +44,26 @@ def full_fold_variant(plans: Plans, base: ConfigurationPlan, params: Mapping[str
     return fit_schedule(plans, apply_params(plans, base, params, name=name), base.training.time_budget_s)
 
 
+def trial_variant(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any], *, name: str, fidelity: str,
+                  budget_s: float, epochs: int) -> ConfigurationPlan:
+    """The variant a trial of ``fidelity`` trains, with its schedule.
+
+    ``full``: :func:`full_fold_variant`. ``short`` and ``continuation``: exactly ``epochs`` epochs
+    (``fixed_epochs``) whose iterations fill ``TRAIN_SHARE x budget_s`` by the planner's cost model; with
+    continuation the cool-downs a promoted trial discards come out of the same budget.
+
+    Raises:
+        InfeasibleParams: The variant does not fit the planned device's memory.
+    """
+    if fidelity == "full":
+        return full_fold_variant(plans, base, params, name=name)
+    from automedseg.search_rungs import extra_epochs
+
+    share = epochs / (epochs + extra_epochs(epochs)) if fidelity == "continuation" else 1.0
+    return fit_schedule(plans, apply_params(plans, base, params, name=name), TRAIN_SHARE * budget_s * share,
+                        trial_epochs=epochs)
+
+
 def ensure_cache(ws: Workspace, plans: Plans, config: ConfigurationPlan, dataset: Path | None, log: Log) -> None:
     """Preprocess the cache of a variant that has its own (another normalisation), once; workers wait in turn.
 
@@ -88,7 +108,7 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     """
     import optuna
 
-    from automedseg.search_rungs import continuation_attrs, extra_epochs, train_with_continuation
+    from automedseg.search_rungs import continuation_attrs, train_with_continuation
     from automedseg.training import TrainOptions, train_fold
 
     trial.set_user_attr("worker", worker)
@@ -97,12 +117,7 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     name = f"{base.name}_trial{trial.number}"
     tlog: Log = lambda m: log(f"[trial {trial.number}] {m}")  # noqa: E731
     try:
-        if fidelity == "full":
-            variant = full_fold_variant(plans, base, params, name=name)
-        else:  # with continuation, the discarded cool-downs come out of the same budget
-            share = epochs / (epochs + extra_epochs(epochs)) if fidelity == "continuation" else 1.0
-            variant = fit_schedule(plans, apply_params(plans, base, params, name=name),
-                                   TRAIN_SHARE * budget_s * share, trial_epochs=epochs)
+        variant = trial_variant(plans, base, params, name=name, fidelity=fidelity, budget_s=budget_s, epochs=epochs)
         ensure_cache(ws, plans, variant, dataset, tlog)
     except InfeasibleParams as e:
         trial.set_user_attr("infeasible", str(e))
