@@ -71,7 +71,9 @@ def plan(dataset: PathLike, *, work_dir: PathLike | None = None, time_budget: fl
         jobs: Parallel processes for the fingerprint and the preprocessing.
         device: Plan for ``auto``, ``cpu``, ``cuda``, ``mps``, or a nominal profile (``reference-cpu-2core``,
             ``reference-gpu-24g``) that needs no timing.
-        architecture: ``plain_unet`` (nnU-Net's default) or ``residual_unet``.
+        architecture: ``plain_unet`` (nnU-Net's default) or ``residual_unet`` for every configuration; or
+            ``attention_unet``, ``aspp_unet``, ``segnet_unet``: the plain configurations plus a variant of each,
+            ``<configuration>_<architecture>`` (:func:`automedseg.planning.plan_dataset`).
         seed: Training seed written into the plan.
         threads: CPU threads for training (default: all cores).
         overwrite: Recompute the fingerprint and every cached case.

@@ -35,6 +35,8 @@ from automedseg.cli_support import (
 from automedseg.progress_events import open_progress, progress_option
 
 DEFAULT_CONFIGS = ("2d", "3d_fullres", "3d_lowres")
+#: ``automedseg.plans.ARCHITECTURES``, spelled out: the CLI imports nothing heavy (numpy) before a command runs.
+ARCHITECTURE_CHOICES = ("plain_unet", "residual_unet", "attention_unet", "aspp_unet", "segnet_unet")
 
 
 @click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,8 +128,11 @@ def import_command(source: Path, output: Path, test_source: Path | None, no_test
 @click.option("--time-budget", default=None,
               help="Training wall-clock budget per fold, e.g. 30m or 2h (default: 30m on a CPU; on a GPU, none: "
                    "nnU-Net's 1000 epochs x 250 iterations).")
-@click.option("--architecture", type=click.Choice(["plain_unet", "residual_unet"]), default="plain_unet",
-              show_default=True, help="Encoder: plain conv blocks (nnU-Net's default) or residual blocks (ResEnc).")
+@click.option("--architecture", type=click.Choice(ARCHITECTURE_CHOICES), default="plain_unet", show_default=True,
+              help="Network. plain_unet (nnU-Net's default) or residual_unet (residual encoder): every configuration "
+                   "gets it. attention_unet (attention-gated skips), aspp_unet (DeepLab ASPP bottleneck) or "
+                   "segnet_unet (max-unpooling decoder): the plain configurations, plus a variant of each named "
+                   "CONFIGURATION_ARCHITECTURE (e.g. 3d_fullres_attention_unet; train it with -c).")
 @click.option("--seed", default=12345, show_default=True,
               help="Training seed written into the plan (weights, sampling, augmentation); not the folds' split.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -32,12 +32,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from automedseg.network_cost import estimate_activation_elements, family_of
 from automedseg.plans import AugmentationPlan, DeviceProfile, NetworkPlan
 from automedseg.topology import ANISO_THRESHOLD
 
@@ -99,12 +101,33 @@ def augments_on_device(device: DeviceProfile, requested: bool | None = None) -> 
 
 
 def activation_bytes(net: NetworkPlan, patch: Sequence[int], *, batch: int) -> float:
-    """Rough training memory: ~10 float32 activation copies per stage (calibrated on nnU-Net's 8 GB plans)."""
+    """Rough training memory: ~10 float32 activation copies per stage (calibrated on nnU-Net's 8 GB plans), times
+    :func:`family_memory_factor` for the families beyond the plain and residual U-Nets."""
     total, size = 0.0, np.asarray(patch, dtype=float)
     for feats, stride in zip(net.features_per_stage, net.strides):
         size = size / np.asarray(stride)
         total += feats * float(np.prod(size))
-    return total * 10 * 4 * batch
+    return total * 10 * 4 * batch * family_memory_factor(net, patch)
+
+
+def family_memory_factor(net: NetworkPlan, patch: Sequence[int]) -> float:
+    """Activations kept for backward by ``net`` over those of the U-Net with its encoder and plain skips.
+
+    1 for ``plain_unet`` and ``residual_unet`` (what :func:`activation_bytes` was calibrated on); the others'
+    attention gates, ASPP branches, pooling indices or missing concatenations move it (the cost model's count,
+    :func:`automedseg.network_cost.estimate_activation_elements`).
+    """
+    reference = "residual_unet" if family_of(net).encoder == "residual" else "plain_unet"
+    if net.architecture == reference:
+        return 1.0
+    kw = {"in_channels": 1, "num_classes": 2, "patch_size": tuple(int(p) for p in patch), "dims": len(patch)}
+    return (estimate_activation_elements(net, **kw)
+            / estimate_activation_elements(dataclasses.replace(net, architecture=reference), **kw))
+
+
+def memory_limit_bytes(device: DeviceProfile) -> float:
+    """The activation memory a plan may use: 85 % of a GPU's memory, half of a CPU machine's."""
+    return device.memory_gib * 2**30 * (0.85 if device.kind != "cpu" else 0.5)
 
 
 def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,

@@ -122,3 +122,19 @@ class DeviceProfile:
     def augment_rate(self, dims: int) -> float | None:
         """Voxels per second one data worker augments for a ``dims``-D patch (``None``: not calibrated)."""
         return dict(self.augment_voxels_per_s or ()).get(dims)
+
+
+# Nominal profiles for planning a machine that is not this one (plans/ examples, tests). The CPU's data figures
+# are calibrate_data_throughput's on a 2-core EPYC; the GPU's data pipeline is not modelled (its host is unknown).
+#: Nominal profiles (:func:`automedseg.planning.measure_device` returns them by name).
+NOMINAL_PROFILES: dict[str, DeviceProfile] = {
+    "reference-cpu-2core": DeviceProfile(
+        kind="cpu", name="nominal 2-core AVX-512 CPU", cpu_threads=2, memory_gib=23.0,
+        gflops_by_width=((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0)), measured=False,
+        window_voxels_per_s=2.0e8, augment_voxels_per_s=((2, 6.0e6), (3, 5.5e6)),
+    ),
+    "reference-gpu-24g": DeviceProfile(
+        kind="cuda", name="nominal 24 GiB CUDA GPU", cpu_threads=12, memory_gib=24.0,
+        gflops_by_width=((8, 2000.0), (16, 6000.0), (32, 15000.0), (64, 25000.0)), measured=False,
+    ),
+}

@@ -101,3 +101,10 @@ def class_centroids(cases: Sequence[CaseFingerprint], labels: Mapping[str, int])
         if rows:
             out[name] = np.asarray(rows, dtype=float)
     return out
+
+
+def mirror_axes_to_keep(cases: Sequence[CaseFingerprint], labels: Mapping[str, int],
+                        transpose: Sequence[int]) -> dict[int, str]:
+    """Axes (after ``transpose``) that mirroring must leave alone, with why: it would swap lateralised classes."""
+    raw = mirror_confusions(class_centroids(cases, labels))
+    return {t: raw[a].replace(f"axis {a}", f"axis {t}") for t, a in enumerate(transpose) if a in raw}

@@ -2,7 +2,8 @@
 
 Pure Python (no torch): the planner calls the cost model thousands of times while it searches patch sizes and
 widths, and the ONNX and inference code need the strides without a model. :func:`_layers` walks the same
-topology as the modules of :mod:`automedseg.network` (which re-exports these names), layer by layer.
+topology as the modules of :mod:`automedseg.network` (which re-exports these names), layer by layer, for every
+architecture family of :data:`ARCHITECTURE_FAMILIES` (the recipe both sides compose the network from).
 
 Example:
     >>> from automedseg.plans import NetworkPlan
@@ -15,8 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from automedseg.plans import NetworkPlan
@@ -27,6 +29,49 @@ from automedseg.plans import NetworkPlan
 ELEMENTWISE_FLOPS_PER_ELEMENT = 50.0
 #: Backward pass cost as a multiple of the forward pass.
 BACKWARD_FORWARD_RATIO = 2.0
+#: Atrous rates of an ASPP whose plan sets none (``aspp_dilations: null``), on every axis the bottleneck's kernel
+#: spans; the planner sets rates from the bottleneck's size instead (:func:`aspp_rates_for`).
+DEFAULT_ASPP_RATES = (1, 2, 3)
+#: Fractions of the bottleneck's size that the planner's atrous rates reach, as DeepLab's 6, 12, 18 on a
+#: 33-voxel map (output stride 16 of a 513 crop): about 1/6, 1/3 and 1/2.
+ASPP_RATE_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a network family is composed from the shared parts (encoder, skips, bottleneck, up-sampling).
+
+    Attributes:
+        encoder: ``plain`` (conv-norm-act stacks) or ``residual`` (a stem, then basic residual blocks).
+        pooling: ``strided_conv`` (the first conv of a stage carries the stride; transposed-conv up-sampling) or
+            ``max_pool`` (max pooling with indices; the decoder max-unpools with them after a 1x1 conv).
+        skip: ``concat`` (the skip is concatenated), ``attention`` (gated by an additive attention gate, then
+            concatenated) or ``none`` (no skip features, only the pooling indices).
+        bottleneck: ``none`` or ``aspp`` (atrous spatial pyramid pooling after the last encoder stage).
+    """
+
+    encoder: str = "plain"
+    pooling: str = "strided_conv"
+    skip: str = "concat"
+    bottleneck: str = "none"
+
+
+#: Architecture name (``NetworkPlan.architecture``) -> its composition; keys are :data:`automedseg.plans.ARCHITECTURES`.
+ARCHITECTURE_FAMILIES: dict[str, Family] = {
+    "plain_unet": Family(),
+    "residual_unet": Family(encoder="residual"),
+    "attention_unet": Family(skip="attention"),
+    "aspp_unet": Family(bottleneck="aspp"),
+    "segnet_unet": Family(pooling="max_pool", skip="none"),
+}
+
+
+def family_of(net: NetworkPlan) -> Family:
+    """The composition of ``net``'s architecture; raises ``ValueError`` listing the known ones."""
+    try:
+        return ARCHITECTURE_FAMILIES[net.architecture]
+    except KeyError:
+        raise ValueError(f"unknown architecture {net.architecture!r}; known: {sorted(ARCHITECTURE_FAMILIES)}") from None
 
 
 def check_dims(net: NetworkPlan, dims: int) -> None:
@@ -39,6 +84,49 @@ def check_dims(net: NetworkPlan, dims: int) -> None:
         raise ValueError(f"dims must be 2 or 3, got {dims}")
     if any(len(k) != dims for k in net.kernel_sizes) or any(len(s) != dims for s in net.strides):
         raise ValueError(f"kernel_sizes and strides need {dims} entries each for dims={dims}")
+    if any(len(d) != dims for d in net.aspp_dilations or ()):
+        raise ValueError(f"aspp_dilations need {dims} entries each for dims={dims}")
+
+
+# --- ASPP rates ---------------------------------------------------------------------------------
+
+
+def aspp_dilations(net: NetworkPlan) -> tuple[tuple[int, ...], ...]:
+    """The dilation of each atrous ASPP branch, one int per axis: the plan's, else :data:`DEFAULT_ASPP_RATES`
+    on the axes the bottleneck's kernel spans (1 on the others).
+
+    Example:
+        >>> net = NetworkPlan("aspp_unet", (4, 8), ((1, 3, 3), (1, 3, 3)), ((1, 1, 1), (1, 2, 2)), (1, 1), (1,))
+        >>> aspp_dilations(net)
+        ((1, 1, 1), (1, 2, 2), (1, 3, 3))
+    """
+    if net.aspp_dilations is not None:
+        return net.aspp_dilations
+    kernel = net.kernel_sizes[-1]
+    return tuple(tuple(r if int(k) > 1 else 1 for k in kernel) for r in DEFAULT_ASPP_RATES)
+
+
+def aspp_rates_for(net: NetworkPlan, patch_size: Sequence[int]) -> NetworkPlan:
+    """``net`` with ASPP rates suited to its bottleneck for ``patch_size`` (other families: without rates).
+
+    Per axis of bottleneck size ``b`` (the patch over the total stride) whose kernel spans it, the ``j``-th
+    branch's rate is ``round(b * ASPP_RATE_FRACTIONS[j])``, at least ``j + 1`` and at most ``b - 1`` (a tap
+    farther away than that reads only padding); 1 where the kernel is 1. Small maps repeat rates.
+
+    Example:
+        >>> net = NetworkPlan("aspp_unet", (4, 8), ((3, 3), (3, 3)), ((1, 1), (2, 2)), (1, 1), (1,))
+        >>> aspp_rates_for(net, (48, 12)).aspp_dilations
+        ((4, 1), (8, 2), (12, 3))
+    """
+    if family_of(net).bottleneck != "aspp":
+        return net if net.aspp_dilations is None else dataclasses.replace(net, aspp_dilations=None)
+    bottleneck = [int(p) // s for p, s in zip(patch_size, total_stride(net), strict=True)]
+    rates = tuple(
+        tuple(max(1, min(max(j + 1, round(b * f)), b - 1)) if int(k) > 1 else 1
+              for b, k in zip(bottleneck, net.kernel_sizes[-1], strict=True))
+        for j, f in enumerate(ASPP_RATE_FRACTIONS)
+    )
+    return dataclasses.replace(net, aspp_dilations=rates)
 
 
 # --- strides and shapes ------------------------------------------------------------------------
@@ -92,13 +180,20 @@ class _Layer:
     kernel: tuple[int, ...]
     macs_voxels: int  # voxels the kernel is applied at (output voxels; input voxels for transposed convs)
     out_elements: int  # output activation elements (cout * prod(output shape))
-    normed: bool  # followed by a norm (+ activation)
-    extra_saved: int = 0  # further elements kept for backward (the decoder concatenation)
+    normed: bool  # followed by a norm (2 * cout affine parameters) + activation
+    extra_saved: int = 0  # further elements kept for backward (concatenations, pooling, gating)
+    bias: bool = True
+    elementwise: int = 0  # further elements of memory-bound ops charged like a norm (attention gates, pooling)
+
+    @property
+    def parameters(self) -> int:
+        return self.cin * self.cout * math.prod(self.kernel) + self.cout * (int(self.bias) + 2 * int(self.normed))
 
 
-def _conv_out(shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+def _conv_out(shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int], pad: bool = True) -> tuple[int, ...]:
     return tuple(
-        (n + 2 * (int(k) // 2) - int(k)) // int(s) + 1 for n, k, s in zip(shape, kernel, stride, strict=True)
+        (n + 2 * (int(k) // 2) * int(pad) - int(k)) // int(s) + 1
+        for n, k, s in zip(shape, kernel, stride, strict=True)
     )
 
 
@@ -109,6 +204,7 @@ def _layers(
     check_dims(net, dims)
     if len(patch_size) != dims:
         raise ValueError(f"patch_size {tuple(patch_size)} needs {dims} entries")
+    family = family_of(net)
     ones = (1,) * dims
     layers: list[_Layer] = []
 
@@ -120,23 +216,33 @@ def _layers(
         shape: tuple[int, ...],
         normed: bool = True,
         extra_saved: int = 0,
+        pad: bool = True,
+        **kw: int | bool,
     ) -> tuple[int, ...]:
-        out = _conv_out(shape, kernel, stride)
+        out = _conv_out(shape, kernel, stride, pad)
         vox = math.prod(out)
-        layers.append(_Layer(cin, cout, tuple(int(k) for k in kernel), vox, cout * vox, normed, extra_saved))
+        layers.append(_Layer(cin, cout, tuple(int(k) for k in kernel), vox, cout * vox, normed, extra_saved, **kw))
         return out
+
+    def weightless(saved: int, elementwise: int) -> None:
+        """An op without weights (pooling, unpooling): memory and memory-bound time only."""
+        layers.append(_Layer(0, 0, ones, 0, 0, False, saved, bias=False, elementwise=elementwise))
 
     feats = net.features_per_stage
     shape = tuple(int(p) for p in patch_size)
     prev = in_channels
-    residual = net.architecture == "residual_unet"
+    residual = family.encoder == "residual"
+    pooled = family.pooling == "max_pool"
     if residual:
         shape = conv(in_channels, feats[0], net.kernel_sizes[0], ones, shape)
         prev = feats[0]
     skip_shapes = []
     for s in range(net.n_stages):
+        if pooled and s > 0:  # max pooling: the stage's convs run at the pooled size; output and int64 indices kept
+            shape = tuple(n // int(v) for n, v in zip(shape, net.strides[s], strict=True))
+            weightless(saved=3 * prev * math.prod(shape), elementwise=prev * math.prod(shape))
         for i in range(net.n_conv_per_stage_encoder[s]):
-            stride = net.strides[s] if i == 0 else ones
+            stride = net.strides[s] if i == 0 and not pooled else ones
             cin = prev if i == 0 else feats[s]
             if residual:
                 in_shape = shape
@@ -148,18 +254,59 @@ def _layers(
                 shape = conv(cin, feats[s], net.kernel_sizes[s], stride, shape)
         prev = feats[s]
         skip_shapes.append(shape)
+    if family.bottleneck == "aspp":
+        shape = _aspp_layers(net, conv, shape, dims)
     for s in range(net.n_stages - 1, 0, -1):
         stride = tuple(int(v) for v in net.strides[s])
         in_vox = math.prod(shape)
+        skip_elements = feats[s - 1] * math.prod(skip_shapes[s - 1])
+        if family.skip == "attention":  # theta (strided, no bias) on the skip, phi on the gate, psi to one map
+            coarse = conv(feats[s - 1], max(1, feats[s - 1] // 2), stride, stride, skip_shapes[s - 1],
+                          normed=False, pad=False, bias=False)
+            conv(feats[s], max(1, feats[s - 1] // 2), ones, ones, coarse, normed=False,
+                 elementwise=max(1, feats[s - 1] // 2) * math.prod(coarse))
+            conv(max(1, feats[s - 1] // 2), 1, ones, ones, coarse, normed=False,
+                 extra_saved=math.prod(skip_shapes[s - 1]) + skip_elements, elementwise=2 * skip_elements)
+        if pooled:  # 1x1 conv to the skip's width, then max-unpooling with the encoder's indices
+            conv(feats[s], feats[s - 1], ones, ones, shape, normed=False)
+            weightless(saved=skip_elements, elementwise=skip_elements)
+        else:
+            layers.append(_Layer(feats[s], feats[s - 1], stride, in_vox, skip_elements, False))
         shape = skip_shapes[s - 1]
-        layers.append(_Layer(feats[s], feats[s - 1], stride, in_vox, feats[s - 1] * math.prod(shape), False))
+        concat = family.skip != "none"
         for i in range(net.n_conv_per_stage_decoder[s - 1]):
-            cin = 2 * feats[s - 1] if i == 0 else feats[s - 1]
-            concat = cin * math.prod(shape) if i == 0 else 0
-            shape = conv(cin, feats[s - 1], net.kernel_sizes[s - 1], ones, shape, extra_saved=concat)
+            cin = 2 * feats[s - 1] if i == 0 and concat else feats[s - 1]
+            saved = cin * math.prod(shape) if i == 0 and concat else 0
+            shape = conv(cin, feats[s - 1], net.kernel_sizes[s - 1], ones, shape, extra_saved=saved)
         if net.deep_supervision or s == 1:
             conv(feats[s - 1], num_classes, ones, ones, shape, normed=False)
     return layers
+
+
+def _aspp_layers(net: NetworkPlan, conv: Callable[..., tuple[int, ...]], shape: tuple[int, ...],
+                 dims: int) -> tuple[int, ...]:
+    """The ASPP's layers: a 1x1 branch, one dilated branch per rate, the image-pooling branch, the projection."""
+    c, ones, vox = net.features_per_stage[-1], (1,) * dims, math.prod(shape)
+    rates = aspp_dilations(net)
+    conv(c, c, ones, ones, shape)
+    for _ in rates:  # "same" padding of dilation * (k // 2): the output keeps the bottleneck's shape
+        conv(c, c, net.kernel_sizes[-1], ones, shape)
+    conv(c, c, ones, ones, ones, normed=False, elementwise=c * vox)  # on the pooled 1-voxel map, broadcast back
+    branches = len(rates) + 2
+    return conv(branches * c, c, ones, ones, shape, extra_saved=branches * c * vox)
+
+
+def estimate_parameters(net: NetworkPlan, *, in_channels: int, num_classes: int, dims: int) -> int:
+    """Trainable parameters of the network (weights, biases, affine norm parameters), without building it.
+
+    Example:
+        >>> net = NetworkPlan("plain_unet", (4, 8), ((3, 3), (3, 3)), ((1, 1), (2, 2)), (1, 1), (1,))
+        >>> estimate_parameters(net, in_channels=1, num_classes=2, dims=2)
+        802
+    """
+    patch = total_stride(net)  # the smallest valid input (the count does not depend on it)
+    layers = _layers(net, in_channels=in_channels, num_classes=num_classes, patch_size=patch, dims=dims)
+    return sum(layer.parameters for layer in layers)
 
 
 def estimate_forward_flops(
@@ -180,8 +327,7 @@ def estimate_forward_flops(
     layers = _layers(net, in_channels=in_channels, num_classes=num_classes, patch_size=patch_size, dims=dims)
     for layer in layers:
         total += 2.0 * layer.cin * layer.cout * math.prod(layer.kernel) * layer.macs_voxels
-        if layer.normed:
-            total += elementwise_flops * layer.out_elements
+        total += elementwise_flops * (layer.out_elements * int(layer.normed) + layer.elementwise)
     return total
 
 

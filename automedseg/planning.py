@@ -32,12 +32,15 @@ from automedseg.cost_model import (  # noqa: F401  (re-exported)
     activation_bytes,
     data_workers,
     estimate_step,
+    memory_limit_bytes,
     step_seconds,
     widen_for_data,
 )
+from automedseg.device_profile import NOMINAL_PROFILES  # noqa: F401  (re-exported)
 from automedseg.fingerprint_types import Fingerprint
-from automedseg.lateral import class_centroids, mirror_confusions
+from automedseg.lateral import mirror_axes_to_keep
 from automedseg.machine import cpu_model_name, host_memory_gib
+from automedseg.network_cost import aspp_rates_for
 from automedseg.plans import (
     AugmentationPlan,
     ChannelNormalization,
@@ -82,21 +85,9 @@ DATASET_COVERAGE_CAP = 0.05  # a batch covers at most 5% of the dataset's voxels
 SHORTEST_USEFUL_STEP_S = 0.1
 WIDTH_CANDIDATES = (32, 24, 16, 12, 8)
 DATA_BOUND_WIDTHS = (40, 48, 64)  # wider than nnU-Net's 32, for a device that would otherwise wait for data
-
-# Nominal profiles for planning a machine that is not this one (plans/ examples, tests). The CPU's data figures
-# are calibrate_data_throughput's on a 2-core EPYC; the GPU's data pipeline is not modelled (its host is unknown).
-NOMINAL_PROFILES: dict[str, DeviceProfile] = {
-    "reference-cpu-2core": DeviceProfile(
-        kind="cpu", name="nominal 2-core AVX-512 CPU", cpu_threads=2, memory_gib=23.0,
-        gflops_by_width=((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0)), measured=False,
-        window_voxels_per_s=2.0e8, augment_voxels_per_s=((2, 6.0e6), (3, 5.5e6)),
-    ),
-    "reference-gpu-24g": DeviceProfile(
-        kind="cuda", name="nominal 24 GiB CUDA GPU", cpu_threads=12, memory_gib=24.0,
-        gflops_by_width=((8, 2000.0), (16, 6000.0), (32, 15000.0), (64, 25000.0)), measured=False,
-    ),
-}
-
+#: Architectures the rules plan the configurations with; any other (``attention_unet``, ``aspp_unet``,
+#: ``segnet_unet``) is added as a variant of each configuration (:func:`plan_dataset`).
+RULE_ARCHITECTURES = ("plain_unet", "residual_unet")
 
 # --- device ---------------------------------------------------------------------------------------
 
@@ -147,11 +138,15 @@ def _timed_profile(kind: str, name: str, cpu_threads: int, memory_gib: float, th
 
 def network_for(spacing: Sequence[float], patch: Sequence[int], *, dims: int, base: int,
                 architecture: str = "plain_unet") -> tuple[NetworkPlan, list[int]]:
-    """Network topology for a patch and spacing; returns the network and the divisibility-rounded patch."""
+    """Network topology for a patch and spacing; returns the network and the divisibility-rounded patch.
+
+    Encoder blocks per stage: 2 convs, or for ``residual_unet`` 1, 2, 3 ... (at most 6) residual blocks; an
+    ``aspp_unet`` gets atrous rates for its bottleneck (:func:`~automedseg.network_cost.aspp_rates_for`).
+    """
     kernels, strides, rounded = pooling_topology(spacing, patch)
     n = len(strides)
     feats = tuple(min(base * 2**s, MAX_FEATURES[dims] * base // BASE_FEATURES) for s in range(n))
-    enc = tuple(2 for _ in range(n)) if architecture == "plain_unet" else tuple(min(1 + s, 6) for s in range(n))
+    enc = tuple(min(1 + s, 6) for s in range(n)) if architecture == "residual_unet" else tuple(2 for _ in range(n))
     net = NetworkPlan(
         architecture=architecture,
         features_per_stage=feats,
@@ -161,7 +156,7 @@ def network_for(spacing: Sequence[float], patch: Sequence[int], *, dims: int, ba
         n_conv_per_stage_decoder=tuple(2 for _ in range(n - 1)),
         deep_supervision=True,
     )
-    return net, rounded
+    return aspp_rates_for(net, rounded), rounded
 
 
 # --- configurations -------------------------------------------------------------------------------
@@ -181,34 +176,20 @@ class _Context:
     no_mirror: dict[int, str] = dataclasses.field(default_factory=dict)  # transposed axis -> reason
 
 
-def _lateral_axes(fingerprint: Fingerprint, labels: dict[str, int], transpose: Sequence[int]) -> dict[int, str]:
-    """Axes (after ``transpose``) that mirroring must leave alone: it would swap lateralised classes."""
-    raw = mirror_confusions(class_centroids(fingerprint.cases, labels))
-    return {t: raw[a].replace(f"axis {a}", f"axis {t}") for t, a in enumerate(transpose) if a in raw}
-
-
 def _normalization(fingerprint: Fingerprint) -> tuple[ChannelNormalization, ...]:
-    out = []
-    for modality, stats in zip(fingerprint.modalities, fingerprint.dataset.intensity):
-        if modality == "ct":  # the pooled statistics are numbers (DatasetSummary checks)
-            out.append(ChannelNormalization("ct", clip_low=stats.p00_5, clip_high=stats.p99_5, mean=stats.mean,
-                                            std=max(stats.std or 0.0, 1e-8)))
-        elif modality == "rgb":
-            out.append(ChannelNormalization("rgb_to_01"))
-        elif modality == "none":
-            out.append(ChannelNormalization("none"))
-        else:
-            out.append(ChannelNormalization("zscore"))
-    return tuple(out)
+    schemes = {"rgb": "rgb_to_01", "none": "none"}  # ct: below; any other modality: zscore
+    return tuple(  # the pooled statistics of a ct channel are numbers (DatasetSummary checks)
+        ChannelNormalization("ct", clip_low=stats.p00_5, clip_high=stats.p99_5, mean=stats.mean,
+                             std=max(stats.std or 0.0, 1e-8)) if modality == "ct"
+        else ChannelNormalization(schemes.get(modality, "zscore"))
+        for modality, stats in zip(fingerprint.modalities, fingerprint.dataset.intensity))
 
 
 def _schedule(step_s: float, ctx: _Context, *, dims: int) -> tuple[Schedule, float | None, list[str]]:
     """The schedule for a step time; also the budget used and notes."""
-    notes = []
-    budget = ctx.time_budget_s
-    if budget is None and ctx.device.kind == "cpu":
-        budget = DEFAULT_CPU_BUDGET_S
-        notes.append(f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold")
+    budget, _ = _budget(ctx)
+    notes = [] if budget is None or ctx.time_budget_s is not None else \
+        [f"no --time-budget given: CPU default of {DEFAULT_CPU_BUDGET_S / 60:.0f} min per fold"]
     if budget is None:
         ipe = ITERATIONS_PER_EPOCH_MAX
         return Schedule(GPU_DEFAULT_EPOCHS, ipe, validation_batches(ipe, fixed=False)), None, notes
@@ -221,13 +202,9 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
     sp = [float(v) for v in (spacing if dims == 3 else spacing[1:])]
     med = [float(v) for v in (median_shape if dims == 3 else median_shape[1:])]
     patch = initial_patch(sp, med, dims=dims)
-    limit_bytes = ctx.device.memory_gib * 2**30 * (0.85 if ctx.device.kind != "cpu" else 0.5)
+    limit_bytes = memory_limit_bytes(ctx.device)
     notes: list[str] = []
-    budget = ctx.time_budget_s
-    if budget is None and ctx.device.kind == "cpu":
-        budget = DEFAULT_CPU_BUDGET_S
-    # Short budgets cannot buy MIN_ITERATIONS of any useful network: ask for what ~0.1 s steps would give.
-    min_iters = MIN_ITERATIONS if budget is None else min(MIN_ITERATIONS, max(50, int(budget / SHORTEST_USEFUL_STEP_S)))
+    budget, min_iters = _budget(ctx)
     reduced = False
     while True:
         net, rounded = network_for(sp, patch, dims=dims, base=BASE_FEATURES, architecture=ctx.architecture)
@@ -273,6 +250,24 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         batch = nb
     net, step = _use_idle_device(ctx, sp, patch, net, rounded, batch=batch, dims=dims, limit_bytes=limit_bytes,
                                  notes=notes)
+    return _finish(ctx, name=name, spacing=spacing, median_shape=median_shape, dims=dims,
+                   data_identifier=data_identifier, net=net, rounded=rounded, batch=batch, step=step, notes=notes)
+
+
+def _budget(ctx: _Context) -> tuple[float | None, int]:
+    """The training budget (``None``: GPU without one) and the fewest iterations a configuration should get."""
+    budget = ctx.time_budget_s
+    if budget is None and ctx.device.kind == "cpu":
+        budget = DEFAULT_CPU_BUDGET_S
+    # Short budgets cannot buy MIN_ITERATIONS of any useful network: ask for what ~0.1 s steps would give.
+    return budget, MIN_ITERATIONS if budget is None else min(MIN_ITERATIONS,
+                                                             max(50, int(budget / SHORTEST_USEFUL_STEP_S)))
+
+
+def _finish(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndarray, dims: int,
+            data_identifier: str, net: NetworkPlan, rounded: Sequence[int], batch: int, step: StepEstimate,
+            notes: list[str]) -> ConfigurationPlan:
+    """The configuration of a chosen network, patch and batch: schedule, augmentation, training recipe, notes."""
     step_s = step.seconds
     (epochs, ipe, val_iterations), used_budget, sched_notes = _schedule(step_s, ctx, dims=dims)
     notes += sched_notes
@@ -319,7 +314,7 @@ def _fit(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.ndar
         data_identifier=data_identifier,
         dims=dims,
         spacing_mm=tuple(float(f"{v:.6g}") for v in spacing),  # type: ignore[arg-type]
-        patch_size=tuple(rounded),
+        patch_size=tuple(int(v) for v in rounded),
         batch_size=batch,
         median_shape=tuple(int(round(v)) for v in median_shape),  # type: ignore[arg-type]
         normalization=ctx.normalization,
@@ -377,7 +372,10 @@ def plan_dataset(fingerprint: Fingerprint, *, device: DeviceProfile, time_budget
         time_budget_s: Wall-clock training budget per fold in seconds (``None``: rule default).
         seed: Seed recorded in the training plans.
         configurations: Subset of ``2d``, ``3d_fullres``, ``3d_lowres`` to plan (default: all that apply).
-        architecture: ``plain_unet`` or ``residual_unet``.
+        architecture: ``plain_unet`` or ``residual_unet``: the network of every configuration. Another
+            architecture of :data:`~automedseg.plans.ARCHITECTURES` (``attention_unet``, ``aspp_unet``,
+            ``segnet_unet``): the configurations are planned with ``plain_unet`` and each gets a variant
+            ``<configuration>_<architecture>`` besides (:func:`_architecture_variant`).
     """
     cases = fingerprint.cases
     spacings = np.array([c.spacing_mm for c in cases], dtype=float)
@@ -399,8 +397,9 @@ def plan_dataset(fingerprint: Fingerprint, *, device: DeviceProfile, time_budget
         fingerprint=fingerprint, device=device, time_budget_s=time_budget_s, seed=seed,
         in_channels=len(fingerprint.channel_names), num_classes=len(label_values(labels)),
         normalization=_normalization(fingerprint),
-        total_voxels=float(np.prod(new_shapes, axis=1).sum()), architecture=architecture,
-        no_mirror=_lateral_axes(fingerprint, labels, tf),
+        total_voxels=float(np.prod(new_shapes, axis=1).sum()),
+        architecture=architecture if architecture in RULE_ARCHITECTURES else "plain_unet",
+        no_mirror=mirror_axes_to_keep(fingerprint.cases, labels, tf),
     )
     wanted = set(configurations) if configurations else {"2d", "3d_fullres", "3d_lowres"}
     configs: dict[str, ConfigurationPlan] = {}
@@ -420,6 +419,10 @@ def plan_dataset(fingerprint: Fingerprint, *, device: DeviceProfile, time_budget
             low = _lowres(ctx, full, sp_t, median_shape, spacings, shapes, fullres, tf)
             if low is not None:
                 configs["3d_lowres"] = low
+    if architecture not in RULE_ARCHITECTURES:
+        variant_ctx = dataclasses.replace(ctx, architecture=architecture)
+        configs.update({f"{name}_{architecture}": _architecture_variant(variant_ctx, config)
+                        for name, config in list(configs.items())})
     return Plans(
         dataset_name=fingerprint.dataset_name,
         channel_names=fingerprint.channel_names,
@@ -483,3 +486,27 @@ def _lowres(ctx: _Context, full: ConfigurationPlan, sp_t: np.ndarray, median_sha
     med = np.median((shapes * spacings)[:, tf] / spacing, axis=0)
     return _fit(ctx, name="3d_lowres", spacing=spacing, median_shape=med, dims=3,
                 data_identifier="lowres_" + "x".join(f"{v:.3g}" for v in spacing))
+
+
+def _architecture_variant(ctx: _Context, rule: ConfigurationPlan) -> ConfigurationPlan:
+    """``rule`` with the network of ``ctx.architecture``, named ``<rule>_<architecture>``: the rule's patch and batch
+    (a schedule for the new step time) while the cost model says they still fit the memory and the iterations
+    :func:`_budget` asks for, else fitted afresh with the new architecture (:func:`_fit`, same spacing and cache).
+    """
+    name, arch = f"{rule.name}_{ctx.architecture}", ctx.architecture
+    spacing, median = np.asarray(rule.spacing_mm, dtype=float), np.asarray(rule.median_shape, dtype=float)
+    net = aspp_rates_for(dataclasses.replace(rule.network, architecture=arch), rule.patch_size)
+    step = estimate_step(net, rule.patch_size, batch=rule.batch_size, dims=rule.dims, in_channels=ctx.in_channels,
+                         num_classes=ctx.num_classes, device=ctx.device)
+    budget, min_iters = _budget(ctx)
+    fits = activation_bytes(net, rule.patch_size, batch=rule.batch_size) <= memory_limit_bytes(ctx.device) and (
+        budget is None or budget / step.seconds >= min_iters)
+    if not fits:
+        config = _fit(ctx, name=name, spacing=spacing, median_shape=median, dims=rule.dims,
+                      data_identifier=rule.data_identifier)
+        note = f"{arch} variant of {rule.name}: its patch and batch no longer fit the memory or time; fitted afresh"
+        return dataclasses.replace(config, notes=(note, *config.notes))
+    note = f"{arch} variant of {rule.name}: same patch and batch (they still fit the memory and time)"
+    return _finish(ctx, name=name, spacing=spacing, median_shape=median, dims=rule.dims,
+                   data_identifier=rule.data_identifier, net=net, rounded=list(rule.patch_size), batch=rule.batch_size,
+                   step=step, notes=[note])

@@ -28,7 +28,10 @@ from automedseg.serialize import PlanError, from_jsonable, to_jsonable  # noqa: 
 SCHEMA_VERSION = 1
 
 NORMALIZATION_SCHEMES = ("ct", "zscore", "rgb_to_01", "none")
-ARCHITECTURES = ("plain_unet", "residual_unet")
+#: Network families (:mod:`automedseg.network`): the two rule-planned U-Nets, then the variants that
+#: ``automedseg plan --architecture`` adds as configurations of their own.
+ARCHITECTURES = ("plain_unet", "residual_unet", "attention_unet", "aspp_unet", "segnet_unet")
+NORMS = ("instance", "batch", "group")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CLASS_SAMPLING = ("uniform", "difficulty")
@@ -75,13 +78,19 @@ class NetworkPlan:
     """Topology of the dynamic U-Net (see :mod:`automedseg.network`).
 
     Attributes:
-        architecture: Registry key, ``plain_unet`` or ``residual_unet`` (residual encoder).
+        architecture: Registry key (:data:`ARCHITECTURES`): ``plain_unet``, ``residual_unet`` (residual
+            encoder), ``attention_unet`` (attention-gated skips), ``aspp_unet`` (ASPP at the bottleneck) or
+            ``segnet_unet`` (max-pooling encoder, max-unpooling decoder, no concatenated skips).
         features_per_stage: Feature width of each resolution stage, shallowest first.
         kernel_sizes: Convolution kernel per stage, one int per spatial axis.
         strides: Downsampling stride per stage (the first is all ones), one int per axis.
         n_conv_per_stage_encoder: Convolutions (or residual blocks) per encoder stage.
         n_conv_per_stage_decoder: Convolutions per decoder stage (``n_stages - 1`` entries).
         deep_supervision: Whether the decoder has an output head at each resolution.
+        norm: Normalisation after every convolution block: ``instance`` (nnU-Net's), ``batch`` or ``group``.
+        dropout: Dropout probability after every convolution block's activation, in [0, 1); 0: none.
+        aspp_dilations: ``aspp_unet`` only: the dilation of each atrous branch, one int per axis (the planner
+            sets them from the bottleneck's size); ``null``: :data:`automedseg.network_cost.DEFAULT_ASPP_RATES`.
     """
 
     architecture: str
@@ -91,6 +100,9 @@ class NetworkPlan:
     n_conv_per_stage_encoder: tuple[int, ...]
     n_conv_per_stage_decoder: tuple[int, ...]
     deep_supervision: bool = True
+    norm: str = "instance"
+    dropout: float = 0.0
+    aspp_dilations: tuple[tuple[int, ...], ...] | None = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -105,6 +117,12 @@ class NetworkPlan:
                  "kernel_sizes and strides must be at least 1")
         _require(all(c >= 1 for c in self.n_conv_per_stage_encoder + self.n_conv_per_stage_decoder),
                  "n_conv_per_stage_encoder and n_conv_per_stage_decoder must be at least 1")
+        _require(self.norm in NORMS, f"norm {self.norm!r} is not one of {NORMS}")
+        _require(_finite(self.dropout) and 0.0 <= self.dropout < 1.0,
+                 f"dropout must be a probability in [0, 1), got {self.dropout}")
+        if self.aspp_dilations is not None:
+            _require(len(self.aspp_dilations) >= 1 and all(v >= 1 for d in self.aspp_dilations for v in d),
+                     "aspp_dilations must hold at least one dilation, every entry at least 1")
 
     @property
     def n_stages(self) -> int:
@@ -283,6 +301,8 @@ class ConfigurationPlan:
             raise PlanError(f"configuration {self.name}: patch_size needs {self.dims} entries")
         if any(len(k) != self.dims for k in self.network.kernel_sizes + self.network.strides):
             raise PlanError(f"configuration {self.name}: kernel sizes and strides need {self.dims} entries each")
+        if any(len(d) != self.dims for d in self.network.aspp_dilations or ()):
+            raise PlanError(f"configuration {self.name}: network.aspp_dilations need {self.dims} entries each")
         if self.batch_size < 1:
             raise PlanError(f"configuration {self.name}: batch_size must be at least 1")
         where = f"configuration {self.name}"

@@ -18,7 +18,9 @@ dataset; parameters with a single option are left out; the rule plan is always t
                           ``batch x patch voxels`` and thus activation memory and FLOPs stay put
 ``base_features``         width of the first stage (half, rule, double); deeper stages double it
 ``depth_delta``           0, -1 or -2 resolution stages (the deepest ones are dropped)
-``architecture``          ``plain_unet`` or ``residual_unet`` (residual encoder)
+``architecture``          a family of :data:`automedseg.plans.ARCHITECTURES`: ``plain_unet``,
+                          ``residual_unet`` (residual encoder), ``attention_unet``, ``aspp_unet``,
+                          ``segnet_unet`` (see :mod:`automedseg.network`)
 ``aug_strength``          every augmentation probability multiplied by this factor (0 to 2, capped at 1)
 ``oversample_foreground`` fraction of each batch forced to contain foreground
 ``dice_fraction``         share of the Dice term in the loss (Dice + CE weights keep their sum)

@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.plans import AugmentationPlan, ChannelNormalization, ConfigurationPlan, NetworkPlan, Plans, TrainingPlan
+from automedseg.network_cost import aspp_rates_for
+from automedseg.plans import (
+    ARCHITECTURES,
+    AugmentationPlan,
+    ChannelNormalization,
+    ConfigurationPlan,
+    NetworkPlan,
+    Plans,
+    TrainingPlan,
+)
 
 SEARCHED_SUFFIX = "_searched"
 BASE_LR = {"sgd": 1e-2, "adamw": 1e-3}
@@ -110,8 +119,9 @@ def search_space(config: ConfigurationPlan, *, normalization: bool = True) -> tu
         SearchParam("base_features", "categorical", w0, choices=tuple(widths), help="first-stage width"),
         SearchParam("depth_delta", "categorical", 0, choices=tuple(sorted(depths)),
                     help="resolution stages removed from the bottom of the U-Net"),
-        SearchParam("architecture", "categorical", net.architecture, choices=("plain_unet", "residual_unet"),
-                    help="plain or residual encoder"),
+        SearchParam("architecture", "categorical", net.architecture, choices=ARCHITECTURES,
+                    help="network family: plain or residual encoder, attention-gated skips, ASPP bottleneck, "
+                         "SegNet decoder"),
         SearchParam("aug_strength", "float", 1.0, *AUG_STRENGTH_RANGE,
                     help="multiplier of every augmentation probability"),
         SearchParam("oversample_foreground", "float", float(tr.oversample_foreground),
@@ -240,8 +250,8 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
         n = net0.n_stages
         feats = tuple(min(width * 2**s, MAX_FEATURES[dims] * width // BASE_FEATURES) for s in range(n))
         enc = net0.n_conv_per_stage_encoder
-        if arch != net0.architecture:
-            enc = tuple(2 for _ in range(n)) if arch == "plain_unet" else tuple(min(1 + s, 6) for s in range(n))
+        if (arch == "residual_unet") != (net0.architecture == "residual_unet"):  # residual blocks or conv pairs
+            enc = tuple(min(1 + s, 6) for s in range(n)) if arch == "residual_unet" else tuple(2 for _ in range(n))
         net = dataclasses.replace(net0, architecture=arch, features_per_stage=feats, n_conv_per_stage_encoder=enc)
     if context != 1.0:  # more (less) context for less (more) capacity: the step time of the variant above
         ref_s = step_seconds(net, patch, batch=batch, dims=dims, in_channels=len(plans.channel_names),
@@ -261,12 +271,13 @@ def apply_params(plans: Plans, base: ConfigurationPlan, params: Mapping[str, Any
     drop = -int(p.get("depth_delta", 0))
     keep = max(min(3, net.n_stages), net.n_stages - drop)
     if keep < net.n_stages:
-        net = NetworkPlan(
-            architecture=net.architecture, features_per_stage=net.features_per_stage[:keep],
-            kernel_sizes=net.kernel_sizes[:keep], strides=net.strides[:keep],
-            n_conv_per_stage_encoder=net.n_conv_per_stage_encoder[:keep],
-            n_conv_per_stage_decoder=net.n_conv_per_stage_decoder[:keep - 1], deep_supervision=net.deep_supervision,
+        net = dataclasses.replace(
+            net, features_per_stage=net.features_per_stage[:keep], kernel_sizes=net.kernel_sizes[:keep],
+            strides=net.strides[:keep], n_conv_per_stage_encoder=net.n_conv_per_stage_encoder[:keep],
+            n_conv_per_stage_decoder=net.n_conv_per_stage_decoder[:keep - 1],
         )
+    # the rule's norm and dropout stay; ASPP rates for the (possibly new) bottleneck
+    net = aspp_rates_for(dataclasses.replace(net, norm=net0.norm, dropout=net0.dropout), patch)
     need = activation_bytes(net, patch, batch=batch)
     limit = _memory_limit_bytes(plans, base)
     if need > limit:

@@ -21,11 +21,11 @@ from automedseg.network import (
     output_shapes,
     output_strides,
 )
-from automedseg.plans import NetworkPlan
+from automedseg.plans import ARCHITECTURES, NetworkPlan
 
 torch.set_num_threads(1)
 
-ARCHS = ("plain_unet", "residual_unet")
+ARCHS = ARCHITECTURES
 
 
 def patch_for(dims: int) -> tuple[int, ...]:
@@ -95,7 +95,7 @@ def test_plan_without_deep_supervision_has_same_state_dict_keys(small_network_pl
 
 
 def test_registry_rejects_unknown_names(small_network_plan: Callable[..., NetworkPlan]) -> None:
-    assert set(ARCHITECTURE_REGISTRY) == {"plain_unet", "residual_unet"}
+    assert set(ARCHITECTURE_REGISTRY) == set(ARCHITECTURES)
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         get_architecture("nope")
     net = small_network_plan("plain_unet", 3)
@@ -107,8 +107,8 @@ def test_registry_rejects_unknown_names(small_network_plan: Callable[..., Networ
 def test_registry_dispatches_on_architecture(small_network_plan: Callable[..., NetworkPlan]) -> None:
     plain = build_network(small_network_plan("plain_unet", 2), in_channels=1, num_classes=2, dims=2)
     res = build_network(small_network_plan("residual_unet", 2), in_channels=1, num_classes=2, dims=2)
-    assert type(plain) is ARCHITECTURE_REGISTRY["plain_unet"]
-    assert type(res) is ARCHITECTURE_REGISTRY["residual_unet"]
+    assert plain.family is ARCHITECTURE_REGISTRY["plain_unet"]
+    assert res.family is ARCHITECTURE_REGISTRY["residual_unet"]
     assert isinstance(plain, DynamicUNet) and isinstance(res, DynamicUNet)
     assert count_parameters(res) > count_parameters(plain)
 
