@@ -239,7 +239,7 @@ def predict(images: PathLike, *, model: PathLike, output_dir: PathLike, work_dir
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
-            uncertainty: bool = False,
+            uncertainty: bool = False, match_intensities: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -252,7 +252,7 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
-            uncertainty: bool = False,
+            uncertainty: bool = False, match_intensities: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -264,7 +264,7 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
             configuration: str | None = None, folds: Sequence[int | str] | None = None,
             spacing_mm: Sequence[float] | None = None, step: float = 0.5, mirror: bool = True,
             postprocess: bool = True, save_probabilities: bool = False, overlays: bool = False,
-            uncertainty: bool = False,
+            uncertainty: bool = False, match_intensities: bool = False,
             overwrite: bool = False, device: str | None = None, threads: int | None = None, engine: str = "torch",
             amp: bool = True, output_format: str = "image", num_parts: int = 1, part_id: int = 0,
             progress: bool = False, log: Log | None = print, case_log: Log | None = print,
@@ -293,6 +293,9 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         overlays: Also write PNG overlays of a few slices per case (files only).
         uncertainty: Also write per-voxel entropy and fold-disagreement maps and ``uncertainty_summary.json``, the
             least certain cases first (files only; :mod:`automedseg.uncertainty`).
+        match_intensities: Map each image's foreground intensities onto the training images' landmarks before
+            the plan's preprocessing: histogram matching for images from another scanner or site (files only;
+            :mod:`automedseg.intensity_reference`).
         overwrite: Predict cases whose mask exists again (files only).
         device: ``cpu``, ``cuda``, ``mps``; default: CUDA if present, else MPS, else the CPU.
         threads: Torch CPU threads.
@@ -328,10 +331,12 @@ def predict(images: PathLike | np.ndarray | sitk.Image | Sequence[np.ndarray | s
         return _predict_files(Path(images), Path(output_dir), model=model, work_dir=work_dir,
                               configuration=configuration, folds=folds, step=step, mirror=mirror,
                               postprocess=postprocess, save_probabilities=save_probabilities, overlays=overlays,
-                              uncertainty=uncertainty, overwrite=overwrite, device=device, threads=threads,
+                              uncertainty=uncertainty, match_intensities=match_intensities,
+                              overwrite=overwrite, device=device, threads=threads,
                               engine=engine, amp=amp, output_format=output_format, num_parts=num_parts,
                               part_id=part_id, progress=progress, log=log or _quiet, case_log=case_log or _quiet)
     ignored = {"save_probabilities": save_probabilities, "overlays": overlays, "uncertainty": uncertainty,
+               "match_intensities": match_intensities,
                "overwrite": overwrite, "num_parts": num_parts != 1, "part_id": part_id != 0,
                "output_format": output_format != "image"}
     if any(ignored.values()):

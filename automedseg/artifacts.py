@@ -21,6 +21,8 @@ owner's reader instead of parsing the file:
   :class:`automedseg.pr_curves.PRCurve`);
 * a prediction's ``uncertainty_summary.json`` and ``uncertainty/<case>.json``: :mod:`automedseg.uncertainty`
   (``UncertaintySummary``, ``read_uncertainty_summary``; ``CaseUncertainty``).
+* ``adapt.json`` of an adapted model: :mod:`automedseg.adapt` (``AdaptRecord``, ``read_adapt_record``);
+* ``intensity_reference.json``: :mod:`automedseg.intensity_reference` (``IntensityReference``, ``read_reference``).
 
 The frozen dataclasses among them are read and written with :func:`read_artifact` / :func:`write_artifact`
 (:func:`automedseg.plans.from_jsonable` / :func:`~automedseg.plans.to_jsonable`): a malformed file raises

@@ -1,7 +1,7 @@
 """Command-line interface: parses arguments and calls library functions.
 
-The ``main`` group and the commands that make models (check, import, plan, train, search, demo) are here; those
-that use trained models (predict, find-best, export, import-model, evaluate, report) are in
+The ``main`` group and the commands that make models (check, import, plan, train, search, adapt, demo) are here;
+those that use trained models (predict, find-best, export, import-model, evaluate, report) are in
 :mod:`automedseg.cli_model`.
 
 Heavy imports (torch, SimpleITK, scipy) happen inside the commands so ``automedseg --help`` is instant.
@@ -324,6 +324,72 @@ def _run_search(ws, dataset: Path, configuration: str, **kwargs) -> None:  # noq
     elif result.adopted is False:
         click.echo(f"the rule plan {configuration} is kept (plans.json notes say by how much); train it")
     click.echo(f"report: {result.report_path}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target_dataset", type=click.Path(path_type=Path), required=False)
+@click.option("--work-dir", required=True, type=click.Path(path_type=Path),
+              help="The adapted model's new work folder (re-running with the same source resumes it).")
+@click.option("-c", "--configuration", default=None,
+              help="Configuration to adapt (default: the only trained one, else find_best.json's).")
+@click.option("-f", "--folds", multiple=True,
+              help="Folds to adapt, repeatable or comma-separated (default: every trained fold of the source); "
+                   "each starts from the source fold of the same name, or from --source-fold.")
+@click.option("--source-fold", default=None, help="Start every adapted fold from this source fold (e.g. -f all "
+              "--source-fold 0: fine-tune fold 0 on every target case).")
+@click.option("--time-budget", default="10m", show_default=True, help="Fine-tuning wall time per fold.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the number of epochs.")
+@click.option("--iterations-per-epoch", type=click.IntRange(min=1), default=None,
+              help="Override the iterations per epoch.")
+@click.option("--freeze-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.3, show_default=True,
+              help="Share of the epochs with the encoder frozen (the decoder trains at the plan's learning rate).")
+@click.option("--lr-factor", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Then all layers train at this multiple of the plan's learning rate, decaying to 0.")
+@click.option("--match-intensities", is_flag=True,
+              help="The adapted model maps every image's foreground (nonzero) intensities onto the source training "
+                   "images' percentiles before normalising (histogram matching); without TARGET_DATASET (no "
+                   "labelled cases) this is all it does.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
+              help="Default: CUDA if present, else MPS, else CPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Augmentation worker processes (0: in-process).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for checking and preprocessing the target cases.")
+@click.option("--no-validate", is_flag=True, help="Skip the validation on the held-out target cases.")
+def adapt(source: Path, target_dataset: Path | None, work_dir: Path, configuration: str | None,
+          folds: tuple[str, ...], source_fold: str | None, time_budget: str, epochs: int | None,
+          iterations_per_epoch: int | None, freeze_fraction: float, lr_factor: float, match_intensities: bool,
+          device: str | None, threads: int | None, workers: int | None, jobs: int, no_validate: bool) -> None:
+    """Adapt a trained model (SOURCE: its work folder or dataset) to another scanner or site.
+
+    With TARGET_DATASET (a few labelled cases, the source's labels and channels): preprocess them with the
+    source plan and fine-tune each fold from the source weights, the encoder frozen for the first part of the
+    schedule, then all layers at a lower learning rate. The result is a normal model folder for `predict`.
+    """
+    from automedseg.cli_support import resolve_workspace
+
+    require_folder(source, "source work or dataset folder")
+    if target_dataset is not None:
+        require_folder(target_dataset, "target dataset folder")
+    budget = parse_duration(time_budget)
+    from automedseg.adapt import adapt as run_adapt
+
+    result = run_adapt(resolve_workspace(source, None), target_dataset, work_dir, configuration=configuration,
+                       folds=[parse_fold(v) for f in folds for v in f.split(",")] or None,
+                       source_fold=parse_fold(source_fold) if source_fold is not None else None,
+                       time_budget_s=budget, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
+                       freeze_fraction=freeze_fraction, lr_factor=lr_factor, match_intensities=match_intensities,
+                       device=device, threads=threads, workers=workers, jobs=jobs, validate=not no_validate,
+                       progress=sys.stderr.isatty(), log=click.echo)
+    for fold, r in result.folds.items():
+        if r is None:
+            continue
+        dice = (r.validation or {}).get("mean_dice")
+        click.echo(f"fold {fold}: {r.epochs_run} epochs, {r.train_seconds / 60:.1f} min"
+                   + (f", validation mean Dice on held-out target cases {dice:.4f}" if dice is not None else ""))
+    click.echo(f"adapted model: {result.work_dir}; predict with:\n  {result.predict_command}")
 
 
 @main.command()

@@ -1,9 +1,9 @@
 """The CLI commands that use trained models: predict, find-best, export, import-model, evaluate and report.
 
 Each is a :class:`click.Command` that :mod:`automedseg.cli` adds to its ``main`` group (which turns their errors
-into messages and exit codes); the commands that make the models (check, import, plan, train, search, demo) are in
-:mod:`automedseg.cli`. Heavy imports (torch, SimpleITK, scipy) happen inside the commands so ``automedseg --help``
-stays instant.
+into messages and exit codes); the commands that make the models (check, import, plan, train, search, adapt, demo)
+are in :mod:`automedseg.cli`. Heavy imports (torch, SimpleITK, scipy) happen inside the commands so
+``automedseg --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from automedseg.progress_events import open_progress, progress_option
 @click.option("--uncertainty", is_flag=True,
               help="Also write per-voxel entropy and fold-disagreement maps (OUTPUT/uncertainty/) and "
                    "uncertainty_summary.json, the least certain cases first.")
+@click.option("--match-intensities", is_flag=True,
+              help="Images from another scanner or site: map each image's foreground (nonzero) intensities onto "
+                   "the training images' percentiles before the plan's normalisation (histogram matching).")
 @click.option("--overwrite", is_flag=True, help="Re-predict cases whose output exists.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default=None,
               help="Default: CUDA if present, else MPS, else CPU.")
@@ -58,7 +61,8 @@ from automedseg.progress_events import open_progress, progress_option
 @progress_option
 def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path | None, work_dir: Path | None,
             configuration: str | None, folds: tuple[str, ...], step: float, no_mirror: bool,
-            no_postprocessing: bool, save_probabilities: bool, overlays: bool, uncertainty: bool, overwrite: bool,
+            no_postprocessing: bool, save_probabilities: bool, overlays: bool, uncertainty: bool,
+            match_intensities: bool, overwrite: bool,
             device: str | None, threads: int | None, num_parts: int, part_id: int, engine: str, no_amp: bool,
             output_format: str, progress_format: str) -> None:
     """Segment a folder of images with trained folds (ensembled), post-processed as CV chose."""
@@ -79,7 +83,8 @@ def predict(input_dir: Path, output_dir: Path, target: Path | None, model: Path 
                              overlays=overlays, overwrite=overwrite, device=device, threads=threads,
                              progress=sys.stderr.isatty(), num_parts=num_parts, part_id=part_id, log=click.echo,
                              case_log=lambda m: click.echo(m, err=True), engine=engine, amp=not no_amp,
-                             output_format=output_format, uncertainty=uncertainty)
+                             output_format=output_format, uncertainty=uncertainty,
+                             match_intensities=match_intensities)
     except FileNotFoundError as e:  # a configuration or fold without a trained checkpoint
         fail([str(e)])
         return

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from automedseg.device_profile import CalibrationProvenance, DeviceProfile  # noqa: F401  (re-exported)
+from automedseg.intensity_matching import LANDMARK_PERCENTILES
 from automedseg.labelmap import index_dtype, indices_to_values, label_values, value_dtype, values_to_indices  # noqa: F401
 from automedseg.serialize import PlanError, from_jsonable, to_jsonable  # noqa: F401  (re-exported)
 
@@ -58,6 +59,10 @@ class ChannelNormalization:
         clip_high: Upper clip value (``ct`` only).
         mean: Dataset foreground mean (``ct`` only).
         std: Dataset foreground standard deviation (``ct`` only).
+        landmarks: Intensity standardisation before the scheme (``automedseg adapt --match-intensities``): the
+            training images' mean nonzero-voxel intensities at
+            :data:`~automedseg.intensity_matching.LANDMARK_PERCENTILES`, onto which each image's own are mapped
+            (:func:`~automedseg.intensity_matching.match_to_landmarks`); ``None`` (left out of plans.json): none.
     """
 
     scheme: str
@@ -65,12 +70,19 @@ class ChannelNormalization:
     clip_high: float | None = None
     mean: float | None = None
     std: float | None = None
+    landmarks: tuple[float, ...] | None = field(default=None, metadata={"omit_if_none": True})
 
     def __post_init__(self) -> None:
         if self.scheme not in NORMALIZATION_SCHEMES:
             raise PlanError(f"normalization scheme {self.scheme!r} is not one of {NORMALIZATION_SCHEMES}")
         if self.scheme == "ct" and None in (self.clip_low, self.clip_high, self.mean, self.std):
             raise PlanError("ct normalization needs clip_low, clip_high, mean and std")
+        if self.landmarks is not None:
+            marks = self.landmarks
+            _require(len(marks) == len(LANDMARK_PERCENTILES) and all(_finite(v) for v in marks)
+                     and all(a <= b for a, b in zip(marks, marks[1:])),
+                     f"normalization landmarks: {len(LANDMARK_PERCENTILES)} non-decreasing numbers (the "
+                     f"percentiles {LANDMARK_PERCENTILES}) expected, got {list(marks)}")
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
                 overwrite: bool = False, device: str | None = None, threads: int | None = None,
                 progress: bool = False, num_parts: int = 1, part_id: int = 0, log: Log = _quiet,
                 case_log: Log = print, engine: str = "torch", check_bundle: bool = True,
-                amp: bool = True, output_format: str = "image", uncertainty: bool = False) -> FolderReport:
+                amp: bool = True, output_format: str = "image", uncertainty: bool = False,
+                match_intensities: bool = False) -> FolderReport:
     """Segment a folder of images with the trained folds of a work folder (ensembled), post-processed as CV chose.
 
     Args:
@@ -149,6 +150,8 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         uncertainty: Also write per-voxel entropy and fold-disagreement maps of each case, and
             ``uncertainty_summary.json`` listing the least certain cases first (:mod:`automedseg.uncertainty`);
             its one-line summary goes to ``log``.
+        match_intensities: Map each image's foreground intensities onto the training images' landmarks before
+            the plan's preprocessing (histogram matching, :mod:`automedseg.intensity_reference`).
         Others: as :func:`automedseg.inference.predict_folder`.
 
     Raises:
@@ -166,6 +169,10 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         from automedseg.uncertainty import uncertainty_segmenter
 
         segmenter = uncertainty_segmenter
+    if match_intensities:
+        from automedseg.intensity_reference import matching_segmenter
+
+        segmenter = matching_segmenter(ws, choice.configuration.split("+"), segmenter, log=log)
     report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
                             overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
                             overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,

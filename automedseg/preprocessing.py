@@ -30,6 +30,7 @@ from automedseg.artifacts import read_json_file
 from automedseg.atomic import fsync_path, remove_stale_temp_files
 from automedseg.errors import InputError
 from automedseg.fingerprint import nonzero_bbox
+from automedseg.intensity_matching import match_to_landmarks
 from automedseg.io import (
     CaseFiles,
     DatasetSpec,
@@ -103,6 +104,9 @@ def resample_labels(label: np.ndarray, new_shape: Sequence[int], *, order: int =
 def normalize(image: np.ndarray, schemes: Sequence[ChannelNormalization]) -> np.ndarray:
     """Normalise each channel of a ``(C, Z, Y, X)`` float array as the plan says.
 
+    A channel with ``landmarks`` is first standardised: its nonzero intensities mapped onto them
+    (:func:`~automedseg.intensity_matching.match_to_landmarks`).
+
     Example:
         >>> x = np.array([[[[1.0, 3.0]]]], dtype=np.float32)
         >>> normalize(x, [ChannelNormalization("zscore")]).ravel().tolist()
@@ -113,6 +117,8 @@ def normalize(image: np.ndarray, schemes: Sequence[ChannelNormalization]) -> np.
     out = np.empty(image.shape, dtype=np.float32)
     for c, norm in enumerate(schemes):
         x = image[c].astype(np.float32, copy=False)
+        if norm.landmarks is not None:
+            x = match_to_landmarks(x, reference=norm.landmarks)
         if norm.scheme == "ct":
             assert norm.clip_low is not None and norm.clip_high is not None
             assert norm.mean is not None and norm.std is not None
@@ -262,7 +268,8 @@ def preprocessing_key(plans: Plans, config: ConfigurationPlan) -> str:
         "transpose": plans.transpose_forward,
         "data_identifier": config.data_identifier,
         "spacing": config.spacing_mm,
-        "normalization": [n.__dict__ for n in config.normalization],
+        "normalization": [{k: v for k, v in n.__dict__.items() if v is not None or k != "landmarks"}
+                          for n in config.normalization],  # no landmarks: the key as before they existed
         "orders": [config.image_order, config.label_order, config.separate_z, config.out_of_plane_order],
         "labels": plans.labels,
     }

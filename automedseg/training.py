@@ -330,7 +330,6 @@ class _Progress:
     validation_single_s: float | None = None  # estimated final validation without mirroring (this process)
 
 
-
 def _final_validation_axes(config: ConfigurationPlan, p: _Progress, n_val: int) -> tuple[int, ...]:
     return final_validation_axes(config, single_pass_s=p.validation_single_s, history=p.history,
                                  train_seconds=p.train_seconds, n_val=n_val)
@@ -369,6 +368,8 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
         while p.epoch < p.planned_epochs:
             epoch = p.epoch
             t_epoch = time.perf_counter()
+            if options.epoch_hook is not None:  # e.g. freezing parameters for part of the schedule (adapt)
+                options.epoch_hook(epoch, p.planned_epochs, net)
             lr = _poly_lr(tr.initial_lr, epoch, p.planned_epochs, tr.poly_exponent) if options.lr_schedule is None \
                 else options.lr_schedule(epoch, p.planned_epochs, tr.initial_lr)
             for g in optimizer.param_groups:

@@ -44,6 +44,9 @@ class TrainOptions:
             (:mod:`automedseg.device_batches`); ``None``: the plan's ``augment_on_device``, else on CUDA only.
         lr_schedule: ``lr_schedule(epoch, planned_epochs, initial_lr)`` -> the epoch's learning rate instead of
             the poly decay (search trials with continuation, :mod:`automedseg.search_rungs`).
+        epoch_hook: ``epoch_hook(epoch, planned_epochs, network)``, called at the start of every epoch before its
+            learning rate is set, with the bare network: e.g. freezes or unfreezes parameters (``requires_grad``;
+            :mod:`automedseg.adapt` freezes the encoder for the first part of a fine-tune).
         trackers: What the run reports epochs and stages to (:mod:`automedseg.tracking`): factories called with
             the fold's :class:`~automedseg.tracking.RunInfo`; ``None``: the defaults (TensorBoard event files
             when ``tensorboard`` is installed); ``()``: none.
@@ -65,6 +68,7 @@ class TrainOptions:
     distributed: bool = False
     augment_on_device: bool | None = None
     lr_schedule: Callable[[int, int, float], float] | None = None
+    epoch_hook: Callable[[int, int, Any], None] | None = None
     trackers: tuple[TrackerFactory, ...] | None = None
 
 

@@ -11,6 +11,8 @@ Layout::
       <configuration>/postprocessing.json   post-processing chosen on cross-validation (automedseg find-best)
       postprocessing_<A+B>.json     the same for an ensemble
       find_best.json                best configuration / ensemble (automedseg find-best)
+      intensity_reference.json      training images' intensity landmarks (predict --match-intensities)
+      adapt.json                    how the model was adapted from another (automedseg adapt)
       report/                       report.html, report.md, fig_*.png (automedseg report, automedseg demo)
 
 Paths are passed explicitly as a :class:`Workspace`; only the CLI reads the ``AUTOMEDSEG_WORK_DIR``
