@@ -10,8 +10,9 @@ post-processing choices, ``find_best.json``) and writes two files to ``<work>/re
 It works on any partial state (some folds trained, a fold still training, no validation, no
 ``find_best.json``) and lists what is missing in a "Missing" section. Figures use matplotlib's Agg
 backend only (no display needed). Each section of the report is built by one ``_section_*`` function
-(:mod:`automedseg.report_sections`) from a :class:`WorkFolderState` (:mod:`automedseg.report_state`,
-:func:`collect_state`); :mod:`automedseg.report_render` renders them.
+(:mod:`automedseg.report_sections`; the configuration comparison: :mod:`automedseg.report_comparison`) from a
+:class:`WorkFolderState` (:mod:`automedseg.report_state`, :func:`collect_state`); :mod:`automedseg.report_render`
+renders them.
 
 Example:
     >>> write_report(Workspace(Path("Dataset001/automedseg")))  # doctest: +SKIP
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from automedseg.report_comparison import _section_comparison
 from automedseg.report_outputs import ExtraOutputs, extra_sections, read_extra_outputs
 from automedseg.report_render import (
     _Figure,
@@ -56,6 +58,7 @@ def _build_sections(state: WorkFolderState, extras: ExtraOutputs | None = None) 
     notes: list[str] = []
     body = [
         _section_results(state),
+        _section_comparison(state),
         _section_ensembles(state),
         _section_boxplots(state),
         _section_curves(state),

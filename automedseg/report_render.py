@@ -177,7 +177,7 @@ nav ul { columns: 2; }
 ul.missing li { color: #a33; }
 """
 
-_NUMERIC = re.compile(r"^[-+]?\d+(\.\d+)?( ?(s|min|h|%|GiB))?$")
+_NUMERIC = re.compile(r"^[-+]?\d+(,\d{3})*(\.\d+)?( ?(s|min|h|%|GiB))?$")  # 1,234,567 too
 
 
 def _html_block(block: _Block, section: _Section) -> str:
