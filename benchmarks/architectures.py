@@ -186,7 +186,8 @@ def read_family(family: Family) -> dict:
         "patch_size": list(cfg.patch_size),
         "batch_size": cfg.batch_size,
         "parameters": estimate_parameters(cfg.network, **shape),
-        "forward_gflops_per_patch": estimate_forward_flops(cfg.network, patch_size=cfg.patch_size, **shape) / 1e9,
+        "forward_gflops_per_patch": estimate_forward_flops(cfg.network, patch_size=cfg.patch_size, elementwise_flops=0,
+                                                           **shape) / 1e9,
         "estimated_seconds_per_iteration": cfg.training.estimated_seconds_per_iteration,
         "epochs": len(history),
         "iterations": iterations,
@@ -256,7 +257,8 @@ def build_summary(f: dict) -> str:
         "`validation/summary.json`; vs plain: mean per-case difference to plain_unet over the same cases with a 95 % "
         "bootstrap interval over cases (an interval that contains 0: no detectable difference); HD95 the same "
         "cases' mean (mm). Params: `estimate_parameters` (equal to the torch "
-        "count). Fwd GFLOPs: one forward pass of one training patch (`estimate_forward_flops`). Train: sum of the "
+        "count). Fwd GFLOPs: one forward pass of one training patch, convolutions only "
+        "(`estimate_forward_flops`, as the report's comparison; equal to torch's FLOP counter). Train: sum of the "
         "epochs' wall time (what the budget counts). Val s/case: the final validation (sliding window, mirroring as "
         "planned: axes in the JSON). Predict s/case: `predict -f 0` of N test images minus that of one, over N-1 "
         "(start-up left out). Other CPU: cores other processes used during the training run.",
