@@ -138,7 +138,7 @@ def _run_cli(args: list, *, logs: Path, label: str, env: dict[str, str]) -> dict
             "calibration_lines": [t for t in lines if t.startswith(("calibration:", "warning: calibration"))]}
 
 
-def plan_dataset(dataset: Path, work: Path, configurations: Sequence[str], *, logs: Path, env: dict[str, str],
+def plan_afresh(dataset: Path, work: Path, configurations: Sequence[str], *, logs: Path, env: dict[str, str],
                  recalibrate: bool) -> dict:
     """Plan the configurations afresh (their folders removed first) with the machine's calibration."""
     for name in configurations:
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     checks, plans = [], {}
     for i, d in enumerate(datasets):
         work = args.work_root / d
-        plans[d] = plan_dataset(root / d, work, configurations, logs=logs, env=env,
+        plans[d] = plan_afresh(root / d, work, configurations, logs=logs, env=env,
                                 recalibrate=args.recalibrate and i == 0)
         for c in configurations:
             row = check_configuration(root / d, work, c, epochs=args.epochs, epoch_seconds=args.epoch_seconds,
