@@ -1,9 +1,11 @@
 """The machine's speed calibration: measured once, cached with its provenance, reused, so plans stay put.
 
 The planner's cost model (:mod:`automedseg.cost_model`) needs the training throughput of this machine's 3D and 2D
-convolutions (:func:`automedseg.planning.calibrate_conv_gflops`) and of one CPU data worker
+convolutions (:func:`automedseg.planning.calibrate_conv_gflops`), of one CPU data worker
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
-second of the worker's CPU time). A timing is noisy (about +-10 % between runs on an idle
+second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training step with its data pipeline
+(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width), which is what it charges a CPU
+network with. A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
 made from a fresh timing every time flips between runs. So:
 
@@ -12,21 +14,23 @@ made from a fresh timing every time flips between runs. So:
   ``~/.cache/automedseg/calibration.json``), keyed by device kind, CPU model or GPU name, threads, torch
   version and precision, with the date it was measured. Every later ``plan`` reuses it and times nothing;
   ``plan --recalibrate`` measures again.
-* **A timing under load is recognised.** While timing, the CPU time the process's threads were granted is
-  compared with the time they waited for a CPU (``/proc/self/task/*/schedstat``; elsewhere process CPU time
-  against wall time x threads). When they got less than :data:`MIN_CPU_SHARE` of what they asked for,
-  another process was busy: with a cached calibration the new timing is not believed; without one the best
-  of :data:`LOADED_ATTEMPTS` timings is kept, flagged as taken under load (provisional), with a warning.
+* **A timing under load is recognised.** While timing (the convolutions and the training steps), the CPU time
+  the process's threads were granted is compared with the time they waited for a CPU
+  (``/proc/self/task/*/schedstat``; elsewhere process CPU time against wall time x threads; the calibration's own
+  augmentation worker is not counted: :mod:`automedseg.calibration_load`). When they got less than
+  :data:`MIN_CPU_SHARE` of what they asked for, another process was busy: with a cached calibration the new
+  timing is not believed; without one the best of :data:`LOADED_ATTEMPTS` timings is kept, flagged as taken
+  under load (provisional), with a warning.
   A provisional calibration is timed again by every ``plan`` and replaced by a timing that is not under load
   (or a faster one beyond the hysteresis), so it only ever moves towards the idle machine's speed.
 * **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
   the cached one: timing noise never changes a plan; a real change of the machine replaces it.
 * **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
   (:func:`quantise_gflops`, four steps per doubling), so no noisy digits reach ``plans.json``.
-* **Older cache entries are completed.** An entry written before the 2D convolutions and the data pipeline were
-  timed still loads (the cache's ``schema_version`` stays 1: the new fields are optional); the next ``plan``
-  times the machine once more, keeps the cached 3D figures under the hysteresis rule and caches the completed
-  entry.
+* **Older cache entries are completed.** An entry written before the 2D convolutions, the data pipeline or
+  (on a CPU) the training steps were timed still loads (the cache's ``schema_version`` stays 1: the new fields
+  are optional); the next ``plan`` times the machine once more, keeps the cached figures under the hysteresis
+  rule and caches the entry completed with the parts it lacked.
 
 ``plans.json`` records which calibration it was planned with (:class:`CalibrationProvenance`: where and
 when it was measured), never a raw timing, so re-plans are byte-identical. Nothing here reads environment
@@ -47,6 +51,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from automedseg.calibration_load import (  # noqa: F401  (re-exported)
+    MIN_CPU_SHARE,
+    MIN_CPU_SHARE_WITHOUT_SCHEDSTAT,
+    children_cpu_seconds,
+    cpu_usage,
+    granted_share,
+)
 from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan records it
     CalibrationProvenance,  # noqa: F401
     DeviceProfile,
@@ -58,16 +69,11 @@ from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan r
 CACHE_SCHEMA_VERSION = 1
 QUANTA_PER_OCTAVE = 4  # grid 2^(k/4): neighbouring values 19 % apart
 HYSTERESIS = 1.25  # a re-measurement within 25 % of the cached calibration keeps the cached one
-MIN_CPU_SHARE = 0.8  # threads granted less than this share of the CPU they asked for: the machine is busy
-# Without per-thread wait times the share is CPU time / (wall x threads), which serial parts of the timing
-# lower even on an idle machine; only a much lower share is taken as load.
-MIN_CPU_SHARE_WITHOUT_SCHEDSTAT = 0.4
 LOADED_ATTEMPTS = 3  # timings tried when the machine is busy and nothing is cached
 # The cached timing is taken once: longer windows than a one-off timing (about 4 s instead of 2 s on a 2-core
 # CPU) halve its spread between runs (measured on a shared 2-core EPYC: up to 38 % -> 13 % per width).
 TIMING_WINDOWS = 3
 TIMING_WINDOW_S = 0.3
-MIN_JUDGED_SECONDS = 0.05  # shorter windows say nothing about load
 
 Log = Callable[[str], None]
 
@@ -91,6 +97,9 @@ class Calibration:
         window_voxels_per_s: Sampling-window voxels one CPU data worker reads per CPU second (``None`` in
             caches written before the data pipeline was timed).
         augment_voxels_per_s: ``(dims, voxels/s)``: patch voxels one CPU data worker augments per CPU second.
+        step_gflops_by_width: ``(feature width, GFLOP/s)`` of a real 3D training step with its data pipeline
+            (CPU only; empty in caches written before it was timed and on CUDA).
+        step_gflops_by_width_2d: The same for a 2D training step.
     """
 
     provenance: CalibrationProvenance
@@ -100,21 +109,36 @@ class Calibration:
     gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
     window_voxels_per_s: float | None = None
     augment_voxels_per_s: tuple[tuple[int, float], ...] = ()
+    step_gflops_by_width: tuple[tuple[int, float], ...] = ()
+    step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
             raise PlanError("gflops_by_width must hold positive throughputs")
         if any(not (g > 0 and math.isfinite(g)) for g in _throughputs(self).values()):
-            raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s and augment_voxels_per_s "
-                            "must hold positive throughputs")
+            raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s, augment_voxels_per_s and "
+                            "step_gflops_by_width(_2d) must hold positive throughputs")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
 
     @property
+    def missing(self) -> tuple[str, ...]:
+        """The timings this entry lacks (a cache entry of an older automedseg), e.g. ``("training step",)``."""
+        parts = {"2D convolution": bool(self.gflops_by_width_2d),
+                 "data pipeline": self.window_voxels_per_s is not None and bool(self.augment_voxels_per_s),
+                 "training step": self.provenance.kind != "cpu" or bool(
+                     self.step_gflops_by_width and self.step_gflops_by_width_2d)}
+        return tuple(name for name, timed in parts.items() if not timed)
+
+    @property
     def complete(self) -> bool:
-        """Every part is timed (a cache entry of an older automedseg lacks the 2D and data timings)."""
-        return bool(self.gflops_by_width_2d) and self.window_voxels_per_s is not None and bool(
-            self.augment_voxels_per_s)
+        """Every part is timed (a cache entry of an older automedseg lacks some, see :attr:`missing`)."""
+        return not self.missing
+
+
+def _parts_text(names: tuple[str, ...], conjunction: str) -> str:
+    """``a``, ``a or b``, ``a, b or c`` (``conjunction``: ``or`` / ``and``)."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 def _throughputs(cal: Calibration) -> dict[str, float]:
@@ -124,6 +148,8 @@ def _throughputs(cal: Calibration) -> dict[str, float]:
     if cal.window_voxels_per_s is not None:
         out["windows"] = cal.window_voxels_per_s
     out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
+    out.update({f"3d step width {w}": g for w, g in cal.step_gflops_by_width})
+    out.update({f"2d step width {w}": g for w, g in cal.step_gflops_by_width_2d})
     return out
 
 
@@ -184,51 +210,6 @@ def quantise_gflops(value: float) -> float:
     return float(f"{2.0 ** (k / QUANTA_PER_OCTAVE):.4g}")
 
 
-def cpu_usage() -> tuple[float, float | None]:
-    """Seconds this process's threads have run, and waited runnable for a CPU (``None`` where unknown).
-
-    Linux: the sums of ``/proc/self/task/*/schedstat``; elsewhere :func:`time.process_time` and ``None``.
-    """
-    run = wait = 0
-    seen = False
-    try:
-        tasks = list(Path("/proc/self/task").iterdir())
-    except OSError:
-        tasks = []
-    for task in tasks:
-        try:
-            fields = (task / "schedstat").read_text().split()
-            run, wait, seen = run + int(fields[0]), wait + int(fields[1]), True
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    if not seen:
-        return time.process_time(), None
-    return run / 1e9, wait / 1e9
-
-
-def granted_share(before: tuple[float, float | None], after: tuple[float, float | None], *, wall_s: float,
-                  threads: int) -> tuple[float | None, float]:
-    """The share of the CPU its threads asked for that the process got between two :func:`cpu_usage` samples.
-
-    Returns:
-        ``(share, threshold)``: the share (``None`` when the window was too short to judge) and the share
-        below which the machine counts as busy for this way of measuring.
-
-    Example:
-        >>> granted_share((0.0, 0.0), (1.0, 1.0), wall_s=1.0, threads=2)
-        (0.5, 0.8)
-    """
-    run = max(0.0, after[0] - before[0])
-    if before[1] is not None and after[1] is not None:
-        wait = max(0.0, after[1] - before[1])
-        if run + wait < MIN_JUDGED_SECONDS:
-            return None, MIN_CPU_SHARE
-        return round(run / (run + wait), 3), MIN_CPU_SHARE
-    if wall_s < MIN_JUDGED_SECONDS:
-        return None, MIN_CPU_SHARE_WITHOUT_SCHEDSTAT
-    return round(min(1.0, run / (wall_s * max(1, threads))), 3), MIN_CPU_SHARE_WITHOUT_SCHEDSTAT
-
-
 @dataclass(frozen=True)
 class _Machine:
     """What identifies a calibration of this machine, and what is read rather than timed."""
@@ -265,21 +246,25 @@ def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
 def _time_once(machine: _Machine) -> Calibration:
     """One calibration timing, with the CPU share the process was granted meanwhile.
 
-    The convolutions (3D, then 2D) are timed by wall clock in a window judged for load; the data pipeline
-    after it, by the CPU time of one thread (:func:`automedseg.calibration_timing.calibrate_data_throughput`),
-    which load barely changes.
+    The convolutions (3D, then 2D) and, on a CPU, the training steps (3D, then 2D; with their augmentation
+    worker) are timed by wall clock in a window judged for load; the data pipeline after it, by the CPU time of
+    one thread (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
     """
-    from automedseg import calibration_timing, planning
+    from automedseg import calibration_step, calibration_timing, planning
 
     threads = machine.threads if machine.kind == "cpu" else None
-    before, t0 = cpu_usage(), time.perf_counter()
+    before, children, t0 = cpu_usage(), children_cpu_seconds(), time.perf_counter()
     gflops = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                             window_s=TIMING_WINDOW_S)
     gflops_2d = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                                window_s=TIMING_WINDOW_S, dims=2)
+    steps: dict[int, tuple[tuple[int, float], ...]] = {2: (), 3: ()}
+    if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
+        steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads) for d in (3, 2)}
     wall, after = time.perf_counter() - t0, cpu_usage()
+    children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()
-    share, threshold = granted_share(before, after, wall_s=wall, threads=machine.threads)
+    share, threshold = granted_share(before, after, wall_s=wall, threads=machine.threads, own_children_s=children)
     loaded = machine.kind == "cpu" and share is not None and share < threshold
     provenance = CalibrationProvenance(
         kind=machine.kind, device=machine.device, threads=machine.threads, torch_version=machine.torch_version,
@@ -289,7 +274,9 @@ def _time_once(machine: _Machine) -> Calibration:
                        share if machine.kind == "cpu" else None,
                        gflops_by_width_2d=tuple((int(w), float(g)) for w, g in gflops_2d),
                        window_voxels_per_s=float(data.window_voxels_per_s),
-                       augment_voxels_per_s=tuple((int(d), float(v)) for d, v in data.augment_voxels_per_s))
+                       augment_voxels_per_s=tuple((int(d), float(v)) for d, v in data.augment_voxels_per_s),
+                       step_gflops_by_width=tuple((int(w), float(g)) for w, g in steps[3]),
+                       step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]))
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
@@ -304,7 +291,9 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
     return dataclasses.replace(b, gflops_by_width=best(a.gflops_by_width, b.gflops_by_width), cpu_share=share,
                                gflops_by_width_2d=best(a.gflops_by_width_2d, b.gflops_by_width_2d),
                                window_voxels_per_s=windows,
-                               augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s))
+                               augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s),
+                               step_gflops_by_width=best(a.step_gflops_by_width, b.step_gflops_by_width),
+                               step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d))
 
 
 def _ratio(new: Calibration, old: Calibration) -> float:
@@ -325,7 +314,9 @@ def _completed(cached: Calibration, new: Calibration) -> Calibration:
         cached, gflops_by_width_2d=cached.gflops_by_width_2d or new.gflops_by_width_2d,
         window_voxels_per_s=cached.window_voxels_per_s if cached.window_voxels_per_s is not None
         else new.window_voxels_per_s,
-        augment_voxels_per_s=cached.augment_voxels_per_s or new.augment_voxels_per_s)
+        augment_voxels_per_s=cached.augment_voxels_per_s or new.augment_voxels_per_s,
+        step_gflops_by_width=cached.step_gflops_by_width or new.step_gflops_by_width,
+        step_gflops_by_width_2d=cached.step_gflops_by_width_2d or new.step_gflops_by_width_2d)
 
 
 def _geomean(cal: Calibration) -> float:
@@ -394,8 +385,8 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
             "(`automedseg plan --recalibrate` measures again)")
         return cached
     if cached is not None and not recalibrate and not cached.complete:
-        log(f"calibration: the cached one ({cached.provenance.describe()}) has no 2D convolution or data pipeline "
-            "timing (an older automedseg): timing again")
+        log(f"calibration: the cached one ({cached.provenance.describe()}) has no "
+            f"{_parts_text(cached.missing, 'or')} timing (an older automedseg): timing again")
     elif cached is not None and not recalibrate:
         log(f"calibration: the cached one ({cached.provenance.describe()}) is provisional: timing again")
     attempts = 1 if cached is not None else LOADED_ATTEMPTS
@@ -409,8 +400,9 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
         granted = f" (the process got {_share_text(new)} of the CPU it asked for)" if new.cpu_share is not None else ""
         log(f"calibration: measured {new.provenance.describe()}{granted}")
     elif not chosen.complete and not new.provenance.under_load:  # (under load: timed again by the next plan)
+        missing = chosen.missing
         chosen = _completed(chosen, new)
-        log(f"calibration: the 2D convolution and data pipeline timings added to the calibration of "
+        log(f"calibration: the {_parts_text(missing, 'and')} timings added to the calibration of "
             f"{chosen.provenance.measured_at}")
     if chosen is not cached and cache_path is not None:
         calibrations = {**cache.calibrations, key: chosen}
@@ -434,6 +426,9 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
         window_voxels_per_s=None if calibration.window_voxels_per_s is None
         else quantise_gflops(calibration.window_voxels_per_s),
         augment_voxels_per_s=tuple((d, quantise_gflops(v)) for d, v in calibration.augment_voxels_per_s) or None,
+        step_gflops_by_width=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width) or None,
+        step_gflops_by_width_2d=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width_2d)
+        or None,
     )
 
 

@@ -13,6 +13,9 @@
   Voxels of the training patch per second, so that it scales with the patch. The work is fixed (a seeded
   number of samples) and measured as the thread's CPU time, which another busy process barely changes.
 
+A real training step, with the worker beside it, is timed by :mod:`automedseg.calibration_step` (on the synthetic
+case and reference configuration made here).
+
 Example:
     >>> calibrate_data_throughput(samples=4)  # doctest: +SKIP
     DataThroughput(window_voxels_per_s=180000000.0, augment_voxels_per_s=((2, 8500000.0), (3, 6200000.0)))
@@ -122,7 +125,7 @@ class DataThroughput:
     augment_voxels_per_s: tuple[tuple[int, float], ...]
 
 
-def _synthetic_case(folder: Path, dims: int) -> None:
+def synthetic_case(folder: Path, dims: int) -> None:
     """A cached case (``case.npy``, ``case_seg.npy``, ``case_locs.npz``) larger than the sampling window."""
     rng = np.random.default_rng(DATA_SEED)
     shape = (128, 144, 128) if dims == 3 else (4, 640, 640)
@@ -138,7 +141,8 @@ def _synthetic_case(folder: Path, dims: int) -> None:
     np.savez(folder / "case_locs.npz", **locs)
 
 
-def _reference_config(dims: int) -> ConfigurationPlan:
+def reference_config(dims: int) -> ConfigurationPlan:
+    """The configuration the data pipeline is timed with (:data:`DATA_REFERENCE_PATCH`, batch :data:`DATA_BATCH`)."""
     patch = DATA_REFERENCE_PATCH[dims]
     ones = (1,) * dims
     aug = AugmentationPlan(rotation_range_rad=(-math.pi, math.pi)) if dims == 2 else AugmentationPlan()
@@ -193,8 +197,8 @@ def calibrate_data_throughput(*, samples: int = DATA_SAMPLES, dims: Sequence[int
         for d in sorted(dims):
             folder = Path(tmp) / f"{d}d"
             folder.mkdir()
-            _synthetic_case(folder, d)
-            config = _reference_config(d)
+            synthetic_case(folder, d)
+            config = reference_config(d)
             windows = _time_pipeline(folder, config, samples=samples, windows_only=True, clock=clock)
             full = _time_pipeline(folder, config, samples=samples, windows_only=False, clock=clock)
             n = max(1, math.ceil(samples / config.batch_size)) * config.batch_size

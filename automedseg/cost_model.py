@@ -1,12 +1,17 @@
 """The planner's cost model: how long one training iteration takes on a device, network and data pipeline.
 
-A step has two parts, both calibrated per machine (:mod:`automedseg.calibration_timing`, cached by
-:mod:`automedseg.calibration`) and read from the :class:`~automedseg.plans.DeviceProfile`:
+A step has two parts, both calibrated per machine (:mod:`automedseg.calibration_timing`,
+:mod:`automedseg.calibration_step`, cached by :mod:`automedseg.calibration`) and read from the
+:class:`~automedseg.plans.DeviceProfile`:
 
-* **The network**: the analytic training FLOPs (:func:`automedseg.network.estimate_training_flops`) over the
-  calibrated convolution throughput at the network's width (``gflops_by_width``; for 2D configurations
-  ``gflops_by_width_2d``, or the 3D figure times :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no
-  2D timing), times an overhead for what is not a convolution.
+* **The network**: the analytic training FLOPs (:func:`automedseg.network.estimate_training_flops`) over a
+  calibrated throughput at the network's first-stage width. On a CPU whose profile has timed training steps
+  (``step_gflops_by_width``, ``step_gflops_by_width_2d``: the real step with its augmentation worker), that
+  throughput, plus :data:`STEP_LATENCY_S`, and nothing else: norms, loss, optimizer and the worker sharing the
+  cores are in the measurement. Otherwise (GPUs, older profiles) the convolution throughput
+  (``gflops_by_width``; for 2D configurations ``gflops_by_width_2d``, or the 3D figure times
+  :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no 2D timing), times an overhead for what is not a
+  convolution.
 * **The data**: the CPU seconds one data worker spends on a batch: reading the sampling windows
   (``window_voxels_per_s``) and, unless augmentation runs on the device, augmenting the training patches
   (``augment_voxels_per_s``).
@@ -16,8 +21,9 @@ How they combine depends on where the workers run (:func:`estimate_step`):
 * **GPU** (and MPS): the workers run in parallel to the step on their own cores, so a step takes the longer
   of the network step and the data time (a batch's worker seconds over the workers). A step whose data
   time is the longer one is *data-bound*: the device idles for the difference.
-* **CPU**: the worker shares the cores with the training threads; the training loses
-  :data:`CPU_AUGMENT_SHARE` seconds of wall time per CPU second the worker takes.
+* **CPU**: the worker shares the cores with the training threads. With timed steps the network's part already
+  holds what the worker takes; without, the training loses :data:`CPU_AUGMENT_SHARE` seconds of wall time per
+  CPU second the worker takes.
 
 A profile without data figures (nominal GPU profiles, plans from before the data calibration) has an
 infinitely fast data pipeline: the step is the network's.
@@ -43,10 +49,20 @@ from automedseg.network_cost import estimate_activation_elements, family_of
 from automedseg.plans import AugmentationPlan, DeviceProfile, NetworkPlan
 from automedseg.topology import ANISO_THRESHOLD
 
-# Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon).
+# Data loading, optimizer, loss and memory-bound layers on top of the conv FLOPs (fitted on a 2-core Xeon). Used on
+# a CPU only for profiles without timed training steps: on a 2-core AMD EPYC (bf16, torch 2.13) it over-estimated
+# the 3D width-8 step 1.8x (0.287 s planned against 0.150 s hippocampus and 0.161 s openkbp_hn_ct measured, median
+# over 20-minute folds, benchmarks/results/shared_datasets.md, 2026-12-01), which the step calibration replaces.
+# Charging each layer at its own width's convolution figure instead of the first stage's was checked on paper with
+# that machine's calibration (3D 88/210/240/260, 2D 46/100/170/230 GFLOP/s at widths 8/16/32/64): measured over
+# estimated became 0.70-0.75 (the two 3D folds) and 1.27-1.43 (drive, hc18, isbi2012_em 2d, under 0.6 cores of
+# other load) instead of 0.52-0.56 and 0.57-0.77: a spread of 2.0x instead of 1.5x across 2D and 3D, so the first
+# stage's width stays (for the timed steps too: they are timed on the planner's networks, width by width).
 CPU_STEP_OVERHEAD = 1.6
 GPU_STEP_OVERHEAD = 1.15
-STEP_LATENCY_S = 0.01  # per step, whatever its size (launches, the optimizer's Python)
+# Per step, whatever its size (launches, the optimizer's Python). The step calibration leaves it out of its
+# throughput (calibration_step.step_gflops) and the estimate adds it back.
+STEP_LATENCY_S = 0.01
 # 2D convolutions reach ~60% of the 3D calibration's throughput on CPU (measured: 2D U-Net, width 32, batch 92,
 # 56x40: 362 GFLOP/s vs 3D width 24: 441 GFLOP/s at a calibrated 800 vs 1000 GFLOP/s; see train_speed). Used only
 # for profiles without their own 2D timing (``gflops_by_width_2d``).
@@ -56,8 +72,9 @@ CPU_2D_CONV_EFFICIENCY = 0.6
 # benchmarks/results/shared_datasets.md (AMD EPYC, 2 threads, 2026-11-30, 0.4-0.7 cores taken by other processes)
 # then trained at 0.19-0.24 s/iteration where the network-only estimate said 0.26-0.29 (openkbp 2d: 0.317 vs
 # 0.290): the network part already over-estimates the step on this CPU, and adding the worker's time moved five
-# of six estimates further from the measurement (and shrank the 3D patches). So 0 until a calibration that times
-# a real step with its data pipeline (issue #19, item 3) replaces both; the data figures still decide GPU plans.
+# of six estimates further from the measurement (and shrank the 3D patches). So 0; a profile with timed training
+# steps (calibration_step: the step with its data pipeline, issue #19 item 3) replaces both; the data figures still
+# decide GPU plans.
 CPU_AUGMENT_SHARE = 0.0
 MAX_DATA_WORKERS = 12
 
@@ -72,15 +89,20 @@ class StepEstimate:
             step loses to the worker sharing its cores. 0 when the profile has no data figures.
         seconds: The iteration: ``max(network_s, data_s)`` on a GPU, ``network_s + data_s`` on a CPU.
         data_bound: The workers are slower than the device (GPU only): it idles ``data_s - network_s`` a step.
+        timed_step: ``network_s`` comes from the calibration's timed training steps (CPU), the augmentation
+            worker beside them included.
     """
 
     network_s: float
     data_s: float
     seconds: float
     data_bound: bool
+    timed_step: bool = False
 
     def describe(self) -> str:
         """The parts, for the plan's notes, e.g. ``network 0.29 s + augmentation worker 0.06 s``."""
+        if self.timed_step and self.data_s <= 0:
+            return f"network with its augmentation worker {self.network_s:.3g} s, from the timed training steps"
         if self.data_s <= 0:
             return f"network {self.network_s:.3g} s"
         if self.data_bound:
@@ -130,13 +152,22 @@ def memory_limit_bytes(device: DeviceProfile) -> float:
     return device.memory_gib * 2**30 * (0.85 if device.kind != "cpu" else 0.5)
 
 
+def timed_step_gflops(device: DeviceProfile, width: int, dims: int) -> float | None:
+    """The throughput of the calibration's timed training steps the cost model charges a CPU network at (GFLOP/s;
+    ``None``: not a CPU, or a profile without them)."""
+    return device.step_gflops_at(width, dims=dims) if device.kind == "cpu" else None
+
+
 def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
                          num_classes: int, device: DeviceProfile) -> float:
-    """The network's part of one training iteration on ``device``."""
+    """The network's part of one training iteration on ``device`` (on a CPU with timed steps: with its worker)."""
     from automedseg.network import estimate_training_flops
 
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
+    timed = timed_step_gflops(device, net.features_per_stage[0], dims)
+    if timed is not None:  # the real step: no overheads to add, they were timed
+        return flops / (timed * 1e9) + STEP_LATENCY_S
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
         overhead /= CPU_2D_CONV_EFFICIENCY
@@ -202,6 +233,8 @@ def estimate_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
     if workers == 0:  # batches made in the training process, between the steps
         return StepEstimate(network, cpu_s, network + cpu_s, False)
     if device.kind == "cpu":
+        if timed_step_gflops(device, net.features_per_stage[0], dims) is not None:  # the worker was timed with it
+            return StepEstimate(network, 0.0, network, False, timed_step=True)
         data = CPU_AUGMENT_SHARE * cpu_s
         return StepEstimate(network, data, network + data, False)
     data = cpu_s / workers

@@ -58,6 +58,26 @@ class CalibrationProvenance:
                 f"measured {self.measured_at}{load}")
 
 
+def interpolate_by_width(table: tuple[tuple[int, float], ...], width: float) -> float:
+    """A ``(width, throughput)`` table at ``width``: log-linear between its widths, the end values beyond them.
+
+    Example:
+        >>> table = ((8, 100.0), (32, 400.0))
+        >>> round(interpolate_by_width(table, 16), 6), interpolate_by_width(table, 64)
+        (200.0, 400.0)
+    """
+    pts = sorted(table)
+    if width <= pts[0][0]:
+        return pts[0][1]
+    if width >= pts[-1][0]:
+        return pts[-1][1]
+    for (w0, g0), (w1, g1) in zip(pts, pts[1:]):
+        if w0 <= width <= w1:
+            t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
+    return pts[-1][1]  # pragma: no cover
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """The machine a plan was made for.
@@ -75,10 +95,16 @@ class DeviceProfile:
         gflops_by_width_2d: The same for a 3x3 2D convolution (absent: 2D uses the 3D figures).
         window_voxels_per_s: Sampling-window voxels one CPU data worker reads per second of its CPU time.
         augment_voxels_per_s: ``(dims, voxels/s)``: patch voxels one CPU data worker augments per CPU second.
+        step_gflops_by_width: ``(feature width, GFLOP/s)``: a real 3D training step of the planner's network at
+            that width (forward, loss, backward, optimizer, with the augmentation worker running beside it), as
+            training FLOPs per second of the step less :data:`automedseg.cost_model.STEP_LATENCY_S` (CPU only).
+        step_gflops_by_width_2d: The same for a 2D training step.
 
     The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
-    cost model takes the data pipeline as free). The last three fields are newer than the first plans: absent
-    (``null``) they are left out of ``plans.json``, so older plans load and save unchanged.
+    cost model takes the data pipeline as free), the step figures from
+    :func:`automedseg.calibration_step.calibrate_step_gflops` (absent: the cost model charges the convolution
+    figures with fixed overheads). The fields from ``gflops_by_width_2d`` on are newer than the first plans:
+    absent (``null``) they are left out of ``plans.json``, so older plans load and save unchanged.
     """
 
     kind: str
@@ -91,11 +117,14 @@ class DeviceProfile:
     gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
     window_voxels_per_s: float | None = field(default=None, metadata=_OMIT)
     augment_voxels_per_s: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
+    step_gflops_by_width: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
+    step_gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
             raise PlanError("gflops_by_width must not be empty")
-        for name in ("gflops_by_width", "gflops_by_width_2d", "augment_voxels_per_s"):
+        for name in ("gflops_by_width", "gflops_by_width_2d", "augment_voxels_per_s", "step_gflops_by_width",
+                     "step_gflops_by_width_2d"):
             if not all(_positive(v) for _, v in getattr(self, name) or ()):
                 raise PlanError(f"{name} must hold positive throughputs")
         if not all(d in (2, 3) for d, _ in self.augment_voxels_per_s or ()):
@@ -108,16 +137,18 @@ class DeviceProfile:
 
         ``dims=2`` reads ``gflops_by_width_2d`` where the profile has it, else the 3D figures.
         """
-        pts = sorted(self.gflops_by_width_2d if dims == 2 and self.gflops_by_width_2d else self.gflops_by_width)
-        if width <= pts[0][0]:
-            return pts[0][1]
-        if width >= pts[-1][0]:
-            return pts[-1][1]
-        for (w0, g0), (w1, g1) in zip(pts, pts[1:]):
-            if w0 <= width <= w1:
-                t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
-                return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0)))
-        return pts[-1][1]  # pragma: no cover
+        return interpolate_by_width(
+            self.gflops_by_width_2d if dims == 2 and self.gflops_by_width_2d else self.gflops_by_width, width)
+
+    def step_gflops_at(self, width: int, *, dims: int = 3) -> float | None:
+        """A real training step's throughput at a feature width (as :meth:`gflops_at`); ``None``: not calibrated.
+
+        Example:
+            >>> NOMINAL_PROFILES["reference-cpu-2core"].step_gflops_at(16) is None
+            True
+        """
+        table = self.step_gflops_by_width_2d if dims == 2 else self.step_gflops_by_width
+        return interpolate_by_width(table, width) if table else None
 
     def augment_rate(self, dims: int) -> float | None:
         """Voxels per second one data worker augments for a ``dims``-D patch (``None``: not calibrated)."""

@@ -1,7 +1,8 @@
 """Training one fold of a k-fold cross-validation from the plan and the preprocessed cache.
 
 Composition, not a trainer class hierarchy: :func:`train_fold` wires a network (:mod:`network`), batches
-(:mod:`augmentation`), a loss (:class:`~automedseg.losses.DeepSupervisionLoss`), SGD or AdamW with poly decay, and
+(:mod:`augmentation`), a loss (:class:`~automedseg.losses.DeepSupervisionLoss`), SGD or AdamW with poly decay (one
+step: :func:`automedseg.training_step.train_step`, which the calibration times too), and
 per-epoch checkpoints. Variants are plan fields or :class:`~automedseg.training_options.TrainOptions`, not
 subclasses. The per-epoch pseudo-Dice that steers the best checkpoint is scored on whole validation images
 (:mod:`automedseg.full_image_dice`; the patch figure of :mod:`automedseg.validation` is logged beside it), the final
@@ -39,7 +40,7 @@ from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
 from automedseg.class_sampling import class_weights_for, update_class_weights
 from automedseg.cost_model import step_ratio_note
-from automedseg.device import autocast_context, memory_format, needs_grad_scaler, precision_for, select_device
+from automedseg.device import memory_format, needs_grad_scaler, precision_for, select_device
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.distributed import Dist
 from automedseg.errors import InputError
@@ -59,6 +60,7 @@ from automedseg.splits import load_or_create_splits
 from automedseg.tracking import RunInfo, TrackerSet, open_trackers
 from automedseg.training_log import EMA_DECAY, write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
+from automedseg.training_step import make_optimizer, train_step
 from automedseg.validation import final_validation_axes, pseudo_dice, validate_fold
 from automedseg.workspace import Workspace
 
@@ -81,39 +83,6 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
     own.update(ok)
     model.load_state_dict(own)
     return len(ok), len(own) - len(ok)
-
-
-def _on_device(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch array (numpy from the CPU workers, or a tensor already augmented on the device) on ``device``."""
-    return (a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(device, non_blocking=True)
-
-
-def train_step(model: torch.nn.Module, batch: dict[str, Any], *, optimizer: torch.optim.Optimizer,
-               loss_fn: DeepSupervisionLoss, device: torch.device, scaler: torch.amp.GradScaler | None = None,
-               amp: bool = True, grad_clip_norm: float = 12.0) -> float:
-    """One optimisation step on a batch from the training loader; returns the loss.
-
-    Mixed precision as :func:`~automedseg.device.precision_for` decides (a ``scaler`` for fp16 only),
-    channels-last inputs on CPU, gradient-norm clipping.
-    """
-    mf = memory_format(batch["data"].ndim - 2) if device.type == "cpu" else torch.contiguous_format
-    x = _on_device(batch["data"], device).contiguous(memory_format=mf)
-    targets = [_on_device(t, device) for t in batch["target"]]
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_context(device, amp):
-        outputs = model(x)
-    loss = loss_fn(outputs, targets)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        optimizer.step()
-    return float(loss.detach())
 
 
 def estimate_validation_seconds(cache: Path, case_ids: Sequence[str], patch_size: Sequence[int], *,
@@ -218,11 +187,7 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
     if device.type == "cpu":
         model = model.to(memory_format=memory_format(config.dims))
     net = model  # the bare network: state dicts, deep-supervision switch, evaluation
-    if tr.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=tr.initial_lr, momentum=tr.momentum,
-                                                           nesterov=True, weight_decay=tr.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tr.initial_lr, weight_decay=tr.weight_decay)
+    optimizer = make_optimizer(model.parameters(), tr)
     precision = precision_for(device, enabled=options.amp)
     on_device = use_device_augmentation(device, options.augment_on_device if options.augment_on_device is not None
                                         else config.training.augment_on_device)

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 import automedseg
-from automedseg import planning
+from automedseg import calibration_step, planning
 from automedseg.errors import InputError
 from automedseg.inference import FolderReport
 from automedseg.metrics import EvaluationSummary
@@ -62,6 +62,7 @@ def test_the_readme_example_runs(write_nnunet_dataset, tmp_path: Path,  # noqa: 
     code = _set(code, "dataset, work = ", f"dataset, work = {str(dataset)!r}, {str(tmp_path / 'work')!r}")
     code = _set(code, "quick = ", f"quick = dict(validate=False, **{FAST!r})")
     monkeypatch.setattr(planning, "calibrate_conv_gflops", lambda **_: TABLE)
+    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(tmp_path / "calibration.json"))
     namespace: dict = {}
     exec(compile(code, "README.md (api-example)", "exec"), namespace)  # noqa: S102 - the README's own example

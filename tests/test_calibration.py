@@ -2,7 +2,8 @@
 taken under load is not believed.
 
 The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`, 3D and 2D), the data pipeline's
-(:func:`automedseg.calibration_timing.calibrate_data_throughput`) and the CPU-time accounting
+(:func:`automedseg.calibration_timing.calibrate_data_throughput`), the training steps'
+(:func:`automedseg.calibration_step.calibrate_step_gflops`) and the CPU-time accounting
 (:func:`automedseg.calibration.cpu_usage`) are replaced by fakes, so every case is instant and exact; ``plan``
 runs through the CLI with the cache file in ``tmp_path`` (``AUTOMEDSEG_CALIBRATION``).
 """
@@ -20,7 +21,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from automedseg import calibration as C
-from automedseg import calibration_timing, planning
+from automedseg import calibration_step, calibration_timing, planning
 from automedseg.calibration import quantise_gflops, read_calibration_cache
 from automedseg.calibration_timing import DataThroughput
 from automedseg.cli import calibration_cache_path, main
@@ -31,6 +32,7 @@ from automedseg.plans import Plans
 BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
 BASE_2D = ((8, 90.0), (16, 300.0), (32, 600.0), (64, 800.0))
 DATA = DataThroughput(window_voxels_per_s=2.1e8, augment_voxels_per_s=((2, 6.3e6), (3, 5.4e6)))
+STEPS = {3: ((8, 110.0), (16, 230.0), (32, 310.0)), 2: ((8, 60.0), (16, 140.0), (32, 230.0))}
 
 
 def _scaled(factor: float) -> tuple[tuple[int, float], ...]:
@@ -73,6 +75,18 @@ class FakeData:
         return self.result
 
 
+@dataclass
+class FakeSteps:
+    """Stands in for the training steps' timing: ``tables[dims]``; ``calls`` counts the 3D timings."""
+
+    tables: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=lambda: dict(STEPS))
+    calls: int = 0
+
+    def __call__(self, *, dims: int = 3, **_: object) -> tuple[tuple[int, float], ...]:
+        self.calls += dims == 3
+        return self.tables[dims]
+
+
 def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:
     """A fake :func:`cpu_usage` under which each timing gets exactly ``share`` of the CPU it asks for."""
     state = [0.0, 0.0]
@@ -92,6 +106,7 @@ class Planner:
     cache: Path
     timing: FakeTiming
     data: FakeData
+    steps: FakeSteps
 
     def plan(self, *extra: str) -> Result:
         args = ["plan", str(self.dataset), "--work-dir", str(self.work), "-c", "3d_fullres", "-j", "1",
@@ -113,11 +128,12 @@ class Planner:
 def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Planner:
     cache = tmp_path / "cache" / "calibration.json"
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
-    timing, data = FakeTiming(), FakeData()
+    timing, data, steps = FakeTiming(), FakeData(), FakeSteps()
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
+    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
-    return Planner(demo_dataset, tmp_path / "work", cache, timing, data)
+    return Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps)
 
 
 @pytest.mark.parametrize("factor", [0.9, 0.95, 1.05, 1.1])
@@ -220,26 +236,6 @@ def test_nominal_profiles_stay_as_they_are(planner: Planner) -> None:
     assert result.exit_code == 0, result.output
     assert planner.timing.calls == 0 and not planner.cache.exists()
     assert "calibration" not in json.loads(planner.plans_bytes)["device"]
-
-
-@pytest.mark.parametrize(("before", "after", "wall_s", "threads", "expected"), [
-    ((0.0, 0.0), (2.0, 0.0), 1.0, 2, (1.0, C.MIN_CPU_SHARE)),  # ran whenever it wanted
-    ((0.0, 0.0), (1.0, 1.0), 1.0, 2, (0.5, C.MIN_CPU_SHARE)),  # waited as long as it ran: busy machine
-    ((5.0, 3.0), (6.0, 3.25), 1.0, 2, (0.8, C.MIN_CPU_SHARE)),
-    ((0.0, 0.0), (0.01, 0.01), 1.0, 2, (None, C.MIN_CPU_SHARE)),  # too short to judge
-    ((0.0, None), (1.0, None), 1.0, 2, (0.5, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),  # no schedstat: CPU / wall
-    ((0.0, None), (0.3, None), 1.0, 1, (0.3, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),
-    ((0.0, None), (0.0, None), 0.01, 2, (None, C.MIN_CPU_SHARE_WITHOUT_SCHEDSTAT)),
-])
-def test_granted_share(before, after, wall_s: float, threads: int, expected) -> None:
-    assert C.granted_share(before, after, wall_s=wall_s, threads=threads) == expected
-
-
-def test_cpu_usage_counts_this_process() -> None:
-    run0, wait0 = C.cpu_usage()
-    sum(i * i for i in range(300_000))
-    run1, wait1 = C.cpu_usage()
-    assert run1 > run0 and (wait0 is None) == (wait1 is None)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -351,3 +347,75 @@ def test_hysteresis_covers_the_data_pipeline(planner: Planner, data: DataThrough
         (DATA.window_voxels_per_s, DATA.augment_voxels_per_s))
     if not replaced:
         assert planner.plans_bytes == first
+
+
+# --- the training steps -----------------------------------------------------------------------------------
+
+
+def test_calibration_stores_the_training_steps_and_the_cpu_plan_uses_them(planner: Planner) -> None:
+    planner.plan()
+    assert planner.steps.calls == 1
+    entry = planner.entry()
+    assert entry.complete and (entry.step_gflops_by_width, entry.step_gflops_by_width_2d) == (STEPS[3], STEPS[2])
+    plans = Plans.load(planner.work / "plans.json")
+    assert plans.device.step_gflops_by_width == tuple((w, quantise_gflops(g)) for w, g in STEPS[3])
+    assert plans.device.step_gflops_by_width_2d == tuple((w, quantise_gflops(g)) for w, g in STEPS[2])
+    assert "from the timed training steps" in plans.configuration("3d_fullres").notes[-1]
+    planner.timing.fail = True
+    planner.plan()  # reused: nothing timed again
+    assert planner.steps.calls == 1
+
+
+def _strip_steps(cache: Path) -> None:
+    """Rewrite the cache as an automedseg from before the training steps were timed wrote it."""
+    data = json.loads(cache.read_text())
+    for entry in data["calibrations"].values():
+        for name in ("step_gflops_by_width", "step_gflops_by_width_2d"):
+            del entry[name]
+    cache.write_text(json.dumps(data))
+
+
+def test_an_entry_without_training_steps_loads_and_is_completed_once(planner: Planner) -> None:
+    planner.plan()
+    first, measured_at = planner.plans_bytes, planner.entry().provenance.measured_at
+    _strip_steps(planner.cache)
+    old = planner.entry()
+    assert old.missing == ("training step",) and old.gflops_by_width == BASE
+    planner.timing.tables = [_scaled(0.95)]  # within the hysteresis: the cached convolution figures stay
+    result = planner.plan()
+    assert "has no training step timing" in result.output
+    assert "the training step timings added to the calibration of" in result.output
+    entry = planner.entry()
+    assert entry.complete and entry.gflops_by_width == BASE and entry.provenance.measured_at == measured_at
+    assert entry.step_gflops_by_width == STEPS[3] and planner.plans_bytes == first
+    planner.timing.fail = True
+    planner.plan()  # complete now: reused
+    assert planner.steps.calls == 2
+
+
+@pytest.mark.parametrize(("factor", "replaced"), [(1.1, False), (0.5, True)])
+def test_hysteresis_covers_the_training_steps(planner: Planner, factor: float, replaced: bool) -> None:
+    planner.plan()
+    first = planner.plans_bytes
+    planner.steps.tables = {d: tuple((w, g * factor) for w, g in t) for d, t in STEPS.items()}
+    result = planner.plan("--recalibrate")
+    assert ("replacing it" in result.output) == replaced
+    assert planner.entry().step_gflops_by_width == (planner.steps.tables[3] if replaced else STEPS[3])
+    assert (planner.plans_bytes == first) != replaced
+
+
+def _calibration(kind: str, **kw: object) -> C.Calibration:
+    provenance = C.CalibrationProvenance(kind, "x", 2, "2.13", "bf16", "2026-12-01T00:00:00Z")
+    return C.Calibration(provenance, 8.0, BASE, gflops_by_width_2d=BASE_2D, window_voxels_per_s=1e8,
+                         augment_voxels_per_s=((2, 1e6), (3, 1e6)), **kw)
+
+
+def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
+    assert _calibration("cuda").complete
+    assert _calibration("cpu").missing == ("training step",)
+    assert not _calibration("cpu", step_gflops_by_width=STEPS[3]).complete  # 3D without 2D
+    assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2]).complete
+    with pytest.raises(C.PlanError, match="positive throughputs"):
+        _calibration("cpu", step_gflops_by_width=((8, 0.0),))
+    profile = C.profile_from(_calibration("cuda"))
+    assert profile.step_gflops_by_width is None and profile.step_gflops_by_width_2d is None

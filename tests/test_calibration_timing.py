@@ -26,7 +26,7 @@ def test_data_throughput_from_the_real_pipeline(samples: int, windows_s: float, 
     windows = 0
     expected_augment = []
     for dims in (2, 3):
-        config = T._reference_config(dims)
+        config = T.reference_config(dims)
         windows += n * math.prod(sampling_patch_size(config.patch_size, config.augmentation, dims=dims))
         augment_s = max(full_s - windows_s, 0.1 * full_s)
         expected_augment.append((dims, float(f"{n * math.prod(config.patch_size) / augment_s:.2g}")))
@@ -44,9 +44,9 @@ def test_data_throughput_with_the_thread_clock_is_positive() -> None:
 def test_the_synthetic_case_covers_the_sampling_window(tmp_path, dims: int) -> None:
     import numpy as np
 
-    T._synthetic_case(tmp_path, dims)
+    T.synthetic_case(tmp_path, dims)
     image = np.load(tmp_path / "case.npy", mmap_mode="r")
-    config = T._reference_config(dims)
+    config = T.reference_config(dims)
     window = sampling_patch_size(config.patch_size, config.augmentation, dims=dims)
     assert all(s >= w for s, w in zip(image.shape[-dims:], window))
     with np.load(tmp_path / "case_locs.npz") as locs:

@@ -62,6 +62,73 @@ def test_2d_calibration_is_used_when_present(gflops_2d: float) -> None:
     assert seconds == pytest.approx(M.CPU_STEP_OVERHEAD * flops / (gflops_2d * 1e9) + M.STEP_LATENCY_S)
 
 
+# --- the timed training steps (CPU) -----------------------------------------------------------------------
+
+STEPS_3D = ((8, 110.0), (16, 230.0), (32, 310.0))
+STEPS_2D = ((8, 60.0), (16, 140.0), (32, 230.0))
+TIMED = _profile(CPU, step_gflops_by_width=STEPS_3D, step_gflops_by_width_2d=STEPS_2D)
+
+
+@pytest.mark.parametrize(("dims", "patch", "base"), [(3, PATCH, 8), (3, PATCH, 12), (3, PATCH, 32), (3, PATCH, 64),
+                                                     (2, (224, 192), 8), (2, (56, 40), 24)])
+def test_timed_steps_replace_the_overheads_and_the_worker(dims: int, patch, base: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M, "CPU_AUGMENT_SHARE", 1.4)  # what the timing holds is not added again
+    net, rounded = _net(base, patch, dims)
+    flops = estimate_training_flops(net, in_channels=1, num_classes=3, patch_size=tuple(rounded), dims=dims) * 4
+    expected = flops / (TIMED.step_gflops_at(base, dims=dims) * 1e9) + M.STEP_LATENCY_S
+    assert M.network_step_seconds(net, rounded, batch=4, dims=dims, in_channels=1, num_classes=3,
+                                  device=TIMED) == pytest.approx(expected)
+    est = _estimate(TIMED, batch=4, base=base, patch=patch)
+    assert (est.network_s, est.data_s, est.seconds, est.data_bound, est.timed_step) == (
+        pytest.approx(expected), 0.0, pytest.approx(expected), False, True)
+    assert est.describe().endswith("s, from the timed training steps")
+
+
+def test_the_timed_step_is_interpolated_between_widths() -> None:
+    assert TIMED.step_gflops_at(8) == 110.0 and TIMED.step_gflops_at(64) == 310.0  # the ends beyond the table
+    assert TIMED.step_gflops_at(12) == pytest.approx(110.0 * (230.0 / 110.0) ** math.log2(12 / 8))  # log-linear
+    assert TIMED.step_gflops_at(16, dims=2) == pytest.approx(140.0)
+
+
+@pytest.mark.parametrize(("device", "dims"), [
+    (_profile(CPU, step_gflops_by_width=STEPS_3D), 2),  # 2D not timed: the convolution figures and overheads
+    (_profile(CPU, step_gflops_by_width_2d=STEPS_2D), 3),
+    (_profile(GPU, step_gflops_by_width=STEPS_3D, step_gflops_by_width_2d=STEPS_2D), 3),  # GPU: unchanged
+    (_profile(GPU, step_gflops_by_width=STEPS_3D, step_gflops_by_width_2d=STEPS_2D), 2),
+])
+def test_without_timed_steps_for_the_dims_the_old_path_is_kept(device: DeviceProfile, dims: int) -> None:
+    patch = PATCH if dims == 3 else (224, 192)
+    untimed = _profile(device, step_gflops_by_width=None, step_gflops_by_width_2d=None)
+    net, rounded = _net(32, patch, dims)
+    kw = {"batch": 2, "dims": dims, "in_channels": 1, "num_classes": 3}
+    assert M.network_step_seconds(net, rounded, device=device, **kw) == M.network_step_seconds(
+        net, rounded, device=untimed, **kw)
+    assert not _estimate(device, patch=patch, base=32).timed_step
+
+
+def test_in_process_batches_still_add_to_a_timed_step() -> None:
+    est = _estimate(TIMED, workers=0)
+    assert est.seconds == pytest.approx(est.network_s + est.data_s) and est.data_s > 0
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_the_planner_fits_the_timed_step(synthetic_fingerprint, factor: float) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+    device = _profile(TIMED, step_gflops_by_width=tuple((w, g * factor) for w, g in STEPS_3D))
+    config = plan_dataset(fp, device=device, time_budget_s=1200, configurations=["3d_fullres"]).configuration(
+        "3d_fullres")
+    est = M.estimate_step(config.network, config.patch_size, batch=config.batch_size, dims=3, in_channels=1,
+                          num_classes=3, device=device)
+    assert est.timed_step and config.training.estimated_seconds_per_iteration == pytest.approx(round(est.seconds, 4))
+    assert "from the timed training steps" in config.notes[-1]
+    slow = plan_dataset(fp, device=_profile(TIMED, step_gflops_by_width=tuple((w, g / 4) for w, g in STEPS_3D)),
+                        time_budget_s=1200, configurations=["3d_fullres"]).configuration("3d_fullres")
+    # a machine four times slower per step cannot afford a wider network or larger patch and batch
+    assert math.prod(slow.patch_size) * slow.batch_size * slow.network.features_per_stage[0] <= (
+        math.prod(config.patch_size) * config.batch_size * config.network.features_per_stage[0])
+
+
 # --- the data pipeline ------------------------------------------------------------------------------------
 
 

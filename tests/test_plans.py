@@ -109,6 +109,8 @@ BAD_EDITS = [
     ("device.augment_voxels_per_s", [[4, 1e6]], "augment_voxels_per_s must be (dims, voxels/s) pairs"),
     ("device.augment_voxels_per_s", [[3, 0.0]], "augment_voxels_per_s must hold positive throughputs"),
     ("device.gflops_by_width_2d", [[8, -5.0]], "gflops_by_width_2d must hold positive throughputs"),
+    ("device.step_gflops_by_width", [[8, 0.0]], "step_gflops_by_width must hold positive throughputs"),
+    ("device.step_gflops_by_width_2d", [[8]], "plans.device.step_gflops_by_width_2d[0]: expected 2 entries"),
     ("device.gflops_by_width", [], "gflops_by_width must not be empty"),
     ("dataset_name", 7, "plans.dataset_name: expected a string"),
     ("configurations.3d_fullres.augmentation", [], "plans.configurations.3d_fullres.augmentation: expected an object"),
@@ -295,7 +297,8 @@ def test_device_gflops_interpolates_log_linearly():
     assert g == pytest.approx((210.0 * 610.0) ** 0.5, rel=0.2)
 
 
-NEW_DEVICE_FIELDS = ("gflops_by_width_2d", "window_voxels_per_s", "augment_voxels_per_s")
+NEW_DEVICE_FIELDS = ("gflops_by_width_2d", "window_voxels_per_s", "augment_voxels_per_s", "step_gflops_by_width",
+                     "step_gflops_by_width_2d")
 
 
 @pytest.mark.parametrize("which", ["plan_3d", "plan_2d"])
@@ -311,10 +314,26 @@ def test_a_plan_from_before_the_data_calibration_loads_and_saves_unchanged(reque
 
 def test_device_data_and_2d_fields_round_trip():
     device = dataclasses.replace(CPU, gflops_by_width_2d=((8, 100.0), (64, 900.0)), window_voxels_per_s=2e8,
-                                 augment_voxels_per_s=((2, 6e6), (3, 5e6)))
+                                 augment_voxels_per_s=((2, 6e6), (3, 5e6)), step_gflops_by_width=((8, 110.0),),
+                                 step_gflops_by_width_2d=((8, 60.0), (32, 230.0)))
     data = to_jsonable(device)
     assert data["augment_voxels_per_s"] == [[2, 6e6], [3, 5e6]] and data["window_voxels_per_s"] == 2e8
+    assert data["step_gflops_by_width_2d"] == [[8, 60.0], [32, 230.0]]
     assert from_jsonable(DeviceProfile, data, "device") == device
+    assert "step_gflops_by_width" not in to_jsonable(CPU)  # null: left out
+
+
+@pytest.mark.parametrize(("steps_3d", "steps_2d", "width", "dims", "expected"), [
+    (None, None, 8, 3, None),  # not timed
+    (((8, 110.0), (32, 440.0)), None, 16, 3, 220.0),  # log-linear between widths
+    (((8, 110.0), (32, 440.0)), None, 64, 3, 440.0),
+    (((8, 110.0), (32, 440.0)), None, 8, 2, None),  # 2D steps not timed: no 3D stand-in
+    (None, ((8, 60.0),), 16, 2, 60.0),
+])
+def test_device_step_gflops_at(steps_3d, steps_2d, width, dims, expected):
+    device = dataclasses.replace(CPU, step_gflops_by_width=steps_3d, step_gflops_by_width_2d=steps_2d)
+    got = device.step_gflops_at(width, dims=dims)
+    assert got == (None if expected is None else pytest.approx(expected))
 
 
 @pytest.mark.parametrize(("table_2d", "width", "dims", "expected"), [

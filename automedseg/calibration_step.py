@@ -1,0 +1,193 @@
+"""A real training step, timed per feature width: what a CPU training iteration costs on this machine.
+
+The planner's cost model (:mod:`automedseg.cost_model`) used to charge a CPU step as the analytic training FLOPs
+over the throughput of a lone convolution, times a fixed overhead for the rest (norms, loss, optimizer, the
+augmentation worker sharing the cores). That overhead was fitted on one CPU and missed another by 1.8x (issue
+#19). So the calibration also times the step itself (:func:`calibrate_step_gflops`), with everything training
+runs:
+
+* the planner's network (:func:`automedseg.planning.network_for`) for a reference patch (:data:`STEP_REFERENCE_PATCH`,
+  the size the planner picks for 3D and 2D configurations on a 2-core CPU) at each width of :data:`STEP_WIDTHS`,
+  channels-last, in training mode, with deep supervision;
+* the trainer's own step (:func:`automedseg.training_step.train_step`: autocast in the precision training uses,
+  the deep-supervision loss, gradient clipping) and the optimizer a CPU plan gets (AdamW, :func:`~automedseg.schedule.
+  recipe_for` a short schedule);
+* batches of :data:`STEP_BATCH` from the real training loader: one augmentation worker process (niced as in
+  training) sampling and augmenting a synthetic cached case (:func:`automedseg.calibration_timing.synthetic_case`),
+  so its CPU time is taken from the step as it is in training.
+
+After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), steps are timed by wall clock for
+:data:`STEP_WINDOW_S` (at least :data:`STEP_MIN_STEPS`, the loader's waits included, as the trainer's
+``seconds_per_iteration``). The figure kept is a throughput: the network's training FLOPs
+(:func:`~automedseg.network_cost.estimate_training_flops`) times the batch over the step's seconds less
+:data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
+batch or depth of the same width. About 15 s for the three widths in 3D and 2D on a 2-core CPU.
+
+Example:
+    >>> calibrate_step_gflops(dims=3, widths=(8, 16))  # doctest: +SKIP
+    ((8, 110.0), (16, 230.0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from automedseg.calibration_timing import DATA_SEED, reference_config, synthetic_case
+from automedseg.cost_model import STEP_LATENCY_S
+from automedseg.planning import network_for
+from automedseg.plans import ConfigurationPlan, TrainingPlan
+from automedseg.schedule import recipe_for
+
+STEP_WIDTHS = (8, 16, 32)  # the planner's CPU widths are 8-32 (planning.WIDTH_CANDIDATES); others interpolate
+# Hippocampus' 3d_fullres patch; 2D: the size of the 2D patches planned on a 2-core CPU (192x256, 160x224,
+# 224x224 in benchmarks/results/shared_datasets.md).
+STEP_REFERENCE_PATCH: dict[int, tuple[int, ...]] = {3: (40, 56, 40), 2: (224, 224)}
+STEP_BATCH = 2
+STEP_CLASSES = 3  # the synthetic case's labels (background and two classes, like hippocampus)
+STEP_WARMUP = 2  # untimed steps: the first picks kernels, the first optimizer step allocates its state
+STEP_WINDOW_S = 0.8  # timed wall seconds per width
+STEP_MIN_STEPS = 2
+STEP_MAX_STEPS = 20
+STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One width's timed training steps.
+
+    Attributes:
+        width: Features of the network's first stage.
+        flops: Training FLOPs of one step (the network's per sample times the batch).
+        seconds: Wall seconds per timed step.
+        steps: Steps timed.
+    """
+
+    width: int
+    flops: float
+    seconds: float
+    steps: int
+
+    @property
+    def gflops(self) -> float:
+        """The step's throughput (:func:`step_gflops`)."""
+        return step_gflops(self.flops, self.seconds)
+
+
+def step_gflops(flops: float, seconds: float) -> float:
+    """GFLOP/s of a step of ``flops`` that took ``seconds``, its fixed latency left out, two significant digits.
+
+    The cost model adds :data:`~automedseg.cost_model.STEP_LATENCY_S` back to every step it estimates, so the
+    step timed here is estimated as it was measured (at most half of it counts as latency).
+
+    Example:
+        >>> step_gflops(15.7e9, 0.16), step_gflops(1e9, 0.01)
+        (100.0, 200.0)
+    """
+    return float(f"{flops / max(seconds - STEP_LATENCY_S, 0.5 * seconds) / 1e9:.2g}")
+
+
+def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None = None) -> ConfigurationPlan:
+    """The configuration a step of ``width`` is timed with: the planner's network for the reference patch.
+
+    Example:
+        >>> config = reference_step_config(3, 8)
+        >>> config.network.features_per_stage, config.patch_size, config.training.optimizer
+        ((8, 16, 32, 64), (40, 56, 40), 'adamw')
+    """
+    base = reference_config(dims)
+    net, rounded = network_for([1.0] * dims, list(patch or STEP_REFERENCE_PATCH[dims]), dims=dims, base=width)
+    recipe = recipe_for(1000)  # a CPU budget's schedule: a few thousand steps
+    training = TrainingPlan(epochs=1, iterations_per_epoch=1, optimizer=recipe.optimizer,
+                            initial_lr=recipe.initial_lr, weight_decay=recipe.weight_decay, num_workers=1,
+                            seed=DATA_SEED)
+    return dataclasses.replace(base, name=f"calibration_step_{dims}d", patch_size=tuple(int(v) for v in rounded),
+                               batch_size=STEP_BATCH, network=net, training=training)
+
+
+def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
+                        patch: Sequence[int] | None = None, warmup: int = STEP_WARMUP,
+                        window_s: float = STEP_WINDOW_S, min_steps: int = STEP_MIN_STEPS,
+                        max_steps: int = STEP_MAX_STEPS,
+                        clock: Callable[[], float] = time.perf_counter) -> tuple[StepTiming, ...]:
+    """Time real CPU training steps at each width, with the augmentation worker feeding them.
+
+    One worker process (the real loader) serves every width: the networks of one patch share their deep
+    supervision strides, so their batches are alike.
+
+    Args:
+        dims: 3 or 2.
+        widths: Features of the first stage.
+        threads: Torch threads (default: leave as is).
+        patch: Reference patch (default :data:`STEP_REFERENCE_PATCH`; rounded as the planner rounds it).
+        warmup: Untimed steps per width.
+        window_s: Timed seconds per width.
+        min_steps: Timed steps at least.
+        max_steps: Timed steps at most.
+        clock: Wall clock.
+    """
+    import torch
+
+    from automedseg.augmentation_loaders import make_training_loader
+    from automedseg.device import memory_format
+    from automedseg.losses import DeepSupervisionLoss
+    from automedseg.network import build_network, estimate_training_flops
+    from automedseg.network_cost import output_strides
+    from automedseg.training_step import make_optimizer, train_step
+
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    configs = [reference_step_config(dims, w, patch=patch) for w in widths]
+    strides = output_strides(configs[0].network)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="automedseg-step-") as tmp, torch.random.fork_rng(devices=[]):
+        synthetic_case(Path(tmp), dims)
+        with make_training_loader(tmp, ["case"], configs[0], deep_supervision_strides=strides,
+                                  worker_niceness=STEP_WORKER_NICENESS) as loader:
+            for config in configs:
+                if output_strides(config.network) != strides:  # pragma: no cover - network_for keeps the topology
+                    raise AssertionError("the reference networks differ in their strides")
+                torch.manual_seed(DATA_SEED)
+                tr = config.training
+                model = build_network(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=dims)
+                model = model.to(memory_format=memory_format(dims)).train()
+                optimizer = make_optimizer(model.parameters(), tr)
+                loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight,
+                                              track_classes=True)
+
+                def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
+                         loss_fn: DeepSupervisionLoss = loss_fn, tr: TrainingPlan = tr) -> None:
+                    train_step(model, next(loader), optimizer=optimizer, loss_fn=loss_fn, device=device,
+                               grad_clip_norm=tr.grad_clip_norm)
+
+                for _ in range(warmup):
+                    step()
+                n, t0 = 0, clock()
+                while n < min_steps or (n < max_steps and clock() - t0 < window_s):
+                    step()
+                    n += 1
+                seconds = max(clock() - t0, 1e-9) / n
+                flops = estimate_training_flops(config.network, in_channels=1, num_classes=STEP_CLASSES,
+                                                patch_size=config.patch_size, dims=dims) * config.batch_size
+                out.append(StepTiming(int(config.network.features_per_stage[0]), flops, seconds, n))
+    return tuple(out)
+
+
+def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS,
+                          threads: int | None = None) -> tuple[tuple[int, float], ...]:
+    """``(width, GFLOP/s)`` of real CPU training steps (:func:`time_training_steps`, :func:`step_gflops`).
+
+    Args:
+        dims: 3 or 2.
+        widths: Features of the first stage.
+        threads: Torch threads (default: leave as is).
+    """
+    timings = time_training_steps(dims=dims, widths=widths, threads=threads)
+    return tuple((t.width, t.gflops) for t in timings)

@@ -1,0 +1,74 @@
+"""The calibration's real training steps: the planner's network, the trainer's step and optimizer, batches from the
+real loader with its worker process. Tiny networks and patches keep each timing well under a second; a counting
+clock makes the timing window exact."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from automedseg import calibration_step as S
+from automedseg.cost_model import STEP_LATENCY_S
+from automedseg.network import estimate_training_flops
+from automedseg.planning import network_for
+
+TINY = {3: (16, 16, 16), 2: (32, 32)}
+
+
+@pytest.mark.parametrize(("flops", "seconds", "expected"), [
+    (15.7e9, 0.16, 100.0),  # 15.7 GFLOP in 0.16 - 0.01 s
+    (1e9, 0.011, 180.0),  # at most half of a step is latency
+    (3e11, 1.01, 300.0),
+])
+def test_step_gflops(flops: float, seconds: float, expected: float) -> None:
+    assert S.step_gflops(flops, seconds) == expected
+    assert S.StepTiming(8, flops, seconds, 3).gflops == expected
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_reference_step_is_the_planners_network(dims: int) -> None:
+    for width in S.STEP_WIDTHS:
+        config = S.reference_step_config(dims, width)
+        net, rounded = network_for([1.0] * dims, list(S.STEP_REFERENCE_PATCH[dims]), dims=dims, base=width)
+        assert (config.network, config.patch_size, config.batch_size) == (net, tuple(rounded), S.STEP_BATCH)
+        assert (config.training.optimizer, config.training.num_workers) == ("adamw", 1)  # a CPU plan's, one worker
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_real_steps_on_a_tiny_network(dims: int) -> None:
+    timings = S.time_training_steps(dims=dims, widths=(4, 8), threads=1, patch=TINY[dims], warmup=1, window_s=0.0)
+    assert [t.width for t in timings] == [4, 8] and all(t.steps == S.STEP_MIN_STEPS for t in timings)
+    for t in timings:
+        config = S.reference_step_config(dims, t.width, patch=TINY[dims])
+        assert t.flops == estimate_training_flops(config.network, in_channels=1, num_classes=S.STEP_CLASSES,
+                                                  patch_size=config.patch_size, dims=dims) * S.STEP_BATCH
+        assert 0 < t.seconds < 30 and t.gflops > 0
+
+
+def test_the_timing_window() -> None:
+    # Each reading of the clock advances it 0.1 s: steps are timed until the window of 0.35 s has passed.
+    clock = itertools.count(0.0, 0.1).__next__
+    (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=0.35,
+                                      clock=clock)
+    assert timing.steps == 5 and timing.seconds == pytest.approx(0.1)
+    (capped,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=10.0,
+                                      max_steps=3, clock=itertools.count(0.0, 0.1).__next__)
+    assert capped.steps == 3
+
+
+def test_calibrate_step_gflops(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
+        seen.update(kw)
+        return (S.StepTiming(8, 15.7e9, 0.16, 5), S.StepTiming(16, 6e10, 0.25 + STEP_LATENCY_S, 3))
+
+    monkeypatch.setattr(S, "time_training_steps", fake)
+    assert S.calibrate_step_gflops(dims=2, widths=(8, 16), threads=2) == ((8, 100.0), (16, 240.0))
+    assert seen == {"dims": 2, "widths": (8, 16), "threads": 2}
+
+
+def test_time_training_steps_rejects_other_dims() -> None:
+    with pytest.raises(ValueError, match="dims must be 2 or 3"):
+        S.time_training_steps(dims=1)
