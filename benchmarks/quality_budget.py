@@ -443,7 +443,8 @@ def build_summary(f: dict) -> str:
         f"Machine: {m['cpu_model']}, {m['cpu_count_usable']} cores, {m['memory_total_gib']} GiB; {BENCH_THREADS} "
         f"torch threads each; python {m['python']}, torch {m['torch']}, automedseg {m['automedseg']}, "
         f"nnunetv2 {m['nnunetv2']} (torch {m['nnunet_venv_torch']} in its venv).",
-        f"automedseg: {f['automedseg_source']}.",
+        f"automedseg: {f['automedseg_source']}." + (f" nnU-Net: {f['nnunet_source']}." if f.get("nnunet_source")
+                                                    else ""),
         "",
         md_table(["tool", "val. mean Dice (own)", "per class (own)", "mean Dice (same metric here)",
                   "training s used", "epochs", "iterations", "batch x patch", "features", "val. mirroring"], rows),
@@ -509,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-cases", type=int, default=None,
                         help="validate on the first N fold-0 validation cases only (smoke tests; training mode)")
     parser.add_argument("--skip-nnunet", action="store_true", help="automedseg only")
+    parser.add_argument("--nnunet-from", type=Path, default=None,
+                        help="instead of training nnU-Net, show the nnU-Net entry of an earlier results JSON beside "
+                             "(its machine and budget are named in the summary)")
+    parser.add_argument("--results-name", default="quality_budget",
+                        help="stem of the results files in benchmarks/results (default quality_budget)")
     args = parser.parse_args(argv)
 
     os.environ.update(thread_env(BENCH_THREADS))
@@ -520,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = scratch / "logs"
     dataset_name = nnunet_dataset_name(msd_dir, args.dataset_id)
     pre = nnunet_paths(work_root)["nnUNet_preprocessed"] / dataset_name
+    if args.nnunet_from is not None:
+        args.skip_nnunet = True
     if not args.skip_nnunet and not (pre / f"{PLANS_IDENTIFIER}.json").exists():
         raise SystemExit(f"{pre / PLANS_IDENTIFIER}.json not found: run benchmarks/plan_speed.py first")
 
@@ -562,12 +570,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnU-Net: mean Dice {nnunet['mean_dice']:.4f}, {nnunet['train_seconds']:.0f} s, {nnunet['epochs']} "
               f"epochs, {nnunet['iterations']} iterations", flush=True)
 
+    nnunet_source = "trained in this run" if nnunet is not None else None
+    if args.nnunet_from is not None:
+        earlier = json.loads(args.nnunet_from.read_text())
+        nnunet = earlier.get("nnunet")
+        if nnunet is None:
+            raise SystemExit(f"{args.nnunet_from}: no nnunet entry")
+        em = earlier.get("machine") or {}
+        nnunet_source = (f"reused from `{args.nnunet_from.name}` ({earlier.get('created_utc', '?')}, budget "
+                         f"{earlier.get('budget')}, {em.get('cpu_model')}; not retrained)")
+
     # the same Dice function on both validation folders, on the cases both predicted
     labels = _labels(msd_dir)
     cases = sorted(set(automedseg["val_cases"] or []) & set(nnunet["val_cases"] if nnunet else
                                                              automedseg["val_cases"] or []))
     for r in (automedseg, nnunet):
-        if r is not None and cases:
+        if r is not None and cases and Path(r["validation_dir"]).is_dir():  # a reused entry keeps its own
             r["same_metric"] = dice_same_metric(Path(r["validation_dir"]), msd_dir / "labelsTr", cases, labels)
 
     a_samples = automedseg["iterations"] * automedseg["batch_size"]
@@ -586,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": split_info,
         "split_equals_nnunet_default": nnunet["split_equals_nnunet_default"] if nnunet else None,
         "automedseg_source": source,
+        "nnunet_source": nnunet_source,
         "automedseg_commands": a_cmds,
         "automedseg": automedseg,
         "nnunet": nnunet,
@@ -598,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     summary = build_summary(figures)
-    json_path, md_path = write_results("quality_budget", figures, summary)
+    json_path, md_path = write_results(args.results_name, figures, summary)
     print(summary)
     print(f"\nwrote {json_path} and {md_path}")
     return 0
