@@ -25,8 +25,8 @@ batch or depth of the same width. About 15 s for the three widths in 3D and 2D o
 
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
-:data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; about 5 s more on a
-2-core CPU), :func:`automedseg.cost_model.choose_worker_placement` picks ``own_core`` only when it is
+:data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; an estimated 5 s
+more on an idle 2-core CPU), :func:`automedseg.cost_model.choose_worker_placement` picks ``own_core`` only when it is
 :data:`~automedseg.cost_model.PLACEMENT_MARGIN` faster, and the widths are then timed under the chosen placement,
 the one the plan trains with.
 

@@ -158,14 +158,16 @@ def pin_process(cpus: Sequence[int]) -> dict[int, set[int]]:
     """Pin every thread of this process to ``cpus``; returns each thread's affinity before.
 
     :func:`os.sched_setaffinity` with pid 0 pins the calling thread only (and the threads it starts later), so
-    torch's running thread pool is pinned thread by thread. A thread that ends meanwhile is skipped.
+    torch's running thread pool is pinned thread by thread. A thread that ends meanwhile, or that cannot be pinned
+    (the cores left this process's cpuset since), is skipped: it runs as it did.
     """
     before: dict[int, set[int]] = {}
     for tid in _thread_ids():
         try:
-            before[tid] = set(os.sched_getaffinity(tid))
+            mask = set(os.sched_getaffinity(tid))
             os.sched_setaffinity(tid, set(cpus))
-        except (ProcessLookupError, FileNotFoundError):
+            before[tid] = mask
+        except OSError:
             continue
     return before
 
@@ -175,7 +177,7 @@ def _restore_affinity(before: dict[int, set[int]], default: set[int]) -> None:
     for tid in _thread_ids():
         try:
             os.sched_setaffinity(tid, before.get(tid, default))
-        except (ProcessLookupError, FileNotFoundError):
+        except OSError:
             continue
 
 

@@ -237,7 +237,7 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
                        config=config, plans=plans, device=device, cache=cache, train_ids=train_ids, val_ids=val_ids,
                        strides=strides, fold_dir=fold_dir, options=options, log=log, epoch_callback=epoch_callback,
                        run_started=run_started, trackers=trackers, placement=placement)
-        if device.type == "cpu":
+        if placement.placement == "own_core" or placement.note:  # (the plan asked for own_core)
             log(placement.describe())
         with trackers.stage("training", epochs_done=progress.epoch, epochs=progress.planned_epochs), placed(placement):
             _run_epochs(run, progress)  # (the process's threads and affinity are restored after the epochs)
