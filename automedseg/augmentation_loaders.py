@@ -79,6 +79,12 @@ class BatchLoader:
         self.batches += 1
         return batch
 
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the background workers (empty in-process or once closed)."""
+        processes = getattr(self._augmenter, "_processes", None) or ()
+        return tuple(p.pid for p in processes if p.pid is not None and not self._closed)
+
     def reset_timing(self) -> None:
         """Zero :attr:`wait_seconds` and :attr:`batches` (e.g. at the start of an epoch)."""
         self.wait_seconds = 0.0
@@ -145,6 +151,7 @@ def make_training_loader(
     nondeterministic: bool = False,
     num_cached_per_worker: int = 2,
     worker_niceness: int = 0,
+    worker_cpus: Sequence[int] | None = None,
     windows_only: bool = False,
     class_weights: SharedClassWeights | None = None,
 ) -> BatchLoader:
@@ -165,6 +172,8 @@ def make_training_loader(
         num_cached_per_worker: Batches each worker may queue ahead.
         worker_niceness: Raise the workers' nice value by this much, so that on a CPU with few cores the
             training threads (which synchronise with each other) are not the ones descheduled.
+        worker_cpus: Cores each worker process pins itself to when it starts (placement ``own_core``,
+            :mod:`automedseg.thread_placement`); ``None``: not pinned.
         windows_only: Return the sampling windows untransformed (contiguous float32 / int8, no targets): the
             augmentation then runs batched on the training device (:mod:`automedseg.device_batches`).
         class_weights: Weights of the forced-foreground class draw, shared with the workers
@@ -187,6 +196,7 @@ def make_training_loader(
         class_weights=class_weights,
     )
     sampler.worker_niceness = int(worker_niceness)
+    sampler.worker_cpus = tuple(int(c) for c in worker_cpus) if worker_cpus else None
     if windows_only:
         transform = build_validation_transforms()
     elif aug is None:

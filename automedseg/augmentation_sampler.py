@@ -21,6 +21,7 @@ from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from automedseg.class_sampling import SharedClassWeights
 from automedseg.plans import AugmentationPlan
+from automedseg.thread_placement import pin_process
 
 Stride = Sequence[int]
 
@@ -220,6 +221,7 @@ class PatchSampler(SlimDataLoaderBase):
         self._class_cases: dict[int, list[str]] | None = None
         self.rng = np.random.default_rng([self.seed, TAG_SAMPLER, 0])
         self.worker_niceness = 0
+        self.worker_cpus: tuple[int, ...] | None = None  # cores a worker process pins itself to (thread_placement)
         self.class_weights = class_weights
 
     def set_thread_id(self, thread_id: int) -> None:
@@ -232,6 +234,8 @@ class PatchSampler(SlimDataLoaderBase):
         terminate_with_parent()
         if self.worker_niceness > 0:  # in a worker process: yield the cores to the training threads first
             os.nice(self.worker_niceness)
+        if self.worker_cpus:  # the worker's own core (automedseg.thread_placement, placement own_core)
+            pin_process(self.worker_cpus)
         self.rng = np.random.default_rng([self.seed, TAG_SAMPLER, self.thread_id])
         random.seed(derive_seed(self.seed, TAG_GLOBAL, self.thread_id))
 

@@ -5,7 +5,9 @@ convolutions (:func:`automedseg.planning.calibrate_conv_gflops`), of one CPU dat
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
 second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training step with its data pipeline
 (:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width), which is what it charges a CPU
-network with. A timing is noisy (about +-10 % between runs on an idle
+network with, timed with the augmentation worker where it runs faster: sharing the cores or on a core of its own
+(:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner writes
+the choice into the plan). A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
 made from a fresh timing every time flips between runs. So:
 
@@ -28,9 +30,10 @@ made from a fresh timing every time flips between runs. So:
 * **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
   (:func:`quantise_gflops`, four steps per doubling), so no noisy digits reach ``plans.json``.
 * **Older cache entries are completed.** An entry written before the 2D convolutions, the data pipeline or
-  (on a CPU) the training steps were timed still loads (the cache's ``schema_version`` stays 1: the new fields
-  are optional); the next ``plan`` times the machine once more, keeps the cached figures under the hysteresis
-  rule and caches the entry completed with the parts it lacked.
+  (on a CPU) the training steps or the thread placement were timed still loads (the cache's ``schema_version``
+  stays 1: the new fields are optional); the next ``plan`` times the machine once more, keeps the cached figures
+  under the hysteresis rule and caches the entry completed with the parts it lacked (an entry completed with the
+  placement ``own_core`` takes the new step figures too: its own were timed with the worker sharing the cores).
 
 ``plans.json`` records which calibration it was planned with (:class:`CalibrationProvenance`: where and
 when it was measured), never a raw timing, so re-plans are byte-identical. Nothing here reads environment
@@ -59,6 +62,7 @@ from automedseg.calibration_load import (  # noqa: F401  (re-exported)
     granted_share,
 )
 from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan records it
+    WORKER_PLACEMENTS,
     CalibrationProvenance,  # noqa: F401
     DeviceProfile,
     PlanError,
@@ -100,6 +104,11 @@ class Calibration:
         step_gflops_by_width: ``(feature width, GFLOP/s)`` of a real 3D training step with its data pipeline
             (CPU only; empty in caches written before it was timed and on CUDA).
         step_gflops_by_width_2d: The same for a 2D training step.
+        worker_placement: Where the augmentation worker ran for the step figures, as chosen
+            (:func:`automedseg.calibration_step.calibrate_placement`: ``shared`` or ``own_core``; ``None`` in caches
+            written before it was chosen and on CUDA).
+        placement_step_seconds: ``(placement, seconds)``: the 3D step at the reference width under each placement
+            timed (measured, not compared by the hysteresis: the step figures are).
     """
 
     provenance: CalibrationProvenance
@@ -111,6 +120,8 @@ class Calibration:
     augment_voxels_per_s: tuple[tuple[int, float], ...] = ()
     step_gflops_by_width: tuple[tuple[int, float], ...] = ()
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
+    worker_placement: str | None = None
+    placement_step_seconds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -120,6 +131,10 @@ class Calibration:
                             "step_gflops_by_width(_2d) must hold positive throughputs")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
+        if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
+            raise PlanError(f"worker_placement {self.worker_placement!r} is not one of {WORKER_PLACEMENTS} or null")
+        if not all(p in WORKER_PLACEMENTS and s > 0 and math.isfinite(s) for p, s in self.placement_step_seconds):
+            raise PlanError("placement_step_seconds must be (placement, seconds) pairs with positive seconds")
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -127,7 +142,8 @@ class Calibration:
         parts = {"2D convolution": bool(self.gflops_by_width_2d),
                  "data pipeline": self.window_voxels_per_s is not None and bool(self.augment_voxels_per_s),
                  "training step": self.provenance.kind != "cpu" or bool(
-                     self.step_gflops_by_width and self.step_gflops_by_width_2d)}
+                     self.step_gflops_by_width and self.step_gflops_by_width_2d),
+                 "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None}
         return tuple(name for name, timed in parts.items() if not timed)
 
     @property
@@ -246,9 +262,10 @@ def this_machine(kind: str, *, threads: int | None = None) -> _Machine:
 def _time_once(machine: _Machine) -> Calibration:
     """One calibration timing, with the CPU share the process was granted meanwhile.
 
-    The convolutions (3D, then 2D) and, on a CPU, the training steps (3D, then 2D; with their augmentation
-    worker) are timed by wall clock in a window judged for load; the data pipeline after it, by the CPU time of
-    one thread (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
+    The convolutions (3D, then 2D) and, on a CPU, the placements of the augmentation worker, then the training
+    steps (3D, then 2D; with their worker, as placed) are timed by wall clock in a window judged for load; the
+    data pipeline after it, by the CPU time of one thread
+    (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
     """
     from automedseg import calibration_step, calibration_timing, planning
 
@@ -259,8 +276,11 @@ def _time_once(machine: _Machine) -> Calibration:
     gflops_2d = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                                window_s=TIMING_WINDOW_S, dims=2)
     steps: dict[int, tuple[tuple[int, float], ...]] = {2: (), 3: ()}
+    placement, placement_s = None, ()
     if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
-        steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads) for d in (3, 2)}
+        placement, placement_s = calibration_step.calibrate_placement(threads=threads)
+        steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads, placement=placement)
+                 for d in (3, 2)}
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()
@@ -276,11 +296,13 @@ def _time_once(machine: _Machine) -> Calibration:
                        window_voxels_per_s=float(data.window_voxels_per_s),
                        augment_voxels_per_s=tuple((int(d), float(v)) for d, v in data.augment_voxels_per_s),
                        step_gflops_by_width=tuple((int(w), float(g)) for w, g in steps[3]),
-                       step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]))
+                       step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]),
+                       worker_placement=placement,
+                       placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s))
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
-    """Per throughput the faster of two timings (load only ever slows a timing down)."""
+    """Per throughput the faster of two timings (load only ever slows a timing down); the placement: ``b``'s."""
     def best(pairs_a: tuple[tuple[int, float], ...], pairs_b: tuple[tuple[int, float], ...]
              ) -> tuple[tuple[int, float], ...]:
         seen = dict(pairs_a)
@@ -310,17 +332,29 @@ def _ratio(new: Calibration, old: Calibration) -> float:
 
 def _completed(cached: Calibration, new: Calibration) -> Calibration:
     """A cached calibration with the parts it lacks (an older automedseg did not time them) taken from ``new``."""
+    if cached.worker_placement is None and new.worker_placement not in (None, "shared"):  # (steps timed as placed)
+        cached = dataclasses.replace(cached, step_gflops_by_width=new.step_gflops_by_width,
+                                     step_gflops_by_width_2d=new.step_gflops_by_width_2d)
     return dataclasses.replace(
         cached, gflops_by_width_2d=cached.gflops_by_width_2d or new.gflops_by_width_2d,
         window_voxels_per_s=cached.window_voxels_per_s if cached.window_voxels_per_s is not None
         else new.window_voxels_per_s,
         augment_voxels_per_s=cached.augment_voxels_per_s or new.augment_voxels_per_s,
         step_gflops_by_width=cached.step_gflops_by_width or new.step_gflops_by_width,
-        step_gflops_by_width_2d=cached.step_gflops_by_width_2d or new.step_gflops_by_width_2d)
+        step_gflops_by_width_2d=cached.step_gflops_by_width_2d or new.step_gflops_by_width_2d,
+        worker_placement=cached.worker_placement if cached.worker_placement is not None else new.worker_placement,
+        placement_step_seconds=cached.placement_step_seconds if cached.worker_placement is not None
+        else new.placement_step_seconds)
 
 
 def _geomean(cal: Calibration) -> float:
     return math.exp(sum(math.log(g) for _, g in cal.gflops_by_width) / len(cal.gflops_by_width))
+
+
+def _placement_text(cal: Calibration) -> str:
+    """``; augmentation worker own_core (3D step: shared 0.31 s, own_core 0.28 s)``, or nothing."""
+    timed = ", ".join(f"{p} {v:.3g} s" for p, v in cal.placement_step_seconds) or "-"
+    return "" if cal.worker_placement is None else f"; augmentation worker {cal.worker_placement} (3D step: {timed})"
 
 
 def _share_text(cal: Calibration) -> str:
@@ -398,7 +432,7 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
     chosen = _choose(cached, new, attempts=attempts, log=log)
     if chosen is new:
         granted = f" (the process got {_share_text(new)} of the CPU it asked for)" if new.cpu_share is not None else ""
-        log(f"calibration: measured {new.provenance.describe()}{granted}")
+        log(f"calibration: measured {new.provenance.describe()}{granted}{_placement_text(new)}")
     elif not chosen.complete and not new.provenance.under_load:  # (under load: timed again by the next plan)
         missing = chosen.missing
         chosen = _completed(chosen, new)
@@ -429,6 +463,8 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
         step_gflops_by_width=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width) or None,
         step_gflops_by_width_2d=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width_2d)
         or None,
+        worker_placement=calibration.worker_placement,
+        placement_step_seconds=tuple((n, float(f"{v:.3g}")) for n, v in calibration.placement_step_seconds) or None,
     )
 
 

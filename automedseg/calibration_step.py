@@ -23,6 +23,13 @@ After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), 
 :data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
 batch or depth of the same width. About 15 s for the three widths in 3D and 2D on a 2-core CPU.
 
+Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
+threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
+:data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; an estimated 5 s
+more on an idle 2-core CPU), :func:`automedseg.cost_model.choose_worker_placement` picks ``own_core`` only when it is
+:data:`~automedseg.cost_model.PLACEMENT_MARGIN` faster, and the widths are then timed under the chosen placement,
+the one the plan trains with.
+
 Example:
     >>> calibrate_step_gflops(dims=3, widths=(8, 16))  # doctest: +SKIP
     ((8, 110.0), (16, 230.0))
@@ -38,10 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from automedseg.calibration_timing import DATA_SEED, reference_config, synthetic_case
-from automedseg.cost_model import STEP_LATENCY_S
+from automedseg.cost_model import STEP_LATENCY_S, choose_worker_placement
 from automedseg.planning import network_for
-from automedseg.plans import ConfigurationPlan, TrainingPlan
+from automedseg.plans import WORKER_PLACEMENTS, ConfigurationPlan, TrainingPlan
 from automedseg.schedule import recipe_for
+from automedseg.thread_placement import placed, placement_layout
 
 STEP_WIDTHS = (8, 16, 32)  # the planner's CPU widths are 8-32 (planning.WIDTH_CANDIDATES); others interpolate
 # Hippocampus' 3d_fullres patch; 2D: the size of the 2D patches planned on a 2-core CPU (192x256, 160x224,
@@ -54,6 +62,8 @@ STEP_WINDOW_S = 0.8  # timed wall seconds per width
 STEP_MIN_STEPS = 2
 STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
+PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)
+PLACEMENT_WINDOW_S = 1.0  # timed wall seconds per placement
 
 
 @dataclass(frozen=True)
@@ -65,12 +75,14 @@ class StepTiming:
         flops: Training FLOPs of one step (the network's per sample times the batch).
         seconds: Wall seconds per timed step.
         steps: Steps timed.
+        placement: Where the augmentation worker ran, as applied (:mod:`automedseg.thread_placement`).
     """
 
     width: int
     flops: float
     seconds: float
     steps: int
+    placement: str = "shared"
 
     @property
     def gflops(self) -> float:
@@ -110,19 +122,22 @@ def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None 
 
 
 def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
-                        patch: Sequence[int] | None = None, warmup: int = STEP_WARMUP,
+                        placement: str = "shared", patch: Sequence[int] | None = None, warmup: int = STEP_WARMUP,
                         window_s: float = STEP_WINDOW_S, min_steps: int = STEP_MIN_STEPS,
                         max_steps: int = STEP_MAX_STEPS,
                         clock: Callable[[], float] = time.perf_counter) -> tuple[StepTiming, ...]:
     """Time real CPU training steps at each width, with the augmentation worker feeding them.
 
     One worker process (the real loader) serves every width: the networks of one patch share their deep
-    supervision strides, so their batches are alike.
+    supervision strides, so their batches are alike. The process's torch threads and affinity are restored
+    afterwards.
 
     Args:
         dims: 3 or 2.
         widths: Features of the first stage.
-        threads: Torch threads (default: leave as is).
+        threads: Torch threads (default: leave as is; ``own_core``: all usable cores), as ``train --threads``.
+        placement: ``shared`` or ``own_core`` (:func:`automedseg.thread_placement.placement_layout`; where no
+            core can be spared, own_core runs as shared and the timings say so).
         patch: Reference patch (default :data:`STEP_REFERENCE_PATCH`; rounded as the planner rounds it).
         warmup: Untimed steps per width.
         window_s: Timed seconds per width.
@@ -141,16 +156,16 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
 
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    layout = placement_layout(placement, threads=threads)
     device = torch.device("cpu")
     configs = [reference_step_config(dims, w, patch=patch) for w in widths]
     strides = output_strides(configs[0].network)
     out = []
-    with tempfile.TemporaryDirectory(prefix="automedseg-step-") as tmp, torch.random.fork_rng(devices=[]):
+    with tempfile.TemporaryDirectory(prefix="automedseg-step-") as tmp, torch.random.fork_rng(devices=[]), \
+            placed(layout):
         synthetic_case(Path(tmp), dims)
         with make_training_loader(tmp, ["case"], configs[0], deep_supervision_strides=strides,
-                                  worker_niceness=STEP_WORKER_NICENESS) as loader:
+                                  worker_niceness=STEP_WORKER_NICENESS, worker_cpus=layout.worker_cpus) as loader:
             for config in configs:
                 if output_strides(config.network) != strides:  # pragma: no cover - network_for keeps the topology
                     raise AssertionError("the reference networks differ in their strides")
@@ -176,18 +191,49 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
                 seconds = max(clock() - t0, 1e-9) / n
                 flops = estimate_training_flops(config.network, in_channels=1, num_classes=STEP_CLASSES,
                                                 patch_size=config.patch_size, dims=dims) * config.batch_size
-                out.append(StepTiming(int(config.network.features_per_stage[0]), flops, seconds, n))
+                out.append(StepTiming(int(config.network.features_per_stage[0]), flops, seconds, n,
+                                      layout.placement))
     return tuple(out)
 
 
-def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS,
-                          threads: int | None = None) -> tuple[tuple[int, float], ...]:
+def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
+                          placement: str = "shared") -> tuple[tuple[int, float], ...]:
     """``(width, GFLOP/s)`` of real CPU training steps (:func:`time_training_steps`, :func:`step_gflops`).
 
     Args:
         dims: 3 or 2.
         widths: Features of the first stage.
         threads: Torch threads (default: leave as is).
+        placement: Where the augmentation worker runs (``shared``, ``own_core``).
     """
-    timings = time_training_steps(dims=dims, widths=widths, threads=threads)
+    timings = time_training_steps(dims=dims, widths=widths, threads=threads, placement=placement)
     return tuple((t.width, t.gflops) for t in timings)
+
+
+def time_placements(*, threads: int | None = None, dims: int = 3, width: int = PLACEMENT_WIDTH,
+                    window_s: float = PLACEMENT_WINDOW_S, **kw: object) -> tuple[tuple[str, float], ...]:
+    """``(placement, seconds per step)`` of the training step at ``width`` under each placement this machine allows.
+
+    ``own_core`` is left out where no core can be spared (one usable core, one thread, no affinity). Further
+    keywords go to :func:`time_training_steps` (``patch``, ``warmup``, ``clock``, ...).
+
+    Args:
+        threads: Torch threads, as ``train --threads`` (:mod:`automedseg.thread_placement`).
+        dims: 3 or 2.
+        width: Features of the first stage.
+        window_s: Timed wall seconds per placement.
+    """
+    names = [p for p in WORKER_PLACEMENTS if placement_layout(p, threads=threads).placement == p]
+    return tuple((p, time_training_steps(dims=dims, widths=(width,), threads=threads, placement=p,
+                                         window_s=window_s, **kw)[0].seconds) for p in names)  # type: ignore[arg-type]
+
+
+def calibrate_placement(*, threads: int | None = None) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """The placement the widths are timed under and the plan trains with, and the step timings it was chosen from.
+
+    Example:
+        >>> calibrate_placement(threads=2)  # doctest: +SKIP
+        ('shared', (('shared', 0.31), ('own_core', 0.33)))
+    """
+    seconds = time_placements(threads=threads)
+    return choose_worker_placement(dict(seconds)), seconds

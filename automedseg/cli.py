@@ -208,7 +208,9 @@ def plan(dataset: Path, work_dir: Path | None, configurations: tuple[str, ...], 
 @click.option("--pretrained", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Initialise from another automedseg checkpoint (matching layers).")
 @click.option("--restart", is_flag=True, help="Discard existing checkpoints of this fold and start again.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads (default: the plan's). With the plan's worker_placement own_core, N - 1 "
+                   "training threads beside the augmentation worker's own core.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Augmentation worker processes (0: in-process).")
 @click.option("--no-amp", is_flag=True, help="Train in float32.")

@@ -28,6 +28,11 @@ How they combine depends on where the workers run (:func:`estimate_step`):
 A profile without data figures (nominal GPU profiles, plans from before the data calibration) has an
 infinitely fast data pipeline: the step is the network's.
 
+Where a CPU plan's augmentation worker runs (sharing the cores, or on a core of its own:
+:mod:`automedseg.thread_placement`) is chosen once per machine by the calibration with
+:func:`choose_worker_placement` (its step figures are timed so) and copied into the plan by
+:func:`worker_placement_for`.
+
 Example:
     >>> from automedseg.planning import NOMINAL_PROFILES, network_for
     >>> net, patch = network_for([1.0, 1.0, 1.0], [40, 56, 40], dims=3, base=24)  # doctest: +SKIP
@@ -40,8 +45,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,6 +83,10 @@ CPU_2D_CONV_EFFICIENCY = 0.6
 # decide GPU plans.
 CPU_AUGMENT_SHARE = 0.0
 MAX_DATA_WORKERS = 12
+# The augmentation worker gets a core of its own (thread_placement: own_core) only when the calibration's training
+# step is at least this much faster so than with all cores shared: timing noise (+-10 % between runs, less between
+# two timings back to back) must not give the training a core fewer for nothing.
+PLACEMENT_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,55 @@ class StepEstimate:
 def data_workers(device: DeviceProfile) -> int:
     """Background data workers the planner gives a device: one on a CPU, one per spare core (at most 12) else."""
     return 1 if device.kind == "cpu" else max(1, min(MAX_DATA_WORKERS, device.cpu_threads - 1))
+
+
+class PlacementChoice(NamedTuple):
+    """Where a CPU plan's augmentation worker runs (``TrainingPlan.worker_placement``), and why (a plan note)."""
+
+    mode: str
+    reason: str
+
+
+def choose_worker_placement(step_seconds: Mapping[str, float], *, margin: float = PLACEMENT_MARGIN) -> str:
+    """``own_core`` when its timed step is at least ``margin`` faster than ``shared``'s, else ``shared``.
+
+    Args:
+        step_seconds: Seconds per training step by placement (:mod:`automedseg.calibration_step`); ``shared``
+            alone (one usable core) or nothing gives ``shared``.
+        margin: Share of the shared step own_core must save.
+
+    Example:
+        >>> choose_worker_placement({"shared": 0.30, "own_core": 0.28}), choose_worker_placement({"shared": 0.3})
+        ('own_core', 'shared')
+    """
+    shared, own = step_seconds.get("shared"), step_seconds.get("own_core")
+    return "own_core" if shared is not None and own is not None and own <= shared * (1 - margin) else "shared"
+
+
+def worker_placement_for(device: DeviceProfile) -> PlacementChoice:
+    """The plan's worker placement: the calibration's choice on a CPU (``shared`` without one, and on a GPU).
+
+    The choice itself is made once per machine by the calibration (:func:`choose_worker_placement`, whose step
+    figures are timed under it); the planner copies it, with the two timings in the reason.
+
+    Example:
+        >>> from automedseg.device_profile import NOMINAL_PROFILES
+        >>> worker_placement_for(NOMINAL_PROFILES["reference-cpu-2core"])
+        PlacementChoice(mode='shared', reason='')
+    """
+    if device.kind != "cpu" or device.worker_placement is None:
+        return PlacementChoice("shared", "")
+    mode, seconds = device.worker_placement, dict(device.placement_step_seconds or ())
+    if "own_core" not in seconds or "shared" not in seconds:
+        return PlacementChoice(mode, "")
+    own, shared = seconds["own_core"], seconds["shared"]
+    timed = (f"the calibration's 3D training step took {own:.3g} s with the worker on a core of its own, "
+             f"{shared:.3g} s sharing all cores")
+    if mode == "own_core":
+        return PlacementChoice(mode, f"augmentation worker on a core of its own, training on the others: {timed} "
+                                     f"({100 * (1 - own / shared):.0f} % faster)")
+    return PlacementChoice(mode, f"augmentation worker sharing the cores with the training threads: {timed} (a core "
+                                 f"of its own is chosen from {100 * PLACEMENT_MARGIN:.0f} % faster)")
 
 
 def augments_on_device(device: DeviceProfile, requested: bool | None = None) -> bool:

@@ -181,7 +181,7 @@ class DeviceBatches:
 def make_device_training_loader(folder: Path | str, case_ids: Sequence[str], config: ConfigurationPlan, *,
                                 device: torch.device, deep_supervision_strides: Sequence[Sequence[int]],
                                 seed: int | None = None, num_processes: int | None = None,
-                                worker_niceness: int = 0,
+                                worker_niceness: int = 0, worker_cpus: Sequence[int] | None = None,
                                 class_weights: SharedClassWeights | None = None) -> DeviceBatches:
     """Training batches of ``config`` whose augmentation runs batched on ``device``.
 
@@ -193,10 +193,11 @@ def make_device_training_loader(folder: Path | str, case_ids: Sequence[str], con
         deep_supervision_strides: Cumulative strides of the network outputs.
         seed: Overrides ``config.training.seed``.
         num_processes: Window-reading workers (default ``config.training.num_workers``; 0: in-process).
-        worker_niceness, class_weights: As :func:`~automedseg.augmentation.make_training_loader`.
+        worker_niceness, worker_cpus, class_weights: As :func:`~automedseg.augmentation.make_training_loader`.
     """
     seed = config.training.seed if seed is None else int(seed)
     loader = make_training_loader(folder, case_ids, config, seed=seed, num_processes=num_processes,
-                                  worker_niceness=worker_niceness, windows_only=True, class_weights=class_weights)
+                                  worker_niceness=worker_niceness, worker_cpus=worker_cpus, windows_only=True,
+                                  class_weights=class_weights)
     return DeviceBatches(loader, config=config, device=device, deep_supervision_strides=deep_supervision_strides,
                          seed=int(np.random.SeedSequence([seed % 2**63, 13]).generate_state(1)[0]))

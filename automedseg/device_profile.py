@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from automedseg.serialize import PlanError
 
 _OMIT = {"omit_if_none": True}  # an optional field added later: left out of plans.json while it is null
+#: Where a CPU training run's augmentation worker runs (:mod:`automedseg.thread_placement`): ``shared`` (all cores
+#: shared with the training threads, the worker niced) or ``own_core`` (the worker pinned to a core of its own).
+WORKER_PLACEMENTS = ("shared", "own_core")
 
 
 def _positive(value: float) -> bool:
@@ -99,6 +102,12 @@ class DeviceProfile:
             that width (forward, loss, backward, optimizer, with the augmentation worker running beside it), as
             training FLOPs per second of the step less :data:`automedseg.cost_model.STEP_LATENCY_S` (CPU only).
         step_gflops_by_width_2d: The same for a 2D training step.
+        worker_placement: Where the augmentation worker ran when the steps were timed, as the calibration chose it
+            (:data:`WORKER_PLACEMENTS`; CPU only): the planner writes it into the plan
+            (:func:`automedseg.cost_model.worker_placement_for`).
+        placement_step_seconds: ``(placement, seconds)``: a 3D training step at the reference width
+            (:data:`automedseg.calibration_step.PLACEMENT_WIDTH`) under each placement timed, which the choice
+            was made from (one entry on a machine with one usable core).
 
     The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
     cost model takes the data pipeline as free), the step figures from
@@ -119,6 +128,8 @@ class DeviceProfile:
     augment_voxels_per_s: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
     step_gflops_by_width: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
+    worker_placement: str | None = field(default=None, metadata=_OMIT)
+    placement_step_seconds: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_OMIT)
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -131,6 +142,11 @@ class DeviceProfile:
             raise PlanError("augment_voxels_per_s must be (dims, voxels/s) pairs with dims 2 or 3")
         if self.window_voxels_per_s is not None and not _positive(self.window_voxels_per_s):
             raise PlanError("window_voxels_per_s must be a positive number or null")
+        if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
+            raise PlanError(f"worker_placement {self.worker_placement!r} is not one of {WORKER_PLACEMENTS} or null")
+        if not all(p in WORKER_PLACEMENTS and _positive(s) for p, s in self.placement_step_seconds or ()):
+            raise PlanError(f"placement_step_seconds must be (placement, seconds) pairs with a placement of "
+                            f"{WORKER_PLACEMENTS} and positive seconds")
 
     def gflops_at(self, width: int, *, dims: int = 3) -> float:
         """Throughput for a given feature width, interpolated log-linearly between calibrated widths.

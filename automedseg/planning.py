@@ -35,6 +35,7 @@ from automedseg.cost_model import (  # noqa: F401  (re-exported)
     memory_limit_bytes,
     step_seconds,
     widen_for_data,
+    worker_placement_for,
 )
 from automedseg.device_profile import NOMINAL_PROFILES  # noqa: F401  (re-exported)
 from automedseg.fingerprint_types import Fingerprint
@@ -291,9 +292,8 @@ def _finish(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.n
     workers = data_workers(ctx.device)
     recipe = recipe_for(epochs * ipe if used_budget is not None else None)
     notes.insert(-1, recipe.reason)
-    sampling = class_sampling_for(ctx.num_classes - 1)
-    if sampling.reason:
-        notes.insert(-1, sampling.reason)
+    sampling, placement = class_sampling_for(ctx.num_classes - 1), worker_placement_for(ctx.device)
+    notes[-1:-1] = [reason for reason in (sampling.reason, placement.reason) if reason]
     training = TrainingPlan(
         epochs=epochs,
         iterations_per_epoch=ipe,
@@ -301,6 +301,7 @@ def _finish(ctx: _Context, *, name: str, spacing: np.ndarray, median_shape: np.n
         initial_lr=recipe.initial_lr,
         weight_decay=recipe.weight_decay,
         class_sampling=sampling.mode,
+        worker_placement=placement.mode,
         val_iterations=val_iterations,
         num_workers=workers,
         seed=ctx.seed,

@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from automedseg.device_profile import CalibrationProvenance, DeviceProfile  # noqa: F401  (re-exported)
+from automedseg.device_profile import (  # noqa: F401  (re-exported)
+    WORKER_PLACEMENTS,
+    CalibrationProvenance,
+    DeviceProfile,
+)
 from automedseg.intensity_matching import LANDMARK_PERCENTILES
 from automedseg.labelmap import index_dtype, indices_to_values, label_values, value_dtype, values_to_indices  # noqa: F401
 from automedseg.serialize import PlanError, from_jsonable, to_jsonable  # noqa: F401  (re-exported)
@@ -217,6 +221,11 @@ class TrainingPlan:
         augment_on_device: Augment batched on the training device (:mod:`automedseg.device_batches`; the CPU
             workers only read windows) instead of in the CPU workers. ``null``: on CUDA devices only; the
             trainer records its choice in the fold's plan copy.
+        worker_placement: Where the augmentation worker runs on a CPU (:data:`WORKER_PLACEMENTS`): ``shared``
+            (torch on all cores, the worker niced among them) or ``own_core`` (the worker pinned to a core of
+            its own, training on the others with one thread fewer), as the calibration chose it
+            (:mod:`automedseg.thread_placement`); ignored on a GPU. Left out of ``plans.json`` while ``shared``,
+            so older plans load and save unchanged.
     """
 
     epochs: int
@@ -240,6 +249,7 @@ class TrainingPlan:
     fixed_epochs: bool = False
     augment_on_device: bool | None = None
     class_sampling: str = "uniform"
+    worker_placement: str = field(default="shared", metadata={"omit_if_default": True})
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -258,6 +268,8 @@ class TrainingPlan:
         _require(self.class_sampling in CLASS_SAMPLING,
                  f"class_sampling {self.class_sampling!r} is not one of {CLASS_SAMPLING}")
         _require(self.num_workers >= 0, "num_workers must not be negative")
+        _require(self.worker_placement in WORKER_PLACEMENTS,
+                 f"worker_placement {self.worker_placement!r} is not one of {WORKER_PLACEMENTS}")
         for name in ("time_budget_s", "estimated_seconds_per_iteration", "estimated_fold_seconds"):
             value = getattr(self, name)
             _require(value is None or (_finite(value) and value > 0), f"{name} must be a positive number or null")

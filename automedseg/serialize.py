@@ -35,12 +35,13 @@ def to_jsonable(obj: Any, tp: Any = None) -> Any:
 
     ``tp`` is the declared type of ``obj`` (taken from the dataclass fields); an integer stored in a
     ``float`` field is written as a float, so save -> load -> save gives identical text. A field declared
-    with ``metadata={"omit_if_none": True}`` is left out while it is ``None`` (its default on reading).
+    with ``metadata={"omit_if_none": True}`` is left out while it is ``None`` (its default on reading), one with
+    ``metadata={"omit_if_default": True}`` while it equals its default.
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         hints = typing.get_type_hints(type(obj))
         return {f.name: to_jsonable(getattr(obj, f.name), hints.get(f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_if_none") and getattr(obj, f.name) is None)}
+                if not _omitted(f, getattr(obj, f.name))}
     if isinstance(obj, (list, tuple)):
         args = typing.get_args(tp) if typing.get_origin(tp) is tuple else ()
         if len(args) == 2 and args[1] is Ellipsis:
@@ -58,6 +59,12 @@ def to_jsonable(obj: Any, tp: Any = None) -> Any:
     if isinstance(obj, float) or (isinstance(obj, int) and not isinstance(obj, bool) and _declares_float(tp)):
         return float(obj)
     return obj
+
+
+def _omitted(f: dataclasses.Field, value: Any) -> bool:
+    """A field left out of the JSON: an optional one added later, while it holds nothing or its default."""
+    return bool((f.metadata.get("omit_if_none") and value is None)
+                or (f.metadata.get("omit_if_default") and value == f.default))
 
 
 def _declares_float(tp: Any) -> bool:

@@ -6,7 +6,9 @@ step: :func:`automedseg.training_step.train_step`, which the calibration times t
 per-epoch checkpoints. Variants are plan fields or :class:`~automedseg.training_options.TrainOptions`, not
 subclasses. The per-epoch pseudo-Dice that steers the best checkpoint is scored on whole validation images
 (:mod:`automedseg.full_image_dice`; the patch figure of :mod:`automedseg.validation` is logged beside it), the final
-sliding-window validation is :mod:`automedseg.validation`, the rank bookkeeping :mod:`automedseg.distributed`.
+sliding-window validation is :mod:`automedseg.validation`, the rank bookkeeping :mod:`automedseg.distributed`. On a
+CPU the epochs run with the plan's ``worker_placement`` (:mod:`automedseg.thread_placement`); torch's threads and
+the process's affinity are restored after them and after the fold.
 
 Fold folder (``<work>/<configuration>/fold_K/``)::
 
@@ -57,6 +59,7 @@ from automedseg.preprocessing import complete_cases
 from automedseg.progress_plot import plot_progress, progress_title
 from automedseg.rng import capture_rng_state, restore_rng_state
 from automedseg.splits import load_or_create_splits
+from automedseg.thread_placement import PlacementLayout, placed, torch_threads, training_layout
 from automedseg.tracking import RunInfo, TrackerSet, open_trackers
 from automedseg.training_log import EMA_DECAY, write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
@@ -149,11 +152,14 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
         train_ids, val_ids = list(splits[int(fold)].train), list(splits[int(fold)].val)
     device = select_device(options.device)
     dist = Dist.start(device) if options.distributed else Dist()
+    threads = options.threads or (plans.device.cpu_threads if plans.device.kind == "cpu" else None)
+    layout = training_layout(config.training.worker_placement, device_type=device.type, threads=threads,
+                             num_workers=config.training.num_workers, world=dist.world)
     # One trainer per fold folder (rank 0 of a distributed run holds it for all ranks).
     lock = folder_lock(fold_dir, purpose=f"train {configuration} fold {fold}") if dist.is_main else \
         contextlib.nullcontext()
     run_info = RunInfo(plans=plans, config=config, fold=fold, fold_dir=fold_dir, log=log)
-    with lock, open_trackers(options.trackers, run_info, active=dist.is_main) as trackers:
+    with lock, open_trackers(options.trackers, run_info, active=dist.is_main) as trackers, torch_threads(threads):
         for folder in (fold_dir, fold_dir / "validation"):
             remove_stale_temp_files(folder)
         if options.restart and dist.is_main:
@@ -162,21 +168,19 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
             (fold_dir / "log.jsonl").unlink(missing_ok=True)
         return _train_locked(ws, plans, config, configuration, fold, fold_dir=fold_dir, resume=resume, cache=cache,
                              train_ids=train_ids, val_ids=val_ids, device=device, dist=dist, options=options, log=log,
-                             epoch_callback=epoch_callback, run_started=run_started, trackers=trackers)
+                             epoch_callback=epoch_callback, run_started=run_started, trackers=trackers,
+                             placement=layout)
 
 
 def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, configuration: str, fold: int | str, *,
                   fold_dir: Path, resume: bool, cache: Path, train_ids: Sequence[str], val_ids: Sequence[str],
                   device: torch.device, dist: Dist, options: TrainOptions, log: Log,
                   epoch_callback: Callable[[int, float], bool] | None, run_started: float,
-                  trackers: TrackerSet) -> FoldResult:
+                  trackers: TrackerSet, placement: PlacementLayout) -> FoldResult:
     """The body of :func:`train_fold` once the inputs are checked and the fold folder is locked."""
     latest = fold_dir / "checkpoint_latest.pt"
     final = fold_dir / "checkpoint_final.pt"
     tr = config.training
-    threads = options.threads or (plans.device.cpu_threads if plans.device.kind == "cpu" else None)
-    if threads:
-        torch.set_num_threads(int(threads))
     torch.manual_seed(tr.seed)
     np.random.seed(tr.seed % 2**32)
     random.seed(tr.seed)
@@ -232,9 +236,11 @@ def _train_locked(ws: Workspace, plans: Plans, config: ConfigurationPlan, config
         run = _FoldRun(fold=fold, model=model, net=net, dist=dist, optimizer=optimizer, scaler=scaler, loss_fn=loss_fn,
                        config=config, plans=plans, device=device, cache=cache, train_ids=train_ids, val_ids=val_ids,
                        strides=strides, fold_dir=fold_dir, options=options, log=log, epoch_callback=epoch_callback,
-                       run_started=run_started, trackers=trackers)
-        with trackers.stage("training", epochs_done=progress.epoch, epochs=progress.planned_epochs):
-            _run_epochs(run, progress)
+                       run_started=run_started, trackers=trackers, placement=placement)
+        if placement.placement == "own_core" or placement.note:  # (the plan asked for own_core)
+            log(placement.describe())
+        with trackers.stage("training", epochs_done=progress.epoch, epochs=progress.planned_epochs), placed(placement):
+            _run_epochs(run, progress)  # (the process's threads and affinity are restored after the epochs)
         if dist.is_main:
             _save_plan_copy(plans, config, fold_dir, progress.planned_epochs)
     if dist.world > 1:
@@ -281,6 +287,7 @@ class _FoldRun:
     epoch_callback: Callable[[int, float], bool] | None
     run_started: float
     trackers: TrackerSet  # what the epochs are reported to (automedseg.tracking)
+    placement: PlacementLayout  # where the training threads and the augmentation worker run (thread_placement)
 
 
 @dataclass
@@ -314,10 +321,12 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
     if tr.augment_on_device:  # the workers only read windows; spatial and intensity transforms on the device
         train_loader = make_device_training_loader(cache, train_ids, local, device=device,
                                                    deep_supervision_strides=strides, seed=seed, class_weights=weights,
-                                                   worker_niceness=10 if device.type == "cpu" else 0)
+                                                   worker_niceness=10 if device.type == "cpu" else 0,
+                                                   worker_cpus=run.placement.worker_cpus)
     else:
         train_loader = make_training_loader(cache, train_ids, local, deep_supervision_strides=strides, seed=seed,
-                                            worker_niceness=10 if device.type == "cpu" else 0, class_weights=weights)
+                                            worker_niceness=10 if device.type == "cpu" else 0, class_weights=weights,
+                                            worker_cpus=run.placement.worker_cpus)
     val_loader = make_validation_loader(cache, val_ids, local, deep_supervision_strides=strides[:1], seed=seed)
     # Whole validation images, about as many tiles an epoch as the patch pseudo-Dice has patches (all ranks).
     rotation = ImageRotation.from_cache(cache, val_ids, config, seed=tr.seed,

@@ -30,7 +30,9 @@ class TrainOptions:
         restart: Ignore an existing checkpoint and start again.
         pretrained: Checkpoint to initialise from (matching layers only).
         early_stopping_patience: Stop after this many epochs without a new best EMA pseudo-Dice.
-        threads: Torch CPU threads (default: the plan's device profile).
+        threads: Torch CPU threads (default: the plan's device profile); with the plan's ``worker_placement``
+            ``own_core`` on a CPU, the cores spent: ``threads - 1`` training threads beside the worker's own core
+            (:mod:`automedseg.thread_placement`).
         num_workers: Override augmentation worker processes (0: in-process).
         amp: Mixed precision as :func:`~automedseg.device.precision_for` decides (bf16 on CPUs with native
             bf16 and on CUDA GPUs of compute capability 8.0 or newer, fp16 with a gradient scaler on older

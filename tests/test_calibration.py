@@ -3,7 +3,8 @@ taken under load is not believed.
 
 The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`, 3D and 2D), the data pipeline's
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`), the training steps'
-(:func:`automedseg.calibration_step.calibrate_step_gflops`) and the CPU-time accounting
+(:func:`automedseg.calibration_step.calibrate_step_gflops`), the placement's
+(:func:`automedseg.calibration_step.calibrate_placement`) and the CPU-time accounting
 (:func:`automedseg.calibration.cpu_usage`) are replaced by fakes, so every case is instant and exact; ``plan``
 runs through the CLI with the cache file in ``tmp_path`` (``AUTOMEDSEG_CALIBRATION``).
 """
@@ -33,6 +34,7 @@ BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
 BASE_2D = ((8, 90.0), (16, 300.0), (32, 600.0), (64, 800.0))
 DATA = DataThroughput(window_voxels_per_s=2.1e8, augment_voxels_per_s=((2, 6.3e6), (3, 5.4e6)))
 STEPS = {3: ((8, 110.0), (16, 230.0), (32, 310.0)), 2: ((8, 60.0), (16, 140.0), (32, 230.0))}
+PLACED = ("shared", (("shared", 0.31), ("own_core", 0.3)))  # own_core 3 % faster: not enough
 
 
 def _scaled(factor: float) -> tuple[tuple[int, float], ...]:
@@ -81,10 +83,24 @@ class FakeSteps:
 
     tables: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=lambda: dict(STEPS))
     calls: int = 0
+    placements: list[str] = field(default_factory=list)  # the placement each timing was asked for
 
-    def __call__(self, *, dims: int = 3, **_: object) -> tuple[tuple[int, float], ...]:
+    def __call__(self, *, dims: int = 3, placement: str = "shared", **_: object) -> tuple[tuple[int, float], ...]:
         self.calls += dims == 3
+        self.placements.append(placement)
         return self.tables[dims]
+
+
+@dataclass
+class FakePlacement:
+    """Stands in for the placement's timing: ``(choice, seconds by placement)``; ``calls`` counts them."""
+
+    result: tuple[str, tuple[tuple[str, float], ...]] = PLACED
+    calls: int = 0
+
+    def __call__(self, **_: object) -> tuple[str, tuple[tuple[str, float], ...]]:
+        self.calls += 1
+        return self.result
 
 
 def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:
@@ -107,6 +123,7 @@ class Planner:
     timing: FakeTiming
     data: FakeData
     steps: FakeSteps
+    placement: FakePlacement
 
     def plan(self, *extra: str) -> Result:
         args = ["plan", str(self.dataset), "--work-dir", str(self.work), "-c", "3d_fullres", "-j", "1",
@@ -128,12 +145,13 @@ class Planner:
 def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Planner:
     cache = tmp_path / "cache" / "calibration.json"
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
-    timing, data, steps = FakeTiming(), FakeData(), FakeSteps()
+    timing, data, steps, placement = FakeTiming(), FakeData(), FakeSteps(), FakePlacement()
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
+    monkeypatch.setattr(calibration_step, "calibrate_placement", placement)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
-    return Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps)
+    return Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps, placement)
 
 
 @pytest.mark.parametrize("factor", [0.9, 0.95, 1.05, 1.1])
@@ -412,10 +430,97 @@ def _calibration(kind: str, **kw: object) -> C.Calibration:
 
 def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
     assert _calibration("cuda").complete
-    assert _calibration("cpu").missing == ("training step",)
-    assert not _calibration("cpu", step_gflops_by_width=STEPS[3]).complete  # 3D without 2D
-    assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2]).complete
+    assert _calibration("cpu").missing == ("training step", "thread placement")
+    assert not _calibration("cpu", step_gflops_by_width=STEPS[3], worker_placement="shared").complete  # 3D, no 2D
+    assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2],
+                        worker_placement="shared").complete
     with pytest.raises(C.PlanError, match="positive throughputs"):
         _calibration("cpu", step_gflops_by_width=((8, 0.0),))
     profile = C.profile_from(_calibration("cuda"))
     assert profile.step_gflops_by_width is None and profile.step_gflops_by_width_2d is None
+
+
+# --- the thread placement ---------------------------------------------------------------------------------
+
+OWN = ("own_core", (("shared", 0.31), ("own_core", 0.27)))
+
+
+def test_calibration_chooses_the_placement_and_the_plan_trains_with_it(planner: Planner) -> None:
+    planner.placement.result = OWN
+    result = planner.plan()
+    assert "augmentation worker own_core (3D step: shared 0.31 s, own_core 0.27 s)" in result.output
+    assert planner.steps.placements == ["own_core", "own_core"]  # 3D and 2D steps timed as the plan trains
+    entry = planner.entry()
+    assert (entry.worker_placement, entry.placement_step_seconds) == OWN and entry.complete
+    plans = Plans.load(planner.work / "plans.json")
+    assert (plans.device.worker_placement, plans.device.placement_step_seconds) == OWN
+    config = plans.configuration("3d_fullres")
+    assert config.training.worker_placement == "own_core"
+    assert any("0.27 s with the worker on a core of its own, 0.31 s sharing all cores" in n for n in config.notes)
+    planner.timing.fail = True
+    planner.plan()  # reused: nothing timed again
+    assert planner.placement.calls == 1
+
+
+def test_a_shared_placement_is_left_out_of_the_training_plan(planner: Planner) -> None:
+    planner.plan()
+    data = json.loads(planner.plans_bytes)
+    assert "worker_placement" not in data["configurations"]["3d_fullres"]["training"]
+    assert data["device"]["worker_placement"] == "shared"
+
+
+def _strip_placement(cache: Path) -> None:
+    """Rewrite the cache as an automedseg from before the thread placement was chosen wrote it."""
+    data = json.loads(cache.read_text())
+    for entry in data["calibrations"].values():
+        for name in ("worker_placement", "placement_step_seconds"):
+            del entry[name]
+    cache.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("chosen", [PLACED, OWN])
+def test_an_entry_without_the_placement_loads_and_is_completed_once(planner: Planner, chosen) -> None:
+    planner.plan()
+    first, measured_at = planner.plans_bytes, planner.entry().provenance.measured_at
+    _strip_placement(planner.cache)
+    old = planner.entry()
+    assert old.missing == ("thread placement",) and old.worker_placement is None
+    assert C.profile_from(old).worker_placement is None
+    planner.placement.result = chosen
+    faster = {d: tuple((w, g * 1.1) for w, g in t) for d, t in STEPS.items()}  # within the hysteresis
+    planner.steps.tables = faster
+    result = planner.plan()
+    assert "has no thread placement timing" in result.output
+    assert "the thread placement timings added to the calibration of" in result.output
+    entry = planner.entry()
+    assert entry.complete and entry.provenance.measured_at == measured_at
+    assert (entry.worker_placement, entry.placement_step_seconds) == chosen
+    if chosen == PLACED:  # the cached steps were timed as shared: kept (hysteresis), the plan as before
+        assert entry.step_gflops_by_width == STEPS[3] and planner.plans_bytes == first
+    else:  # timed shared, trained own_core: the steps timed own_core come with the placement
+        assert (entry.step_gflops_by_width, entry.step_gflops_by_width_2d) == (faster[3], faster[2])
+    planner.timing.fail = True
+    planner.plan()  # complete now: reused
+    assert planner.placement.calls == 2
+
+
+def test_hysteresis_keeps_the_cached_placement(planner: Planner) -> None:
+    planner.placement.result = OWN
+    planner.plan()
+    first = planner.plans_bytes
+    planner.placement.result = PLACED  # noise flips the choice; the step figures stay within the hysteresis
+    result = planner.plan("--recalibrate")
+    assert "keeping that one so plans stay put" in result.output
+    assert planner.entry().worker_placement == "own_core" and planner.plans_bytes == first
+
+
+def test_the_placement_is_validated() -> None:
+    with pytest.raises(C.PlanError, match="worker_placement 'pinned' is not one of"):
+        _calibration("cpu", worker_placement="pinned")
+    with pytest.raises(C.PlanError, match="placement_step_seconds must be"):
+        _calibration("cpu", worker_placement="shared", placement_step_seconds=(("shared", 0.0),))
+    profile = C.profile_from(_calibration("cpu", worker_placement="own_core",
+                                          placement_step_seconds=(("shared", 0.31234), ("own_core", 0.27))))
+    assert profile.worker_placement == "own_core" and profile.placement_step_seconds == (("shared", 0.312),
+                                                                                          ("own_core", 0.27))
+    assert C.profile_from(_calibration("cuda")).worker_placement is None

@@ -5,10 +5,13 @@ clock makes the timing window exact."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
+import torch
 
 from automedseg import calibration_step as S
+from automedseg import thread_placement
 from automedseg.cost_model import STEP_LATENCY_S
 from automedseg.network import estimate_training_flops
 from automedseg.planning import network_for
@@ -66,9 +69,59 @@ def test_calibrate_step_gflops(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(S, "time_training_steps", fake)
     assert S.calibrate_step_gflops(dims=2, widths=(8, 16), threads=2) == ((8, 100.0), (16, 240.0))
-    assert seen == {"dims": 2, "widths": (8, 16), "threads": 2}
+    assert seen == {"dims": 2, "widths": (8, 16), "threads": 2, "placement": "shared"}
+    S.calibrate_step_gflops(dims=3, threads=2, placement="own_core")
+    assert seen["placement"] == "own_core"
 
 
 def test_time_training_steps_rejects_other_dims() -> None:
     with pytest.raises(ValueError, match="dims must be 2 or 3"):
         S.time_training_steps(dims=1)
+
+
+# --- the thread placement ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (thread_placement.affinity_supported() and len(thread_placement.usable_cpus()) >= 2),
+                    reason="needs os.sched_setaffinity and at least 2 usable cores")
+def test_own_core_steps_run_pinned_and_leave_the_process_as_it_was() -> None:
+    cpus, threads_before = thread_placement.usable_cpus(), torch.get_num_threads()
+    seen = []
+    ticks = itertools.count(0.0, 0.1)
+
+    def clock() -> float:  # read in the timing loop: what the training process runs on meanwhile
+        seen.append((tuple(sorted(os.sched_getaffinity(0))), torch.get_num_threads()))
+        return next(ticks)
+
+    (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=2, placement="own_core", patch=TINY[2],
+                                      warmup=0, window_s=0.0, clock=clock)
+    assert timing.placement == "own_core"
+    assert set(seen) == {((cpus[0],), 1)}  # --threads 2: one training thread on the first core, the worker beside
+    assert thread_placement.usable_cpus() == cpus and torch.get_num_threads() == threads_before
+
+
+def test_a_single_thread_cannot_spare_a_core() -> None:
+    (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=1, placement="own_core", patch=TINY[2],
+                                      warmup=0, window_s=0.0)
+    assert timing.placement == "shared" and timing.steps == S.STEP_MIN_STEPS
+
+
+@pytest.mark.parametrize(("layouts", "seconds", "expected"), [
+    (("shared", "own_core"), {"shared": 0.30, "own_core": 0.27}, ("own_core", (("shared", 0.30), ("own_core", 0.27)))),
+    (("shared", "own_core"), {"shared": 0.30, "own_core": 0.29}, ("shared", (("shared", 0.30), ("own_core", 0.29)))),
+    (("shared", "shared"), {"shared": 0.30}, ("shared", (("shared", 0.30),))),  # no core to spare: not timed
+])
+def test_calibrate_placement_times_the_reference_step_under_each_placement(
+        monkeypatch: pytest.MonkeyPatch, layouts: tuple[str, str], seconds: dict[str, float], expected) -> None:
+    calls = []
+
+    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
+        calls.append(kw)
+        return (S.StepTiming(16, 1e9, seconds[str(kw["placement"])], 3, str(kw["placement"])),)
+
+    applied = dict(zip(("shared", "own_core"), layouts))
+    monkeypatch.setattr(S, "time_training_steps", fake)
+    monkeypatch.setattr(S, "placement_layout", lambda p, **_: thread_placement.PlacementLayout(applied[p]))
+    assert S.calibrate_placement(threads=2) == expected
+    assert all((c["dims"], c["widths"], c["threads"], c["window_s"]) == (3, (S.PLACEMENT_WIDTH,), 2,
+                                                                         S.PLACEMENT_WINDOW_S) for c in calls)

@@ -331,3 +331,60 @@ def test_default_augmentation_matches_the_planner(synthetic_fingerprint) -> None
     assert sampling_patch_size(config.patch_size, aug, dims=3) == sampling_patch_size(
         config.patch_size, config.augmentation, dims=3)
     assert isinstance(aug, AugmentationPlan)
+
+
+# --- where the augmentation worker runs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [
+    ({"shared": 0.300, "own_core": 0.285}, "own_core"),  # exactly the margin: 5 % faster
+    ({"shared": 0.300, "own_core": 0.286}, "shared"),  # 4.7 % faster: within the noise, the core stays shared
+    ({"shared": 0.300, "own_core": 0.200}, "own_core"),
+    ({"shared": 0.300, "own_core": 0.300}, "shared"),
+    ({"shared": 0.200, "own_core": 0.300}, "shared"),  # own_core slower
+    ({"shared": 0.300}, "shared"),  # one usable core: own_core was not timed
+    ({}, "shared"),
+])
+def test_choose_worker_placement(seconds: dict[str, float], expected: str) -> None:
+    assert M.choose_worker_placement(seconds) == expected
+
+
+def test_choose_worker_placement_margin() -> None:
+    seconds = {"shared": 0.300, "own_core": 0.280}  # 6.7 % faster
+    assert M.choose_worker_placement(seconds, margin=0.05) == "own_core"
+    assert M.choose_worker_placement(seconds, margin=0.10) == "shared"
+
+
+PLACEMENT_S = (("shared", 0.31), ("own_core", 0.27))
+
+
+@pytest.mark.parametrize(("device", "mode", "reason"), [
+    (CPU, "shared", ""),  # nominal: no placement timed
+    (_profile(CPU, worker_placement="own_core", placement_step_seconds=PLACEMENT_S), "own_core",
+     "augmentation worker on a core of its own, training on the others: the calibration's 3D training step took "
+     "0.27 s with the worker on a core of its own, 0.31 s sharing all cores (13 % faster)"),
+    (_profile(CPU, worker_placement="shared", placement_step_seconds=(("shared", 0.31), ("own_core", 0.30))),
+     "shared", "augmentation worker sharing the cores with the training threads: the calibration's 3D training "
+     "step took 0.3 s with the worker on a core of its own, 0.31 s sharing all cores (a core of its own is chosen "
+     "from 5 % faster)"),
+    (_profile(CPU, worker_placement="shared", placement_step_seconds=(("shared", 0.31),)), "shared", ""),  # 1 core
+    (_profile(GPU, worker_placement="own_core", placement_step_seconds=PLACEMENT_S), "shared", ""),  # GPU: ignored
+])
+def test_worker_placement_for(device: DeviceProfile, mode: str, reason: str) -> None:
+    assert M.worker_placement_for(device) == (mode, reason)
+
+
+def test_the_planner_copies_the_calibrations_placement_and_notes_it(synthetic_fingerprint) -> None:
+    fp = _hippocampus_like(synthetic_fingerprint)
+
+    def plan(device: DeviceProfile):
+        return plan_dataset(fp, device=device, time_budget_s=1200, configurations=["3d_fullres", "2d"])
+
+    for name, config in plan(_profile(CPU, worker_placement="own_core",
+                                      placement_step_seconds=PLACEMENT_S)).configurations.items():
+        assert config.training.worker_placement == "own_core", name
+        assert any(n.startswith("augmentation worker on a core of its own") for n in config.notes[:-1]), name
+        assert "s/iteration" in config.notes[-1]  # the schedule line stays last
+    for config in plan(CPU).configurations.values():  # no placement timed: shared, no note
+        assert config.training.worker_placement == "shared"
+        assert not any("core of its own" in n for n in config.notes)

@@ -112,6 +112,13 @@ BAD_EDITS = [
     ("device.step_gflops_by_width", [[8, 0.0]], "step_gflops_by_width must hold positive throughputs"),
     ("device.step_gflops_by_width_2d", [[8]], "plans.device.step_gflops_by_width_2d[0]: expected 2 entries"),
     ("device.gflops_by_width", [], "gflops_by_width must not be empty"),
+    ("device.worker_placement", "pinned", "plans.device: worker_placement 'pinned' is not one of"),
+    ("device.placement_step_seconds", [["own_core", 0.0]], "placement_step_seconds must be (placement, seconds)"),
+    ("device.placement_step_seconds", [["mine", 0.2]], "placement_step_seconds must be (placement, seconds)"),
+    ("configurations.3d_fullres.training.worker_placement", "own-core",
+     "plans.configurations.3d_fullres.training: worker_placement 'own-core' is not one of ('shared', 'own_core')"),
+    ("configurations.3d_fullres.training.worker_placement", 1,
+     "plans.configurations.3d_fullres.training.worker_placement: expected a string"),
     ("dataset_name", 7, "plans.dataset_name: expected a string"),
     ("configurations.3d_fullres.augmentation", [], "plans.configurations.3d_fullres.augmentation: expected an object"),
     # unknown field
@@ -298,7 +305,7 @@ def test_device_gflops_interpolates_log_linearly():
 
 
 NEW_DEVICE_FIELDS = ("gflops_by_width_2d", "window_voxels_per_s", "augment_voxels_per_s", "step_gflops_by_width",
-                     "step_gflops_by_width_2d")
+                     "step_gflops_by_width_2d", "worker_placement", "placement_step_seconds")
 
 
 @pytest.mark.parametrize("which", ["plan_3d", "plan_2d"])
@@ -321,6 +328,30 @@ def test_device_data_and_2d_fields_round_trip():
     assert data["step_gflops_by_width_2d"] == [[8, 60.0], [32, 230.0]]
     assert from_jsonable(DeviceProfile, data, "device") == device
     assert "step_gflops_by_width" not in to_jsonable(CPU)  # null: left out
+
+
+def test_worker_placement_is_saved_only_when_not_shared(plan_3d, tmp_path):
+    data = plan_3d.to_dict()
+    assert all("worker_placement" not in c["training"] for c in data["configurations"].values())  # as older plans
+    assert Plans.from_dict(data).configuration("3d_fullres").training.worker_placement == "shared"
+    config = plan_3d.configuration("3d_fullres")
+    own = dataclasses.replace(config, training=dataclasses.replace(config.training, worker_placement="own_core"))
+    plans = plan_3d.with_configuration(own)
+    plans.save(tmp_path / "plans.json")
+    text = (tmp_path / "plans.json").read_text()
+    assert text.count('"worker_placement": "own_core"') == 1
+    loaded = Plans.load(tmp_path / "plans.json")
+    assert loaded.configuration("3d_fullres").training.worker_placement == "own_core" and loaded.to_json() == text
+
+
+def test_device_placement_fields_round_trip():
+    device = dataclasses.replace(CPU, worker_placement="own_core",
+                                 placement_step_seconds=(("shared", 0.31), ("own_core", 0.27)))
+    data = to_jsonable(device)
+    assert data["worker_placement"] == "own_core" and data["placement_step_seconds"] == [["shared", 0.31],
+                                                                                          ["own_core", 0.27]]
+    assert from_jsonable(DeviceProfile, data, "device") == device
+    assert "worker_placement" not in to_jsonable(CPU) and "placement_step_seconds" not in to_jsonable(CPU)
 
 
 @pytest.mark.parametrize(("steps_3d", "steps_2d", "width", "dims", "expected"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -389,3 +390,54 @@ def test_a_budgeted_run_ends_in_the_last_5_percent_of_its_budget(planned: tuple[
     assert result.validation is not None and result.validation["mean_dice"] is not None
     assert result.epochs_run != planned  # refitted (here: extended) to the measured epochs
     assert 0.95 * budget_s <= wall <= 1.02 * budget_s, (wall, result.epochs_run)
+
+
+def _allowed_cpus(pid: int) -> set[int]:
+    """The cores ``pid`` may run on, from ``/proc/<pid>/status`` (``Cpus_allowed_list: 0-2,5``)."""
+    line = next(v for v in Path(f"/proc/{pid}/status").read_text().splitlines() if v.startswith("Cpus_allowed_list"))
+    cpus: set[int] = set()
+    for part in line.split(":")[1].strip().split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+                         and Path("/proc/self/status").is_file()),
+                    reason="needs os.sched_setaffinity, /proc and at least 2 usable cores")
+def test_own_core_placement_is_applied_during_the_epochs_and_restored(planned: tuple[Path, Workspace],
+                                                                      tmp_path: Path) -> None:
+    _, ws = planned
+    plans = Plans.load(ws.plans_path)
+    config = plans.configuration("3d_fullres")
+    own = dataclasses.replace(config, training=dataclasses.replace(config.training, worker_placement="own_core"))
+    cpus, threads_before = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    seen: list[tuple[set[int], int, list[set[int]]]] = []
+
+    def during(epoch: int, ema: float) -> bool:  # after each epoch, the loaders still open
+        seen.append((_allowed_cpus(os.getpid()), torch.get_num_threads(),
+                     [_allowed_cpus(pid) for pid in _children(os.getpid())]))
+        return False
+
+    lines: list[str] = []
+    train_fold(ws, "3d_fullres", 0, plans=plans.with_configuration(own), log=lines.append, epoch_callback=during,
+               options=_fast(epochs=1, iterations_per_epoch=2, threads=2, num_workers=1, validate=False,
+                             output_dir=tmp_path / "fold"))
+    # --threads 2 with own_core: one training thread on the first core, the worker on the second
+    assert any(line.startswith("thread placement own_core: 1 training thread(s)") for line in lines)
+    (affinity, threads, workers), = seen
+    assert affinity == {cpus[0]} and threads == 1 and {cpus[1]} in workers
+    assert set(os.sched_getaffinity(0)) == set(cpus) and torch.get_num_threads() == threads_before
+    assert all(_allowed_cpus(int(t.name)) == set(cpus) for t in Path("/proc/self/task").iterdir())
+    assert Plans.load(tmp_path / "fold" / "plans.json").configuration("3d_fullres").training.worker_placement \
+        == "own_core"
+
+
+def test_shared_placement_restores_the_threads(planned: tuple[Path, Workspace], tmp_path: Path) -> None:
+    _, ws = planned
+    threads_before = torch.get_num_threads()
+    lines: list[str] = []
+    train_fold(ws, "3d_fullres", 0, log=lines.append, options=_fast(
+        epochs=1, iterations_per_epoch=1, threads=threads_before + 1, validate=False, output_dir=tmp_path / "f"))
+    assert torch.get_num_threads() == threads_before
+    assert not any(line.startswith("thread placement") for line in lines)  # the default is not logged
