@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from automedseg import cli, planning
+from automedseg import cli, configuration_fit
 from automedseg.augmentation_batched import deep_supervision_targets
 from automedseg.cost_model import memory_limit_bytes
 from automedseg.losses import DeepSupervisionLoss
@@ -224,12 +224,12 @@ def test_plan_adds_a_variant_of_each_configuration(fingerprint: object, arch: st
 def test_a_variant_that_no_longer_fits_the_memory_is_fitted_afresh(fingerprint: object,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     rule = plan_dataset(fingerprint, device=GPU, configurations=["3d_fullres"])  # type: ignore[arg-type]
-    original = planning.activation_bytes
+    original = configuration_fit.activation_bytes
 
     def heavy_aspp(net: NetworkPlan, patch: object, *, batch: int) -> float:  # the ASPP "needs" 1000x the memory
         return original(net, patch, batch=batch) * (1000.0 if net.architecture == "aspp_unet" else 1.0)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(planning, "activation_bytes", heavy_aspp)
+    monkeypatch.setattr(configuration_fit, "activation_bytes", heavy_aspp)
     plans = plan_dataset(fingerprint, device=GPU, configurations=["3d_fullres"], architecture="aspp_unet")  # type: ignore[arg-type]
     before = plans.configuration("3d_fullres")
     assert before == rule.configuration("3d_fullres")
