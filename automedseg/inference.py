@@ -165,7 +165,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                    output_ending: str | None = None, overlays: bool = False, progress: bool = False,
                    num_parts: int = 1, part_id: int = 0, log: Callable[[str], None] = print,
                    engine: str = "torch", output_format: str = "image",
-                   case_segmenter: CaseSegmenter | None = None) -> FolderReport:
+                   case_segmenter: CaseSegmenter | None = None,
+                   after_cases: Callable[[FolderReport], None] | None = None) -> FolderReport:
     """Predict every case of a folder with an ensemble; bad inputs are reported and skipped.
 
     Args:
@@ -193,6 +194,9 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
             input only: :func:`automedseg.dicom.write_dicom_seg`).
         case_segmenter: Given the mask path of a case, what segments it instead of :func:`segment_case` (called
             as that, before the mask is written; e.g. :func:`automedseg.uncertainty.uncertainty_segmenter`).
+        after_cases: Called with the report after the cases, while ``output_dir`` is still locked: what writes a
+            file summing up the whole folder, which several ``num_parts`` runs share (the lock keeps them from
+            writing it at once), e.g. :func:`automedseg.uncertainty.write_uncertainty_summary`.
     """
     from automedseg.io import discover_images
 
@@ -214,11 +218,14 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
     with folder_lock(output_dir, purpose="predict"):
         remove_stale_temp_files(output_dir)
         remove_stale_temp_files(output_dir / "overlays")
-        return _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror, amp=amp,
-                              overwrite=overwrite, save_probabilities=save_probabilities,
-                              postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
-                              progress=progress, log=log, dicom_seg=output_format == "dicom-seg",
-                              case_segmenter=case_segmenter)
+        report = _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror,
+                                amp=amp, overwrite=overwrite, save_probabilities=save_probabilities,
+                                postprocessing=postprocessing, output_ending=output_ending, overlays=overlays,
+                                progress=progress, log=log, dicom_seg=output_format == "dicom-seg",
+                                case_segmenter=case_segmenter)
+        if after_cases is not None:
+            after_cases(report)
+        return report
 
 
 def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | None = None, engine: str = "torch",

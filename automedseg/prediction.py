@@ -148,8 +148,9 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
         check_bundle: When ``ws`` is an imported model (``automedseg import-model``), check its files against
             its manifest first; its manifest's configuration is the default.
         uncertainty: Also write per-voxel entropy and fold-disagreement maps of each case, and
-            ``uncertainty_summary.json`` listing the least certain cases first (:mod:`automedseg.uncertainty`);
-            its one-line summary goes to ``log``.
+            ``uncertainty_summary.json`` listing the least certain cases first (:mod:`automedseg.uncertainty`;
+            written while the output folder is locked, merging the cases of every part predicted into it); its
+            one-line summary goes to ``log``.
         match_intensities: Map each image's foreground intensities onto the training images' landmarks before
             the plan's preprocessing (histogram matching, :mod:`automedseg.intensity_reference`).
         Others: as :func:`automedseg.inference.predict_folder`.
@@ -165,24 +166,26 @@ def run_predict(ws: Workspace, input_dir: Path, output_dir: Path, *, configurati
                           check_bundle=check_bundle, threads=threads, log=log)
     groups, post = choice.fold_groups, choice.postprocessing
     segmenter = None
+    summarize: Callable[[FolderReport], None] | None = None
     if uncertainty:
-        from automedseg.uncertainty import uncertainty_segmenter
+        from automedseg.uncertainty import SUMMARY_FILE, uncertainty_segmenter, write_uncertainty_summary
 
         segmenter = uncertainty_segmenter
+
+        def write_summary(report: FolderReport) -> None:  # under the output folder's lock (predict_folder)
+            summary = write_uncertainty_summary(output_dir, cases=[*report.written, *report.skipped_existing])
+            log(f"{summary.describe()}: {Path(output_dir) / SUMMARY_FILE}")
+
+        summarize = write_summary
     if match_intensities:
         from automedseg.intensity_reference import matching_segmenter
 
         segmenter = matching_segmenter(ws, choice.configuration.split("+"), segmenter, log=log)
-    report = predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
-                            overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
-                            overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
-                            engine=engine, amp=amp, output_format=output_format, case_segmenter=segmenter)
-    if uncertainty:
-        from automedseg.uncertainty import SUMMARY_FILE, write_uncertainty_summary
-
-        summary = write_uncertainty_summary(output_dir, cases=[*report.written, *report.skipped_existing])
-        log(f"{summary.describe()}: {Path(output_dir) / SUMMARY_FILE}")
-    return report
+    return predict_folder(input_dir, output_dir, groups, device=device, step=step, mirror=mirror,
+                          overwrite=overwrite, save_probabilities=save_probabilities, postprocessing=post,
+                          overlays=overlays, progress=progress, num_parts=num_parts, part_id=part_id, log=case_log,
+                          engine=engine, amp=amp, output_format=output_format, case_segmenter=segmenter,
+                          after_cases=summarize)
 
 
 def run_predict_model(model: Path, input_dir: Path, output_dir: Path, *, configuration: str | None = None,

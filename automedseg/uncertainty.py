@@ -21,6 +21,14 @@ read with :func:`read_uncertainty_summary`) lists every case's record, the least
 entropy within the predicted foreground (the mask as written, post-processed), then the mean disagreement there;
 cases with no foreground predicted come last. ``automedseg report --predictions OUTPUT`` shows that list.
 
+Several ``--num-parts`` runs may predict into one output folder. The summary is one file that each of them
+rebuilds from what the folder holds, not from what the run did: the records of every case in ``uncertainty/``
+(each written atomically by the part that predicted it), plus the kept cases without maps of the summary
+before and of this run. It is written atomically while the run still holds the output folder's lock (the
+``after_cases`` hook of :func:`automedseg.inference.predict_folder`; a part started while another holds the folder
+is refused), so no two parts write it at once, the last one to finish leaves a summary of every part's cases, and
+an earlier part's summary can never overwrite a later one's.
+
 Example:
     >>> probs = np.array([[0.5, 1.0, 0.9], [0.5, 0.0, 0.1]], np.float32)
     >>> normalized_entropy(probs).astype(float).round(3).tolist()
@@ -298,10 +306,13 @@ def least_certain_first(records: Sequence[CaseUncertainty]) -> list[CaseUncertai
 
 
 def write_uncertainty_summary(output_dir: Path, *, cases: Sequence[str] = ()) -> UncertaintySummary:
-    """Collect every record in ``output_dir/uncertainty/`` into ``output_dir/uncertainty_summary.json``.
+    """Collect every record in ``output_dir/uncertainty/`` into ``output_dir/uncertainty_summary.json``, atomically.
 
     Every record there counts (so the summary covers cases predicted by earlier runs or other ``--part-id``
-    parts too).
+    parts too), and the cases the summary there lists as kept without maps stay listed until they get a record:
+    parts merge, they do not overwrite each other. Call it while holding the output folder's lock (predict does,
+    through :func:`automedseg.inference.predict_folder`'s ``after_cases``), so no other part writes the summary
+    at the same time; a damaged earlier summary is replaced (only its list of cases without maps is lost).
 
     Args:
         output_dir: Predict's output folder.
@@ -312,6 +323,17 @@ def write_uncertainty_summary(output_dir: Path, *, cases: Sequence[str] = ()) ->
 
     Raises:
         InputError: A record is damaged (names the file).
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> write_artifact(out / UNCERTAINTY_DIR / "a.json", case_uncertainty(
+        ...     "a", entropy=np.array([0.5]), disagreement=np.array([0.0]), segmentation=np.array([1]), members=2))
+        >>> write_uncertainty_summary(out, cases=["a", "x"]).without_maps  # part 0
+        ('x',)
+        >>> s = write_uncertainty_summary(out, cases=["y"])  # part 1: part 0's cases stay
+        >>> [c.case for c in s.cases], s.without_maps
+        (['a'], ('x', 'y'))
     """
     output_dir = Path(output_dir)
     folder = output_dir / UNCERTAINTY_DIR
@@ -320,8 +342,14 @@ def write_uncertainty_summary(output_dir: Path, *, cases: Sequence[str] = ()) ->
         remove_stale_temp_files(folder)
         records = [read_artifact(CaseUncertainty, p) for p in sorted(folder.glob("*.json"))]
     have = {r.case for r in records}
-    summary = UncertaintySummary(cases=tuple(least_certain_first(records)),
-                                 without_maps=tuple(c for c in cases if c not in have))
+    before: tuple[str, ...] = ()
+    if (output_dir / SUMMARY_FILE).is_file():
+        try:
+            before = read_uncertainty_summary(output_dir).without_maps
+        except InputError:
+            pass  # rebuilt from the records below; only the earlier runs' cases without maps are not listed
+    without = [c for c in dict.fromkeys([*before, *cases]) if c not in have]
+    summary = UncertaintySummary(cases=tuple(least_certain_first(records)), without_maps=tuple(without))
     write_artifact(output_dir / SUMMARY_FILE, summary)
     return summary
 

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 import automedseg
 from automedseg import uncertainty as U
 from automedseg.cli import main
-from automedseg.errors import InputError
+from automedseg.errors import InputError, LockedError
+from automedseg.locks import folder_lock
 from automedseg.network import build_network
 from automedseg.plans import Plans
 
@@ -135,3 +136,47 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     summary = U.UncertaintySummary(cases=(dataclasses.replace(
         U.case_uncertainty("b", entropy=np.zeros(2), disagreement=np.zeros(2), segmentation=np.zeros(2), members=1)),))
     assert summary.describe() == "uncertainty of 1 case(s); least certain first: b (no foreground)"
+
+
+def test_parts_predicted_into_one_folder_leave_one_summary_of_all(write_nnunet_dataset, untrained_model,  # noqa: ANN001
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = write_nnunet_dataset(tmp_path / "Dataset004_Parts", n_test=2)
+    work = untrained_model(ds.root, tmp_path / "work", "3d_fullres")
+    out = tmp_path / "pred"
+    write, locked = U.write_uncertainty_summary, []
+
+    def while_locked(output_dir: Path, **kwargs: object) -> U.UncertaintySummary:
+        with pytest.raises(LockedError), folder_lock(output_dir, purpose="another part"):
+            pass  # the part writing the summary still holds the output folder
+        locked.append(Path(output_dir))
+        return write(output_dir, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(U, "write_uncertainty_summary", while_locked)
+    done: list[str] = []
+    for part in (0, 1):
+        report = automedseg.predict(ds.root / "imagesTs", model=work, output_dir=out, configuration="3d_fullres",
+                                    mirror=False, device="cpu", uncertainty=True, num_parts=2, part_id=part, log=None)
+        assert len(report.written) == 1 and report.written[0] not in done
+        done += report.written
+        summary = U.read_uncertainty_summary(out)
+        assert sorted(c.case for c in summary.cases) == sorted(done) and summary.without_maps == ()
+    assert sorted(done) == sorted(ds.test_ids) and locked == [out, out]
+    assert summary.cases == tuple(U.least_certain_first(summary.cases))
+
+
+def test_the_summary_keeps_every_part_s_cases_without_maps(tmp_path: Path) -> None:
+    def record(case: str) -> None:
+        U.write_artifact(tmp_path / U.UNCERTAINTY_DIR / f"{case}.json", U.case_uncertainty(
+            case, entropy=np.array([0.2]), disagreement=np.array([0.0]), segmentation=np.array([1]), members=1))
+
+    record("a")
+    assert U.write_uncertainty_summary(tmp_path, cases=["a", "x"]).without_maps == ("x",)
+    record("b")
+    both = U.write_uncertainty_summary(tmp_path, cases=["b", "y"])
+    assert [c.case for c in both.cases] == ["a", "b"] and both.without_maps == ("x", "y")
+    record("x")  # predicted again with --overwrite --uncertainty: it has maps now
+    assert U.write_uncertainty_summary(tmp_path).without_maps == ("y",)
+    (tmp_path / U.SUMMARY_FILE).write_text("{oops")  # a damaged summary is rebuilt from the records
+    rebuilt = U.write_uncertainty_summary(tmp_path, cases=["z"])
+    assert [c.case for c in rebuilt.cases] == ["a", "b", "x"] and rebuilt.without_maps == ("z",)
