@@ -472,7 +472,8 @@ def build_summary(f: dict) -> str:
         lines.append(
             f"automedseg: training seconds = sum of epoch_seconds in log.jsonl (training + per-epoch pseudo-Dice "
             f"batches, as its budget counts them); plan budget {a.get('plan_time_budget_s')} s; final validation "
-            f"{_fmt(a.get('validation_s'), 0, ' s')} without mirroring (automedseg's validation default)."
+            f"{_fmt(a.get('validation_s'), 0, ' s')} "
+            f"{'with' if a.get('validation_mirroring') else 'without'} mirroring (as its plan's rule decided)."
         )
     lines += [
         "",
