@@ -585,3 +585,42 @@ def md_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+AUTOMEDSEG_CLI = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
+
+
+def automedseg_env(threads: int = BENCH_THREADS) -> dict[str, str]:
+    """This environment with ``threads`` thread pools, this checkout first on ``PYTHONPATH`` and unbuffered output."""
+    env = dict(os.environ)
+    env.update(thread_env(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_automedseg(args: list, *, logs: Path, label: str, env: dict[str, str] | None = None,
+                   tail_lines: int = 20) -> dict:
+    """Run ``automedseg ARGS`` from this checkout with a heartbeat, its output time-stamped into
+    ``logs/<label>.log`` and the CPU other processes used meanwhile (``predict_speed.run_timestamped``).
+
+    Returns:
+        ``wall_s``, ``returncode`` (0), ``foreign_cpu``, ``log`` and ``lines`` (the output's text lines).
+
+    Raises:
+        RuntimeError: The command failed (its last ``tail_lines`` lines are printed first).
+    """
+    from predict_speed import run_timestamped
+
+    args = [str(a) for a in args]
+    print(f"[{label}] automedseg {' '.join(args)}", flush=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    with heartbeat(label):
+        res = run_timestamped([sys.executable, "-c", AUTOMEDSEG_CLI, *args], env=env or automedseg_env(),
+                              cwd=REPO_ROOT, log_path=logs / f"{label.replace(' ', '_').replace('/', '_')}.log")
+    res["lines"] = [text for _, text in res["lines"]]
+    print(f"  -> rc={res['returncode']} wall={res['wall_s']} s", flush=True)
+    if res["returncode"] != 0:
+        print("\n".join(res["lines"][-tail_lines:]), flush=True)
+        raise RuntimeError(f"{label} failed (rc={res['returncode']}); log: {res['log']}")
+    return res

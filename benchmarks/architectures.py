@@ -49,9 +49,9 @@ from _common import (  # noqa: E402
     DEFAULT_MSD_DIR,
     REPO_ROOT,
     WORK_DIR,
-    heartbeat,
     machine_info,
     md_table,
+    run_automedseg,
     thread_env,
     write_results,
 )
@@ -60,7 +60,6 @@ FAMILIES = ("plain_unet", "residual_unet", "attention_unet", "aspp_unet", "segne
 RULE_FAMILIES = ("plain_unet", "residual_unet")  # they replace every configuration's network
 BASE = "3d_fullres"
 FOLD = "0"
-AUTOMEDSEG_CLI = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
 # Rough time model of --dry-run (2 cores, hippocampus): seconds.
 EST_PLAN_S = 150.0  # first plan: fingerprint + preprocessing of 260 cases; later plans reuse both (~5 s)
 EST_VALIDATE_S = 60.0  # final validation of ~52 cases
@@ -85,22 +84,7 @@ def families_for(names: list[str], scratch: Path) -> list[Family]:
 
 
 def _run_cli(args: list, logs: Path, label: str) -> dict:
-    from predict_speed import run_timestamped
-
-    env = dict(os.environ)
-    env.update(thread_env(BENCH_THREADS))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    args = [str(a) for a in args]
-    print(f"[{label}] automedseg {' '.join(args)}", flush=True)
-    with heartbeat(label):
-        res = run_timestamped([sys.executable, "-c", AUTOMEDSEG_CLI, *args], env=env, cwd=REPO_ROOT,
-                              log_path=logs / f"{label.replace(' ', '_')}.log")
-    tail = "\n".join(text for _, text in res.pop("lines")[-20:])
-    print(f"  -> rc={res['returncode']} wall={res['wall_s']} s", flush=True)
-    if res["returncode"] != 0:
-        print(tail, flush=True)
-        raise RuntimeError(f"{label} failed (rc={res['returncode']}); log: {res['log']}")
+    res = run_automedseg(args, logs=logs, label=label)
     return {"wall_s": res["wall_s"], "foreign_cpu": res["foreign_cpu"], "log": res["log"]}
 
 

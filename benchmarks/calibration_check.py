@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -44,10 +43,10 @@ from _common import (  # noqa: E402
     BENCH_THREADS,
     REPO_ROOT,
     WORK_DIR,
-    heartbeat,
+    automedseg_env,
     machine_info,
     md_table,
-    thread_env,
+    run_automedseg,
     write_results,
 )
 
@@ -57,7 +56,6 @@ CONFIGURATIONS = ("3d_fullres", "2d")
 TOLERANCE = 0.15  # |measured / predicted - 1| at most this: PASS (the target)
 PLAN_BUDGET = "20m"
 FOLD = "0"
-AUTOMEDSEG_CLI = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
 MIN_ITERATIONS, MAX_ITERATIONS = 10, 1000  # per epoch
 # Rough time model of --dry-run (2 cores), seconds.
 EST_PLAN_S = {"msd_hippocampus": 150.0, "openkbp_hn_ct": 90.0}  # first plan: fingerprint + preprocessing
@@ -110,32 +108,18 @@ def verdict(predicted_s: float | None, measured_s: float | None, *, tolerance: f
 
 
 def _cli_env(calibration_cache: Path | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(thread_env(BENCH_THREADS))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
+    env = automedseg_env(BENCH_THREADS)
     if calibration_cache is not None:
         env["AUTOMEDSEG_CALIBRATION"] = str(calibration_cache)
     return env
 
 
 def _run_cli(args: list, *, logs: Path, label: str, env: dict[str, str]) -> dict:
-    from predict_speed import run_timestamped
-
-    args = [str(a) for a in args]
-    print(f"[{label}] automedseg {' '.join(args)}", flush=True)
-    with heartbeat(label):
-        res = run_timestamped([sys.executable, "-c", AUTOMEDSEG_CLI, *args], env=env, cwd=REPO_ROOT,
-                              log_path=logs / f"{label.replace(' ', '_')}.log")
-    lines = [text for _, text in res.pop("lines")]
-    print(f"  -> rc={res['returncode']} wall={res['wall_s']} s", flush=True)
-    if res["returncode"] != 0:
-        print("\n".join(lines[-20:]), flush=True)
-        raise RuntimeError(f"{label} failed (rc={res['returncode']}); log: {res['log']}")
+    res = run_automedseg(args, logs=logs, label=label, env=env)
     foreign = res["foreign_cpu"]
     return {"wall_s": res["wall_s"], "foreign_cores": foreign.get("foreign_cpu_fraction_of_one_core"),
             "foreign_cpu_s": foreign.get("foreign_cpu_s"), "log": res["log"],
-            "calibration_lines": [t for t in lines if t.startswith(("calibration:", "warning: calibration"))]}
+            "calibration_lines": [t for t in res["lines"] if t.startswith(("calibration:", "warning: calibration"))]}
 
 
 def plan_afresh(dataset: Path, work: Path, configurations: Sequence[str], *, logs: Path, env: dict[str, str],

@@ -47,18 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BENCH_THREADS,
     DEFAULT_MSD_DIR,
-    REPO_ROOT,
     WORK_DIR,
-    heartbeat,
     machine_info,
     md_table,
+    run_automedseg,
     thread_env,
     write_results,
 )
 
 CONFIGURATION = "3d_fullres"
 SPLIT_SEED = 2026
-AUTOMEDSEG_CLI = "import sys; from automedseg.cli import main; sys.exit(main(prog_name='automedseg'))"
 # Rough CPU-time model of --dry-run (2 cores, hippocampus): seconds.
 EST_PLAN_S = 150.0  # fingerprint + preprocessing of ~150 source cases
 EST_PREDICT_STARTUP_S = 15.0
@@ -262,24 +260,9 @@ def plan_runs(*, scratch: Path, budget_s: float, adapt_budget_s: float, target_s
 
 
 def _run_cli(run: Run, logs: Path) -> dict:
-    from predict_speed import run_timestamped
-
-    env = dict(os.environ)
-    env.update(thread_env(BENCH_THREADS))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    args = [str(a) for a in run.args]
-    print(f"[{run.name}] automedseg {' '.join(args)}", flush=True)
-    with heartbeat(run.name):
-        res = run_timestamped([sys.executable, "-c", AUTOMEDSEG_CLI, *args], env=env, cwd=REPO_ROOT,
-                              log_path=logs / f"{run.name.replace(' ', '_').replace('/', '_')}.log")
-    tail = "\n".join(text for _, text in res.pop("lines")[-20:])
-    print(f"  -> rc={res['returncode']} wall={res['wall_s']} s", flush=True)
-    if res["returncode"] != 0:
-        print(tail, flush=True)
-        raise RuntimeError(f"{run.name} failed (rc={res['returncode']}); log: {res['log']}")
-    return {"name": run.name, "args": args, "wall_s": res["wall_s"], "estimated_s": run.estimated_s,
-            "log": res["log"], "output_tail": tail}
+    res = run_automedseg(list(run.args), logs=logs, label=run.name)
+    return {"name": run.name, "args": [str(a) for a in run.args], "wall_s": res["wall_s"],
+            "estimated_s": run.estimated_s, "log": res["log"], "output_tail": "\n".join(res["lines"][-20:])}
 
 
 def build_summary(f: dict) -> str:
