@@ -853,3 +853,22 @@ def untrained_model() -> Callable[..., Path]:
     """Factory: ``untrained_model(dataset, work, configuration)`` -> the work folder, planned, with a fold 0 of
     random weights (inference needs nothing more; nothing is trained or preprocessed)."""
     return _untrained_model
+
+
+def _cpus_allowed(pid: int) -> set[int]:
+    """The cores ``pid`` may run on, from ``/proc/<pid>/status`` (``Cpus_allowed_list: 0-2,5``)."""
+    line = next(v for v in Path(f"/proc/{pid}/status").read_text().splitlines() if v.startswith("Cpus_allowed_list"))
+    cpus: set[int] = set()
+    for part in line.split(":")[1].strip().split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@pytest.fixture
+def allowed_cpus() -> Callable[[int], set[int]]:
+    """A reader of the cores a process may run on (pid -> set); skips where pinning cannot be tested."""
+    if not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+            and Path("/proc/self/status").is_file()):
+        pytest.skip("needs os.sched_setaffinity, /proc and at least 2 usable cores")
+    return _cpus_allowed

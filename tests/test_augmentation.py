@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -357,31 +358,18 @@ def test_background_workers_yield_batches_and_shut_down(cache: Path) -> None:
         assert _batches_equal(runs[0][0], next(loader)) and _batches_equal(runs[0][2], next(loader))
 
 
-def _allowed_cpus(pid: int) -> set[int]:
-    """The cores ``pid`` may run on, from ``/proc/<pid>/status`` (``Cpus_allowed_list: 0-2,5``)."""
-    line = next(v for v in Path(f"/proc/{pid}/status").read_text().splitlines() if v.startswith("Cpus_allowed_list"))
-    cpus: set[int] = set()
-    for part in line.split(":")[1].strip().split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
-
-
-@pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
-                         and Path("/proc/self/status").is_file()),
-                    reason="needs os.sched_setaffinity, /proc and at least 2 usable cores")
-def test_workers_pin_themselves_to_worker_cpus(cache: Path) -> None:
+def test_workers_pin_themselves_to_worker_cpus(cache: Path, allowed_cpus: Callable[[int], set[int]]) -> None:
     usable = sorted(os.sched_getaffinity(0))
     config = _config((8, 12, 12), batch_size=2, aug=STRONG_AUG, num_workers=1)
     with make_training_loader(cache, ALL_CASES, config, worker_cpus=usable[-1:]) as loader:
         next(loader)  # the worker has started and pinned itself
         (pid,) = loader.worker_pids
-        assert _allowed_cpus(pid) == {usable[-1]}
-        assert _allowed_cpus(os.getpid()) == set(usable)  # the calling process is left as it was
+        assert allowed_cpus(pid) == {usable[-1]}
+        assert allowed_cpus(os.getpid()) == set(usable)  # the calling process is left as it was
     assert loader.worker_pids == ()
     with make_training_loader(cache, ALL_CASES, config) as loader:  # no worker_cpus: not pinned
         next(loader)
-        assert _allowed_cpus(loader.worker_pids[0]) == set(usable)
+        assert allowed_cpus(loader.worker_pids[0]) == set(usable)
 
 
 def test_validation_loader_does_not_augment(cache: Path) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -392,21 +393,8 @@ def test_a_budgeted_run_ends_in_the_last_5_percent_of_its_budget(planned: tuple[
     assert 0.95 * budget_s <= wall <= 1.02 * budget_s, (wall, result.epochs_run)
 
 
-def _allowed_cpus(pid: int) -> set[int]:
-    """The cores ``pid`` may run on, from ``/proc/<pid>/status`` (``Cpus_allowed_list: 0-2,5``)."""
-    line = next(v for v in Path(f"/proc/{pid}/status").read_text().splitlines() if v.startswith("Cpus_allowed_list"))
-    cpus: set[int] = set()
-    for part in line.split(":")[1].strip().split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
-
-
-@pytest.mark.skipif(not (hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
-                         and Path("/proc/self/status").is_file()),
-                    reason="needs os.sched_setaffinity, /proc and at least 2 usable cores")
-def test_own_core_placement_is_applied_during_the_epochs_and_restored(planned: tuple[Path, Workspace],
-                                                                      tmp_path: Path) -> None:
+def test_own_core_placement_is_applied_during_the_epochs_and_restored(
+        planned: tuple[Path, Workspace], tmp_path: Path, allowed_cpus: Callable[[int], set[int]]) -> None:
     _, ws = planned
     plans = Plans.load(ws.plans_path)
     config = plans.configuration("3d_fullres")
@@ -415,8 +403,8 @@ def test_own_core_placement_is_applied_during_the_epochs_and_restored(planned: t
     seen: list[tuple[set[int], int, list[set[int]]]] = []
 
     def during(epoch: int, ema: float) -> bool:  # after each epoch, the loaders still open
-        seen.append((_allowed_cpus(os.getpid()), torch.get_num_threads(),
-                     [_allowed_cpus(pid) for pid in _children(os.getpid())]))
+        seen.append((allowed_cpus(os.getpid()), torch.get_num_threads(),
+                     [allowed_cpus(pid) for pid in _children(os.getpid())]))
         return False
 
     lines: list[str] = []
@@ -428,7 +416,7 @@ def test_own_core_placement_is_applied_during_the_epochs_and_restored(planned: t
     (affinity, threads, workers), = seen
     assert affinity == {cpus[0]} and threads == 1 and {cpus[1]} in workers
     assert set(os.sched_getaffinity(0)) == set(cpus) and torch.get_num_threads() == threads_before
-    assert all(_allowed_cpus(int(t.name)) == set(cpus) for t in Path("/proc/self/task").iterdir())
+    assert all(allowed_cpus(int(t.name)) == set(cpus) for t in Path("/proc/self/task").iterdir())
     assert Plans.load(tmp_path / "fold" / "plans.json").configuration("3d_fullres").training.worker_placement \
         == "own_core"
 
