@@ -11,7 +11,8 @@ optional mirroring in preprocessed space (:mod:`automedseg.sliding_window`, whos
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from automedseg.device import channels_last_norms, memory_format, select_device
 from automedseg.errors import InputError
 from automedseg.io import CaseFiles, Geometry
 from automedseg.loaded_fold import LoadedFold
-from automedseg.locks import folder_lock
+from automedseg.locks import folder_lock, waiting_lock
 from automedseg.network import build_network
 from automedseg.plans import Plans
 from automedseg.preprocessing import preprocess_image, restore_probabilities
@@ -41,6 +42,7 @@ from automedseg.sliding_window import (  # noqa: F401  (re-exported)
 Postprocess = Callable[[np.ndarray, tuple[float, ...]], np.ndarray]
 """Post-processing of a predicted label map ``(Z, Y, X)``, given its voxel spacing ``(z, y, x)`` in mm (the image's:
 operations in millimetres need it), e.g. :func:`automedseg.postprocessing.apply_postprocessing` of a choice."""
+SUMMARY_LOCK = ".automedseg-summary.lock"  # what sums up a folder predicted in parts is written under it
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt")
 CaseSegmenter = Callable[[Path], Callable[..., tuple[np.ndarray, np.ndarray]]]
 """Mask path -> what segments that case as :func:`segment_case` does (:func:`predict_folder`'s hook)."""
@@ -215,8 +217,8 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
         from automedseg.dicom import check_dicom_output
 
         check_dicom_output(cases, output_format)
-    with folder_lock(output_dir, purpose="predict"):
-        remove_stale_temp_files(output_dir)
+    with output_lock(output_dir, num_parts=num_parts, part_id=part_id):
+        remove_stale_temp_files(output_dir)  # only those of ended processes: a running part's stay
         remove_stale_temp_files(output_dir / "overlays")
         report = _predict_cases(cases, output_dir, groups, plans=plans, device=dev, step=step, mirror=mirror,
                                 amp=amp, overwrite=overwrite, save_probabilities=save_probabilities,
@@ -224,8 +226,31 @@ def predict_folder(input_dir: Path, output_dir: Path, fold_groups: Sequence[Sequ
                                 progress=progress, log=log, dicom_seg=output_format == "dicom-seg",
                                 case_segmenter=case_segmenter)
         if after_cases is not None:
-            after_cases(report)
+            with waiting_lock(output_dir, purpose="predict: folder summary", name=SUMMARY_LOCK, poll_s=0.2):
+                after_cases(report)
         return report
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path, *, num_parts: int = 1, part_id: int = 0) -> Iterator[None]:
+    """What a prediction holds on its output folder while it writes there.
+
+    A whole-folder run (``num_parts`` 1) holds the folder exclusively. The parts of a split prediction run at
+    once: each holds the folder shared (so no whole-folder run starts meanwhile, and none of them starts while
+    one runs) and its own part exclusively (the same part twice is refused). What sums up the whole folder is
+    written under a third lock, :data:`SUMMARY_LOCK`, taken in turn.
+
+    Raises:
+        LockedError: A whole-folder run, or the same part, holds the folder.
+    """
+    if num_parts == 1:
+        with folder_lock(output_dir, purpose="predict"):
+            yield
+        return
+    with folder_lock(output_dir, purpose=f"predict part {part_id} of {num_parts}", shared=True), \
+            folder_lock(output_dir, purpose=f"predict part {part_id} of {num_parts}",
+                        name=f".automedseg-part-{part_id}-of-{num_parts}.lock"):
+        yield
 
 
 def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | None = None, engine: str = "torch",

@@ -35,13 +35,16 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, *, purpose: str, name: str = LOCK_NAME) -> Iterator[Path]:
+def folder_lock(folder: Path, *, purpose: str, name: str = LOCK_NAME, shared: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the ``with`` block.
 
     Args:
         folder: The folder to protect.
         purpose: What this process does there, shown to a process that is refused.
         name: Lock file name inside ``folder`` (different names lock independently).
+        shared: Take the lock shared: any number of shared holders at once (e.g. the parts of one prediction,
+            each writing its own cases), none while an exclusive holder has it. Shared holders are not recorded
+            in the file (a refused process is told "another process").
 
     Raises:
         LockedError: Another live process holds the lock (message names the folder and the holder).
@@ -57,18 +60,37 @@ def folder_lock(folder: Path, *, purpose: str, name: str = LOCK_NAME) -> Iterato
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockedError(f"{folder}: in use by {_holder(path)}; wait for it to finish or stop it") from None
-        info = {"pid": os.getpid(), "purpose": purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join(sys.argv[:6])}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        if not shared:
+            info = {"pid": os.getpid(), "purpose": purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": " ".join(sys.argv[:6])}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
         try:
             yield path
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if not shared:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def waiting_lock(folder: Path, *, purpose: str, name: str = LOCK_NAME, poll_s: float = 2.0) -> Iterator[None]:
+    """:func:`folder_lock`, waiting (polling every ``poll_s`` seconds) while another process holds it."""
+    while True:
+        try:
+            lock = folder_lock(folder, purpose=purpose, name=name)
+            lock.__enter__()
+        except LockedError:
+            time.sleep(poll_s)
+            continue
+        break
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

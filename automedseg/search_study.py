@@ -11,7 +11,6 @@ import json
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from automedseg.plans import ConfigurationPlan, Plans
@@ -183,26 +182,6 @@ def plans_lock(ws: Workspace) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def waiting_lock(folder: Path, *, purpose: str, name: str, poll_s: float = 2.0) -> Iterator[None]:
-    """:func:`automedseg.locks.folder_lock`, waiting while another process holds it."""
-    from automedseg.errors import LockedError
-    from automedseg.locks import folder_lock
-
-    while True:
-        try:
-            lock = folder_lock(folder, purpose=purpose, name=name)
-            lock.__enter__()
-        except LockedError:
-            time.sleep(poll_s)
-            continue
-        break
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def open_study(storage: Any, study_name: str) -> Any:

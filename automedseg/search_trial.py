@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from automedseg.locks import waiting_lock
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.search_space import InfeasibleParams, SearchParam, apply_params, fit_schedule, normalization_key
-from automedseg.search_study import waiting_lock
 from automedseg.training_log import read_training_log
 from automedseg.workspace import Workspace
 

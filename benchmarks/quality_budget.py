@@ -268,17 +268,25 @@ def read_automedseg_fold(work: Path, configuration: str = CONFIGURATION) -> dict
     """Training figures and validation Dice of ``work/<configuration>/fold_0``, read with the owners' typed readers
     (``log.jsonl``: training_log, ``validation/summary.json``: validation_summary, the fold's ``plans.json``:
     Plans.load)."""
+    return read_fold_dir(work / configuration / f"fold_{FOLD}", configuration)
+
+
+def read_fold_dir(fold_dir: Path, configuration: str | None = None) -> dict:
+    """:func:`read_automedseg_fold` of any trained fold folder (e.g. a search's confirmation run); without
+    ``configuration`` the fold's plans.json must hold one configuration, or its first is read."""
     from automedseg.plans import Plans
     from automedseg.training_log import read_training_log
     from automedseg.validation_summary import read_validation_summary, summary_path
 
-    fold_dir = work / configuration / f"fold_{FOLD}"
+    fold_dir = Path(fold_dir)
     path = summary_path(fold_dir)
     if not path.is_file():
         raise SystemExit(f"{path}: missing (fold {FOLD} not trained and validated yet)")
     history = read_training_log(fold_dir / "log.jsonl")
     summary = read_validation_summary(path)
-    plan = Plans.load(fold_dir / "plans.json").configuration(configuration)
+    copy = Plans.load(fold_dir / "plans.json")
+    plan = copy.configuration(configuration) if configuration in copy.configurations else \
+        next(iter(copy.configurations.values()))
     tr = plan.training
     return {
         "fold_dir": str(fold_dir),

@@ -1,34 +1,44 @@
-"""Searched vs rule-based at the same training budget: fold-0 validation Dice of CONFIG and CONFIG_searched.
+"""Searched vs rule-based at the same fold budget: does ``automedseg search`` adopt only what wins?
 
-Run after a search in the same work folder::
+One invocation plans a dataset for a fold budget, runs the search with its confirmation, and reports::
 
-    automedseg plan DATASET --work-dir W -c 3d_fullres --time-budget 20m
-    automedseg search DATASET --work-dir W -c 3d_fullres --trials 12 --time-budget 60m --threads 2
-    python benchmarks/search_quality.py --work-dir W --budget 20m
+    automedseg plan DATASET --work-dir W -c C --time-budget BUDGET
+    automedseg search DATASET --work-dir W -c C --trials N --time-budget SEARCH --fidelity F --confirm K
 
-Both configurations train fold 0 of the same split, one after the other on this machine, with the same
-command apart from ``-c``: ``automedseg train DATASET --work-dir W -c C -f 0 --time-budget B --threads 2
---restart``; each is scored by its own final validation (``fold_0/validation/summary.json``: sliding window on
-the held-out cases at the original resolution, no post-processing). The study (default SQLite storage in
-``W/search/search.db``) is summarised next to it: trials per state, best trial, the search's wall time
-(first trial start to last trial end) and every trial's value.
+The confirmation (:mod:`automedseg.search_confirm`) trains the rule plan and the search's ``K`` best candidates
+on fold 0 of the same split at the full fold budget, exactly as ``automedseg train DATASET -c C -f 0`` would, and
+writes ``C_searched`` only when a candidate beats the rule plan. This script reads its verdict
+(``search/<study>/confirmation.json`` with the owner's reader) and each run's fold (validation summary, training
+log, plan copy) and the study's trials, and writes ``benchmarks/results/<name>.{json,md}`` (default
+``search_quality``; ``--results-name`` for a second dataset).
 
-``--reuse`` reads a configuration's fold 0 instead of training it when it is already validated and was
-trained with the same budget (``time_budget_s`` of its fold plan).
+The search resumes where it stopped when run again (trials, then the confirmation), so ``--keep`` continues an
+interrupted benchmark; without it the work folder is removed first. 2D shared datasets are imported as
+``shared_datasets.py`` does.
 
-Results go to ``benchmarks/results/search_quality.{json,md}``.
+Usage::
+
+    python benchmarks/search_quality.py --budget 5m --trials 8 --search-budget 10m --fidelity continuation
+    python benchmarks/search_quality.py --shared isbi2012_em --budget 5m --trials 8 --search-budget 10m \\
+        --fidelity continuation --results-name search_quality_isbi2012_em
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH_THREADS, DEFAULT_MSD_DIR, machine_info, md_table, write_results  # noqa: E402
-from quality_budget import FOLD, _fmt, _run_cli, parse_budget, read_automedseg_fold  # noqa: E402
+from _common import BENCH_THREADS, WORK_DIR, machine_info, md_table, run_automedseg, write_results  # noqa: E402
+from quality_budget import _fmt, parse_budget, read_fold_dir  # noqa: E402
+from shared_datasets import DATASETS, _choose_configuration, _plan_reusable, default_data_root  # noqa: E402
+
+BENCHMARK = "search_quality"
 
 
 def study_summary(work: Path, configuration: str, study_name: str | None) -> dict:
@@ -52,15 +62,14 @@ def study_summary(work: Path, configuration: str, study_name: str | None) -> dic
     return {
         "study": name,
         "storage": url,
+        "fidelity": study.user_attrs.get("fidelity"),
+        "fidelity_note": study.user_attrs.get("fidelity_note"),
         "trial_budget_s": study.user_attrs.get("trial_budget_s"),
         "total_budget_s": study.user_attrs.get("total_budget_s"),
         "states": states,
         "wall_s": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
-        "trial_seconds": sum((t.datetime_complete - t.datetime_start).total_seconds()
-                             for t in trials if t.datetime_start and t.datetime_complete),
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.value,
-        "best_params": {} if best is None else best.params,
         "rule_defaults": study.user_attrs.get("rule_defaults", {}),
         "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "epochs": t.last_step,
                     "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
@@ -69,89 +78,129 @@ def study_summary(work: Path, configuration: str, study_name: str | None) -> dic
     }
 
 
-def train_or_reuse(dataset: Path, work: Path, configuration: str, *, budget: str, reuse: bool, logs: Path) -> dict:
-    """Fold 0 of ``configuration`` trained with ``budget`` (or reused), with its validation figures."""
-    budget_s = parse_budget(budget)
-    summary = work / configuration / f"fold_{FOLD}" / "validation" / "summary.json"
-    if reuse and summary.is_file():
-        fold = read_automedseg_fold(work, configuration)
-        if fold["plan_time_budget_s"] and abs(float(fold["plan_time_budget_s"]) - budget_s) < 1:
-            fold["source"] = "already trained with this budget (reused)"
-            return fold
-    args = ["train", dataset, "--work-dir", work, "-c", configuration, "-f", FOLD, "--time-budget", budget,
-            "--threads", BENCH_THREADS, "--restart"]
-    res = _run_cli(args, logs / f"train_{configuration}.log", f"train {configuration}")
-    fold = read_automedseg_fold(work, configuration)
-    fold["source"] = f"trained in this run ({res['wall_s']} s wall)"
-    return fold
+def confirmation_figures(work: Path, study_name: str) -> dict:
+    """The confirmation's verdict and every run's fold figures (read with the owners' readers)."""
+    from automedseg.search_confirm import confirmation_path, read_confirmation
+    from automedseg.workspace import Workspace
+
+    state = read_confirmation(confirmation_path(Workspace(work), study_name))
+    runs = []
+    for r in state.runs:
+        fold = read_fold_dir(Path(r.fold_dir)) if r.state == "done" and r.source != "trial" else {}
+        runs.append({"key": r.key, "trial": r.trial, "params": r.params, "source": r.source, "state": r.state,
+                     "mean_dice": r.mean_dice, "fold": fold})
+    return {"winner": state.winner, "margin": state.margin, "adopted": state.adopted, "summary": state.summary(),
+            "runs": runs}
+
+
+def differences(params: dict, defaults: dict) -> str:
+    """The parameters that differ from the rule plan's (``rule plan`` when none)."""
+    diff = [f"{k}={_fmt(v, 3)}" for k, v in params.items() if v != defaults.get(k)]
+    return ", ".join(diff) or "rule plan"
 
 
 def build_summary(f: dict) -> str:
-    rule, searched, study = f["rule"], f["searched"], f["study"]
-    delta = None if rule["mean_dice"] is None or searched["mean_dice"] is None else (
-        searched["mean_dice"] - rule["mean_dice"])
+    """The Markdown summary of the figures."""
+    study, conf, m = f["study"], f["confirmation"], f["machine"]
+    defaults = study["rule_defaults"]
+    rule = next(r for r in conf["runs"] if r["key"] == "rule")
+    n_cases = len(rule["fold"].get("val_cases") or []) or "the"
+    verdict = (f"**adopted**: `{f['configuration']}_searched` ({conf['winner']}) beats the rule plan by "
+               f"**{_fmt(conf['margin'])}**" if conf["adopted"] else
+               f"**not adopted**: the rule plan is kept (best candidate {_fmt(conf['margin'])})")
     rows = []
-    for label, r in ((f["configuration"], rule), (f["configuration"] + "_searched", searched)):
-        per_class = ", ".join(f"{k}: {_fmt(v)}" for k, v in (r.get("dice_per_class") or {}).items())
-        rows.append([label, _fmt(r["mean_dice"]), per_class, r["epochs"], r["iterations"],
-                     _fmt(r["train_seconds"], 0, " s"), r["batch_size"], r["patch_size"], r["features_per_stage"],
-                     r["source"]])
+    for r in conf["runs"]:
+        fold = r["fold"]
+        rows.append([r["key"], "-" if r["trial"] is None else r["trial"], _fmt(r["mean_dice"]),
+                     _fmt(None if r["mean_dice"] is None or rule["mean_dice"] is None
+                          else r["mean_dice"] - rule["mean_dice"]),
+                     fold.get("epochs", "-"), fold.get("iterations", "-"), _fmt(fold.get("train_seconds"), 0, " s"),
+                     fold.get("batch_size", "-"), fold.get("patch_size", "-"), fold.get("features_per_stage", "-"),
+                     r["source"], differences(r["params"], defaults) if r["trial"] is not None else "rule plan"])
     trial_rows = [[t["number"], t["state"], _fmt(t["value"]), t["epochs"] if t["epochs"] is not None else "-",
                    _fmt(t["seconds"], 0, " s"), t["retry_of"] if t["retry_of"] is not None else "-",
-                   ", ".join(f"{k}={_fmt(v, 3)}" for k, v in t["params"].items())] for t in study["trials"]]
-    m = f["machine"]
-    cases = rule["val_cases"]
-    n_cases = len(cases) if isinstance(cases, list) else cases
+                   differences(t["params"], defaults)] for t in study["trials"]]
     lines = [
-        "# Searched vs rule-based plan at the same training budget",
+        f"# Searched vs rule-based plan at the same fold budget ({f['dataset_name']}, `{f['configuration']}`)",
         "",
-        f"Fold-0 validation mean Dice ({n_cases} held-out cases), both trained with "
-        f"`--time-budget {f['budget']}` on the same split and machine; searched - rule-based = **{_fmt(delta)}** "
-        f"(goal: >= +0.01).",
+        f"Fold-0 validation mean Dice ({n_cases} held-out cases) of the rule plan and the search's best "
+        f"candidates, each trained by the search's confirmation with the same fold budget (`--time-budget "
+        f"{f['budget']}`), split and machine, one after the other; {verdict} (issue goal: a win >= +0.01 on at "
+        "least one dataset, never adopted when worse).",
         "",
-        md_table(["configuration", "mean Dice", "per class", "epochs", "iterations", "training", "batch", "patch",
-                  "features", "source"], rows),
+        f"Verdict of the search: {conf['summary']}.",
         "",
-        f"Search: study `{study['study']}`, {study['states']}, ~{_fmt((study['trial_budget_s'] or 0) / 60, 1)} min "
-        f"per trial, search budget {_fmt((study['total_budget_s'] or 0) / 60, 0)} min, wall time (first trial start "
-        f"to last trial end, including any interruption) {_fmt((study['wall_s'] or 0) / 60, 1)} min; best trial "
-        f"{study['best_trial']} (fold-0 Dice {_fmt(study['best_value'])} after its short training).",
+        md_table(["run", "trial", "mean Dice", "vs rule", "epochs", "iterations", "training", "batch", "patch",
+                  "features", "source", "parameters (differences from the rule plan)"], rows),
         "",
-        md_table(["trial", "state", "value", "epochs", "time", "retry of", "parameters"], trial_rows),
+        f"Search: study `{study['study']}`, fidelity `{study['fidelity']}` ({study['fidelity_note']}); "
+        f"{study['states']}, ~{_fmt((study['trial_budget_s'] or 0) / 60, 1)} min per trial, search budget "
+        f"{_fmt((study['total_budget_s'] or 0) / 60, 0)} min; trials' wall time (first start to last end) "
+        f"{_fmt((study['wall_s'] or 0) / 60, 1)} min; best trial {study['best_trial']} (score "
+        f"{_fmt(study['best_value'])} after its short training). Whole benchmark (plan, search, confirmation): "
+        f"{_fmt(f['wall_s'] / 60, 1)} min.",
+        "",
+        md_table(["trial", "state", "score", "epochs", "time", "retry of", "parameters (differences from the rule "
+                  "plan)"], trial_rows),
         "",
         f"Machine: {m['cpu_model']}, {m['cpu_count_logical']} logical CPUs, {m['memory_total_gib']} GiB; "
-        f"{BENCH_THREADS} torch threads, training precision {f['precision']}; python {m['python']}, "
-        f"torch {m['torch']}, automedseg {m['automedseg']}.",
+        f"{BENCH_THREADS} torch threads; python {m['python']}, torch {m['torch']}, automedseg {m['automedseg']}.",
         "",
-        f"Command: `python benchmarks/search_quality.py --work-dir W --budget {f['budget']}` after `automedseg "
-        "search` in W.",
+        f"Command: `{f['command']}`",
     ]
     return "\n".join(lines)
 
 
+def prepare_dataset(args: argparse.Namespace, root: Path) -> Path:
+    """The raw dataset folder (a 2D shared dataset imported first, as search_fidelity does)."""
+    from search_fidelity import prepare_dataset as prepare
+
+    return prepare(SimpleNamespace(shared=args.shared, dataset=args.dataset, data_root=args.data_root,
+                                   keep=args.keep, dry_run=False, threads=BENCH_THREADS), root)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", type=Path, required=True, help="work folder holding plans.json and the study")
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_MSD_DIR)
-    parser.add_argument("-c", "--configuration", default="3d_fullres")
-    parser.add_argument("--budget", default="20m", help="training budget of each fold 0 (default 20m)")
-    parser.add_argument("--study-name", default=None)
-    parser.add_argument("--reuse", action="store_true", help="reuse folds already validated with this budget")
-    parser.add_argument("--searched-first", action="store_true", help="train the searched configuration first")
+    parser.add_argument("--dataset", type=Path, default=default_data_root() / "msd_hippocampus")
+    parser.add_argument("--shared", choices=sorted(DATASETS), default=None, help="a shared dataset instead")
+    parser.add_argument("--data-root", type=Path, default=default_data_root())
+    parser.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/work/search_quality/NAME")
+    parser.add_argument("-c", "--configuration", default=None, help="default 3d_fullres, else 2d")
+    parser.add_argument("--budget", default="20m", help="the fold budget of every fold-0 training (default 20m)")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--search-budget", default="20m", help="the trials' total budget (--time-budget of search)")
+    parser.add_argument("--fidelity", default="auto", choices=("auto", "full", "short", "continuation"))
+    parser.add_argument("--confirm", type=int, default=2, help="candidates confirmed at the full fold budget")
+    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--keep", action="store_true", help="continue the work folder's plan, study and runs")
+    parser.add_argument("--results-name", default=BENCHMARK)
+    parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    work = args.work_dir.resolve()
-    logs = work / "benchmark_logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    study = study_summary(work, args.configuration, args.study_name)
-    order = [args.configuration, args.configuration + "_searched"]
-    folds = {c: train_or_reuse(args.dataset, work, c, budget=args.budget, reuse=args.reuse, logs=logs)
-             for c in (order[::-1] if args.searched_first else order)}
-    from automedseg.device import cpu_supports_bf16
-
-    figures = {"precision": "bf16 autocast" if cpu_supports_bf16() else "fp32", "configuration": args.configuration,
-               "budget": args.budget, "work_dir": str(work), "rule": folds[order[0]],
-               "searched": folds[order[1]], "study": study, "machine": machine_info()}
-    json_path, md_path = write_results("search_quality", figures, build_summary(figures))
+    name = args.shared or Path(args.dataset).name
+    root = (args.work_dir or WORK_DIR / BENCHMARK / name).resolve()
+    if not args.keep and root.exists():
+        shutil.rmtree(root)
+    t0 = time.monotonic()
+    dataset = prepare_dataset(args, root)
+    work, logs = root / "work", root / "logs"
+    budget_s = parse_budget(args.budget)
+    config_args = ["-c", args.configuration] if args.configuration else []
+    if not (args.keep and _plan_reusable(work, budget_s)):
+        run_automedseg(["plan", dataset, "--work-dir", work, "--time-budget", args.budget, "--threads",
+                        BENCH_THREADS, *config_args], logs=logs, label="plan")
+    configuration = args.configuration or _choose_configuration(work / "plans.json")
+    run_automedseg(["search", dataset, "--work-dir", work, "-c", configuration, "--trials", args.trials,
+                    "--time-budget", args.search_budget, "--fidelity", args.fidelity, "--confirm", args.confirm,
+                    "--seed", args.seed, "--threads", BENCH_THREADS], logs=logs, label="search")
+    study = study_summary(work, configuration, None)
+    command = "python benchmarks/search_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    figures = {"dataset": str(dataset), "dataset_name": name, "configuration": configuration,
+               "budget": args.budget, "budget_s": budget_s, "trials": args.trials,
+               "search_budget": args.search_budget, "work_dir": str(work), "command": command,
+               "wall_s": time.monotonic() - t0, "study": study,
+               "confirmation": confirmation_figures(work, study["study"]), "machine": machine_info()}
+    json_path, md_path = write_results(args.results_name, figures, build_summary(figures),
+                                       results_dir=args.results_dir)
     print(md_path.read_text())
     print(f"written: {json_path}, {md_path}")
     return 0

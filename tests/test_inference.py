@@ -13,10 +13,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from automedseg.errors import LockedError
 from automedseg.inference import (
     FolderReport,
     LoadedFold,
     load_fold,
+    output_lock,
     predict_folder,
     predict_probabilities_preprocessed,
 )
@@ -228,3 +230,17 @@ def test_the_sliding_window_names_stay_importable_from_inference() -> None:
     for name in ("FORWARD_VOXELS_2D", "MAX_FORWARD_BATCH", "_mirror_sets", "forward_batch_size", "gaussian_importance",
                  "predict_preprocessed", "tile_starts"):
         assert getattr(inference, name) is getattr(sliding_window, name)
+
+
+def test_parts_predict_at_once_but_never_beside_a_whole_folder_run(tmp_path: Path) -> None:
+    with output_lock(tmp_path, num_parts=2, part_id=0):
+        with output_lock(tmp_path, num_parts=2, part_id=1):
+            pass  # the other part runs meanwhile
+        for again in ({"num_parts": 2, "part_id": 0}, {}):  # the same part twice; a whole-folder run
+            with pytest.raises(LockedError), output_lock(tmp_path, **again):
+                pass
+    with output_lock(tmp_path):
+        with pytest.raises(LockedError), output_lock(tmp_path, num_parts=2, part_id=1):
+            pass
+    with output_lock(tmp_path, num_parts=2, part_id=1):  # all released
+        pass

@@ -21,7 +21,8 @@ import automedseg
 from automedseg import uncertainty as U
 from automedseg.cli import main
 from automedseg.errors import InputError, LockedError
-from automedseg.locks import folder_lock
+from automedseg.inference import SUMMARY_LOCK
+from automedseg.locks import LOCK_NAME, folder_lock
 from automedseg.network import build_network
 from automedseg.plans import Plans
 
@@ -147,8 +148,9 @@ def test_parts_predicted_into_one_folder_leave_one_summary_of_all(write_nnunet_d
     write, locked = U.write_uncertainty_summary, []
 
     def while_locked(output_dir: Path, **kwargs: object) -> U.UncertaintySummary:
-        with pytest.raises(LockedError), folder_lock(output_dir, purpose="another part"):
-            pass  # the part writing the summary still holds the output folder
+        for name in (SUMMARY_LOCK, LOCK_NAME):  # the part writing the summary holds the summary and its part
+            with pytest.raises(LockedError), folder_lock(output_dir, purpose="another run", name=name):
+                pass
         locked.append(Path(output_dir))
         return write(output_dir, **kwargs)  # type: ignore[arg-type]
 
