@@ -10,13 +10,16 @@ Conventions: arrays are (Z, Y, X), spacings (z, y, x) in mm; SimpleITK takes (x,
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -301,6 +304,24 @@ def _small_network_plan(architecture: str, dims: int, *, widths: tuple[int, ...]
         n_conv_per_stage_decoder=(n_dec,) * (n - 1),
         deep_supervision=deep_supervision,
     )
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Imports a script of ``benchmarks/`` by name (that folder on ``sys.path`` for the test), forgotten after it."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+        loaded.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

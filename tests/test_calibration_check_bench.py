@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import doctest
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import calibration_check
-
-    yield calibration_check
-    sys.modules.pop("calibration_check", None)
+def bench(benchmark_module):
+    return benchmark_module("calibration_check")
 
 
 def test_doctests(bench) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 torch.set_num_threads(1)
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import predict_speed_2d
-
-    yield predict_speed_2d
-    sys.modules.pop("predict_speed_2d", None)
+def bench(benchmark_module):
+    return benchmark_module("predict_speed_2d")
 
 
 def test_drive_plan_is_the_shared_datasets_one(bench) -> None:

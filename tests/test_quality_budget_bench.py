@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import quality_budget
-
-    yield quality_budget
-    sys.modules.pop("quality_budget", None)
+def bench(benchmark_module):
+    return benchmark_module("quality_budget")
 
 
 def _write_fold(fold_dir: Path, *, validated: bool) -> None:

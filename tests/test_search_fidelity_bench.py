@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import search_fidelity
-
-    yield search_fidelity
-    sys.modules.pop("search_fidelity", None)
+def bench(benchmark_module):
+    return benchmark_module("search_fidelity")
 
 
 def _base(ws: Any) -> tuple[Any, Any]:

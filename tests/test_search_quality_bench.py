@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import search_quality
-
-    yield search_quality
-    sys.modules.pop("search_quality", None)
+def bench(benchmark_module):
+    return benchmark_module("search_quality")
 
 
 def _write_confirmation(work: Path, *, rule: float, candidate: float) -> None:

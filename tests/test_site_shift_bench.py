@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import doctest
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import site_shift
-
-    yield site_shift
-    sys.modules.pop("site_shift", None)
+def bench(benchmark_module):
+    return benchmark_module("site_shift")
 
 
 def _image(seed: int, shape: tuple[int, int, int] = (10, 16, 12)) -> np.ndarray:

@@ -4,23 +4,16 @@ measurement (the step timing faked) and the dry run (nothing is timed)."""
 from __future__ import annotations
 
 import doctest
-import sys
 from pathlib import Path
 
 import pytest
 
 from automedseg.calibration_step import StepTiming
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SCRIPT_DIR))
-    import thread_placement
-
-    yield thread_placement
-    sys.modules.pop("thread_placement", None)
+def bench(benchmark_module):
+    return benchmark_module("thread_placement")
 
 
 def test_doctests(bench) -> None:
