@@ -104,9 +104,6 @@ class Calibration:
         step_gflops_by_width: ``(feature width, GFLOP/s)`` of a real 3D training step with its data pipeline
             (CPU only; empty in caches written before it was timed and on CUDA).
         step_gflops_by_width_2d: The same for a 2D training step.
-        step_seconds_per_mparam: What a training step costs per million parameters of its network, whatever the
-            patch (:func:`automedseg.calibration_step.fit_parameter_cost`; the step throughputs are net of it;
-            ``None`` in caches written before it was fitted and on CUDA).
         worker_placement: Where the augmentation worker ran for the step figures, as chosen
             (:func:`automedseg.calibration_step.calibrate_placement`: ``shared`` or ``own_core``; ``None`` in caches
             written before it was chosen and on CUDA).
@@ -125,7 +122,6 @@ class Calibration:
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
     worker_placement: str | None = None
     placement_step_seconds: tuple[tuple[str, float], ...] = ()
-    step_seconds_per_mparam: float | None = None
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -139,10 +135,6 @@ class Calibration:
             raise PlanError(f"worker_placement {self.worker_placement!r} is not one of {WORKER_PLACEMENTS} or null")
         if not all(p in WORKER_PLACEMENTS and s > 0 and math.isfinite(s) for p, s in self.placement_step_seconds):
             raise PlanError("placement_step_seconds must be (placement, seconds) pairs with positive seconds")
-        if self.step_seconds_per_mparam is not None and not (
-                self.step_seconds_per_mparam >= 0 and math.isfinite(self.step_seconds_per_mparam)):
-            raise PlanError(f"step_seconds_per_mparam must be a number >= 0 or null, got "
-                            f"{self.step_seconds_per_mparam}")
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -150,8 +142,7 @@ class Calibration:
         parts = {"2D convolution": bool(self.gflops_by_width_2d),
                  "data pipeline": self.window_voxels_per_s is not None and bool(self.augment_voxels_per_s),
                  "training step": self.provenance.kind != "cpu" or bool(
-                     self.step_gflops_by_width and self.step_gflops_by_width_2d
-                     and self.step_seconds_per_mparam is not None),
+                     self.step_gflops_by_width and self.step_gflops_by_width_2d),
                  "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None}
         return tuple(name for name, timed in parts.items() if not timed)
 
@@ -284,11 +275,12 @@ def _time_once(machine: _Machine) -> Calibration:
                                             window_s=TIMING_WINDOW_S)
     gflops_2d = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                                window_s=TIMING_WINDOW_S, dims=2)
-    steps = calibration_step.StepFigures((), (), 0.0)
+    steps: dict[int, tuple[tuple[int, float], ...]] = {2: (), 3: ()}
     placement, placement_s = None, ()
     if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
         placement, placement_s = calibration_step.calibrate_placement(threads=threads)
-        steps = calibration_step.calibrate_steps(threads=threads, placement=placement)
+        steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads, placement=placement)
+                 for d in (3, 2)}
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()
@@ -303,11 +295,10 @@ def _time_once(machine: _Machine) -> Calibration:
                        gflops_by_width_2d=tuple((int(w), float(g)) for w, g in gflops_2d),
                        window_voxels_per_s=float(data.window_voxels_per_s),
                        augment_voxels_per_s=tuple((int(d), float(v)) for d, v in data.augment_voxels_per_s),
-                       step_gflops_by_width=tuple((int(w), float(g)) for w, g in steps.gflops_3d),
-                       step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps.gflops_2d),
+                       step_gflops_by_width=tuple((int(w), float(g)) for w, g in steps[3]),
+                       step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]),
                        worker_placement=placement,
-                       placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s),
-                       step_seconds_per_mparam=float(steps.seconds_per_mparam) if machine.kind == "cpu" else None)
+                       placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s))
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
@@ -324,10 +315,7 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
                                window_voxels_per_s=windows,
                                augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s),
                                step_gflops_by_width=best(a.step_gflops_by_width, b.step_gflops_by_width),
-                               step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d),
-                               step_seconds_per_mparam=min((c for c in (a.step_seconds_per_mparam,
-                                                                        b.step_seconds_per_mparam) if c is not None),
-                                                           default=None))
+                               step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d))
 
 
 def _ratio(new: Calibration, old: Calibration) -> float:
@@ -344,11 +332,9 @@ def _ratio(new: Calibration, old: Calibration) -> float:
 
 def _completed(cached: Calibration, new: Calibration) -> Calibration:
     """A cached calibration with the parts it lacks (an older automedseg did not time them) taken from ``new``."""
-    placed_anew = cached.worker_placement is None and new.worker_placement not in (None, "shared")
-    if placed_anew or cached.step_seconds_per_mparam is None:  # the steps as placed, net of the parameter cost
+    if cached.worker_placement is None and new.worker_placement not in (None, "shared"):  # (steps timed as placed)
         cached = dataclasses.replace(cached, step_gflops_by_width=new.step_gflops_by_width,
-                                     step_gflops_by_width_2d=new.step_gflops_by_width_2d,
-                                     step_seconds_per_mparam=new.step_seconds_per_mparam)
+                                     step_gflops_by_width_2d=new.step_gflops_by_width_2d)
     return dataclasses.replace(
         cached, gflops_by_width_2d=cached.gflops_by_width_2d or new.gflops_by_width_2d,
         window_voxels_per_s=cached.window_voxels_per_s if cached.window_voxels_per_s is not None
@@ -479,7 +465,6 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
         or None,
         worker_placement=calibration.worker_placement,
         placement_step_seconds=tuple((n, float(f"{v:.3g}")) for n, v in calibration.placement_step_seconds) or None,
-        step_seconds_per_mparam=calibration.step_seconds_per_mparam,
     )
 
 

@@ -23,15 +23,6 @@ After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), 
 :data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
 batch or depth of the same width. About 15 s for the three widths in 3D and 2D on a 2-core CPU.
 
-Part of a step does not scale with the patch: the optimizer's update, gradient clipping and the casts of the
-weights to bf16 and of their gradients back touch every parameter once a step, whatever the patch. A deep 2D
-network (20.6 M parameters at width 32 with six stages) spends a large share of a small patch's step there: its
-step at 2 x 128 x 128 took 0.443 s where the throughput of the 224 x 224 reference step predicted 0.299 s
-(benchmarks/results/calibration_check.md, 2026-12-01). So :func:`calibrate_steps` also times that network at a
-second patch (:data:`PARAM_FIT_PATCH`) and solves the two steps for a cost per million parameters
-(:func:`fit_parameter_cost`); the throughputs are then kept net of it and the cost model adds it back per
-network (:func:`automedseg.cost_model.network_step_seconds`). About 3 s more.
-
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
 :data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; an estimated 5 s
@@ -47,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -72,10 +62,6 @@ STEP_WINDOW_S = 0.8  # timed wall seconds per width
 STEP_MIN_STEPS = 2
 STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
-# The parameter cost is fitted on the widest 2D network timed at the reference patch and at a patch with the same
-# stages and a third of its FLOPs (openkbp_hn_ct's planned 2D patch, where the throughput alone missed by 1.48x).
-PARAM_FIT_WIDTH = 32
-PARAM_FIT_PATCH = (128, 128)
 PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)
 PLACEMENT_WINDOW_S = 1.0  # timed wall seconds per placement
 
@@ -90,7 +76,6 @@ class StepTiming:
         seconds: Wall seconds per timed step.
         steps: Steps timed.
         placement: Where the augmentation worker ran, as applied (:mod:`automedseg.thread_placement`).
-        parameters: The network's trainable parameters.
     """
 
     width: int
@@ -98,52 +83,24 @@ class StepTiming:
     seconds: float
     steps: int
     placement: str = "shared"
-    parameters: float = 0.0
 
     @property
     def gflops(self) -> float:
         """The step's throughput (:func:`step_gflops`)."""
         return step_gflops(self.flops, self.seconds)
 
-    def gflops_net_of(self, seconds_per_mparam: float) -> float:
-        """The step's throughput with its parameter cost (``seconds_per_mparam`` per million) left out too."""
-        return step_gflops(self.flops, self.seconds, fixed_s=self.parameters / 1e6 * seconds_per_mparam)
 
-
-def step_gflops(flops: float, seconds: float, *, fixed_s: float = 0.0) -> float:
+def step_gflops(flops: float, seconds: float) -> float:
     """GFLOP/s of a step of ``flops`` that took ``seconds``, its fixed latency left out, two significant digits.
 
-    The cost model adds :data:`~automedseg.cost_model.STEP_LATENCY_S` (and the network's parameter cost,
-    ``fixed_s`` here) back to every step it estimates, so the step timed here is estimated as it was measured (at
-    most half of it counts as latency and parameter cost).
+    The cost model adds :data:`~automedseg.cost_model.STEP_LATENCY_S` back to every step it estimates, so the
+    step timed here is estimated as it was measured (at most half of it counts as latency).
 
     Example:
-        >>> step_gflops(15.7e9, 0.16), step_gflops(1e9, 0.01), step_gflops(15.7e9, 0.21, fixed_s=0.05)
-        (100.0, 200.0, 100.0)
+        >>> step_gflops(15.7e9, 0.16), step_gflops(1e9, 0.01)
+        (100.0, 200.0)
     """
-    return float(f"{flops / max(seconds - STEP_LATENCY_S - fixed_s, 0.5 * seconds) / 1e9:.2g}")
-
-
-def fit_parameter_cost(a: StepTiming, b: StepTiming) -> float:
-    """Seconds per million parameters per step, from two timed steps of different FLOPs (0 when they do not
-    show one).
-
-    Each step is taken as ``flops / rate + parameters / 1e6 * cost + STEP_LATENCY_S`` with the same ``rate``:
-    two equations for ``1 / rate`` and ``cost``. A fit without a positive rate and cost (noise, steps alike)
-    gives 0, which leaves the throughputs as they are.
-
-    Example:
-        >>> big = StepTiming(32, 134e9, 0.9, 5, parameters=20.6e6)   # 224 x 224
-        >>> small = StepTiming(32, 44e9, 0.443, 5, parameters=20.6e6)  # 128 x 128
-        >>> fit_parameter_cost(big, small)  # 0.21 s of the 0.443 s step: AdamW, clipping, casts of 20.6 M
-        0.01
-    """
-    (f1, m1, t1), (f2, m2, t2) = ((t.flops, t.parameters / 1e6, t.seconds - STEP_LATENCY_S) for t in (a, b))
-    det = f1 * m2 - f2 * m1
-    if det == 0:
-        return 0.0
-    inv_rate, cost = (t1 * m2 - t2 * m1) / det, (f1 * t2 - f2 * t1) / det
-    return float(f"{cost:.2g}") if inv_rate > 0 and cost > 0 and math.isfinite(cost) else 0.0
+    return float(f"{flops / max(seconds - STEP_LATENCY_S, 0.5 * seconds) / 1e9:.2g}")
 
 
 def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None = None) -> ConfigurationPlan:
@@ -194,7 +151,7 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
     from automedseg.device import memory_format
     from automedseg.losses import DeepSupervisionLoss
     from automedseg.network import build_network, estimate_training_flops
-    from automedseg.network_cost import estimate_parameters, output_strides
+    from automedseg.network_cost import output_strides
     from automedseg.training_step import make_optimizer, train_step
 
     if dims not in (2, 3):
@@ -234,14 +191,13 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
                 seconds = max(clock() - t0, 1e-9) / n
                 flops = estimate_training_flops(config.network, in_channels=1, num_classes=STEP_CLASSES,
                                                 patch_size=config.patch_size, dims=dims) * config.batch_size
-                params = estimate_parameters(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=dims)
                 out.append(StepTiming(int(config.network.features_per_stage[0]), flops, seconds, n,
-                                      layout.placement, float(params)))
+                                      layout.placement))
     return tuple(out)
 
 
 def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
-                          placement: str = "shared", seconds_per_mparam: float = 0.0) -> tuple[tuple[int, float], ...]:
+                          placement: str = "shared") -> tuple[tuple[int, float], ...]:
     """``(width, GFLOP/s)`` of real CPU training steps (:func:`time_training_steps`, :func:`step_gflops`).
 
     Args:
@@ -249,42 +205,9 @@ def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS,
         widths: Features of the first stage.
         threads: Torch threads (default: leave as is).
         placement: Where the augmentation worker runs (``shared``, ``own_core``).
-        seconds_per_mparam: The parameter cost (:func:`fit_parameter_cost`), left out of the throughputs.
     """
     timings = time_training_steps(dims=dims, widths=widths, threads=threads, placement=placement)
-    return tuple((t.width, t.gflops_net_of(seconds_per_mparam)) for t in timings)
-
-
-def calibrate_parameter_cost(*, threads: int | None = None, placement: str = "shared") -> float:
-    """Seconds per million parameters per training step (:func:`fit_parameter_cost`): the 2D network of
-    :data:`PARAM_FIT_WIDTH` (the most parameters of the timed ones) at the reference patch and at
-    :data:`PARAM_FIT_PATCH`."""
-    (big,) = time_training_steps(dims=2, widths=(PARAM_FIT_WIDTH,), threads=threads, placement=placement)
-    (small,) = time_training_steps(dims=2, widths=(PARAM_FIT_WIDTH,), threads=threads, placement=placement,
-                                   patch=PARAM_FIT_PATCH)
-    return fit_parameter_cost(big, small)
-
-
-@dataclass(frozen=True)
-class StepFigures:
-    """What :func:`calibrate_steps` measured.
-
-    Attributes:
-        gflops_3d: ``(width, GFLOP/s)`` of the 3D steps, net of latency and parameter cost.
-        gflops_2d: The same for the 2D steps.
-        seconds_per_mparam: The parameter cost (:func:`fit_parameter_cost`).
-    """
-
-    gflops_3d: tuple[tuple[int, float], ...]
-    gflops_2d: tuple[tuple[int, float], ...]
-    seconds_per_mparam: float
-
-
-def calibrate_steps(*, threads: int | None = None, placement: str = "shared") -> StepFigures:
-    """The parameter cost, then the 3D and 2D step throughputs net of it (what the calibration caches)."""
-    cost = calibrate_parameter_cost(threads=threads, placement=placement)
-    return StepFigures(*(calibrate_step_gflops(dims=d, threads=threads, placement=placement, seconds_per_mparam=cost)
-                         for d in (3, 2)), seconds_per_mparam=cost)
+    return tuple((t.width, t.gflops) for t in timings)
 
 
 def time_placements(*, threads: int | None = None, dims: int = 3, width: int = PLACEMENT_WIDTH,

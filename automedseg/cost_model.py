@@ -221,16 +221,12 @@ def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, 
                          num_classes: int, device: DeviceProfile) -> float:
     """The network's part of one training iteration on ``device`` (on a CPU with timed steps: with its worker)."""
     from automedseg.network import estimate_training_flops
-    from automedseg.network_cost import estimate_parameters
 
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
     timed = timed_step_gflops(device, net.features_per_stage[0], dims)
-    if timed is not None:  # the real step: no overheads to add, they were timed (the parameter cost apart)
-        per_mparam = device.step_seconds_per_mparam or 0.0
-        params = estimate_parameters(net, in_channels=in_channels, num_classes=num_classes, dims=dims) if \
-            per_mparam else 0
-        return flops / (timed * 1e9) + STEP_LATENCY_S + params / 1e6 * per_mparam
+    if timed is not None:  # the real step: no overheads to add, they were timed
+        return flops / (timed * 1e9) + STEP_LATENCY_S
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
         overhead /= CPU_2D_CONV_EFFICIENCY

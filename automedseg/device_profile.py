@@ -102,8 +102,6 @@ class DeviceProfile:
             that width (forward, loss, backward, optimizer, with the augmentation worker running beside it), as
             training FLOPs per second of the step less :data:`automedseg.cost_model.STEP_LATENCY_S` (CPU only).
         step_gflops_by_width_2d: The same for a 2D training step.
-        step_seconds_per_mparam: What a training step costs per million parameters of its network whatever the
-            patch (optimizer, clipping, weight casts), which the step throughputs leave out (CPU only; absent: 0).
         worker_placement: Where the augmentation worker ran when the steps were timed, as the calibration chose it
             (:data:`WORKER_PLACEMENTS`; CPU only): the planner writes it into the plan
             (:func:`automedseg.cost_model.worker_placement_for`).
@@ -132,7 +130,6 @@ class DeviceProfile:
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
     worker_placement: str | None = field(default=None, metadata=_OMIT)
     placement_step_seconds: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_OMIT)
-    step_seconds_per_mparam: float | None = field(default=None, metadata=_OMIT)
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -150,10 +147,6 @@ class DeviceProfile:
         if not all(p in WORKER_PLACEMENTS and _positive(s) for p, s in self.placement_step_seconds or ()):
             raise PlanError(f"placement_step_seconds must be (placement, seconds) pairs with a placement of "
                             f"{WORKER_PLACEMENTS} and positive seconds")
-        if self.step_seconds_per_mparam is not None and not (
-                self.step_seconds_per_mparam >= 0 and math.isfinite(self.step_seconds_per_mparam)):
-            raise PlanError(f"step_seconds_per_mparam must be a number >= 0 or null, got "
-                            f"{self.step_seconds_per_mparam}")
 
     def gflops_at(self, width: int, *, dims: int = 3) -> float:
         """Throughput for a given feature width, interpolated log-linearly between calibrated widths.

@@ -150,7 +150,6 @@ def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
     monkeypatch.setattr(calibration_step, "calibrate_placement", placement)
-    monkeypatch.setattr(calibration_step, "calibrate_parameter_cost", lambda **_: 0.002)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
     return Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps, placement)
 
@@ -389,26 +388,9 @@ def _strip_steps(cache: Path) -> None:
     """Rewrite the cache as an automedseg from before the training steps were timed wrote it."""
     data = json.loads(cache.read_text())
     for entry in data["calibrations"].values():
-        for name in ("step_gflops_by_width", "step_gflops_by_width_2d", "step_seconds_per_mparam"):
+        for name in ("step_gflops_by_width", "step_gflops_by_width_2d"):
             del entry[name]
     cache.write_text(json.dumps(data))
-
-
-def test_an_entry_without_the_parameter_cost_takes_the_new_steps_with_it(planner: Planner) -> None:
-    planner.plan()
-    measured_at = planner.entry().provenance.measured_at
-    data = json.loads(planner.cache.read_text())
-    for entry in data["calibrations"].values():
-        del entry["step_seconds_per_mparam"]  # as the steps' timing before the parameter cost wrote it
-    planner.cache.write_text(json.dumps(data))
-    assert planner.entry().missing == ("training step",)
-    net = {d: tuple((w, g * 1.05) for w, g in t) for d, t in STEPS.items()}  # within the hysteresis
-    planner.steps.tables = net
-    planner.plan()
-    entry = planner.entry()
-    assert entry.complete and entry.provenance.measured_at == measured_at and entry.step_seconds_per_mparam == 0.002
-    assert (entry.step_gflops_by_width, entry.step_gflops_by_width_2d) == (net[3], net[2])  # net of it, as timed
-    assert C.profile_from(entry).step_seconds_per_mparam == 0.002
 
 
 def test_an_entry_without_training_steps_loads_and_is_completed_once(planner: Planner) -> None:
@@ -451,9 +433,7 @@ def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
     assert _calibration("cpu").missing == ("training step", "thread placement")
     assert not _calibration("cpu", step_gflops_by_width=STEPS[3], worker_placement="shared").complete  # 3D, no 2D
     assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2],
-                        worker_placement="shared", step_seconds_per_mparam=0.0).complete
-    assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2],
-                        worker_placement="shared").missing == ("training step",)  # before the parameter cost
+                        worker_placement="shared").complete
     with pytest.raises(C.PlanError, match="positive throughputs"):
         _calibration("cpu", step_gflops_by_width=((8, 0.0),))
     profile = C.profile_from(_calibration("cuda"))

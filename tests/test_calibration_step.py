@@ -125,20 +125,3 @@ def test_calibrate_placement_times_the_reference_step_under_each_placement(
     assert S.calibrate_placement(threads=2) == expected
     assert all((c["dims"], c["widths"], c["threads"], c["window_s"]) == (3, (S.PLACEMENT_WIDTH,), 2,
                                                                          S.PLACEMENT_WINDOW_S) for c in calls)
-
-
-@pytest.mark.parametrize(("cost", "rate_gflops"), [(0.01, 200.0), (0.002, 120.0), (0.0, 150.0)])
-def test_the_parameter_cost_is_recovered_from_two_steps(cost: float, rate_gflops: float) -> None:
-    def timed(flops: float) -> S.StepTiming:
-        seconds = flops / (rate_gflops * 1e9) + 20.6 * cost + STEP_LATENCY_S
-        return S.StepTiming(32, flops, seconds, 5, parameters=20.6e6)
-
-    big, small = timed(134e9), timed(44e9)
-    assert S.fit_parameter_cost(big, small) == pytest.approx(cost, abs=1e-4)
-    assert big.gflops_net_of(S.fit_parameter_cost(big, small)) == pytest.approx(rate_gflops, rel=0.05)
-
-
-def test_a_fit_without_a_positive_cost_leaves_the_throughputs_alone() -> None:
-    big = S.StepTiming(32, 134e9, 0.5, 5, parameters=20.6e6)
-    assert S.fit_parameter_cost(big, S.StepTiming(32, 44e9, 0.1, 5, parameters=20.6e6)) == 0.0  # faster than FLOPs
-    assert S.fit_parameter_cost(big, big) == 0.0  # the same step twice: nothing to solve

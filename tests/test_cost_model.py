@@ -85,22 +85,6 @@ def test_timed_steps_replace_the_overheads_and_the_worker(dims: int, patch, base
     assert est.describe().endswith("s, from the timed training steps")
 
 
-@pytest.mark.parametrize(("dims", "patch", "base"), [(3, PATCH, 12), (2, (128, 128), 32)])
-def test_the_parameter_cost_is_added_per_network(dims: int, patch, base: int) -> None:
-    from automedseg.network_cost import estimate_parameters
-
-    net, rounded = _net(base, patch, dims)
-    without = M.network_step_seconds(net, rounded, batch=2, dims=dims, in_channels=1, num_classes=3, device=TIMED)
-    costed = _profile(TIMED, step_seconds_per_mparam=0.01)
-    params = estimate_parameters(net, in_channels=1, num_classes=3, dims=dims)
-    assert M.network_step_seconds(net, rounded, batch=2, dims=dims, in_channels=1, num_classes=3,
-                                  device=costed) == pytest.approx(without + params / 1e6 * 0.01)
-    assert _profile(CPU, step_seconds_per_mparam=0.01).step_gflops_at(base) is None  # untimed: not charged
-    assert M.network_step_seconds(net, rounded, batch=2, dims=dims, in_channels=1, num_classes=3,
-                                  device=_profile(CPU, step_seconds_per_mparam=0.01)) == pytest.approx(
-        M.network_step_seconds(net, rounded, batch=2, dims=dims, in_channels=1, num_classes=3, device=CPU))
-
-
 def test_the_timed_step_is_interpolated_between_widths() -> None:
     assert TIMED.step_gflops_at(8) == 110.0 and TIMED.step_gflops_at(64) == 310.0  # the ends beyond the table
     assert TIMED.step_gflops_at(12) == pytest.approx(110.0 * (230.0 / 110.0) ** math.log2(12 / 8))  # log-linear

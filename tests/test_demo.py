@@ -35,7 +35,6 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
                         lambda **_: DataThroughput(2e8, ((2, 6e6), (3, 5.5e6))))
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
     monkeypatch.setattr(calibration_step, "calibrate_placement", lambda **_: ("shared", (("shared", 0.3),)))
-    monkeypatch.setattr(calibration_step, "calibrate_parameter_cost", lambda **_: 0.002)
     options = dict(n_cases=5, n_test=1, time_budget_s=8.0, jobs=1, threads=1,
                    calibration_cache=tmp_path / "calibration.json", progress=False)
     first_log: list[str] = []
@@ -53,7 +52,6 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", no_timing)
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", no_timing)
     monkeypatch.setattr(calibration_step, "calibrate_placement", no_timing)
-    monkeypatch.setattr(calibration_step, "calibrate_parameter_cost", no_timing)
     second_log: list[str] = []
     second = run_demo(tmp_path, log=second_log.append, **options)
     text = "\n".join(second_log)
