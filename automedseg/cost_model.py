@@ -66,6 +66,11 @@ from automedseg.topology import ANISO_THRESHOLD
 # stage's width stays (for the timed steps too: they are timed on the planner's networks, width by width).
 CPU_STEP_OVERHEAD = 1.6
 GPU_STEP_OVERHEAD = 1.15
+# Tried and not adopted (2026-12-01, AMD EPYC 2 cores): a per-parameter step cost (optimizer, clipping, weight
+# casts) fitted from the 2D width-32 step at 224x224 and 128x128 (0.013 s per million parameters) to explain
+# openkbp_hn_ct's 2D step (1.48x the estimate): the fit lifted the 2D throughputs to 100/180/360 GFLOP/s and moved
+# hippocampus 2d from 1.02 to 1.54x and 3d_fullres from 1.12 to 1.19x (benchmarks/calibration_check.py): the
+# small patch's lower efficiency per FLOP is not a parameter cost.
 # Per step, whatever its size (launches, the optimizer's Python). The step calibration leaves it out of its
 # throughput (calibration_step.step_gflops) and the estimate adds it back.
 STEP_LATENCY_S = 0.01
