@@ -36,7 +36,7 @@ def _holder(path: Path) -> str:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, *, purpose: str, name: str = LOCK_NAME, shared: bool = False) -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` (created if missing) for the ``with`` block.
+    """Hold a lock on ``folder`` (created if missing) for the ``with`` block: exclusive unless ``shared``.
 
     Args:
         folder: The folder to protect.
