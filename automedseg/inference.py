@@ -22,7 +22,7 @@ import torch
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.checkpoints import CheckpointError, load_checkpoint  # noqa: F401  (re-exported)
 from automedseg.device import channels_last_norms, memory_format, select_device
-from automedseg.errors import InputError
+from automedseg.errors import InputError, LockedError
 from automedseg.io import CaseFiles, Geometry
 from automedseg.loaded_fold import LoadedFold
 from automedseg.locks import folder_lock, waiting_lock
@@ -237,20 +237,43 @@ def output_lock(output_dir: Path, *, num_parts: int = 1, part_id: int = 0) -> It
 
     A whole-folder run (``num_parts`` 1) holds the folder exclusively. The parts of a split prediction run at
     once: each holds the folder shared (so no whole-folder run starts meanwhile, and none of them starts while
-    one runs) and its own part exclusively (the same part twice is refused). What sums up the whole folder is
-    written under a third lock, :data:`SUMMARY_LOCK`, taken in turn.
+    one runs), its split (``num_parts``) shared and its own part exclusively (the same part twice is refused).
+    A part of another split is refused while parts of this one run: the two splits would deal the same cases
+    out differently and write some of them twice. What sums up the whole folder is written under a further
+    lock, :data:`SUMMARY_LOCK`, taken in turn.
 
     Raises:
-        LockedError: A whole-folder run, or the same part, holds the folder.
+        LockedError: A whole-folder run, the same part, or parts of another split hold the folder.
     """
     if num_parts == 1:
         with folder_lock(output_dir, purpose="predict"):
             yield
         return
-    with folder_lock(output_dir, purpose=f"predict part {part_id} of {num_parts}", shared=True), \
-            folder_lock(output_dir, purpose=f"predict part {part_id} of {num_parts}",
-                        name=f".automedseg-part-{part_id}-of-{num_parts}.lock"):
+    purpose = f"predict part {part_id} of {num_parts}"
+    with folder_lock(output_dir, purpose=purpose, shared=True), \
+            folder_lock(output_dir, purpose=purpose, name=_split_lock_name(num_parts), shared=True), \
+            folder_lock(output_dir, purpose=purpose, name=f".automedseg-part-{part_id}-of-{num_parts}.lock"):
+        _refuse_other_splits(Path(output_dir), num_parts)
         yield
+
+
+def _split_lock_name(num_parts: int) -> str:
+    return f".automedseg-split-{num_parts}.lock"
+
+
+def _refuse_other_splits(output_dir: Path, num_parts: int) -> None:
+    """Raise when parts of a split other than ``num_parts`` hold ``output_dir`` (their split lock is held)."""
+    for path in sorted(output_dir.glob(".automedseg-split-*.lock")):
+        other = path.name.removeprefix(".automedseg-split-").removesuffix(".lock")
+        if other == str(num_parts):
+            continue
+        try:
+            with folder_lock(output_dir, purpose="predict: probing a split", name=path.name):
+                pass
+        except LockedError:
+            raise LockedError(f"{output_dir}: parts of a --num-parts {other} prediction write here; a "
+                              f"--num-parts {num_parts} part would deal the cases out differently and write some "
+                              f"twice: use --num-parts {other}, or wait for them to finish") from None
 
 
 def load_fold_groups(fold_groups: Sequence[Sequence[Path]], *, device: str | None = None, engine: str = "torch",

@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -576,8 +577,39 @@ def write_results(name: str, figures: dict, summary_md: str, *,
     json_path = out_dir / f"{name}.json"
     md_path = out_dir / f"{name}.md"
     _atomic_write_text(json_path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    _atomic_write_text(md_path, summary_md.rstrip("\n") + "\n")
+    kept = "".join(f"\n{m.group(0)}\n" for m in _SECTION.finditer(md_path.read_text())) if md_path.is_file() else ""
+    _atomic_write_text(md_path, summary_md.rstrip("\n") + "\n" + kept)
     return json_path, md_path
+
+
+_SECTION = re.compile(r"<!-- section:(?P<key>[\w.-]+) -->\n.*?<!-- /section:(?P=key) -->", re.S)
+
+
+def write_section(md_path: Path, key: str, text: str) -> None:
+    r"""Put ``text`` into ``md_path`` as the section ``key``, replacing that section or appending it.
+
+    Another script's results file can so carry this script's figures (e.g. the 2D prediction speed inside
+    ``predict_speed.md``); :func:`write_results` keeps such sections when it rewrites the file.
+
+    Example:
+        >>> import tempfile
+        >>> md = Path(tempfile.mkdtemp()) / "r.md"
+        >>> _ = md.write_text("# main\n")
+        >>> write_section(md, "2d", "two"); write_section(md, "2d", "three")
+        >>> print(md.read_text())
+        # main
+        <BLANKLINE>
+        <!-- section:2d -->
+        three
+        <!-- /section:2d -->
+        <BLANKLINE>
+    """
+    block = f"<!-- section:{key} -->\n{text.strip()}\n<!-- /section:{key} -->"
+    old = md_path.read_text() if md_path.is_file() else ""
+    found = [m for m in _SECTION.finditer(old) if m.group("key") == key]
+    new = (old[:found[0].start()] + block + old[found[0].end():] if found
+           else old.rstrip("\n") + "\n\n" + block + "\n")
+    _atomic_write_text(md_path, new)
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

@@ -27,7 +27,8 @@ Usage::
     python benchmarks/predict_speed_2d.py --batches 4,8,16,32,64 --images stack --reps 2
     python benchmarks/predict_speed_2d.py --reps 1 --slices 8 --results-dir /tmp/p2d   # smoke test
 
-Results go to ``benchmarks/results/predict_speed_2d.{json,md}`` (``--results-dir`` elsewhere).
+Results go to ``benchmarks/results/predict_speed_2d.{json,md}`` (``--results-dir`` elsewhere); the summary is
+also the ``predict_speed_2d`` section of ``predict_speed.md`` beside them (kept when ``predict_speed.py`` rewrites it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import md_table, write_results  # noqa: E402
+from _common import md_table, write_results, write_section  # noqa: E402
 
 PATCH = (192, 256)
 STAGES = 6
@@ -259,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     figures["machine"] = machine_info()
     summary = build_summary(figures)
     json_path, md_path = write_results("predict_speed_2d", figures, summary, results_dir=args.results_dir)
+    # The 3D comparison's file carries the 2D figures too (a section of their own, kept when it is rewritten).
+    write_section(md_path.with_name("predict_speed.md"), "predict_speed_2d",
+                  "#" + summary if summary.startswith("# ") else summary)
     print(summary)
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and its section in {md_path.with_name('predict_speed.md')}")
     return 0
 
 

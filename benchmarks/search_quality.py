@@ -90,6 +90,7 @@ def confirmation_figures(work: Path, study_name: str) -> dict:
         runs.append({"key": r.key, "trial": r.trial, "params": r.params, "source": r.source, "state": r.state,
                      "mean_dice": r.mean_dice, "fold": fold})
     return {"winner": state.winner, "margin": state.margin, "adopted": state.adopted, "summary": state.summary(),
+            "probability": state.probability, "n_cases": state.n_cases, "min_probability": state.min_probability,
             "runs": runs}
 
 
@@ -108,6 +109,9 @@ def build_summary(f: dict) -> str:
     verdict = (f"**adopted**: `{f['configuration']}_searched` ({conf['winner']}) beats the rule plan by "
                f"**{_fmt(conf['margin'])}**" if conf["adopted"] else
                f"**not adopted**: the rule plan is kept (best candidate {_fmt(conf['margin'])})")
+    if conf.get("probability") is not None:
+        verdict += (f", paired-bootstrap P(better) {conf['probability']:.2f} over {conf['n_cases']} cases (a win "
+                    f"needs {conf['min_probability']:.2f})")
     rows = []
     for r in conf["runs"]:
         fold = r["fold"]

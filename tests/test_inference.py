@@ -243,4 +243,7 @@ def test_parts_predict_at_once_but_never_beside_a_whole_folder_run(tmp_path: Pat
         with pytest.raises(LockedError), output_lock(tmp_path, num_parts=2, part_id=1):
             pass
     with output_lock(tmp_path, num_parts=2, part_id=1):  # all released
+        with pytest.raises(LockedError, match="--num-parts 2"), output_lock(tmp_path, num_parts=3, part_id=2):
+            pass  # another split would write some cases twice
+    with output_lock(tmp_path, num_parts=3, part_id=2):  # once the 2-part split has finished
         pass

@@ -63,6 +63,7 @@ def test_arguments(bench, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "measure", lambda **kw: seen.update(kw) or {})
     monkeypatch.setattr(bench, "build_summary", lambda figures: "summary")
     monkeypatch.setattr(bench, "write_results", lambda *a, **k: (Path("j"), Path("m")))
+    monkeypatch.setattr(bench, "write_section", lambda *a, **k: None)
     assert bench.main(["--images", "stack", "--batches", "8,16", "--reps", "2", "--no-amp"]) == 0
     assert seen["image_names"] == ["stack"] and seen["batches"] == (8, 16) and seen["reps"] == 2
     assert seen["amp"] is False and seen["threads"] == 1 and seen["slices"] == 48
@@ -70,3 +71,15 @@ def test_arguments(bench, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(SystemExit) as e:
             bench.main(bad)
         assert e.value.code == 2
+
+
+def test_the_2d_figures_are_a_section_of_predict_speed_md_that_its_rewrite_keeps(benchmark_module,
+                                                                                 tmp_path: Path) -> None:
+    common = benchmark_module("_common")
+    common.write_results("predict_speed", {"machine": {}}, "# 3D\nold table", results_dir=tmp_path)
+    common.write_section(tmp_path / "predict_speed.md", "predict_speed_2d", "## 2D\nfirst")
+    common.write_section(tmp_path / "predict_speed.md", "predict_speed_2d", "## 2D\nsecond")
+    common.write_results("predict_speed", {"machine": {}}, "# 3D\nnew table", results_dir=tmp_path)
+    text = (tmp_path / "predict_speed.md").read_text()
+    assert text.startswith("# 3D\nnew table\n") and text.count("## 2D") == 1 and "second" in text
+    assert "first" not in text and "old table" not in text

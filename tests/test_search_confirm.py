@@ -22,6 +22,7 @@ from automedseg.search import default_params, default_storage_url, make_storage,
 from automedseg.search_confirm import (
     Confirmation,
     ConfirmRun,
+    case_dice,
     confirmation_path,
     read_confirmation,
     reusable_rule_fold,
@@ -134,6 +135,42 @@ def test_the_verdict_adopts_only_a_candidate_that_beats_the_rule_plan(rule: floa
     assert state.margin == (None if margin is None else pytest.approx(margin))
     assert state.summary() and verdict(dataclasses.replace(state, runs=(
         dataclasses.replace(runs[0], state="pending"), *runs[1:]))).winner is None  # pending: no verdict yet
+
+
+def _cases(values: list[float]) -> dict[str, dict[str, float | None]]:
+    return {f"case_{i}": {"1": v} for i, v in enumerate(values)}
+
+
+RULE_CASES = [0.80, 0.70, 0.90, 0.85, 0.75, 0.80]
+NOISY_VERDICTS = [  # (candidate's per-case Dice or None, adopted, what the summary says)
+    pytest.param([v + 0.01 for v in RULE_CASES], True, "P(better) 1.00 over 6 cases", id="steady-gain"),
+    pytest.param([RULE_CASES[0] + 0.06, *RULE_CASES[1:]], False, "below the 0.90 a win needs", id="one-lucky-case"),
+    pytest.param([v + (0.05 if i % 2 else -0.03) for i, v in enumerate(RULE_CASES)], False,
+                 "below the 0.90 a win needs", id="mixed"),
+    pytest.param(None, True, "(+0.0100)", id="no-per-case-figures"),  # older files: the mean decides
+]
+
+
+@pytest.mark.parametrize(("candidate", "adopted", "says"), NOISY_VERDICTS)
+def test_a_higher_mean_is_adopted_only_when_the_cases_agree(candidate: list[float] | None, adopted: bool,
+                                                           says: str) -> None:
+    rule_mean = sum(RULE_CASES) / len(RULE_CASES)
+    rule = ConfirmRun("rule", None, {}, "x", "d", "done", rule_mean, case_dice=_cases(RULE_CASES))
+    cand = ConfirmRun("trial_1", 1, {}, "x", "d", "done", rule_mean + 0.01,
+                      case_dice={} if candidate is None else _cases(candidate))
+    state = verdict(Confirmation("s", "3d_fullres", (rule, cand)))
+    assert state.margin == pytest.approx(0.01) and state.adopted is adopted
+    assert says in state.summary(), state.summary()
+    assert (state.probability is None) is (candidate is None)
+
+
+def test_case_dice_reads_the_folds_validation_summary(tmp_path: Path) -> None:
+    write_validation_summary(summary_path(tmp_path), {
+        "configuration": "3d_fullres", "fold": "fold_0", "cases": ["a", "b"], "mean_dice": 0.5,
+        "per_case": [{"case": "a", "metrics": {"0": {"dice": 1.0}, "1": {"dice": 0.6}, "2": {"dice": None}}},
+                     {"case": "b", "metrics": {"1": {"dice": 0.4, "hd95": 3.0}, "2": {"dice": 0.5}}}]})
+    assert case_dice(tmp_path) == {"a": {"1": 0.6, "2": None}, "b": {"1": 0.4, "2": 0.5}}
+    assert case_dice(tmp_path / "missing") == {}
 
 
 def _fake_rule_fold(ws: Workspace, change: str) -> None:
