@@ -46,7 +46,7 @@ from automedseg.device import memory_format, needs_grad_scaler, precision_for, s
 from automedseg.device_batches import make_device_training_loader, use_device_augmentation
 from automedseg.distributed import Dist
 from automedseg.errors import InputError
-from automedseg.full_image_dice import ImageRotation, image_tiles, score_images
+from automedseg.full_image_dice import ImageRotation, score_images
 from automedseg.inference import load_checkpoint
 from automedseg.io import atomic_write
 from automedseg.locks import folder_lock
@@ -64,7 +64,13 @@ from automedseg.tracking import RunInfo, TrackerSet, open_trackers
 from automedseg.training_log import EMA_DECAY, write_training_log
 from automedseg.training_options import FoldResult, TrainOptions, apply_overrides
 from automedseg.training_step import make_optimizer, train_step
-from automedseg.validation import final_validation_axes, pseudo_dice, validate_fold
+from automedseg.validation import (
+    ValidationEstimate,
+    final_validation_axes,
+    pseudo_dice,
+    validate_fold,
+    validation_tiles,
+)
 from automedseg.workspace import Workspace
 
 Log = Callable[[str], None]
@@ -86,21 +92,6 @@ def load_pretrained(model: torch.nn.Module, path: Path) -> tuple[int, int]:
     own.update(ok)
     model.load_state_dict(own)
     return len(ok), len(own) - len(ok)
-
-
-def estimate_validation_seconds(cache: Path, case_ids: Sequence[str], patch_size: Sequence[int], *,
-                                seconds_per_patch: float, step: float = 0.5, overhead: float = 1.5) -> float:
-    """Wall time of the final sliding-window validation of ``case_ids``, from the cached image shapes.
-
-    Tiles per case as :func:`~automedseg.inference.predict_preprocessed` lays them (step ``step`` of the
-    patch), times the measured forward time of one patch, times ``overhead`` for resampling, writing and
-    scoring.
-    """
-    tiles = 0
-    for cid in case_ids:
-        shape = np.load(Path(cache) / f"{cid}.npy", mmap_mode="r").shape[1:]
-        tiles += image_tiles(shape, patch_size, step=step) * (shape[0] if len(patch_size) == 2 else 1)
-    return float(tiles * seconds_per_patch * overhead)
 
 
 def _poly_lr(initial: float, epoch: int, total: int, exponent: float) -> float:
@@ -299,7 +290,12 @@ class _Progress:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: float = -1.0
     train_seconds: float = 0.0
-    validation_single_s: float | None = None  # estimated final validation without mirroring (this process)
+    validation: ValidationEstimate | None = None  # the final validation's estimate (this process)
+
+    @property
+    def validation_single_s(self) -> float | None:
+        """Estimated final validation without mirroring (``None``: not estimated in this process)."""
+        return None if self.validation is None else self.validation.seconds()
 
 
 def _final_validation_axes(config: ConfigurationPlan, p: _Progress, n_val: int) -> tuple[int, ...]:
@@ -385,7 +381,8 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
             val_loss, patch_dice = pseudo_dice(net, val_loader, tr.val_iterations, device, mf,
                                                options.amp, run.plans.num_classes, dist)
             patch_seconds = time.perf_counter() - t_epoch - train_time
-            full = score_images(net, cache, rotation.for_epoch(epoch), local, num_classes=run.plans.num_classes,
+            images = rotation.for_epoch(epoch)
+            full = score_images(net, cache, images, local, num_classes=run.plans.num_classes,
                                 device=device, amp=options.amp, dist=dist)
             mean_dice = full.mean  # whole images steer the EMA (best checkpoint, early stop); None: none scored
             if mean_dice is not None:
@@ -412,16 +409,21 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 no_improve += 1
             # Fit the rest of the schedule into the time budget, now that an epoch has been measured: the run
             # (start-up and final validation included) ends in the last 5 % of its budget.
-            if p.validation_single_s is None and options.validate and val_ids is not train_ids:
-                per_patch = patch_seconds / max(1, tr.val_iterations * local.batch_size)
-                p.validation_single_s = estimate_validation_seconds(cache, val_ids, config.patch_size,
-                                                                    seconds_per_patch=per_patch)
+            if options.validate and val_ids is not train_ids:
+                if p.validation is None:
+                    from automedseg.validation import time_case_finish
+
+                    p.validation = ValidationEstimate(
+                        tiles=validation_tiles(cache, val_ids, config.patch_size), cases=len(val_ids),
+                        finish_s_per_case=time_case_finish(cache, run.plans, config, val_ids[0]))
+                p.validation.observe_patches(patch_seconds / max(1, tr.val_iterations * local.batch_size))
+                scored = images[dist.rank::dist.world]
+                p.validation.observe_whole_images(full.seconds, sum(max(1, i.tiles) for i in scored))
             if tr.time_budget_s is not None:
-                if validation_estimate is None and p.validation_single_s is not None:
-                    axes = _final_validation_axes(config, p, len(val_ids))
+                if p.validation is not None:
                     # the forward passes multiply with the mirrors, not the resampling, writing and scoring
-                    # (estimate_validation_seconds' overhead of 1.5 = 1 forward + 0.5 the rest)
-                    validation_estimate = p.validation_single_s * (2 ** len(axes) + 0.5) / 1.5
+                    validation_estimate = p.validation.seconds(2 ** len(_final_validation_axes(config, p,
+                                                                                               len(val_ids))))
                 now = time.perf_counter()
                 epoch_walls.append(now - last_mark)  # the epoch with its checkpoint and plot
                 last_mark = now

@@ -6,9 +6,8 @@ deep-supervision loss, gradient clipping, the plan's optimizer) on the planner's
 fixed random batch (no data loading: the loader's cost is the calibration's business). Variants:
 
 * ``--optimizer-impl``: ``default`` (what the trainer uses), ``foreach`` or ``fused`` (AdamW's ``fused=True`` on CPU);
-* ``--norm-impl``: ``instance`` (PyTorch's InstanceNorm), ``group`` (every InstanceNorm replaced by the
-  equivalent per-channel GroupNorm, :func:`automedseg.device.channels_last_norms`, which keeps channels-last) or
-  ``layout`` (:func:`automedseg.instance_norm.keep_layout_norms`: same function, channels-last kept);
+* ``--norm-impl``: ``instance`` (the network as trained) or ``group`` (every InstanceNorm replaced by the
+  equivalent per-channel GroupNorm, :func:`automedseg.device.channels_last_norms`, which keeps channels-last);
 * ``--compile``: ``torch.compile`` (inductor) of the model, compile time reported apart.
 
 Usage::
@@ -50,10 +49,6 @@ def build(dims: int, width: int, batch: int, optimizer_impl: str, norm_impl: str
     config = reference_step_config(dims, width)
     tr = config.training
     model = build_network(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=dims)
-    if norm_impl == "layout":
-        from automedseg.instance_norm import keep_layout_norms
-
-        keep_layout_norms(model)
     if norm_impl == "group":
         from automedseg.device import channels_last_norms
 
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--optimizer-impl", choices=("default", "foreach", "fused"), default="default")
-    parser.add_argument("--norm-impl", choices=("instance", "group", "layout"), default="instance")
+    parser.add_argument("--norm-impl", choices=("instance", "group"), default="instance")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     parser.add_argument("--no-profile", action="store_true", help="time the steps only")
     parser.add_argument("--top", type=int, default=20)

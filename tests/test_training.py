@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -429,3 +430,25 @@ def test_shared_placement_restores_the_threads(planned: tuple[Path, Workspace], 
         epochs=1, iterations_per_epoch=1, threads=threads_before + 1, validate=False, output_dir=tmp_path / "f"))
     assert torch.get_num_threads() == threads_before
     assert not any(line.startswith("thread placement") for line in lines)  # the default is not logged
+
+
+def test_the_final_validation_estimate_counts_what_a_case_costs_besides_the_network(
+        planned: tuple[Path, Workspace]) -> None:
+    from automedseg.validation import ValidationEstimate, time_case_finish, validation_tiles
+
+    _, ws = planned
+    plans = Plans.load(ws.plans_path)
+    config = plans.configuration("3d_fullres")
+    cache = ws.preprocessed_dir(config.data_identifier)
+    case = sorted(p.name.removesuffix("_seg.npy") for p in cache.glob("*_seg.npy"))[0]
+    finish_s = time_case_finish(cache, plans, config, case)
+    assert 0 < finish_s < 30 and not list(Path(tempfile.gettempdir()).glob("automedseg-val-probe-*"))
+    tiles = validation_tiles(cache, [case], config.patch_size)
+    est = ValidationEstimate(tiles=tiles, cases=1, finish_s_per_case=finish_s)
+    assert est.seconds() is None  # nothing measured yet
+    est.observe_patches(0.1)
+    est.observe_whole_images(0.0, 0)  # an epoch that scored no whole image changes nothing
+    assert est.seconds() == pytest.approx(tiles * 0.1 + finish_s)
+    est.observe_whole_images(0.02 * tiles, tiles)
+    est.observe_patches(0.5)  # once whole images are timed, the patches no longer count
+    assert est.seconds(mirrors=2) == pytest.approx(tiles * 0.04 + finish_s)
