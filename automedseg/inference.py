@@ -12,6 +12,7 @@ optional mirroring in preprocessed space (:mod:`automedseg.sliding_window`, whos
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +258,9 @@ def output_lock(output_dir: Path, *, num_parts: int = 1, part_id: int = 0) -> It
         yield
 
 
+PROBE_ATTEMPTS = 5
+
+
 def _split_lock_name(num_parts: int) -> str:
     return f".automedseg-split-{num_parts}.lock"
 
@@ -267,10 +271,14 @@ def _refuse_other_splits(output_dir: Path, num_parts: int) -> None:
         other = path.name.removeprefix(".automedseg-split-").removesuffix(".lock")
         if other == str(num_parts):
             continue
-        try:
-            with folder_lock(output_dir, purpose="predict: probing a split", name=path.name):
-                pass
-        except LockedError:
+        for attempt in range(PROBE_ATTEMPTS):  # a part of this split probing the same file holds it for an instant
+            try:
+                with folder_lock(output_dir, purpose="predict: probing a split", name=path.name):
+                    pass
+                break
+            except LockedError:
+                time.sleep(0.05 * (attempt + 1))
+        else:
             raise LockedError(f"{output_dir}: parts of a --num-parts {other} prediction write here; a "
                               f"--num-parts {num_parts} part would deal the cases out differently and write some "
                               f"twice: use --num-parts {other}, or wait for them to finish") from None

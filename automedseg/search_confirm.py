@@ -290,11 +290,18 @@ def paired_bootstrap(rule: CaseDice, candidate: CaseDice, *, resamples: int = BO
         return np.array([[np.nan if d[c].get(k) is None else d[c][k] for k in labels] for c in cases], float)
 
     a, b = matrix(rule), matrix(candidate)
-    idx = np.random.default_rng(seed).integers(0, len(cases), size=(resamples, len(cases)))
+    if not (np.isfinite(a).any() and np.isfinite(b).any()):  # a run that scored nothing: the means decide
+        return None, len(cases)
+    rng = np.random.default_rng(seed)
+    better = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a label without a value in a resample: NaN, left out
-        diff = (np.nanmean(np.nanmean(b[idx], axis=1), axis=1) - np.nanmean(np.nanmean(a[idx], axis=1), axis=1))
-    return float(np.mean(np.nan_to_num(diff, nan=0.0) > 0)), len(cases)
+        for start in range(0, resamples, 100):  # in chunks: cases x labels x resamples can be large
+            idx = rng.integers(0, len(cases), size=(min(100, resamples - start), len(cases)))
+            diff = (np.nanmean(np.nanmean(b[idx], axis=1), axis=1)
+                    - np.nanmean(np.nanmean(a[idx], axis=1), axis=1))
+            better += int(np.sum(np.nan_to_num(diff, nan=0.0) > 0))
+    return better / resamples, len(cases)
 
 
 def _train(ws: Workspace, plans: Plans, config: ConfigurationPlan, out: Path, options: Mapping[str, Any],

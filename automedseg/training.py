@@ -298,9 +298,23 @@ class _Progress:
         return None if self.validation is None else self.validation.seconds()
 
 
+def _case_finish_seconds(run: _FoldRun, config: ConfigurationPlan) -> float:
+    """:func:`~automedseg.validation.time_case_finish` on the first validation case (0.0 when it fails: the
+    estimate then counts the network alone, as a run without the probe would)."""
+    from automedseg.validation import time_case_finish
+
+    try:
+        return time_case_finish(run.cache, run.plans, config, run.val_ids[0], scratch=run.fold_dir)
+    except (OSError, ValueError, MemoryError, InputError, AssertionError, AttributeError) as e:
+        run.log(f"final-validation estimate: timing a case's restore/write/score failed ({e}); counting the "
+                "network's time only")
+        return 0.0
+
+
 def _final_validation_axes(config: ConfigurationPlan, p: _Progress, n_val: int) -> tuple[int, ...]:
     return final_validation_axes(config, single_pass_s=p.validation_single_s, history=p.history,
-                                 train_seconds=p.train_seconds, n_val=n_val)
+                                 train_seconds=p.train_seconds, n_val=n_val,
+                                 fixed_s=0.0 if p.validation is None else p.validation.fixed_s)
 
 
 def _run_epochs(run: _FoldRun, p: _Progress) -> None:
@@ -409,13 +423,13 @@ def _run_epochs(run: _FoldRun, p: _Progress) -> None:
                 no_improve += 1
             # Fit the rest of the schedule into the time budget, now that an epoch has been measured: the run
             # (start-up and final validation included) ends in the last 5 % of its budget.
-            if options.validate and val_ids is not train_ids:
+            if options.validate and val_ids is not train_ids and val_ids:
                 if p.validation is None:
-                    from automedseg.validation import time_case_finish
-
+                    t_probe = time.perf_counter()
                     p.validation = ValidationEstimate(
                         tiles=validation_tiles(cache, val_ids, config.patch_size), cases=len(val_ids),
-                        finish_s_per_case=time_case_finish(cache, run.plans, config, val_ids[0]))
+                        finish_s_per_case=_case_finish_seconds(run, config) if dist.is_main else 0.0)
+                    last_mark += time.perf_counter() - t_probe  # not part of the epoch's time
                 p.validation.observe_patches(patch_seconds / max(1, tr.val_iterations * local.batch_size))
                 scored = images[dist.rank::dist.world]
                 p.validation.observe_whole_images(full.seconds, sum(max(1, i.tiles) for i in scored))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ openkbp_hn_ct (1 axis) ~100 s, 8 % of the budget, mean Dice 0.6868 -> 0.6970 on 
 
 
 def validation_mirror_axes(mirror_axes: Sequence[int], *, single_pass_s: float | None,
-                           allowed_s: float | None) -> tuple[int, ...]:
+                           allowed_s: float | None, fixed_s: float = 0.0) -> tuple[int, ...]:
     """The axes the final validation averages mirrored predictions over.
 
     The plan's mirror axes (what ``predict`` uses by default, so that post-processing and model selection are
@@ -44,6 +44,7 @@ def validation_mirror_axes(mirror_axes: Sequence[int], *, single_pass_s: float |
         mirror_axes: The configuration's mirroring axes (patch axes).
         single_pass_s: Estimated wall time of the validation without mirroring (``None``: unknown).
         allowed_s: Time the mirrored validation may take (``None``: no limit).
+        fixed_s: The part of ``single_pass_s`` that mirroring does not repeat (restoring, writing, scoring).
 
     Example:
         >>> validation_mirror_axes((0, 1, 2), single_pass_s=4.0, allowed_s=120.0)
@@ -58,22 +59,25 @@ def validation_mirror_axes(mirror_axes: Sequence[int], *, single_pass_s: float |
         return axes
     if single_pass_s is None:
         return ()
-    return axes if single_pass_s * 2 ** len(axes) <= allowed_s else ()
-
+    return axes if (single_pass_s - fixed_s) * 2 ** len(axes) + fixed_s <= allowed_s else ()
 
 
 def final_validation_axes(config: ConfigurationPlan, *, single_pass_s: float | None,
-                          history: Sequence[dict[str, Any]], train_seconds: float, n_val: int) -> tuple[int, ...]:
+                          history: Sequence[dict[str, Any]], train_seconds: float, n_val: int,
+                          fixed_s: float = 0.0) -> tuple[int, ...]:
     """The mirror axes of a fold's final validation (:func:`validation_mirror_axes` under the share of the budget,
     or without one, of the training time); the one-pass time as the trainer estimated it, else from the last
-    whole-image scoring in the epoch history (``pseudo_dice_seconds`` per image)."""
+    whole-image scoring in the epoch history (``pseudo_dice_seconds`` per image); ``fixed_s`` of it is not
+    repeated by the mirrored passes."""
     if single_pass_s is None:
         timed = [h for h in history if h.get("pseudo_dice_images") and h.get("pseudo_dice_seconds")]
         if timed:
             single_pass_s = timed[-1]["pseudo_dice_seconds"] / timed[-1]["pseudo_dice_images"] * n_val * 1.5
     budget = config.training.time_budget_s
     allowed = VALIDATION_MIRROR_MAX_SHARE * (budget if budget is not None else train_seconds)
-    return validation_mirror_axes(config.augmentation.mirror_axes, single_pass_s=single_pass_s, allowed_s=allowed)
+    return validation_mirror_axes(config.augmentation.mirror_axes, single_pass_s=single_pass_s, allowed_s=allowed,
+                                  fixed_s=fixed_s)
+
 
 def validation_tiles(cache: Path, case_ids: Sequence[str], patch_size: Sequence[int], *, step: float = 0.5) -> int:
     """Tiles the final sliding-window validation of ``case_ids`` runs through the network (no mirroring), from
@@ -92,29 +96,35 @@ class ValidationEstimate:
     Attributes:
         tiles: Tiles of the validation cases (one pass, no mirroring).
         cases: Validation cases.
-        seconds_per_tile: Forward seconds per tile: first from the epoch's validation patches, then the fastest
-            whole-image scoring of an epoch (the sliding window itself; the first epoch's includes warm-up).
+        seconds_per_tile: Forward seconds per tile: first from the epoch's validation patches, then the median
+            over the epochs' whole-image scorings (the sliding window itself), the first epoch's (warm-up) left
+            out once later ones are timed.
         finish_s_per_case: What a case costs besides the network (:func:`time_case_finish`).
-        whole_images_timed: ``seconds_per_tile`` comes from whole-image scoring.
+        whole_images: Seconds per tile of each whole-image scoring so far.
     """
 
     tiles: int
     cases: int
     seconds_per_tile: float | None = None
     finish_s_per_case: float = 0.0
-    whole_images_timed: bool = False
+    whole_images: list[float] = field(default_factory=list)
+
+    @property
+    def fixed_s(self) -> float:
+        """The seconds mirroring does not repeat: every case's finish."""
+        return self.cases * self.finish_s_per_case
 
     def observe_patches(self, seconds_per_patch: float) -> None:
         """The validation patches' forward time per patch (used until whole images are timed)."""
-        if not self.whole_images_timed:
+        if not self.whole_images:
             self.seconds_per_tile = seconds_per_patch
 
     def observe_whole_images(self, seconds: float, tiles: int) -> None:
         """An epoch's whole-image scoring: ``seconds`` for ``tiles`` tiles."""
         if tiles > 0 and seconds > 0:
-            per_tile = seconds / tiles
-            self.seconds_per_tile = per_tile if not self.whole_images_timed else min(per_tile, self.seconds_per_tile)
-            self.whole_images_timed = True
+            self.whole_images.append(seconds / tiles)
+            timed = self.whole_images[1:] or self.whole_images
+            self.seconds_per_tile = float(np.median(timed))
 
     def seconds(self, mirrors: int = 1) -> float | None:
         """Wall seconds with ``mirrors`` forward passes per tile (``None``: nothing measured yet).
@@ -123,12 +133,12 @@ class ValidationEstimate:
             >>> e = ValidationEstimate(tiles=100, cases=4, finish_s_per_case=2.0)
             >>> e.observe_patches(0.05); e.seconds()
             13.0
-            >>> e.observe_whole_images(3.0, 100); e.observe_whole_images(4.0, 100); e.seconds(mirrors=4)
+            >>> e.observe_whole_images(9.0, 100); e.observe_whole_images(3.0, 100); e.seconds(mirrors=4)
             20.0
         """
         if self.seconds_per_tile is None:
             return None
-        return self.tiles * self.seconds_per_tile * mirrors + self.cases * self.finish_s_per_case
+        return self.tiles * self.seconds_per_tile * mirrors + self.fixed_s
 
 
 @torch.inference_mode()
@@ -243,13 +253,15 @@ def _finish_case(probs: np.ndarray, meta: Any, plans: Plans, config: Configurati
     return compute_case_metrics(ref, seg, labels=labels, spacing_mm=props.geometry.spacing_zyx)
 
 
-def time_case_finish(cache: Path, plans: Plans, config: ConfigurationPlan, case_id: str) -> float:
+def time_case_finish(cache: Path, plans: Plans, config: ConfigurationPlan, case_id: str, *,
+                     scratch: Path | None = None) -> float:
     """Seconds :func:`validate_fold` spends on ``case_id`` (cached in ``cache``) besides the network.
 
     The case's preprocessed labels, one-hot, stand for the probabilities: they are restored to the original
     geometry, written (to a temporary folder) and scored as a prediction would be. The trainer adds this, per
     validation case, to the network's share of its final-validation estimate: on CT volumes it is most of the
-    validation (openkbp_hn_ct, 8 classes, 128^3 voxels: ~3.6 s a case against ~3 s of forward passes).
+    validation (openkbp_hn_ct, 8 classes, 128^3 voxels: ~3.6 s a case against ~3 s of forward passes). The
+    files go to a temporary folder inside ``scratch`` (default: the system's), removed afterwards.
     """
     import tempfile
 
@@ -261,7 +273,7 @@ def time_case_finish(cache: Path, plans: Plans, config: ConfigurationPlan, case_
     np.put_along_axis(probs, np.clip(np.asarray(seg, dtype=np.int64), 0, plans.num_classes - 1)[None], 1.0, axis=0)
     labels = sorted(v for v in plans.labels.values() if v > 0)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="automedseg-val-probe-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".automedseg-val-probe-", dir=scratch) as tmp:
         _finish_case(probs, meta, plans, config, Path(tmp), labels)
     return time.perf_counter() - t0
 

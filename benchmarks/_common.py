@@ -604,11 +604,13 @@ def write_section(md_path: Path, key: str, text: str) -> None:
         <!-- /section:2d -->
         <BLANKLINE>
     """
+    if not re.fullmatch(r"[\w.-]+", key):
+        raise ValueError(f"section key {key!r}: use letters, digits, '_', '.' or '-'")
     block = f"<!-- section:{key} -->\n{text.strip()}\n<!-- /section:{key} -->"
     old = md_path.read_text() if md_path.is_file() else ""
     found = [m for m in _SECTION.finditer(old) if m.group("key") == key]
     new = (old[:found[0].start()] + block + old[found[0].end():] if found
-           else old.rstrip("\n") + "\n\n" + block + "\n")
+           else (old.rstrip("\n") + "\n\n" if old.strip() else "") + block + "\n")
     _atomic_write_text(md_path, new)
 
 

@@ -442,7 +442,7 @@ def test_the_final_validation_estimate_counts_what_a_case_costs_besides_the_netw
     cache = ws.preprocessed_dir(config.data_identifier)
     case = sorted(p.name.removesuffix("_seg.npy") for p in cache.glob("*_seg.npy"))[0]
     finish_s = time_case_finish(cache, plans, config, case)
-    assert 0 < finish_s < 30 and not list(Path(tempfile.gettempdir()).glob("automedseg-val-probe-*"))
+    assert 0 < finish_s < 30 and not list(Path(tempfile.gettempdir()).glob(".automedseg-val-probe-*"))
     tiles = validation_tiles(cache, [case], config.patch_size)
     est = ValidationEstimate(tiles=tiles, cases=1, finish_s_per_case=finish_s)
     assert est.seconds() is None  # nothing measured yet
