@@ -248,16 +248,9 @@ def case_dice(fold_dir: Path) -> CaseDice:
     from automedseg.validation_summary import read_validation_summary, summary_path
 
     try:
-        summary = read_validation_summary(summary_path(fold_dir))
+        return read_validation_summary(summary_path(fold_dir)).dice_by_case()
     except (FileNotFoundError, InputError):
         return {}
-    out: CaseDice = {}
-    for row in summary.per_case:
-        if isinstance(row, Mapping) and isinstance(row.get("metrics"), Mapping):
-            out[str(row.get("case"))] = {
-                str(label): (None if m.get("dice") is None else float(m["dice"]))
-                for label, m in row["metrics"].items() if str(label) != "0" and isinstance(m, Mapping)}
-    return out
 
 
 def paired_bootstrap(rule: CaseDice, candidate: CaseDice, *, resamples: int = BOOTSTRAP_RESAMPLES,

@@ -53,6 +53,22 @@ class ValidationSummary:
     seconds: float | None = None
     mirror_axes: tuple[int, ...] = ()
 
+    def dice_by_case(self) -> dict[str, dict[str, float | None]]:
+        """Per scored case, each foreground label's Dice (``None``: undefined for that case).
+
+        Example:
+            >>> ValidationSummary(per_case=({"case": "a", "metrics": {"0": {"dice": 1.0}, "1": {"dice": 0.5},
+            ...     "2": {"dice": None, "hd95": 3.0}}},)).dice_by_case()
+            {'a': {'1': 0.5, '2': None}}
+        """
+        out: dict[str, dict[str, float | None]] = {}
+        for row in self.per_case:
+            if isinstance(row, Mapping) and isinstance(row.get("metrics"), Mapping):
+                out[str(row.get("case"))] = {
+                    str(label): None if m.get("dice") is None else float(m["dice"])
+                    for label, m in row["metrics"].items() if str(label) != "0" and isinstance(m, Mapping)}
+        return out
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = SUMMARY_FILE) -> ValidationSummary:
         """Build (and check) a summary from its JSON form (``where`` names it in errors)."""
