@@ -14,7 +14,7 @@ from typing import Any
 
 from automedseg.plans import ConfigurationPlan, Plans
 from automedseg.search_confirm import DEFAULT_CONFIRM, confirm_candidates, publish_fold, rule_kept_note, with_note
-from automedseg.search_report import write_search_report
+from automedseg.search_report import fidelity_warning, write_search_report
 from automedseg.search_space import SEARCHED_SUFFIX, summary_line
 from automedseg.search_study import best_trial, plans_lock, redact_url, trial_counts
 from automedseg.search_trial import full_fold_variant
@@ -159,6 +159,8 @@ def finalize_search(ws: Workspace, configuration: str, study: Any, *, storage_ur
         log(f"search: best trial {best.number}, fold-0 Dice {best.value:.4f} -> {written} in {ws.plans_path} "
             "(UNCONFIRMED: --confirm 0; it was not compared with the rule plan at the full fold budget)")
     report = write_search_report(ws, configuration, study, storage_url=storage_url, confirmation=verdict)
+    if (warning := fidelity_warning(study)) is not None:
+        log(f"search: WARNING: {warning}")
     log(f"search: report {report}")
     return SearchResult(
         study_name=study.study_name, storage=redact_url(storage_url) if storage_url else "", counts=counts,

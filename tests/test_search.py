@@ -518,3 +518,24 @@ def test_killing_one_postgres_worker_keeps_the_others_results(search_planned: tu
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4, [t.state for t in trials]
     assert len({t.number for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize(("rule_value", "fidelity", "warns"), [
+    (0.0, "short", True),  # the rule plan learned nothing in its trial: the ranking is noise
+    (0.005, "continuation", True),
+    (0.3, "short", False),
+    (0.0, "full", False),  # full folds: nothing shorter to blame
+])
+def test_the_report_warns_when_the_rule_plans_trial_learned_nothing(rule_value: float, fidelity: str,
+                                                                    warns: bool) -> None:
+    from automedseg.search_report import fidelity_warning
+
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("fidelity", fidelity)
+    study.set_user_attr("trial_budget_s", 75.0)
+    study.enqueue_trial({"x": rule_value}, user_attrs={"rule_defaults": True})
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=3)
+    warning = fidelity_warning(study)
+    assert (warning is not None) is warns
+    if warns:
+        assert "~1.2 min" in warning and "--fidelity full" in warning
