@@ -96,11 +96,13 @@ class ValidationEstimate:
     Attributes:
         tiles: Tiles of the validation cases (one pass, no mirroring).
         cases: Validation cases.
-        seconds_per_tile: Forward seconds per tile: first from the epoch's validation patches, then the median
-            over the epochs' whole-image scorings (the sliding window itself), the first epoch's (warm-up) left
-            out once later ones are timed.
+        seconds_per_tile: Sliding-window seconds per tile: first from the epoch's validation patches, then the
+            median over the epochs' whole-image scorings (the first epoch's, warm-up, left out once later ones
+            are timed).
         finish_s_per_case: What a case costs besides the network (:func:`time_case_finish`).
         whole_images: Seconds per tile of each whole-image scoring so far.
+        patch_s: The latest validation patches' forward seconds per patch: the part of a tile that mirrored
+            passes repeat (the rest of a whole-image tile, windowing and accumulation, is done once).
     """
 
     tiles: int
@@ -108,6 +110,7 @@ class ValidationEstimate:
     seconds_per_tile: float | None = None
     finish_s_per_case: float = 0.0
     whole_images: list[float] = field(default_factory=list)
+    patch_s: float | None = None
 
     @property
     def fixed_s(self) -> float:
@@ -115,7 +118,8 @@ class ValidationEstimate:
         return self.cases * self.finish_s_per_case
 
     def observe_patches(self, seconds_per_patch: float) -> None:
-        """The validation patches' forward time per patch (used until whole images are timed)."""
+        """The validation patches' forward time per patch (the tile's time too until whole images are timed)."""
+        self.patch_s = seconds_per_patch
         if not self.whole_images:
             self.seconds_per_tile = seconds_per_patch
 
@@ -135,10 +139,13 @@ class ValidationEstimate:
             13.0
             >>> e.observe_whole_images(9.0, 100); e.observe_whole_images(3.0, 100); e.seconds(mirrors=4)
             20.0
+            >>> e.observe_patches(0.01); e.seconds(mirrors=4)  # forward 0.01 of a 0.03-s tile: mirrored 4 times
+            14.0
         """
         if self.seconds_per_tile is None:
             return None
-        return self.tiles * self.seconds_per_tile * mirrors + self.fixed_s
+        forward = min(self.patch_s if self.patch_s is not None else self.seconds_per_tile, self.seconds_per_tile)
+        return self.tiles * (forward * mirrors + self.seconds_per_tile - forward) + self.fixed_s
 
 
 @torch.inference_mode()
