@@ -109,6 +109,8 @@ class Calibration:
             written before it was chosen and on CUDA).
         placement_step_seconds: ``(placement, seconds)``: the 3D step at the reference width under each placement
             timed (measured, not compared by the hysteresis: the step figures are).
+        step_probe_gflops: ``(dims, probe index, GFLOP/s)`` of the training steps of
+            :data:`automedseg.calibration_step.STEP_PROBES` (CPU only), timed as the widths' steps.
     """
 
     provenance: CalibrationProvenance
@@ -122,13 +124,14 @@ class Calibration:
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
     worker_placement: str | None = None
     placement_step_seconds: tuple[tuple[str, float], ...] = ()
+    step_probe_gflops: tuple[tuple[int, int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
             raise PlanError("gflops_by_width must hold positive throughputs")
         if any(not (g > 0 and math.isfinite(g)) for g in _throughputs(self).values()):
             raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s, augment_voxels_per_s and "
-                            "step_gflops_by_width(_2d) must hold positive throughputs")
+                            "step_gflops_by_width(_2d) and step_probe_gflops must hold positive throughputs")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
         if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
@@ -143,13 +146,22 @@ class Calibration:
                  "data pipeline": self.window_voxels_per_s is not None and bool(self.augment_voxels_per_s),
                  "training step": self.provenance.kind != "cpu" or bool(
                      self.step_gflops_by_width and self.step_gflops_by_width_2d),
-                 "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None}
+                 "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None,
+                 "training step shape": self.provenance.kind != "cpu" or _probes_complete(self.step_probe_gflops)}
         return tuple(name for name, timed in parts.items() if not timed)
 
     @property
     def complete(self) -> bool:
         """Every part is timed (a cache entry of an older automedseg lacks some, see :attr:`missing`)."""
         return not self.missing
+
+
+def _probes_complete(probes: tuple[tuple[int, int, float], ...]) -> bool:
+    """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing."""
+    from automedseg.calibration_step import STEP_PROBES
+
+    return {(d, i) for d, probes_d in STEP_PROBES.items() for i in range(len(probes_d))} <= {
+        (d, i) for d, i, _ in probes}
 
 
 def _parts_text(names: tuple[str, ...], conjunction: str) -> str:
@@ -166,6 +178,7 @@ def _throughputs(cal: Calibration) -> dict[str, float]:
     out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
     out.update({f"3d step width {w}": g for w, g in cal.step_gflops_by_width})
     out.update({f"2d step width {w}": g for w, g in cal.step_gflops_by_width_2d})
+    out.update({f"{d}d step probe {i}": g for d, i, g in cal.step_probe_gflops})
     return out
 
 
@@ -276,11 +289,13 @@ def _time_once(machine: _Machine) -> Calibration:
     gflops_2d = planning.calibrate_conv_gflops(device=machine.kind, threads=threads, windows=TIMING_WINDOWS,
                                                window_s=TIMING_WINDOW_S, dims=2)
     steps: dict[int, tuple[tuple[int, float], ...]] = {2: (), 3: ()}
-    placement, placement_s = None, ()
+    placement, placement_s, probes = None, (), ()
     if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
         placement, placement_s = calibration_step.calibrate_placement(threads=threads)
         steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads, placement=placement)
                  for d in (3, 2)}
+        probes = tuple((d, int(i), float(g)) for d in (3, 2)
+                       for i, g in calibration_step.calibrate_step_probes(dims=d, threads=threads, placement=placement))
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()
@@ -298,7 +313,8 @@ def _time_once(machine: _Machine) -> Calibration:
                        step_gflops_by_width=tuple((int(w), float(g)) for w, g in steps[3]),
                        step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]),
                        worker_placement=placement,
-                       placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s))
+                       placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s),
+                       step_probe_gflops=probes)
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
@@ -309,13 +325,16 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
         return tuple((k, max(v, seen.get(k, v))) for k, v in pairs_b)
 
     share = max((s for s in (a.cpu_share, b.cpu_share) if s is not None), default=None)
+    seen_probes = {(d, i): g for d, i, g in a.step_probe_gflops}
     windows = max((v for v in (a.window_voxels_per_s, b.window_voxels_per_s) if v is not None), default=None)
     return dataclasses.replace(b, gflops_by_width=best(a.gflops_by_width, b.gflops_by_width), cpu_share=share,
                                gflops_by_width_2d=best(a.gflops_by_width_2d, b.gflops_by_width_2d),
                                window_voxels_per_s=windows,
                                augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s),
                                step_gflops_by_width=best(a.step_gflops_by_width, b.step_gflops_by_width),
-                               step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d))
+                               step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d),
+                               step_probe_gflops=tuple((d, i, max(g, seen_probes.get((d, i), g)))
+                                                       for d, i, g in b.step_probe_gflops))
 
 
 def _ratio(new: Calibration, old: Calibration) -> float:
@@ -334,7 +353,8 @@ def _completed(cached: Calibration, new: Calibration) -> Calibration:
     """A cached calibration with the parts it lacks (an older automedseg did not time them) taken from ``new``."""
     if cached.worker_placement is None and new.worker_placement not in (None, "shared"):  # (steps timed as placed)
         cached = dataclasses.replace(cached, step_gflops_by_width=new.step_gflops_by_width,
-                                     step_gflops_by_width_2d=new.step_gflops_by_width_2d)
+                                     step_gflops_by_width_2d=new.step_gflops_by_width_2d,
+                                     step_probe_gflops=new.step_probe_gflops)
     return dataclasses.replace(
         cached, gflops_by_width_2d=cached.gflops_by_width_2d or new.gflops_by_width_2d,
         window_voxels_per_s=cached.window_voxels_per_s if cached.window_voxels_per_s is not None
@@ -344,7 +364,9 @@ def _completed(cached: Calibration, new: Calibration) -> Calibration:
         step_gflops_by_width_2d=cached.step_gflops_by_width_2d or new.step_gflops_by_width_2d,
         worker_placement=cached.worker_placement if cached.worker_placement is not None else new.worker_placement,
         placement_step_seconds=cached.placement_step_seconds if cached.worker_placement is not None
-        else new.placement_step_seconds)
+        else new.placement_step_seconds,
+        step_probe_gflops=cached.step_probe_gflops if _probes_complete(cached.step_probe_gflops)
+        else new.step_probe_gflops)
 
 
 def _geomean(cal: Calibration) -> float:
@@ -450,7 +472,13 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
 
     Parts an older cache entry lacks stay absent (the cost model then falls back, see :mod:`automedseg.cost_model`).
     """
+    from automedseg.calibration_step import fit_step_shape_cost
+
     p = calibration.provenance
+    steps = {3: tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width),
+             2: tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width_2d)}
+    shapes = [fit_step_shape_cost(d, steps[d], tuple((i, quantise_gflops(g)) for dd, i, g in
+                                                     calibration.step_probe_gflops if dd == d)) for d in (3, 2)]
     return DeviceProfile(
         kind=p.kind, name=f"{p.device}, {p.threads} threads" if p.kind == "cpu" else p.device,
         cpu_threads=p.threads, memory_gib=calibration.memory_gib,
@@ -460,11 +488,10 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
         window_voxels_per_s=None if calibration.window_voxels_per_s is None
         else quantise_gflops(calibration.window_voxels_per_s),
         augment_voxels_per_s=tuple((d, quantise_gflops(v)) for d, v in calibration.augment_voxels_per_s) or None,
-        step_gflops_by_width=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width) or None,
-        step_gflops_by_width_2d=tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width_2d)
-        or None,
+        step_gflops_by_width=steps[3] or None, step_gflops_by_width_2d=steps[2] or None,
         worker_placement=calibration.worker_placement,
         placement_step_seconds=tuple((n, float(f"{v:.3g}")) for n, v in calibration.placement_step_seconds) or None,
+        step_shape_costs=tuple(c for c in shapes if c is not None) or None,
     )
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from automedseg.calibration_timing import DATA_SEED, reference_config, synthetic_case
 from automedseg.cost_model import STEP_LATENCY_S, choose_worker_placement
 from automedseg.planning import network_for
-from automedseg.plans import WORKER_PLACEMENTS, ConfigurationPlan, TrainingPlan
+from automedseg.plans import WORKER_PLACEMENTS, ConfigurationPlan, StepShapeCost, TrainingPlan
 from automedseg.schedule import recipe_for
 from automedseg.thread_placement import placed, placement_layout
 
@@ -64,6 +64,24 @@ STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
 PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)
 PLACEMENT_WINDOW_S = 1.0  # timed wall seconds per placement
+# (width, patch, batch) of the networks timed beside the reference ones so the cost model can tell what a step
+# costs per parameter and per activation beyond its FLOPs (fit_step_shape_cost). 2D: a deep network on a small
+# patch (6 stages to 512 features on 128x128, 20.6 M parameters: openkbp_hn_ct's 2d plan, 1.48x slower than its
+# width's throughput said) and a shallow one on a batch of small slices (4 stages on 64x48 x 16). Each width must
+# be one of STEP_WIDTHS. Measured on a 2-core Xeon (AMX, bf16, 2026-12-01, networks without their worker): the
+# split left the reference steps as timed and put 10 other 2D networks (widths 8-32, 56x40 x 22 to 224x224 x 2,
+# 0.5-20.6 M parameters) within 0.88-1.09x of their estimate, where the throughput alone gave 0.99-1.68x. 3D: none;
+# the same fit on four 3D networks there gave no parameter or activation cost beyond the throughputs' (the
+# planner's CPU 3D networks have at most 5.6 M parameters; the throughput alone put them within 0.87-1.01x).
+STEP_PROBES: dict[int, tuple[tuple[int, tuple[int, ...], int], ...]] = {
+    2: ((32, (128, 128), 2), (16, (64, 48), 16)),
+    3: (),
+}
+# The activations and parameters may take at most this share of a reference step, so the throughput left for the
+# FLOPs stays below 1 / (1 - share) times the timed one (noise in the probes must not make the FLOPs free). On the
+# Xeon above they took 70 % of the width-8 step and 50 % of the width-32 one (convolutions on AMX are fast; norms,
+# activations and layout copies are memory-bound).
+MAX_SHAPE_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,8 @@ def step_gflops(flops: float, seconds: float) -> float:
     return float(f"{flops / max(seconds - STEP_LATENCY_S, 0.5 * seconds) / 1e9:.2g}")
 
 
-def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None = None) -> ConfigurationPlan:
+def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None = None,
+                          batch: int = STEP_BATCH) -> ConfigurationPlan:
     """The configuration a step of ``width`` is timed with: the planner's network for the reference patch.
 
     Example:
@@ -118,11 +137,12 @@ def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None 
                             initial_lr=recipe.initial_lr, weight_decay=recipe.weight_decay, num_workers=1,
                             seed=DATA_SEED)
     return dataclasses.replace(base, name=f"calibration_step_{dims}d", patch_size=tuple(int(v) for v in rounded),
-                               batch_size=STEP_BATCH, network=net, training=training)
+                               batch_size=batch, network=net, training=training)
 
 
 def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
-                        placement: str = "shared", patch: Sequence[int] | None = None, warmup: int = STEP_WARMUP,
+                        placement: str = "shared", patch: Sequence[int] | None = None, batch: int = STEP_BATCH,
+                        warmup: int = STEP_WARMUP,
                         window_s: float = STEP_WINDOW_S, min_steps: int = STEP_MIN_STEPS,
                         max_steps: int = STEP_MAX_STEPS,
                         clock: Callable[[], float] = time.perf_counter) -> tuple[StepTiming, ...]:
@@ -139,6 +159,7 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
         placement: ``shared`` or ``own_core`` (:func:`automedseg.thread_placement.placement_layout`; where no
             core can be spared, own_core runs as shared and the timings say so).
         patch: Reference patch (default :data:`STEP_REFERENCE_PATCH`; rounded as the planner rounds it).
+        batch: Samples per step.
         warmup: Untimed steps per width.
         window_s: Timed seconds per width.
         min_steps: Timed steps at least.
@@ -158,7 +179,7 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
         raise ValueError(f"dims must be 2 or 3, got {dims}")
     layout = placement_layout(placement, threads=threads)
     device = torch.device("cpu")
-    configs = [reference_step_config(dims, w, patch=patch) for w in widths]
+    configs = [reference_step_config(dims, w, patch=patch, batch=batch) for w in widths]
     strides = output_strides(configs[0].network)
     out = []
     with tempfile.TemporaryDirectory(prefix="automedseg-step-") as tmp, torch.random.fork_rng(devices=[]), \
@@ -237,3 +258,80 @@ def calibrate_placement(*, threads: int | None = None) -> tuple[str, tuple[tuple
     """
     seconds = time_placements(threads=threads)
     return choose_worker_placement(dict(seconds)), seconds
+
+
+def _step_size(dims: int, width: int, patch: Sequence[int] | None = None, batch: int = STEP_BATCH,
+               ) -> tuple[float, float, float]:
+    """GFLOP, million activation elements (both of the batch) and million parameters of a timed step's network."""
+    from automedseg.network_cost import estimate_activation_elements, estimate_parameters, estimate_training_flops
+
+    config = reference_step_config(dims, width, patch=patch, batch=batch)
+    kw = {"in_channels": 1, "num_classes": STEP_CLASSES}
+    size = {"patch_size": config.patch_size, "dims": dims}
+    return (estimate_training_flops(config.network, **kw, **size) * batch / 1e9,
+            estimate_activation_elements(config.network, **kw, **size) * batch / 1e6,
+            estimate_parameters(config.network, **kw, dims=dims) / 1e6)
+
+
+def calibrate_step_probes(*, dims: int = 2, threads: int | None = None,
+                          placement: str = "shared") -> tuple[tuple[int, float], ...]:
+    """``(probe index, GFLOP/s)`` of real CPU training steps of the :data:`STEP_PROBES` networks (as the widths').
+
+    Example:
+        >>> calibrate_step_probes(dims=3)  # no 3D probes
+        ()
+    """
+    out = []
+    for i, (width, patch, batch) in enumerate(STEP_PROBES[dims]):
+        (timing,) = time_training_steps(dims=dims, widths=(width,), threads=threads, placement=placement,
+                                        patch=patch, batch=batch)
+        out.append((i, timing.gflops))
+    return tuple(out)
+
+
+def fit_step_shape_cost(dims: int, step_gflops_by_width: Sequence[tuple[int, float]],
+                        probe_gflops: Sequence[tuple[int, float]]) -> StepShapeCost | None:
+    """Split the timed steps into FLOPs, activations and parameters (:class:`~automedseg.plans.StepShapeCost`).
+
+    A step (less its latency) is modelled as ``G / net(width) + A x a + P x p`` (``G`` GFLOP and ``A`` million
+    activation elements of the batch, ``P`` million parameters). ``net`` is fixed by the reference steps (each
+    reproduced as timed); ``a`` and ``p`` (>= 0, non-negative least squares) by the probes, each compared with the
+    reference step of its width.
+
+    Args:
+        dims: 2 or 3.
+        step_gflops_by_width: The reference steps' throughputs (``DeviceProfile.step_gflops_by_width``).
+        probe_gflops: ``(probe index, GFLOP/s)`` of the :data:`STEP_PROBES` of ``dims``.
+
+    Returns:
+        The split, or ``None`` without probes.
+
+    Example:
+        >>> cost = fit_step_shape_cost(2, ((8, 80.0), (16, 150.0), (32, 210.0)), ((0, 120.0), (1, 140.0)))
+        >>> cost.gflops_by_width, cost.seconds_per_m_activations, cost.seconds_per_m_parameters
+        (((8, 350.0), (16, 1300.0), (32, 1200.0)), 0.00421, 0.0113)
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    table, probes = dict(step_gflops_by_width), dict(probe_gflops)
+    usable = [(STEP_PROBES[dims][i], g) for i, g in sorted(probes.items())
+              if i < len(STEP_PROBES[dims]) and STEP_PROBES[dims][i][0] in table]
+    if not usable or not table:
+        return None
+    ref = {w: _step_size(dims, w) for w in table}
+    rows, rhs = [], []
+    for (width, patch, batch), gflops in usable:
+        g, a, p = _step_size(dims, width, patch, batch)
+        g_ref, a_ref, p_ref = ref[width]
+        k = g / g_ref  # the reference step of this width, scaled to the probe's FLOPs
+        rows.append((a - k * a_ref, p - k * p_ref))
+        rhs.append(g / gflops - k * g_ref / table[width])
+    (per_a, per_p), _ = nnls(np.asarray(rows, dtype=float), np.asarray(rhs, dtype=float))
+    net = []
+    for width, gflops in sorted(table.items()):
+        g, a, p = ref[width]
+        seconds = g / gflops
+        left = max(seconds - per_a * a - per_p * p, (1 - MAX_SHAPE_SHARE) * seconds)
+        net.append((width, float(f"{g / left:.2g}")))
+    return StepShapeCost(dims, tuple(net), float(f"{per_a:.3g}"), float(f"{per_p:.3g}"))

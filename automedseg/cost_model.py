@@ -8,7 +8,10 @@ A step has two parts, both calibrated per machine (:mod:`automedseg.calibration_
   calibrated throughput at the network's first-stage width. On a CPU whose profile has timed training steps
   (``step_gflops_by_width``, ``step_gflops_by_width_2d``: the real step with its augmentation worker), that
   throughput, plus :data:`STEP_LATENCY_S`, and nothing else: norms, loss, optimizer and the worker sharing the
-  cores are in the measurement. Otherwise (GPUs, older profiles) the convolution throughput
+  cores are in the measurement. Where the profile also splits the timed steps (``step_shape_costs``:
+  :class:`~automedseg.plans.StepShapeCost`), the FLOPs are charged at the throughput left for them and the
+  network's activations and parameters on top, so a network unlike the timed ones (deeper, or shallower, for its
+  FLOPs) is charged what it costs. Otherwise (GPUs, older profiles) the convolution throughput
   (``gflops_by_width``; for 2D configurations ``gflops_by_width_2d``, or the 3D figure times
   :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no 2D timing), times an overhead for what is not a
   convolution.
@@ -51,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from automedseg.network_cost import estimate_activation_elements, family_of
+from automedseg.network_cost import estimate_activation_elements, estimate_parameters, family_of
 from automedseg.plans import AugmentationPlan, DeviceProfile, NetworkPlan
 from automedseg.topology import ANISO_THRESHOLD
 
@@ -229,6 +232,12 @@ def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, 
 
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
+    shape = device.step_shape_cost(dims) if device.kind == "cpu" else None
+    if shape is not None:  # the real step, split into FLOPs, activations and parameters
+        kw = {"in_channels": in_channels, "num_classes": num_classes}
+        activations = estimate_activation_elements(net, **kw, patch_size=tuple(patch), dims=dims) * batch
+        return shape.seconds(flops=flops, activations=activations, width=net.features_per_stage[0],
+                             parameters=estimate_parameters(net, **kw, dims=dims)) + STEP_LATENCY_S
     timed = timed_step_gflops(device, net.features_per_stage[0], dims)
     if timed is not None:  # the real step: no overheads to add, they were timed
         return flops / (timed * 1e9) + STEP_LATENCY_S

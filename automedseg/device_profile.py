@@ -82,6 +82,52 @@ def interpolate_by_width(table: tuple[tuple[int, float], ...], width: float) -> 
 
 
 @dataclass(frozen=True)
+class StepShapeCost:
+    """A CPU training step's cost beyond its FLOPs, for networks unlike the calibration's reference ones.
+
+    The timed steps (``DeviceProfile.step_gflops_by_width``) are throughputs of the planner's networks for one
+    reference patch; a network of the same width with many more parameters per FLOP (a deep 2D U-Net on a small
+    patch: its 512-feature stages on 4x4 pixels) or activations per FLOP (a shallow one on large batches of small
+    slices) runs slower per FLOP than those. The calibration times two such networks more
+    (:data:`automedseg.calibration_step.STEP_PROBES`) and splits the step (less its latency) into
+    ``FLOPs / gflops_by_width + activations x seconds_per_m_activations + parameters x seconds_per_m_parameters``
+    (:func:`automedseg.calibration_step.fit_step_shape_cost`), which gives the reference steps' times back.
+
+    Attributes:
+        dims: 2 or 3.
+        gflops_by_width: ``(feature width, GFLOP/s)``: the throughput left for the FLOPs.
+        seconds_per_m_activations: Seconds per million activation elements of a batch
+            (:func:`automedseg.network_cost.estimate_activation_elements` times the batch).
+        seconds_per_m_parameters: Seconds per million parameters.
+
+    Example:
+        >>> cost = StepShapeCost(2, ((16, 200.0), (32, 400.0)), 0.004, 0.01)
+        >>> round(cost.seconds(flops=40e9, activations=20e6, parameters=20e6, width=32), 3)
+        0.38
+    """
+
+    dims: int
+    gflops_by_width: tuple[tuple[int, float], ...]
+    seconds_per_m_activations: float
+    seconds_per_m_parameters: float
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise PlanError(f"step_shape_costs: dims must be 2 or 3, got {self.dims}")
+        if not self.gflops_by_width or not all(_positive(g) for _, g in self.gflops_by_width):
+            raise PlanError("step_shape_costs: gflops_by_width must hold positive throughputs")
+        for name in ("seconds_per_m_activations", "seconds_per_m_parameters"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise PlanError(f"step_shape_costs: {name} must be a number >= 0, got {value!r}")
+
+    def seconds(self, *, flops: float, activations: float, parameters: float, width: int) -> float:
+        """A step's seconds, its fixed latency left out: ``flops`` and ``activations`` of the whole batch."""
+        return (flops / (interpolate_by_width(self.gflops_by_width, width) * 1e9)
+                + activations / 1e6 * self.seconds_per_m_activations + parameters / 1e6 * self.seconds_per_m_parameters)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """The machine a plan was made for.
 
@@ -108,6 +154,8 @@ class DeviceProfile:
         placement_step_seconds: ``(placement, seconds)``: a 3D training step at the reference width
             (:data:`automedseg.calibration_step.PLACEMENT_WIDTH`) under each placement timed, which the choice
             was made from (one entry on a machine with one usable core).
+        step_shape_costs: Per dims, what the timed steps cost beyond their FLOPs (:class:`StepShapeCost`; CPU
+            only): where present the cost model charges a CPU network with it instead of ``step_gflops_by_width``.
 
     The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
     cost model takes the data pipeline as free), the step figures from
@@ -130,6 +178,7 @@ class DeviceProfile:
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] | None = field(default=None, metadata=_OMIT)
     worker_placement: str | None = field(default=None, metadata=_OMIT)
     placement_step_seconds: tuple[tuple[str, float], ...] | None = field(default=None, metadata=_OMIT)
+    step_shape_costs: tuple[StepShapeCost, ...] | None = field(default=None, metadata=_OMIT)
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -147,6 +196,9 @@ class DeviceProfile:
         if not all(p in WORKER_PLACEMENTS and _positive(s) for p, s in self.placement_step_seconds or ()):
             raise PlanError(f"placement_step_seconds must be (placement, seconds) pairs with a placement of "
                             f"{WORKER_PLACEMENTS} and positive seconds")
+        dims = [c.dims for c in self.step_shape_costs or ()]
+        if len(dims) != len(set(dims)):
+            raise PlanError(f"step_shape_costs must hold one entry per dims, got dims {dims}")
 
     def gflops_at(self, width: int, *, dims: int = 3) -> float:
         """Throughput for a given feature width, interpolated log-linearly between calibrated widths.
@@ -165,6 +217,10 @@ class DeviceProfile:
         """
         table = self.step_gflops_by_width_2d if dims == 2 else self.step_gflops_by_width
         return interpolate_by_width(table, width) if table else None
+
+    def step_shape_cost(self, dims: int) -> StepShapeCost | None:
+        """The calibrated step cost of ``dims``-D networks beyond their FLOPs (``None``: not calibrated)."""
+        return next((c for c in self.step_shape_costs or () if c.dims == dims), None)
 
     def augment_rate(self, dims: int) -> float | None:
         """Voxels per second one data worker augments for a ``dims``-D patch (``None``: not calibrated)."""

@@ -25,6 +25,7 @@ from automedseg.device_profile import (  # noqa: F401  (re-exported)
     WORKER_PLACEMENTS,
     CalibrationProvenance,
     DeviceProfile,
+    StepShapeCost,
 )
 from automedseg.intensity_matching import LANDMARK_PERCENTILES
 from automedseg.labelmap import index_dtype, indices_to_values, label_values, value_dtype, values_to_indices  # noqa: F401

@@ -34,6 +34,7 @@ BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
 BASE_2D = ((8, 90.0), (16, 300.0), (32, 600.0), (64, 800.0))
 DATA = DataThroughput(window_voxels_per_s=2.1e8, augment_voxels_per_s=((2, 6.3e6), (3, 5.4e6)))
 STEPS = {3: ((8, 110.0), (16, 230.0), (32, 310.0)), 2: ((8, 60.0), (16, 140.0), (32, 230.0))}
+PROBES = {3: (), 2: ((0, 120.0), (1, 140.0))}  # calibration_step.STEP_PROBES' GFLOP/s
 PLACED = ("shared", (("shared", 0.31), ("own_core", 0.3)))  # own_core 3 % faster: not enough
 
 
@@ -146,6 +147,7 @@ def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     cache = tmp_path / "cache" / "calibration.json"
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
     timing, data, steps, placement = FakeTiming(), FakeData(), FakeSteps(), FakePlacement()
+    monkeypatch.setattr(calibration_step, "calibrate_step_probes", lambda *, dims, **_: PROBES[dims])
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
@@ -430,10 +432,13 @@ def _calibration(kind: str, **kw: object) -> C.Calibration:
 
 def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
     assert _calibration("cuda").complete
-    assert _calibration("cpu").missing == ("training step", "thread placement")
+    assert _calibration("cpu").missing == ("training step", "thread placement", "training step shape")
     assert not _calibration("cpu", step_gflops_by_width=STEPS[3], worker_placement="shared").complete  # 3D, no 2D
-    assert _calibration("cpu", step_gflops_by_width=STEPS[3], step_gflops_by_width_2d=STEPS[2],
-                        worker_placement="shared").complete
+    steps = {"step_gflops_by_width": STEPS[3], "step_gflops_by_width_2d": STEPS[2], "worker_placement": "shared"}
+    assert _calibration("cpu", **steps).missing == ("training step shape",)
+    probes = tuple((d, i, g) for d, pairs in PROBES.items() for i, g in pairs)
+    assert _calibration("cpu", **steps, step_probe_gflops=probes).complete
+    assert not _calibration("cpu", **steps, step_probe_gflops=probes[:1]).complete
     with pytest.raises(C.PlanError, match="positive throughputs"):
         _calibration("cpu", step_gflops_by_width=((8, 0.0),))
     profile = C.profile_from(_calibration("cuda"))
@@ -524,3 +529,23 @@ def test_the_placement_is_validated() -> None:
     assert profile.worker_placement == "own_core" and profile.placement_step_seconds == (("shared", 0.312),
                                                                                           ("own_core", 0.27))
     assert C.profile_from(_calibration("cuda")).worker_placement is None
+
+
+def test_an_entry_without_the_step_shape_is_completed_and_the_plan_charges_it(planner: Planner) -> None:
+    planner.plan()
+    data = json.loads(planner.cache.read_text())
+    for entry in data["calibrations"].values():
+        del entry["step_probe_gflops"]
+    planner.cache.write_text(json.dumps(data))
+    old = planner.entry()
+    assert old.missing == ("training step shape",)
+    assert C.profile_from(old).step_shape_costs is None  # charged at the widths' throughputs, as before
+    result = planner.plan()
+    assert "has no training step shape timing" in result.output
+    entry = planner.entry()
+    assert entry.complete and entry.step_probe_gflops == ((2, 0, 120.0), (2, 1, 140.0))
+    device = Plans.load(planner.work / "plans.json").device
+    (shape,) = device.step_shape_costs
+    assert shape.dims == 2 and shape.seconds_per_m_parameters > 0 and device.step_shape_cost(3) is None
+    assert shape == calibration_step.fit_step_shape_cost(
+        2, tuple((w, quantise_gflops(g)) for w, g in STEPS[2]), tuple((i, quantise_gflops(g)) for i, g in PROBES[2]))

@@ -15,6 +15,7 @@ from automedseg import thread_placement
 from automedseg.cost_model import STEP_LATENCY_S
 from automedseg.network import estimate_training_flops
 from automedseg.planning import network_for
+from automedseg.plans import StepShapeCost
 
 TINY = {3: (16, 16, 16), 2: (32, 32)}
 
@@ -125,3 +126,62 @@ def test_calibrate_placement_times_the_reference_step_under_each_placement(
     assert S.calibrate_placement(threads=2) == expected
     assert all((c["dims"], c["widths"], c["threads"], c["window_s"]) == (3, (S.PLACEMENT_WIDTH,), 2,
                                                                          S.PLACEMENT_WINDOW_S) for c in calls)
+
+
+# --- the step's shape: FLOPs, activations and parameters --------------------------------------------------
+
+
+def _timed(cost: StepShapeCost, dims: int, width: int, patch=None, batch: int = S.STEP_BATCH) -> float:
+    """The GFLOP/s a step of this network shows under ``cost`` (the fit's input)."""
+    g, a, p = S._step_size(dims, width, patch, batch)
+    seconds = cost.seconds(flops=g * 1e9, activations=a * 1e6, parameters=p * 1e6, width=width)
+    return g / seconds
+
+
+@pytest.mark.parametrize(("per_activation", "per_parameter"), [(0.004, 0.011), (0.0, 0.02), (0.006, 0.0)])
+def test_the_fit_recovers_the_cost_that_made_the_timings(per_activation: float, per_parameter: float) -> None:
+    planted = StepShapeCost(2, ((8, 300.0), (16, 600.0), (32, 900.0)), per_activation, per_parameter)
+    widths = tuple((w, _timed(planted, 2, w)) for w in S.STEP_WIDTHS)
+    probes = tuple((i, _timed(planted, 2, w, patch, batch)) for i, (w, patch, batch) in enumerate(S.STEP_PROBES[2]))
+    fitted = S.fit_step_shape_cost(2, widths, probes)
+    assert fitted.seconds_per_m_activations == pytest.approx(per_activation, abs=2e-5)
+    assert fitted.seconds_per_m_parameters == pytest.approx(per_parameter, abs=2e-5)
+    for (w, g), (_, g_planted) in zip(fitted.gflops_by_width, planted.gflops_by_width):
+        assert w in S.STEP_WIDTHS and g == pytest.approx(g_planted, rel=0.05)  # (two significant digits)
+
+
+def test_a_deep_network_on_a_small_patch_costs_what_its_parameters_cost() -> None:
+    """openkbp_hn_ct's 2d plan: the width's throughput alone under-estimated its step 1.48x."""
+    planted = StepShapeCost(2, ((8, 300.0), (16, 600.0), (32, 900.0)), 0.004, 0.011)
+    widths = tuple((w, _timed(planted, 2, w)) for w in S.STEP_WIDTHS)
+    probes = tuple((i, _timed(planted, 2, w, patch, batch)) for i, (w, patch, batch) in enumerate(S.STEP_PROBES[2]))
+    fitted = S.fit_step_shape_cost(2, widths, probes)
+    g, a, p = S._step_size(2, 32, (128, 128), 2)
+    truth = g / _timed(planted, 2, 32, (128, 128), 2)
+    throughput_alone = g / dict(widths)[32]
+    assert throughput_alone < 0.8 * truth
+    assert fitted.seconds(flops=g * 1e9, activations=a * 1e6, parameters=p * 1e6, width=32) == pytest.approx(
+        truth, rel=0.05)
+
+
+def test_no_probes_no_split_and_noise_cannot_make_the_flops_free() -> None:
+    widths = ((8, 80.0), (16, 150.0), (32, 210.0))
+    assert S.fit_step_shape_cost(2, widths, ()) is None
+    assert S.fit_step_shape_cost(3, widths, ((0, 100.0),)) is None  # no 3D probes
+    assert S.fit_step_shape_cost(2, ((8, 80.0),), ((0, 120.0), (1, 140.0))) is None  # no probe at a timed width
+    slow = S.fit_step_shape_cost(2, widths, ((0, 1.0), (1, 1.0)))  # absurdly slow probes
+    for (_, net), (_, timed) in zip(slow.gflops_by_width, widths):
+        assert net <= timed / (1 - S.MAX_SHAPE_SHARE) * 1.05
+
+
+def test_calibrate_step_probes_times_each_probe_as_the_widths(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
+        seen.append(kw)
+        return (S.StepTiming(kw["widths"][0], 4e10, 0.21, 5),)
+
+    monkeypatch.setattr(S, "time_training_steps", fake)
+    assert S.calibrate_step_probes(dims=2, threads=2, placement="own_core") == ((0, 200.0), (1, 200.0))
+    assert [(k["widths"], k["patch"], k["batch"], k["placement"]) for k in seen] == [
+        ((w,), patch, batch, "own_core") for w, patch, batch in S.STEP_PROBES[2]]

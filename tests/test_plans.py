@@ -16,6 +16,7 @@ from automedseg.plans import (
     DeviceProfile,
     PlanError,
     Plans,
+    StepShapeCost,
     index_dtype,
     indices_to_values,
     label_values,
@@ -382,3 +383,33 @@ def test_device_gflops_at_reads_the_2d_table(table_2d, width, dims, expected):
 ])
 def test_device_augment_rate(pairs, dims, expected):
     assert dataclasses.replace(CPU, augment_voxels_per_s=pairs).augment_rate(dims) == expected
+
+
+SHAPE_2D = StepShapeCost(2, ((8, 150.0), (16, 420.0), (32, 580.0)), 0.00267, 0.01)
+
+
+def test_device_step_shape_costs_round_trip():
+    device = dataclasses.replace(CPU, step_gflops_by_width_2d=((8, 76.0),), step_shape_costs=(SHAPE_2D,))
+    data = to_jsonable(device)
+    assert data["step_shape_costs"] == [{"dims": 2, "gflops_by_width": [[8, 150.0], [16, 420.0], [32, 580.0]],
+                                         "seconds_per_m_activations": 0.00267, "seconds_per_m_parameters": 0.01}]
+    assert from_jsonable(DeviceProfile, data, "device") == device
+    assert device.step_shape_cost(2) == SHAPE_2D and device.step_shape_cost(3) is None
+    assert "step_shape_costs" not in to_jsonable(CPU) and CPU.step_shape_cost(2) is None
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"dims": 4}, "dims must be 2 or 3"),
+    ({"gflops_by_width": ()}, "gflops_by_width must hold positive"),
+    ({"gflops_by_width": ((8, -1.0),)}, "gflops_by_width must hold positive"),
+    ({"seconds_per_m_activations": -0.1}, "seconds_per_m_activations must be a number >= 0"),
+    ({"seconds_per_m_parameters": float("nan")}, "seconds_per_m_parameters must be a number >= 0"),
+])
+def test_step_shape_cost_errors_name_the_field(kw, message):
+    with pytest.raises(PlanError, match=f"step_shape_costs: {message}"):
+        dataclasses.replace(SHAPE_2D, **kw)
+
+
+def test_one_step_shape_cost_per_dims():
+    with pytest.raises(PlanError, match="one entry per dims"):
+        dataclasses.replace(CPU, step_shape_costs=(SHAPE_2D, SHAPE_2D))
