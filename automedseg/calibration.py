@@ -4,8 +4,10 @@ The planner's cost model (:mod:`automedseg.cost_model`) needs the training throu
 convolutions (:func:`automedseg.planning.calibrate_conv_gflops`), of one CPU data worker
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
 second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training step with its data pipeline
-(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width), which is what it charges a CPU
-network with, timed with the augmentation worker where it runs faster: sharing the cores or on a core of its own
+(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width, and the steps of two more 2D
+networks that split it into FLOPs, activations and parameters:
+:func:`~automedseg.calibration_step.calibrate_step_probes`), which is what it charges a CPU network with, timed
+with the augmentation worker where it runs faster: sharing the cores or on a core of its own
 (:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner writes
 the choice into the plan). A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
@@ -30,14 +32,15 @@ made from a fresh timing every time flips between runs. So:
 * **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
   (:func:`quantise_gflops`, four steps per doubling), so no noisy digits reach ``plans.json``.
 * **Older cache entries are completed.** An entry written before the 2D convolutions, the data pipeline or
-  (on a CPU) the training steps or the thread placement were timed still loads (the cache's ``schema_version``
-  stays 1: the new fields are optional); the next ``plan`` times the machine once more, keeps the cached figures
-  under the hysteresis rule and caches the entry completed with the parts it lacked (an entry completed with the
-  placement ``own_core`` takes the new step figures too: its own were timed with the worker sharing the cores).
+  (on a CPU) the training steps, the thread placement or the step shape probes were timed still loads (the
+  cache's ``schema_version`` stays 1: the new fields are optional); the next ``plan`` times the machine once
+  more, keeps the cached figures under the hysteresis rule and caches the entry completed with the parts it
+  lacked (an entry completed with the placement ``own_core`` takes the new step figures too: its own were timed
+  with the worker sharing the cores).
 
 ``plans.json`` records which calibration it was planned with (:class:`CalibrationProvenance`: where and
 when it was measured), never a raw timing, so re-plans are byte-identical. Nothing here reads environment
-variables: the cache path is an argument.
+variables: the cache path is an argument. The cache file's typed form is :mod:`automedseg.calibration_cache`.
 
 Example:
     >>> quantise_gflops(1000.0), quantise_gflops(900.0)
@@ -47,13 +50,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from automedseg.calibration_cache import (  # noqa: F401  (re-exported)
+    CACHE_SCHEMA_VERSION,
+    Calibration,
+    CalibrationCache,
+    calibration_throughputs,
+    probes_complete,
+    read_calibration_cache,
+    write_calibration_cache,
+)
 from automedseg.calibration_load import (  # noqa: F401  (re-exported)
     MIN_CPU_SHARE,
     MIN_CPU_SHARE_WITHOUT_SCHEDSTAT,
@@ -62,15 +73,11 @@ from automedseg.calibration_load import (  # noqa: F401  (re-exported)
     granted_share,
 )
 from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan records it
-    WORKER_PLACEMENTS,
-    CalibrationProvenance,  # noqa: F401
+    CalibrationProvenance,
     DeviceProfile,
-    PlanError,
-    from_jsonable,
-    to_jsonable,
+    PlanError,  # noqa: F401
 )
 
-CACHE_SCHEMA_VERSION = 1
 QUANTA_PER_OCTAVE = 4  # grid 2^(k/4): neighbouring values 19 % apart
 HYSTERESIS = 1.25  # a re-measurement within 25 % of the cached calibration keeps the cached one
 LOADED_ATTEMPTS = 3  # timings tried when the machine is busy and nothing is cached
@@ -86,143 +93,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """One cached calibration: provenance, host or device memory and the measured throughput.
-
-    Attributes:
-        provenance: What was measured, where and when.
-        memory_gib: Host memory (CPU: ``MemTotal``) or GPU memory, GiB.
-        gflops_by_width: ``(feature width, GFLOP/s)`` of a 3D convolution as measured (best window), before
-            quantisation.
-        cpu_share: Share of the CPU its threads asked for that the process was granted during the
-            convolution timings (``None``: not judged).
-        gflops_by_width_2d: The same for a 2D convolution (empty in caches written before it was timed).
-        window_voxels_per_s: Sampling-window voxels one CPU data worker reads per CPU second (``None`` in
-            caches written before the data pipeline was timed).
-        augment_voxels_per_s: ``(dims, voxels/s)``: patch voxels one CPU data worker augments per CPU second.
-        step_gflops_by_width: ``(feature width, GFLOP/s)`` of a real 3D training step with its data pipeline
-            (CPU only; empty in caches written before it was timed and on CUDA).
-        step_gflops_by_width_2d: The same for a 2D training step.
-        worker_placement: Where the augmentation worker ran for the step figures, as chosen
-            (:func:`automedseg.calibration_step.calibrate_placement`: ``shared`` or ``own_core``; ``None`` in caches
-            written before it was chosen and on CUDA).
-        placement_step_seconds: ``(placement, seconds)``: the 3D step at the reference width under each placement
-            timed (measured, not compared by the hysteresis: the step figures are).
-        step_probe_gflops: ``(dims, probe index, GFLOP/s)`` of the training steps of
-            :data:`automedseg.calibration_step.STEP_PROBES` (CPU only), timed as the widths' steps.
-    """
-
-    provenance: CalibrationProvenance
-    memory_gib: float
-    gflops_by_width: tuple[tuple[int, float], ...]
-    cpu_share: float | None = None
-    gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
-    window_voxels_per_s: float | None = None
-    augment_voxels_per_s: tuple[tuple[int, float], ...] = ()
-    step_gflops_by_width: tuple[tuple[int, float], ...] = ()
-    step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
-    worker_placement: str | None = None
-    placement_step_seconds: tuple[tuple[str, float], ...] = ()
-    step_probe_gflops: tuple[tuple[int, int, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.gflops_by_width:
-            raise PlanError("gflops_by_width must hold positive throughputs")
-        if any(not (g > 0 and math.isfinite(g)) for g in _throughputs(self).values()):
-            raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s, augment_voxels_per_s and "
-                            "step_gflops_by_width(_2d) and step_probe_gflops must hold positive throughputs")
-        if not self.memory_gib > 0:
-            raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
-        if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
-            raise PlanError(f"worker_placement {self.worker_placement!r} is not one of {WORKER_PLACEMENTS} or null")
-        if not all(p in WORKER_PLACEMENTS and s > 0 and math.isfinite(s) for p, s in self.placement_step_seconds):
-            raise PlanError("placement_step_seconds must be (placement, seconds) pairs with positive seconds")
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        """The timings this entry lacks (a cache entry of an older automedseg), e.g. ``("training step",)``."""
-        parts = {"2D convolution": bool(self.gflops_by_width_2d),
-                 "data pipeline": self.window_voxels_per_s is not None and bool(self.augment_voxels_per_s),
-                 "training step": self.provenance.kind != "cpu" or bool(
-                     self.step_gflops_by_width and self.step_gflops_by_width_2d),
-                 "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None,
-                 "training step shape": self.provenance.kind != "cpu" or _probes_complete(self.step_probe_gflops)}
-        return tuple(name for name, timed in parts.items() if not timed)
-
-    @property
-    def complete(self) -> bool:
-        """Every part is timed (a cache entry of an older automedseg lacks some, see :attr:`missing`)."""
-        return not self.missing
-
-
-def _probes_complete(probes: tuple[tuple[int, int, float], ...]) -> bool:
-    """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing."""
-    from automedseg.calibration_step import STEP_PROBES
-
-    return {(d, i) for d, probes_d in STEP_PROBES.items() for i in range(len(probes_d))} <= {
-        (d, i) for d, i, _ in probes}
-
-
 def _parts_text(names: tuple[str, ...], conjunction: str) -> str:
     """``a``, ``a or b``, ``a, b or c`` (``conjunction``: ``or`` / ``and``)."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
-
-
-def _throughputs(cal: Calibration) -> dict[str, float]:
-    """Every throughput of a calibration by name, e.g. ``3d width 32`` or ``augment 2d``."""
-    out = {f"3d width {w}": g for w, g in cal.gflops_by_width}
-    out.update({f"2d width {w}": g for w, g in cal.gflops_by_width_2d})
-    if cal.window_voxels_per_s is not None:
-        out["windows"] = cal.window_voxels_per_s
-    out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
-    out.update({f"3d step width {w}": g for w, g in cal.step_gflops_by_width})
-    out.update({f"2d step width {w}": g for w, g in cal.step_gflops_by_width_2d})
-    out.update({f"{d}d step probe {i}": g for d, i, g in cal.step_probe_gflops})
-    return out
-
-
-@dataclass(frozen=True)
-class CalibrationCache:
-    """The cache file: calibrations by :attr:`CalibrationProvenance.key`."""
-
-    calibrations: dict[str, Calibration] = dataclasses.field(default_factory=dict)
-    schema_version: int = CACHE_SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        if self.schema_version != CACHE_SCHEMA_VERSION:
-            raise PlanError(f"schema_version {self.schema_version} is not {CACHE_SCHEMA_VERSION}")
-
-
-# --- the cache file ---------------------------------------------------------------------------------------
-
-
-def read_calibration_cache(path: Path) -> CalibrationCache:
-    """Read a cache file; a missing file is an empty cache.
-
-    Raises:
-        InputError: The file cannot be read or does not hold a calibration cache (names the file and field).
-    """
-    from automedseg.errors import InputError
-
-    path = Path(path)
-    if not path.is_file():
-        return CalibrationCache()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the calibration cache: {e}") from None
-    try:
-        return from_jsonable(CalibrationCache, data, str(path))
-    except PlanError as e:
-        raise InputError(str(e)) from None
-
-
-def write_calibration_cache(path: Path, cache: CalibrationCache) -> None:
-    """Write the cache file atomically (its folder is made when missing)."""
-    from automedseg.atomic import atomic_write_json
-
-    atomic_write_json(Path(path), to_jsonable(cache))
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -343,7 +216,7 @@ def _ratio(new: Calibration, old: Calibration) -> float:
     Throughputs the old calibration lacks (an older cache entry) are not compared; one the new lacks is an
     infinite difference.
     """
-    old_t, new_t = _throughputs(old), _throughputs(new)
+    old_t, new_t = calibration_throughputs(old), calibration_throughputs(new)
     if set(old_t) - set(new_t):
         return math.inf
     return max(max(new_t[k] / v, v / new_t[k]) for k, v in old_t.items())
@@ -365,7 +238,7 @@ def _completed(cached: Calibration, new: Calibration) -> Calibration:
         worker_placement=cached.worker_placement if cached.worker_placement is not None else new.worker_placement,
         placement_step_seconds=cached.placement_step_seconds if cached.worker_placement is not None
         else new.placement_step_seconds,
-        step_probe_gflops=cached.step_probe_gflops if _probes_complete(cached.step_probe_gflops)
+        step_probe_gflops=cached.step_probe_gflops if probes_complete(cached.step_probe_gflops)
         else new.step_probe_gflops)
 
 

@@ -23,6 +23,12 @@ After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), 
 :data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
 batch or depth of the same width. About 15 s for the three widths in 3D and 2D on a 2-core CPU.
 
+A network of the same width can still run slower per FLOP than the reference one: more parameters per FLOP (a
+deep 2D U-Net on a small patch) or more activations per FLOP (a shallow one on a large batch of small slices). So
+the networks of :data:`STEP_PROBES` are timed too (:func:`calibrate_step_probes`, a few seconds more), and
+:func:`fit_step_shape_cost` splits the steps into FLOPs, activations and parameters
+(:class:`~automedseg.plans.StepShapeCost`), which the cost model charges where the profile has it.
+
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
 :data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; an estimated 5 s
