@@ -30,7 +30,7 @@ made from a fresh timing every time flips between runs. So:
 * **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
   the cached one: timing noise never changes a plan; a real change of the machine replaces it.
 * **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
-  (:func:`quantise_gflops`, four steps per doubling), so no noisy digits reach ``plans.json``.
+  (:func:`quantise_gflops`, eight steps per doubling), so no noisy digits reach ``plans.json``.
 * **Older cache entries are completed.** An entry written before the 2D convolutions, the data pipeline or
   (on a CPU) the training steps, the thread placement or the step shape probes were timed still loads (the
   cache's ``schema_version`` stays 1: the new fields are optional); the next ``plan`` times the machine once
@@ -44,7 +44,7 @@ variables: the cache path is an argument. The cache file's typed form is :mod:`a
 
 Example:
     >>> quantise_gflops(1000.0), quantise_gflops(900.0)
-    (1024.0, 861.1)
+    (1024.0, 939.0)
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ from automedseg.plans import (  # CalibrationProvenance: re-exported, the plan r
     PlanError,  # noqa: F401
 )
 
-QUANTA_PER_OCTAVE = 4  # grid 2^(k/4): neighbouring values 19 % apart
+# Grid 2^(k/8): neighbouring values 9 % apart, so the planner sees a timing at most 4.4 % off. (It was 2^(k/4),
+# up to 9 % off: alone that put openkbp_hn_ct's planned 3D step 9 % too fast on a 2-core Xeon, 83 -> 90.5 GFLOP/s,
+# benchmarks/results/calibration_check.md, 2026-12-01. The hysteresis, not the grid, keeps plans put.)
+QUANTA_PER_OCTAVE = 8
 HYSTERESIS = 1.25  # a re-measurement within 25 % of the cached calibration keeps the cached one
 LOADED_ATTEMPTS = 3  # timings tried when the machine is busy and nothing is cached
 # The cached timing is taken once: longer windows than a one-off timing (about 4 s instead of 2 s on a 2-core
@@ -102,11 +105,11 @@ def _parts_text(names: tuple[str, ...], conjunction: str) -> str:
 
 
 def quantise_gflops(value: float) -> float:
-    """Round a throughput to the grid ``2^(k/4)`` GFLOP/s (4 significant digits).
+    """Round a throughput to the grid ``2^(k/8)`` GFLOP/s (4 significant digits).
 
     Example:
         >>> [quantise_gflops(v) for v in (190.0, 200.0, 240.0, 260.0)]
-        [181.0, 215.3, 256.0, 256.0]
+        [197.4, 197.4, 234.8, 256.0]
     """
     k = round(QUANTA_PER_OCTAVE * math.log2(max(value, 1e-6)))
     return float(f"{2.0 ** (k / QUANTA_PER_OCTAVE):.4g}")

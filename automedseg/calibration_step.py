@@ -21,7 +21,7 @@ After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), 
 ``seconds_per_iteration``). The figure kept is a throughput: the network's training FLOPs
 (:func:`~automedseg.network_cost.estimate_training_flops`) times the batch over the step's seconds less
 :data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
-batch or depth of the same width. About 15 s for the three widths in 3D and 2D on a 2-core CPU.
+batch or depth of the same width. About 25 s for the three widths in 3D and 2D on a 2-core CPU.
 
 A network of the same width can still run slower per FLOP than the reference one: more parameters per FLOP (a
 deep 2D U-Net on a small patch) or more activations per FLOP (a shallow one on a large batch of small slices). So
@@ -64,8 +64,10 @@ STEP_REFERENCE_PATCH: dict[int, tuple[int, ...]] = {3: (40, 56, 40), 2: (224, 22
 STEP_BATCH = 2
 STEP_CLASSES = 3  # the synthetic case's labels (background and two classes, like hippocampus)
 STEP_WARMUP = 2  # untimed steps: the first picks kernels, the first optimizer step allocates its state
-STEP_WINDOW_S = 0.8  # timed wall seconds per width
-STEP_MIN_STEPS = 2
+# Timed wall seconds per width (and probe). 0.8 s timed two steps of the 2D width-32 step (0.9 s each with its
+# worker on a 2-core Xeon): one slow step moved its figure by a quarter.
+STEP_WINDOW_S = 1.5
+STEP_MIN_STEPS = 3
 STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
 PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)

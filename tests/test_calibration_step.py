@@ -54,7 +54,7 @@ def test_the_timing_window() -> None:
     # Each reading of the clock advances it 0.1 s: steps are timed until the window of 0.35 s has passed.
     clock = itertools.count(0.0, 0.1).__next__
     (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=0.35,
-                                      clock=clock)
+                                      min_steps=2, clock=clock)
     assert timing.steps == 5 and timing.seconds == pytest.approx(0.1)
     (capped,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=10.0,
                                       max_steps=3, clock=itertools.count(0.0, 0.1).__next__)
