@@ -152,7 +152,8 @@ def _time_once(machine: _Machine) -> Calibration:
     """One calibration timing, with the CPU share the process was granted meanwhile.
 
     The convolutions (3D, then 2D) and, on a CPU, the placements of the augmentation worker, then the training
-    steps (3D, then 2D; with their worker, as placed) are timed by wall clock in a window judged for load; the
+    steps (3D, then 2D, then the step shape probes; with their worker, as placed) are timed by wall clock in a
+    window judged for load; the
     data pipeline after it, by the CPU time of one thread
     (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
     """
@@ -170,8 +171,8 @@ def _time_once(machine: _Machine) -> Calibration:
         placement, placement_s = calibration_step.calibrate_placement(threads=threads)
         steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads, placement=placement)
                  for d in (3, 2)}
-        probes = tuple((d, int(i), float(g)) for d in (3, 2)
-                       for i, g in calibration_step.calibrate_step_probes(dims=d, threads=threads, placement=placement))
+        probes = tuple((d, str(name), float(g)) for d in (3, 2) for name, g in
+                       calibration_step.calibrate_step_probes(dims=d, threads=threads, placement=placement))
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()
@@ -201,7 +202,7 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
         return tuple((k, max(v, seen.get(k, v))) for k, v in pairs_b)
 
     share = max((s for s in (a.cpu_share, b.cpu_share) if s is not None), default=None)
-    seen_probes = {(d, i): g for d, i, g in a.step_probe_gflops}
+    seen_probes = {(d, name): g for d, name, g in a.step_probe_gflops}
     windows = max((v for v in (a.window_voxels_per_s, b.window_voxels_per_s) if v is not None), default=None)
     return dataclasses.replace(b, gflops_by_width=best(a.gflops_by_width, b.gflops_by_width), cpu_share=share,
                                gflops_by_width_2d=best(a.gflops_by_width_2d, b.gflops_by_width_2d),
@@ -209,8 +210,8 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
                                augment_voxels_per_s=best(a.augment_voxels_per_s, b.augment_voxels_per_s),
                                step_gflops_by_width=best(a.step_gflops_by_width, b.step_gflops_by_width),
                                step_gflops_by_width_2d=best(a.step_gflops_by_width_2d, b.step_gflops_by_width_2d),
-                               step_probe_gflops=tuple((d, i, max(g, seen_probes.get((d, i), g)))
-                                                       for d, i, g in b.step_probe_gflops))
+                               step_probe_gflops=tuple((d, n, max(g, seen_probes.get((d, n), g)))
+                                                       for d, n, g in b.step_probe_gflops))
 
 
 def _ratio(new: Calibration, old: Calibration) -> float:
@@ -242,7 +243,24 @@ def _completed(cached: Calibration, new: Calibration) -> Calibration:
         placement_step_seconds=cached.placement_step_seconds if cached.worker_placement is not None
         else new.placement_step_seconds,
         step_probe_gflops=cached.step_probe_gflops if probes_complete(cached.step_probe_gflops)
-        else new.step_probe_gflops)
+        else _rescaled_probes(new, cached))
+
+
+def _rescaled_probes(new: Calibration, cached: Calibration) -> tuple[tuple[int, str, float], ...]:
+    """``new``'s probes as if timed with ``cached``'s speed: each times its width's cached reference step over the
+    new one (the fit prices the probe's excess over the reference, which a faster or slower run would misread)."""
+    from automedseg.calibration_step import STEP_PROBES, probe_name
+
+    widths = {(d, probe_name(*probe)): probe[0] for d, probes in STEP_PROBES.items() for probe in probes}
+    tables = {d: (dict(cached.step_gflops_by_width_2d if d == 2 else cached.step_gflops_by_width),
+                  dict(new.step_gflops_by_width_2d if d == 2 else new.step_gflops_by_width)) for d in (2, 3)}
+    out = []
+    for d, name, g in new.step_probe_gflops:
+        old_t, new_t = tables[d]
+        w = widths.get((d, name))
+        scale = old_t[w] / new_t[w] if w in old_t and w in new_t else 1.0
+        out.append((d, name, float(f"{g * scale:.3g}")))
+    return tuple(out)
 
 
 def _geomean(cal: Calibration) -> float:
@@ -353,8 +371,9 @@ def profile_from(calibration: Calibration) -> DeviceProfile:
     p = calibration.provenance
     steps = {3: tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width),
              2: tuple((w, quantise_gflops(g)) for w, g in calibration.step_gflops_by_width_2d)}
-    shapes = [fit_step_shape_cost(d, steps[d], tuple((i, quantise_gflops(g)) for dd, i, g in
-                                                     calibration.step_probe_gflops if dd == d)) for d in (3, 2)]
+    raw = {3: calibration.step_gflops_by_width, 2: calibration.step_gflops_by_width_2d}  # (the fit: unrounded)
+    shapes = [fit_step_shape_cost(d, raw[d], tuple((n, g) for dd, n, g in calibration.step_probe_gflops if dd == d))
+              for d in (3, 2)]
     return DeviceProfile(
         kind=p.kind, name=f"{p.device}, {p.threads} threads" if p.kind == "cpu" else p.device,
         cpu_threads=p.threads, memory_gib=calibration.memory_gib,

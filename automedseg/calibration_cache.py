@@ -44,7 +44,7 @@ class Calibration:
             written before it was chosen and on CUDA).
         placement_step_seconds: ``(placement, seconds)``: the 3D step at the reference width under each placement
             timed (measured, not compared by the hysteresis: the step figures are).
-        step_probe_gflops: ``(dims, probe index, GFLOP/s)`` of the training steps of
+        step_probe_gflops: ``(dims, probe name, GFLOP/s)`` of the training steps of
             :data:`automedseg.calibration_step.STEP_PROBES` (CPU only), timed as the widths' steps.
     """
 
@@ -59,14 +59,17 @@ class Calibration:
     step_gflops_by_width_2d: tuple[tuple[int, float], ...] = ()
     worker_placement: str | None = None
     placement_step_seconds: tuple[tuple[str, float], ...] = ()
-    step_probe_gflops: tuple[tuple[int, int, float], ...] = ()
+    step_probe_gflops: tuple[tuple[int, str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
             raise PlanError("gflops_by_width must hold positive throughputs")
         if any(not (g > 0 and math.isfinite(g)) for g in calibration_throughputs(self).values()):
             raise PlanError("gflops_by_width, gflops_by_width_2d, window_voxels_per_s, augment_voxels_per_s and "
-                            "step_gflops_by_width(_2d) and step_probe_gflops must hold positive throughputs")
+                            "step_gflops_by_width(_2d), step_probe_gflops must hold positive throughputs")
+        keys = [(d, name) for d, name, _ in self.step_probe_gflops]
+        if any(d not in (2, 3) for d, _ in keys) or len(keys) != len(set(keys)):
+            raise PlanError("step_probe_gflops must be (dims 2 or 3, probe name, GFLOP/s), one per probe")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
         if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
@@ -91,12 +94,13 @@ class Calibration:
         return not self.missing
 
 
-def probes_complete(probes: tuple[tuple[int, int, float], ...]) -> bool:
-    """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing."""
-    from automedseg.calibration_step import STEP_PROBES
+def probes_complete(probes: tuple[tuple[int, str, float], ...]) -> bool:
+    """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing (by its name: a probe changed
+    since is missing)."""
+    from automedseg.calibration_step import STEP_PROBES, probe_name
 
-    return {(d, i) for d, probes_d in STEP_PROBES.items() for i in range(len(probes_d))} <= {
-        (d, i) for d, i, _ in probes}
+    return {(d, probe_name(*probe)) for d, probes_d in STEP_PROBES.items() for probe in probes_d} <= {
+        (d, name) for d, name, _ in probes}
 
 
 def calibration_throughputs(cal: Calibration) -> dict[str, float]:
@@ -108,7 +112,7 @@ def calibration_throughputs(cal: Calibration) -> dict[str, float]:
     out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
     out.update({f"3d step width {w}": g for w, g in cal.step_gflops_by_width})
     out.update({f"2d step width {w}": g for w, g in cal.step_gflops_by_width_2d})
-    out.update({f"{d}d step probe {i}": g for d, i, g in cal.step_probe_gflops})
+    out.update({f"{d}d step probe {name}": g for d, name, g in cal.step_probe_gflops})
     return out
 
 

@@ -24,10 +24,9 @@ After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), 
 batch or depth of the same width. About 25 s for the three widths in 3D and 2D on a 2-core CPU.
 
 A network of the same width can still run slower per FLOP than the reference one: more parameters per FLOP (a
-deep 2D U-Net on a small patch) or more activations per FLOP (a shallow one on a large batch of small slices). So
-the networks of :data:`STEP_PROBES` are timed too (:func:`calibrate_step_probes`, a few seconds more), and
-:func:`fit_step_shape_cost` splits the steps into FLOPs, activations and parameters
-(:class:`~automedseg.plans.StepShapeCost`), which the cost model charges where the profile has it.
+deep 2D U-Net on a small patch). So the network of :data:`STEP_PROBES` is timed too (:func:`calibrate_step_probes`,
+about 3 s more), and :func:`fit_step_shape_cost` prices the parameters beyond the reference's
+(:class:`~automedseg.plans.StepShapeCost`), which the cost model adds where the profile has it.
 
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
@@ -73,24 +72,22 @@ STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_ep
 PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)
 PLACEMENT_WINDOW_S = 1.0  # timed wall seconds per placement
 # (width, patch, batch) of the networks timed beside the reference ones so the cost model can tell what a step
-# costs per parameter and per activation beyond its FLOPs (fit_step_shape_cost). 2D: a deep network on a small
-# patch (6 stages to 512 features on 128x128, 20.6 M parameters: openkbp_hn_ct's 2d plan, 1.48x slower than its
-# width's throughput said) and a shallow one on a batch of small slices (4 stages on 64x48 x 16). Each width must
-# be one of STEP_WIDTHS. Measured on a 2-core Xeon (AMX, bf16, 2026-12-01, networks without their worker): the
-# split left the reference steps as timed and put 10 other 2D networks (widths 8-32, 56x40 x 22 to 224x224 x 2,
-# 0.5-20.6 M parameters) within 0.88-1.09x of their estimate, where the throughput alone gave 0.99-1.68x. 3D: none;
-# the same fit on four 3D networks there gave no parameter or activation cost beyond the throughputs' (the
-# planner's CPU 3D networks have at most 5.6 M parameters; the throughput alone put them within 0.87-1.01x).
+# costs per parameter beyond the reference network's (fit_step_shape_cost). 2D: a deep network on a small patch (6
+# stages to 512 features on 128x128, 20.6 M parameters, as the width-32 reference on 224x224 but with a third of
+# its FLOPs: like openkbp_hn_ct's 2d plan, whose step was 1.48x its estimate from the width's throughput alone on
+# an AMD EPYC). Each width must be one of STEP_WIDTHS; the cache names a probe by probe_name(), so a changed probe
+# is timed anew. Measured on a 2-core Xeon (AMX, bf16, 2026-12-01, networks timed without their worker,
+# benchmarks/results/profile_step.md): 0.0106 s per million parameters beyond the reference's; ten 2D networks
+# (widths 8-32, 56x40 x 22 to 224x224 x 2, 0.5-20.6 M parameters) then ran at 0.88-1.12x of their estimate, where
+# the throughput alone gave 0.99-1.68x (the deep probe's shape). A shallow probe (4 stages on
+# 16 x 64x48, for an activation cost) was tried and dropped: with the calibration's worker augmenting 16 slices of
+# its synthetic case it cost 1.3-1.4x more per FLOP than without, which real training on hippocampus' small slices
+# did not show (its 2d step was estimated 1.33-1.72x too slow with it). 3D: none; the planner's CPU 3D networks
+# have at most 5.6 M parameters, and four 3D networks there were within 0.87-1.01x of the throughput alone.
 STEP_PROBES: dict[int, tuple[tuple[int, tuple[int, ...], int], ...]] = {
-    2: ((32, (128, 128), 2), (16, (64, 48), 16)),
+    2: ((32, (128, 128), 2),),
     3: (),
 }
-# The activations and parameters may take at most this share of a reference step, so the throughput left for the
-# FLOPs stays below 1 / (1 - share) times the timed one (noise in the probes must not make the FLOPs free). On the
-# Xeon above they took 70 % of the width-8 step and 50 % of the width-32 one (convolutions on AMX are fast; norms,
-# activations and layout copies are memory-bound).
-MAX_SHAPE_SHARE = 0.9
-
 
 @dataclass(frozen=True)
 class StepTiming:
@@ -117,16 +114,16 @@ class StepTiming:
 
 
 def step_gflops(flops: float, seconds: float) -> float:
-    """GFLOP/s of a step of ``flops`` that took ``seconds``, its fixed latency left out, two significant digits.
+    """GFLOP/s of a step of ``flops`` that took ``seconds``, its fixed latency left out, three significant digits.
 
     The cost model adds :data:`~automedseg.cost_model.STEP_LATENCY_S` back to every step it estimates, so the
     step timed here is estimated as it was measured (at most half of it counts as latency).
 
     Example:
         >>> step_gflops(15.7e9, 0.16), step_gflops(1e9, 0.01)
-        (100.0, 200.0)
+        (105.0, 200.0)
     """
-    return float(f"{flops / max(seconds - STEP_LATENCY_S, 0.5 * seconds) / 1e9:.2g}")
+    return float(f"{flops / max(seconds - STEP_LATENCY_S, 0.5 * seconds) / 1e9:.3g}")
 
 
 def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None = None,
@@ -269,77 +266,79 @@ def calibrate_placement(*, threads: int | None = None) -> tuple[str, tuple[tuple
 
 
 def _step_size(dims: int, width: int, patch: Sequence[int] | None = None, batch: int = STEP_BATCH,
-               ) -> tuple[float, float, float]:
-    """GFLOP, million activation elements (both of the batch) and million parameters of a timed step's network."""
-    from automedseg.network_cost import estimate_activation_elements, estimate_parameters, estimate_training_flops
+               ) -> tuple[float, float]:
+    """GFLOP (of the batch) and million parameters of a timed step's network."""
+    from automedseg.network_cost import estimate_parameters, estimate_training_flops
 
     config = reference_step_config(dims, width, patch=patch, batch=batch)
-    kw = {"in_channels": 1, "num_classes": STEP_CLASSES}
-    size = {"patch_size": config.patch_size, "dims": dims}
-    return (estimate_training_flops(config.network, **kw, **size) * batch / 1e9,
-            estimate_activation_elements(config.network, **kw, **size) * batch / 1e6,
-            estimate_parameters(config.network, **kw, dims=dims) / 1e6)
+    kw = {"in_channels": 1, "num_classes": STEP_CLASSES, "dims": dims}
+    return (estimate_training_flops(config.network, patch_size=config.patch_size, **kw) * batch / 1e9,
+            estimate_parameters(config.network, **kw) / 1e6)
+
+
+def probe_name(width: int, patch: Sequence[int], batch: int) -> str:
+    """How the calibration cache names a probe of :data:`STEP_PROBES`.
+
+    Example:
+        >>> probe_name(32, (128, 128), 2)
+        'w32 128x128 b2'
+    """
+    return f"w{width} {'x'.join(str(int(v)) for v in patch)} b{batch}"
 
 
 def calibrate_step_probes(*, dims: int = 2, threads: int | None = None,
-                          placement: str = "shared") -> tuple[tuple[int, float], ...]:
-    """``(probe index, GFLOP/s)`` of real CPU training steps of the :data:`STEP_PROBES` networks (as the widths').
+                          placement: str = "shared") -> tuple[tuple[str, float], ...]:
+    """``(probe name, GFLOP/s)`` of real CPU training steps of the :data:`STEP_PROBES` networks (as the widths').
 
     Example:
         >>> calibrate_step_probes(dims=3)  # no 3D probes
         ()
     """
     out = []
-    for i, (width, patch, batch) in enumerate(STEP_PROBES[dims]):
+    for width, patch, batch in STEP_PROBES[dims]:
         (timing,) = time_training_steps(dims=dims, widths=(width,), threads=threads, placement=placement,
                                         patch=patch, batch=batch)
-        out.append((i, timing.gflops))
+        out.append((probe_name(width, patch, batch), timing.gflops))
     return tuple(out)
 
 
 def fit_step_shape_cost(dims: int, step_gflops_by_width: Sequence[tuple[int, float]],
-                        probe_gflops: Sequence[tuple[int, float]]) -> StepShapeCost | None:
-    """Split the timed steps into FLOPs, activations and parameters (:class:`~automedseg.plans.StepShapeCost`).
+                        probe_gflops: Sequence[tuple[str, float]]) -> StepShapeCost | None:
+    """What a step costs per million parameters beyond the reference network's (:class:`~automedseg.plans.
+    StepShapeCost`), from the probes.
 
-    A step (less its latency) is modelled as ``G / net(width) + A x a + P x p`` (``G`` GFLOP and ``A`` million
-    activation elements of the batch, ``P`` million parameters). ``net`` is fixed by the reference steps (each
-    reproduced as timed); ``a`` and ``p`` (>= 0, non-negative least squares) by the probes, each compared with the
-    reference step of its width.
+    A probe of width ``w`` with ``k`` times the FLOPs of that width's reference step is modelled as ``k`` times the
+    reference step plus ``p`` seconds per million parameters beyond ``k`` times the reference's; ``p`` (>= 0) is
+    the least-squares fit over the probes. Fit it on the timings as cached, not on rounded ones: the probe's
+    excess over its reference is a difference, which magnifies rounding.
 
     Args:
         dims: 2 or 3.
-        step_gflops_by_width: The reference steps' throughputs (``DeviceProfile.step_gflops_by_width``).
-        probe_gflops: ``(probe index, GFLOP/s)`` of the :data:`STEP_PROBES` of ``dims``.
+        step_gflops_by_width: The reference steps' throughputs (``Calibration.step_gflops_by_width``).
+        probe_gflops: ``(probe name, GFLOP/s)`` of the :data:`STEP_PROBES` of ``dims`` (:func:`probe_name`;
+            others are left out).
 
     Returns:
-        The split, or ``None`` without probes.
+        The cost, or ``None`` without a probe at a timed width.
 
     Example:
-        >>> cost = fit_step_shape_cost(2, ((8, 80.0), (16, 150.0), (32, 210.0)), ((0, 120.0), (1, 140.0)))
-        >>> cost.gflops_by_width, cost.seconds_per_m_activations, cost.seconds_per_m_parameters
-        (((8, 350.0), (16, 1300.0), (32, 1200.0)), 0.00421, 0.0113)
+        >>> cost = fit_step_shape_cost(2, ((8, 80.4), (16, 148.0), (32, 212.0)), (("w32 128x128 b2", 124.0),))
+        >>> cost.seconds_per_m_parameters, cost.parameters_per_gflop_by_width  # a 2-core Xeon, bf16
+        (0.0106, ((8, 0.141), (16, 0.149), (32, 0.153)))
     """
-    import numpy as np
-    from scipy.optimize import nnls
-
     table, probes = dict(step_gflops_by_width), dict(probe_gflops)
-    usable = [(STEP_PROBES[dims][i], g) for i, g in sorted(probes.items())
-              if i < len(STEP_PROBES[dims]) and STEP_PROBES[dims][i][0] in table]
-    if not usable or not table:
+    usable = [(probe, probes[probe_name(*probe)]) for probe in STEP_PROBES[dims]
+              if probe_name(*probe) in probes and probe[0] in table]
+    if not usable:
         return None
     ref = {w: _step_size(dims, w) for w in table}
-    rows, rhs = [], []
+    xx = xy = 0.0
     for (width, patch, batch), gflops in usable:
-        g, a, p = _step_size(dims, width, patch, batch)
-        g_ref, a_ref, p_ref = ref[width]
+        g, p = _step_size(dims, width, patch, batch)
+        g_ref, p_ref = ref[width]
         k = g / g_ref  # the reference step of this width, scaled to the probe's FLOPs
-        rows.append((a - k * a_ref, p - k * p_ref))
-        rhs.append(g / gflops - k * g_ref / table[width])
-    (per_a, per_p), _ = nnls(np.asarray(rows, dtype=float), np.asarray(rhs, dtype=float))
-    net = []
-    for width, gflops in sorted(table.items()):
-        g, a, p = ref[width]
-        seconds = g / gflops
-        left = max(seconds - per_a * a - per_p * p, (1 - MAX_SHAPE_SHARE) * seconds)
-        net.append((width, float(f"{g / left:.2g}")))
-    return StepShapeCost(dims, tuple(net), float(f"{per_a:.3g}"), float(f"{per_p:.3g}"))
+        x, y = p - k * p_ref, g / gflops - k * g_ref / table[width]
+        xx, xy = xx + x * x, xy + x * y
+    per_p = max(0.0, xy / xx) if xx > 0 else 0.0
+    return StepShapeCost(dims, tuple((w, float(f"{p / g:.3g}")) for w, (g, p) in sorted(ref.items())),
+                         float(f"{per_p:.3g}"))

@@ -8,12 +8,12 @@ A step has two parts, both calibrated per machine (:mod:`automedseg.calibration_
   calibrated throughput at the network's first-stage width. On a CPU whose profile has timed training steps
   (``step_gflops_by_width``, ``step_gflops_by_width_2d``: the real step with its augmentation worker), that
   throughput, plus :data:`STEP_LATENCY_S`, and nothing else: norms, loss, optimizer and the worker sharing the
-  cores are in the measurement. Where the profile also splits the timed steps (``step_shape_costs``:
-  :class:`~automedseg.plans.StepShapeCost`), the FLOPs are charged at the throughput left for them and the
-  network's activations and parameters on top, so a network unlike the timed ones (deeper, or shallower, for its
-  FLOPs) is charged what it costs. Otherwise (GPUs, older profiles) the convolution throughput
-  (``gflops_by_width``; for 2D configurations ``gflops_by_width_2d``, or the 3D figure times
-  :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no 2D timing), times an overhead for what is not a
+  cores are in the measurement. Where the profile also prices parameters (``step_shape_costs``:
+  :class:`~automedseg.plans.StepShapeCost`), a network with more parameters per FLOP than the timed reference
+  network of its width (a deep 2D U-Net on a small patch) pays for those beyond the reference's. Otherwise
+  (GPUs, older profiles) the convolution throughput (``gflops_by_width``; for 2D configurations
+  ``gflops_by_width_2d``, or the 3D figure times :data:`CPU_2D_CONV_EFFICIENCY` on a CPU where a profile has no
+  2D timing), times an overhead for what is not a
   convolution.
 * **The data**: the CPU seconds one data worker spends on a batch: reading the sampling windows
   (``window_voxels_per_s``) and, unless augmentation runs on the device, augmenting the training patches
@@ -69,11 +69,11 @@ from automedseg.topology import ANISO_THRESHOLD
 # stage's width stays (for the timed steps too: they are timed on the planner's networks, width by width).
 CPU_STEP_OVERHEAD = 1.6
 GPU_STEP_OVERHEAD = 1.15
-# Tried and not adopted (2026-12-01, AMD EPYC 2 cores): a per-parameter step cost (optimizer, clipping, weight
-# casts) fitted from the 2D width-32 step at 224x224 and 128x128 (0.013 s per million parameters) to explain
-# openkbp_hn_ct's 2D step (1.48x the estimate): the fit lifted the 2D throughputs to 100/180/360 GFLOP/s and moved
-# hippocampus 2d from 1.02 to 1.54x and 3d_fullres from 1.12 to 1.19x (benchmarks/calibration_check.py): the
-# small patch's lower efficiency per FLOP is not a parameter cost.
+# A per-parameter step cost on every network (optimizer, clipping, weight casts), fitted from the 2D width-32 step at
+# 224x224 and 128x128, was tried on an AMD EPYC (2026-12-01) and reverted: it lifted the throughputs left for the
+# FLOPs and moved hippocampus 2d (4 stages, 1.9 M parameters) from 1.02 to 1.54x. What was adopted instead
+# (calibration_step.fit_step_shape_cost) charges only the parameters beyond the reference network's at the same
+# FLOPs, so a shallow network keeps the timed throughput.
 # Per step, whatever its size (launches, the optimizer's Python). The step calibration leaves it out of its
 # throughput (calibration_step.step_gflops) and the estimate adds it back.
 STEP_LATENCY_S = 0.01
@@ -232,15 +232,13 @@ def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, 
 
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
                                     patch_size=tuple(patch), dims=dims) * batch
-    shape = device.step_shape_cost(dims) if device.kind == "cpu" else None
-    if shape is not None:  # the real step, split into FLOPs, activations and parameters
-        kw = {"in_channels": in_channels, "num_classes": num_classes}
-        activations = estimate_activation_elements(net, **kw, patch_size=tuple(patch), dims=dims) * batch
-        return shape.seconds(flops=flops, activations=activations, width=net.features_per_stage[0],
-                             parameters=estimate_parameters(net, **kw, dims=dims)) + STEP_LATENCY_S
     timed = timed_step_gflops(device, net.features_per_stage[0], dims)
     if timed is not None:  # the real step: no overheads to add, they were timed
-        return flops / (timed * 1e9) + STEP_LATENCY_S
+        shape = device.step_shape_cost(dims)
+        excess = 0.0 if shape is None else shape.excess_seconds(
+            flops=flops, width=net.features_per_stage[0],
+            parameters=estimate_parameters(net, in_channels=in_channels, num_classes=num_classes, dims=dims))
+        return flops / (timed * 1e9) + excess + STEP_LATENCY_S
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
         overhead /= CPU_2D_CONV_EFFICIENCY

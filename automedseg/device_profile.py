@@ -83,48 +83,53 @@ def interpolate_by_width(table: tuple[tuple[int, float], ...], width: float) -> 
 
 @dataclass(frozen=True)
 class StepShapeCost:
-    """A CPU training step's cost beyond its FLOPs, for networks unlike the calibration's reference ones.
+    """What a CPU training step costs for parameters beyond those of the calibration's reference network.
 
     The timed steps (``DeviceProfile.step_gflops_by_width``) are throughputs of the planner's networks for one
-    reference patch; a network of the same width with many more parameters per FLOP (a deep 2D U-Net on a small
-    patch: its 512-feature stages on 4x4 pixels) or activations per FLOP (a shallow one on large batches of small
-    slices) runs slower per FLOP than those. The calibration times two such networks more
-    (:data:`automedseg.calibration_step.STEP_PROBES`) and splits the step (less its latency) into
-    ``FLOPs / gflops_by_width + activations x seconds_per_m_activations + parameters x seconds_per_m_parameters``
-    (:func:`automedseg.calibration_step.fit_step_shape_cost`), which gives the reference steps' times back.
+    reference patch. A network of the same width with more parameters per FLOP (a deep 2D U-Net on a small patch:
+    its 512-feature stages on 4x4 pixels, the optimizer's and the weight gradients' passes over 20 M parameters)
+    runs slower per FLOP than those. The calibration times such a network
+    (:data:`automedseg.calibration_step.STEP_PROBES`) and charges the parameters a network has beyond the
+    reference's at its FLOPs (``parameters - FLOPs x parameters_per_gflop``) at ``seconds_per_m_parameters``
+    (:func:`automedseg.calibration_step.fit_step_shape_cost`). A network with fewer parameters per FLOP is
+    charged as the reference is: a shallow one on many small slices saves on parameters what it spends on more
+    activations per FLOP (the two cancelled within 6 % in a 2D network of 4 stages on 22 x 56x40, timed without
+    its worker on a 2-core Xeon; with the calibration's worker on its synthetic slices the activations looked far
+    dearer than in real training, so they are not charged).
 
     Attributes:
         dims: 2 or 3.
-        gflops_by_width: ``(feature width, GFLOP/s)``: the throughput left for the FLOPs.
-        seconds_per_m_activations: Seconds per million activation elements of a batch
-            (:func:`automedseg.network_cost.estimate_activation_elements` times the batch).
-        seconds_per_m_parameters: Seconds per million parameters.
+        parameters_per_gflop_by_width: ``(feature width, million parameters per GFLOP)`` of the reference network
+            of that width and its batch.
+        seconds_per_m_parameters: Seconds a step takes per million parameters beyond those.
 
     Example:
-        >>> cost = StepShapeCost(2, ((16, 200.0), (32, 400.0)), 0.004, 0.01)
-        >>> round(cost.seconds(flops=40e9, activations=20e6, parameters=20e6, width=32), 3)
-        0.38
+        >>> cost = StepShapeCost(2, ((16, 0.15), (32, 0.15)), 0.01)
+        >>> cost.excess_seconds(flops=40e9, parameters=20e6, width=32)  # 20 M against 6 M at 40 GFLOP
+        0.14
+        >>> cost.excess_seconds(flops=40e9, parameters=2e6, width=32)
+        0.0
     """
 
     dims: int
-    gflops_by_width: tuple[tuple[int, float], ...]
-    seconds_per_m_activations: float
+    parameters_per_gflop_by_width: tuple[tuple[int, float], ...]
     seconds_per_m_parameters: float
 
     def __post_init__(self) -> None:
         if self.dims not in (2, 3):
             raise PlanError(f"step_shape_costs: dims must be 2 or 3, got {self.dims}")
-        if not self.gflops_by_width or not all(_positive(g) for _, g in self.gflops_by_width):
-            raise PlanError("step_shape_costs: gflops_by_width must hold positive throughputs")
-        for name in ("seconds_per_m_activations", "seconds_per_m_parameters"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise PlanError(f"step_shape_costs: {name} must be a number >= 0, got {value!r}")
+        table = self.parameters_per_gflop_by_width
+        if not table or not all(isinstance(w, int) and w > 0 and _positive(v) for w, v in table):
+            raise PlanError("step_shape_costs: parameters_per_gflop_by_width must hold (positive width, positive "
+                            "value) pairs")
+        value = self.seconds_per_m_parameters
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise PlanError(f"step_shape_costs: seconds_per_m_parameters must be a number >= 0, got {value!r}")
 
-    def seconds(self, *, flops: float, activations: float, parameters: float, width: int) -> float:
-        """A step's seconds, its fixed latency left out: ``flops`` and ``activations`` of the whole batch."""
-        return (flops / (interpolate_by_width(self.gflops_by_width, width) * 1e9)
-                + activations / 1e6 * self.seconds_per_m_activations + parameters / 1e6 * self.seconds_per_m_parameters)
+    def excess_seconds(self, *, flops: float, parameters: float, width: int) -> float:
+        """Seconds a step of ``flops`` (the batch's) takes for its ``parameters`` beyond the reference's."""
+        reference = flops / 1e9 * interpolate_by_width(self.parameters_per_gflop_by_width, width)
+        return round(max(0.0, parameters / 1e6 - reference) * self.seconds_per_m_parameters, 6)
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,8 @@ class DeviceProfile:
         placement_step_seconds: ``(placement, seconds)``: a 3D training step at the reference width
             (:data:`automedseg.calibration_step.PLACEMENT_WIDTH`) under each placement timed, which the choice
             was made from (one entry on a machine with one usable core).
-        step_shape_costs: Per dims, what the timed steps cost beyond their FLOPs (:class:`StepShapeCost`; CPU
-            only): where present the cost model charges a CPU network with it instead of ``step_gflops_by_width``.
+        step_shape_costs: Per dims, what a step costs for parameters beyond the timed reference networks'
+            (:class:`StepShapeCost`; CPU only): the cost model adds it to the timed throughput's estimate.
 
     The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
     cost model takes the data pipeline as free), the step figures from
@@ -199,6 +204,9 @@ class DeviceProfile:
         dims = [c.dims for c in self.step_shape_costs or ()]
         if len(dims) != len(set(dims)):
             raise PlanError(f"step_shape_costs must hold one entry per dims, got dims {dims}")
+        if any(not (self.step_gflops_by_width_2d if d == 2 else self.step_gflops_by_width) for d in dims):
+            raise PlanError("step_shape_costs: an entry needs the timed steps of its dims (step_gflops_by_width"
+                            "(_2d))")
 
     def gflops_at(self, width: int, *, dims: int = 3) -> float:
         """Throughput for a given feature width, interpolated log-linearly between calibrated widths.

@@ -35,7 +35,8 @@ from _common import BENCH_THREADS, REPO_ROOT, machine_info  # noqa: E402
 sys.path.insert(0, str(REPO_ROOT))
 
 
-def build(dims: int, width: int, batch: int, optimizer_impl: str, norm_impl: str = "instance"):
+def build(dims: int, width: int, batch: int, optimizer_impl: str, norm_impl: str = "instance",
+          patch: list[int] | None = None):
     """Model, optimizer, loss and a fixed batch for the reference configuration at ``width``."""
     import numpy as np
     import torch
@@ -46,7 +47,7 @@ def build(dims: int, width: int, batch: int, optimizer_impl: str, norm_impl: str
     from automedseg.network import build_network
     from automedseg.network_cost import output_shapes
 
-    config = reference_step_config(dims, width)
+    config = reference_step_config(dims, width, patch=patch)
     tr = config.training
     model = build_network(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=dims)
     if norm_impl == "group":
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--patch", type=int, nargs="+", default=None,
+                        help="patch (default: the calibration's reference patch), rounded as the planner rounds it")
     parser.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--optimizer-impl", choices=("default", "foreach", "fused"), default="default")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(BENCH_THREADS)
     torch.manual_seed(0)
     config, model, optimizer, loss_fn, batch = build(args.dims, args.width, args.batch, args.optimizer_impl,
-                                                         args.norm_impl)
+                                                         args.norm_impl, args.patch)
     compile_s = None
     if args.compile:
         model = torch.compile(model)

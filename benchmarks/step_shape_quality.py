@@ -1,8 +1,8 @@
 """Step shape check (issue #19 item 3): does charging a CPU step's activations and parameters change a plan's Dice?
 
-The calibration splits the timed training steps into FLOPs, activations and parameters
-(``automedseg/calibration_step.py``: ``fit_step_shape_cost``) so a network unlike the reference ones is charged
-what it costs. That changes some plans: on openkbp_hn_ct the 2d plan's 6-stage network (20 M parameters on
+The calibration prices the parameters a network has beyond the timed reference network's at its FLOPs
+(``automedseg/calibration_step.py``: ``fit_step_shape_cost``), so a deep network on a small patch is charged what
+it costs. That changes some plans: on openkbp_hn_ct the 2d plan's 6-stage network (up to 512 features on
 128x128) is charged more, and the planner picks a narrower one. This script trains fold 0 of both plans at the
 same budget and compares their validation Dice:
 
@@ -49,17 +49,6 @@ BENCHMARK = "step_shape_quality"
 ARMS = ("split", "throughput")  # the plan with the step shape split, the plan without it
 
 
-def parse_budget_s(text: str) -> float:
-    """``5m`` -> 300.0, ``90s`` -> 90.0, ``1h`` -> 3600.0.
-
-    Example:
-        >>> parse_budget_s("5m"), parse_budget_s("90s")
-        (300.0, 90.0)
-    """
-    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    return float(text[:-1]) * scale[text[-1]] if text[-1] in scale else float(text)
-
-
 def throughput_plan(split_work: Path, out_work: Path, configuration: str, budget_s: float) -> None:
     """``out_work``: ``split_work``'s fingerprint, splits and preprocessed cache, ``configuration`` planned without
     the step shape split (the same device profile otherwise)."""
@@ -104,7 +93,8 @@ def build_summary(f: dict) -> str:
         a = f["arms"][arm]
         rows.append([arm, "-".join(map(str, a["features"])), f"{a['batch']} x {'x'.join(map(str, a['patch']))}",
                      f"{a['planned_s']:.3f}", "-" if a["measured_s"] is None else f"{a['measured_s']:.3f}",
-                     f"{a['epochs_trained']} of {a['epochs_planned']}", f"{a['mean_dice']:.4f}",
+                     f"{a['epochs_trained']} of {a['epochs_planned']}",
+                     "-" if a["mean_dice"] is None else f"{a['mean_dice']:.4f}",
                      f"{a['other_cpu']:.2f}"])
     b = f["bootstrap"]
     return "\n".join([
@@ -112,11 +102,12 @@ def build_summary(f: dict) -> str:
         "shape split", "",
         f"Command: `{f['command']}`. Machine: {f['machine']['cpu_model']}, {BENCH_THREADS} threads, "
         f"torch {f['machine'].get('torch')}. One training at a time.",
-        "`split`: planned with the calibration's step shape split (activations and parameters charged); "
+        "`split`: planned with the calibration's step shape cost (parameters beyond the reference's charged); "
         "`throughput`: the same device profile without it (the FLOPs at the width's timed throughput only).", "",
         md_table(["plan", "features", "batch x patch", "planned s/it", "measured s/it", "epochs", "mean Dice",
                   "other CPU (cores)"], rows), "",
-        f"Dice difference (split - throughput): {f['dice_difference']:+.4f}; paired bootstrap over "
+        f"Dice difference (split - throughput): "
+        f"{'-' if f['dice_difference'] is None else format(f['dice_difference'], '+.4f')}; paired bootstrap over "
         f"{b['n_cases']} validation cases: P(split better) = "
         f"{'-' if b['probability'] is None else format(b['probability'], '.2f')}.",
     ]) + "\n"
@@ -136,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from shared_datasets import default_data_root
 
     dataset = (args.data_root or default_data_root()) / args.dataset
-    budget_s = parse_budget_s(args.budget)
+    from automedseg.durations import duration_seconds
+
+    budget_s = duration_seconds(args.budget)
     work = {arm: args.work_root / args.dataset / arm for arm in ARMS}
     print(f"{args.dataset} {args.configuration}: plan, then two folds of {budget_s:.0f} s (+ validation) in "
           f"{work['split'].parent}")
@@ -164,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"dataset": args.dataset, "configuration": args.configuration, "budget": args.budget,
                "command": "python benchmarks/" + " ".join([Path(__file__).name, *(argv or sys.argv[1:])]),
                "machine": machine_info(), "arms": arms,
-               "dice_difference": arms["split"]["mean_dice"] - arms["throughput"]["mean_dice"],
+               "dice_difference": None if None in (arms["split"]["mean_dice"], arms["throughput"]["mean_dice"])
+               else arms["split"]["mean_dice"] - arms["throughput"]["mean_dice"],
                "bootstrap": {"probability": probability, "n_cases": n_cases}}
     write_results(BENCHMARK, figures, build_summary(figures), results_dir=args.results_dir)
     print(build_summary(figures))

@@ -65,7 +65,7 @@ def test_the_readme_example_runs(write_nnunet_dataset, tmp_path: Path,  # noqa: 
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
     monkeypatch.setattr(calibration_step, "calibrate_placement", lambda **_: ("shared", (("shared", 0.3),)))
     monkeypatch.setattr(calibration_step, "calibrate_step_probes",
-                        lambda *, dims, **_: ((0, 120.0), (1, 140.0)) if dims == 2 else ())
+                        lambda *, dims, **_: (("w32 128x128 b2", 120.0),) if dims == 2 else ())
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(tmp_path / "calibration.json"))
     namespace: dict = {}
     exec(compile(code, "README.md (api-example)", "exec"), namespace)  # noqa: S102 - the README's own example

@@ -34,7 +34,7 @@ BASE = ((8, 165.0), (16, 470.0), (32, 940.0), (64, 1300.0))
 BASE_2D = ((8, 90.0), (16, 300.0), (32, 600.0), (64, 800.0))
 DATA = DataThroughput(window_voxels_per_s=2.1e8, augment_voxels_per_s=((2, 6.3e6), (3, 5.4e6)))
 STEPS = {3: ((8, 110.0), (16, 230.0), (32, 310.0)), 2: ((8, 60.0), (16, 140.0), (32, 230.0))}
-PROBES = {3: (), 2: ((0, 120.0), (1, 140.0))}  # calibration_step.STEP_PROBES' GFLOP/s
+PROBES = {3: (), 2: (("w32 128x128 b2", 120.0),)}  # calibration_step.STEP_PROBES' GFLOP/s
 PLACED = ("shared", (("shared", 0.31), ("own_core", 0.3)))  # own_core 3 % faster: not enough
 
 
@@ -125,6 +125,7 @@ class Planner:
     data: FakeData
     steps: FakeSteps
     placement: FakePlacement
+    probes: dict = field(default_factory=lambda: dict(PROBES))  # what the probes' timing returns, by dims
 
     def plan(self, *extra: str) -> Result:
         args = ["plan", str(self.dataset), "--work-dir", str(self.work), "-c", "3d_fullres", "-j", "1",
@@ -147,13 +148,14 @@ def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     cache = tmp_path / "cache" / "calibration.json"
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(cache))
     timing, data, steps, placement = FakeTiming(), FakeData(), FakeSteps(), FakePlacement()
-    monkeypatch.setattr(calibration_step, "calibrate_step_probes", lambda *, dims, **_: PROBES[dims])
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
     monkeypatch.setattr(calibration_step, "calibrate_placement", placement)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
-    return Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps, placement)
+    planner = Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps, placement)
+    monkeypatch.setattr(calibration_step, "calibrate_step_probes", lambda *, dims, **_: planner.probes[dims])
+    return planner
 
 
 @pytest.mark.parametrize("factor", [0.9, 0.95, 1.05, 1.1])
@@ -438,7 +440,7 @@ def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
     assert _calibration("cpu", **steps).missing == ("training step shape",)
     probes = tuple((d, i, g) for d, pairs in PROBES.items() for i, g in pairs)
     assert _calibration("cpu", **steps, step_probe_gflops=probes).complete
-    assert not _calibration("cpu", **steps, step_probe_gflops=probes[:1]).complete
+    assert not _calibration("cpu", **steps, step_probe_gflops=((2, "w32 96x96 b2", 120.0),)).complete  # another
     with pytest.raises(C.PlanError, match="positive throughputs"):
         _calibration("cpu", step_gflops_by_width=((8, 0.0),))
     profile = C.profile_from(_calibration("cuda"))
@@ -543,9 +545,25 @@ def test_an_entry_without_the_step_shape_is_completed_and_the_plan_charges_it(pl
     result = planner.plan()
     assert "has no training step shape timing" in result.output
     entry = planner.entry()
-    assert entry.complete and entry.step_probe_gflops == ((2, 0, 120.0), (2, 1, 140.0))
+    assert entry.complete and entry.step_probe_gflops == ((2, "w32 128x128 b2", 120.0),)
     device = Plans.load(planner.work / "plans.json").device
     (shape,) = device.step_shape_costs
     assert shape.dims == 2 and shape.seconds_per_m_parameters > 0 and device.step_shape_cost(3) is None
-    assert shape == calibration_step.fit_step_shape_cost(
-        2, tuple((w, quantise_gflops(g)) for w, g in STEPS[2]), tuple((i, quantise_gflops(g)) for i, g in PROBES[2]))
+    assert shape == calibration_step.fit_step_shape_cost(2, STEPS[2], PROBES[2])  # fitted on the cached figures
+
+
+def test_probes_added_to_an_old_entry_are_rescaled_to_its_speed(planner: Planner) -> None:
+    """The fit prices the probe's excess over its reference step: a completing run 10 % faster must not be read
+    as a cheaper parameter."""
+    planner.plan()
+    fitted = Plans.load(planner.work / "plans.json").device.step_shape_cost(2)
+    data = json.loads(planner.cache.read_text())
+    for entry in data["calibrations"].values():
+        del entry["step_probe_gflops"]
+    planner.cache.write_text(json.dumps(data))
+    planner.steps.tables = {d: tuple((w, g * 1.1) for w, g in t) for d, t in STEPS.items()}  # within the hysteresis
+    planner.probes = {3: (), 2: (("w32 128x128 b2", 132.0),)}  # the same machine, 10 % faster this time
+    planner.plan()
+    entry = planner.entry()
+    assert entry.step_gflops_by_width_2d == STEPS[2] and entry.step_probe_gflops == ((2, "w32 128x128 b2", 120.0),)
+    assert Plans.load(planner.work / "plans.json").device.step_shape_cost(2) == fitted

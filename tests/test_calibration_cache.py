@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from automedseg import calibration_cache as CC
-from automedseg.calibration_step import STEP_PROBES
+from automedseg.calibration_step import STEP_PROBES, probe_name
 from automedseg.errors import InputError
 from automedseg.plans import CalibrationProvenance
 
 PROVENANCE = CalibrationProvenance("cpu", "x", 2, "2.13", "bf16", "2026-12-01T00:00:00Z")
-PROBES = tuple((d, i, 100.0 + i) for d, probes in STEP_PROBES.items() for i in range(len(probes)))
+PROBES = tuple((d, probe_name(*probe), 100.0) for d, probes in STEP_PROBES.items() for probe in probes)
 
 
 def _entry(**kw: object) -> CC.Calibration:
@@ -48,7 +48,11 @@ def test_a_bad_cache_file_is_named(tmp_path: Path, text: str, message: str) -> N
 def test_the_probes_complete_an_entry_and_must_be_positive() -> None:
     assert _entry().missing == ("training step shape",)
     assert _entry(step_probe_gflops=PROBES).complete and CC.probes_complete(PROBES)
-    assert not CC.probes_complete(PROBES[1:])
-    assert CC.calibration_throughputs(_entry(step_probe_gflops=PROBES))["2d step probe 1"] == 101.0
+    assert not CC.probes_complete(()) and not CC.probes_complete(((2, "w32 96x96 b2", 100.0),))
+    assert CC.calibration_throughputs(_entry(step_probe_gflops=PROBES))["2d step probe w32 128x128 b2"] == 100.0
     with pytest.raises(CC.PlanError, match="step_probe_gflops must hold positive"):
-        _entry(step_probe_gflops=((2, 0, 0.0),))
+        _entry(step_probe_gflops=((2, "w32 128x128 b2", 0.0),))
+    with pytest.raises(CC.PlanError, match="one per probe"):
+        _entry(step_probe_gflops=((2, "a", 1.0), (2, "a", 2.0)))
+    with pytest.raises(CC.PlanError, match="dims 2 or 3"):
+        _entry(step_probe_gflops=((4, "a", 1.0),))

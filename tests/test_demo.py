@@ -36,7 +36,7 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
     monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
     monkeypatch.setattr(calibration_step, "calibrate_placement", lambda **_: ("shared", (("shared", 0.3),)))
     monkeypatch.setattr(calibration_step, "calibrate_step_probes",
-                        lambda *, dims, **_: ((0, 120.0), (1, 140.0)) if dims == 2 else ())
+                        lambda *, dims, **_: (("w32 128x128 b2", 120.0),) if dims == 2 else ())
     options = dict(n_cases=5, n_test=1, time_budget_s=8.0, jobs=1, threads=1,
                    calibration_cache=tmp_path / "calibration.json", progress=False)
     first_log: list[str] = []

@@ -385,14 +385,15 @@ def test_device_augment_rate(pairs, dims, expected):
     assert dataclasses.replace(CPU, augment_voxels_per_s=pairs).augment_rate(dims) == expected
 
 
-SHAPE_2D = StepShapeCost(2, ((8, 150.0), (16, 420.0), (32, 580.0)), 0.00267, 0.01)
+SHAPE_2D = StepShapeCost(2, ((8, 0.141), (16, 0.149), (32, 0.153)), 0.0106)
 
 
 def test_device_step_shape_costs_round_trip():
     device = dataclasses.replace(CPU, step_gflops_by_width_2d=((8, 76.0),), step_shape_costs=(SHAPE_2D,))
     data = to_jsonable(device)
-    assert data["step_shape_costs"] == [{"dims": 2, "gflops_by_width": [[8, 150.0], [16, 420.0], [32, 580.0]],
-                                         "seconds_per_m_activations": 0.00267, "seconds_per_m_parameters": 0.01}]
+    assert data["step_shape_costs"] == [{"dims": 2, "parameters_per_gflop_by_width": [[8, 0.141], [16, 0.149],
+                                                                                      [32, 0.153]],
+                                         "seconds_per_m_parameters": 0.0106}]
     assert from_jsonable(DeviceProfile, data, "device") == device
     assert device.step_shape_cost(2) == SHAPE_2D and device.step_shape_cost(3) is None
     assert "step_shape_costs" not in to_jsonable(CPU) and CPU.step_shape_cost(2) is None
@@ -400,9 +401,10 @@ def test_device_step_shape_costs_round_trip():
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"dims": 4}, "dims must be 2 or 3"),
-    ({"gflops_by_width": ()}, "gflops_by_width must hold positive"),
-    ({"gflops_by_width": ((8, -1.0),)}, "gflops_by_width must hold positive"),
-    ({"seconds_per_m_activations": -0.1}, "seconds_per_m_activations must be a number >= 0"),
+    ({"parameters_per_gflop_by_width": ()}, "parameters_per_gflop_by_width must hold"),
+    ({"parameters_per_gflop_by_width": ((8, -1.0),)}, "parameters_per_gflop_by_width must hold"),
+    ({"parameters_per_gflop_by_width": ((0, 0.1),)}, "parameters_per_gflop_by_width must hold"),
+    ({"seconds_per_m_parameters": -0.1}, "seconds_per_m_parameters must be a number >= 0"),
     ({"seconds_per_m_parameters": float("nan")}, "seconds_per_m_parameters must be a number >= 0"),
 ])
 def test_step_shape_cost_errors_name_the_field(kw, message):
@@ -410,6 +412,8 @@ def test_step_shape_cost_errors_name_the_field(kw, message):
         dataclasses.replace(SHAPE_2D, **kw)
 
 
-def test_one_step_shape_cost_per_dims():
+def test_one_step_shape_cost_per_dims_with_its_timed_steps():
     with pytest.raises(PlanError, match="one entry per dims"):
-        dataclasses.replace(CPU, step_shape_costs=(SHAPE_2D, SHAPE_2D))
+        dataclasses.replace(CPU, step_gflops_by_width_2d=((8, 76.0),), step_shape_costs=(SHAPE_2D, SHAPE_2D))
+    with pytest.raises(PlanError, match="needs the timed steps of its dims"):
+        dataclasses.replace(CPU, step_shape_costs=(SHAPE_2D,))
