@@ -4,8 +4,8 @@ The planner's cost model (:mod:`automedseg.cost_model`) needs the training throu
 convolutions (:func:`automedseg.planning.calibrate_conv_gflops`), of one CPU data worker
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
 second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training step with its data pipeline
-(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width, and the steps of two more 2D
-networks that split it into FLOPs, activations and parameters:
+(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width, and the step of a deep 2D network
+that prices the parameters beyond the reference network's:
 :func:`~automedseg.calibration_step.calibrate_step_probes`), which is what it charges a CPU network with, timed
 with the augmentation worker where it runs faster: sharing the cores or on a core of its own
 (:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner writes
