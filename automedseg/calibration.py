@@ -30,7 +30,8 @@ made from a fresh timing every time flips between runs. So:
 * **Hysteresis.** A new measurement within a factor :data:`HYSTERESIS` of the cached one (every width) keeps
   the cached one: timing noise never changes a plan; a real change of the machine replaces it.
 * **Quantised.** The planner sees each throughput (GFLOP/s and voxels/s alike) rounded to a geometric grid
-  (:func:`quantise_gflops`, eight steps per doubling), so no noisy digits reach ``plans.json``.
+  (:func:`quantise_gflops`, eight steps per doubling), so no noisy digits reach ``plans.json`` (the step shape
+  cost is fitted on the cached figures, three significant digits: the hysteresis keeps it put).
 * **Older cache entries are completed.** An entry written before the 2D convolutions, the data pipeline or
   (on a CPU) the training steps, the thread placement or the step shape probes were timed still loads (the
   cache's ``schema_version`` stays 1: the new fields are optional); the next ``plan`` times the machine once

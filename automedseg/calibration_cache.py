@@ -70,6 +70,8 @@ class Calibration:
         keys = [(d, name) for d, name, _ in self.step_probe_gflops]
         if any(d not in (2, 3) for d, _ in keys) or len(keys) != len(set(keys)):
             raise PlanError("step_probe_gflops must be (dims 2 or 3, probe name, GFLOP/s), one per probe")
+        if not all(g > 0 and math.isfinite(g) for _, _, g in self.step_probe_gflops):
+            raise PlanError("step_probe_gflops must hold positive throughputs")
         if not self.memory_gib > 0:
             raise PlanError(f"memory_gib must be positive, got {self.memory_gib}")
         if self.worker_placement is not None and self.worker_placement not in WORKER_PLACEMENTS:
@@ -97,14 +99,20 @@ class Calibration:
 def probes_complete(probes: tuple[tuple[int, str, float], ...]) -> bool:
     """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing (by its name: a probe changed
     since is missing)."""
+    return _current_probes() <= {(d, name) for d, name, _ in probes}
+
+
+def _current_probes() -> set[tuple[int, str]]:
+    """``(dims, probe name)`` of :data:`automedseg.calibration_step.STEP_PROBES`."""
     from automedseg.calibration_step import STEP_PROBES, probe_name
 
-    return {(d, probe_name(*probe)) for d, probes_d in STEP_PROBES.items() for probe in probes_d} <= {
-        (d, name) for d, name, _ in probes}
+    return {(d, probe_name(*probe)) for d, probes_d in STEP_PROBES.items() for probe in probes_d}
 
 
 def calibration_throughputs(cal: Calibration) -> dict[str, float]:
-    """Every throughput of a calibration by name, e.g. ``3d width 32`` or ``augment 2d``."""
+    """Every throughput of a calibration by name, e.g. ``3d width 32`` or ``augment 2d`` (the hysteresis compares
+    them); a probe no longer in :data:`automedseg.calibration_step.STEP_PROBES` is left out (its entry is
+    completed with the current one, not replaced for lacking the old one)."""
     out = {f"3d width {w}": g for w, g in cal.gflops_by_width}
     out.update({f"2d width {w}": g for w, g in cal.gflops_by_width_2d})
     if cal.window_voxels_per_s is not None:
@@ -112,7 +120,8 @@ def calibration_throughputs(cal: Calibration) -> dict[str, float]:
     out.update({f"augment {d}d": v for d, v in cal.augment_voxels_per_s})
     out.update({f"3d step width {w}": g for w, g in cal.step_gflops_by_width})
     out.update({f"2d step width {w}": g for w, g in cal.step_gflops_by_width_2d})
-    out.update({f"{d}d step probe {name}": g for d, name, g in cal.step_probe_gflops})
+    current = _current_probes()
+    out.update({f"{d}d step probe {name}": g for d, name, g in cal.step_probe_gflops if (d, name) in current})
     return out
 
 

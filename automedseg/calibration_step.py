@@ -338,7 +338,10 @@ def fit_step_shape_cost(dims: int, step_gflops_by_width: Sequence[tuple[int, flo
         g_ref, p_ref = ref[width]
         k = g / g_ref  # the reference step of this width, scaled to the probe's FLOPs
         x, y = p - k * p_ref, g / gflops - k * g_ref / table[width]
-        xx, xy = xx + x * x, xy + x * y
+        if x > 0:  # (fewer parameters than the reference's are not charged: they price nothing)
+            xx, xy = xx + x * x, xy + x * y
     per_p = max(0.0, xy / xx) if xx > 0 else 0.0
+    # at most a reference step's whole time per parameter of it: more would make larger batches faster per FLOP
+    per_p = min(per_p, *((1 / table[w]) / (p / g) for w, (g, p) in ref.items()))
     return StepShapeCost(dims, tuple((w, float(f"{p / g:.3g}")) for w, (g, p) in sorted(ref.items())),
                          float(f"{per_p:.3g}"))

@@ -1,4 +1,4 @@
-"""Step shape check (issue #19 item 3): does charging a CPU step's activations and parameters change a plan's Dice?
+"""Step shape check (issue #19 item 3): does charging a CPU step's extra parameters change a plan's Dice?
 
 The calibration prices the parameters a network has beyond the timed reference network's at its FLOPs
 (``automedseg/calibration_step.py``: ``fit_step_shape_cost``), so a deep network on a small patch is charged what
@@ -7,7 +7,7 @@ it costs. That changes some plans: on openkbp_hn_ct the 2d plan's 6-stage networ
 same budget and compares their validation Dice:
 
 1. ``automedseg plan DATASET --work-dir W/split -c CONFIG --time-budget B -j 2 --threads 2`` with this machine's
-   cached calibration (the split on);
+   cached calibration (its step shape cost on: arm ``split``);
 2. ``W/throughput``: the same fingerprint and splits, the configuration planned with the same device profile
    without its ``step_shape_costs`` (the cost model's previous rule), the preprocessed cache shared (a link);
 3. ``automedseg train ... -c CONFIG -f 0 --threads 2`` in both, one after the other;
@@ -46,12 +46,12 @@ from _common import (  # noqa: E402
 )
 
 BENCHMARK = "step_shape_quality"
-ARMS = ("split", "throughput")  # the plan with the step shape split, the plan without it
+ARMS = ("split", "throughput")  # the plan with the step shape cost (step_shape_costs), the plan without it
 
 
 def throughput_plan(split_work: Path, out_work: Path, configuration: str, budget_s: float) -> None:
     """``out_work``: ``split_work``'s fingerprint, splits and preprocessed cache, ``configuration`` planned without
-    the step shape split (the same device profile otherwise)."""
+    the step shape cost (the same device profile otherwise)."""
     from automedseg.fingerprint import load_fingerprint
     from automedseg.planning import plan_dataset
     from automedseg.plans import Plans

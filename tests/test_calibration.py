@@ -567,3 +567,19 @@ def test_probes_added_to_an_old_entry_are_rescaled_to_its_speed(planner: Planner
     entry = planner.entry()
     assert entry.step_gflops_by_width_2d == STEPS[2] and entry.step_probe_gflops == ((2, "w32 128x128 b2", 120.0),)
     assert Plans.load(planner.work / "plans.json").device.step_shape_cost(2) == fitted
+
+
+def test_an_entry_with_a_probe_of_an_older_automedseg_is_completed_not_replaced(planner: Planner) -> None:
+    planner.plan()
+    first_steps = planner.entry().step_gflops_by_width
+    data = json.loads(planner.cache.read_text())
+    for entry in data["calibrations"].values():
+        entry["step_probe_gflops"] = [[2, "w32 96x96 b2", 120.0]]  # a probe STEP_PROBES no longer has
+    planner.cache.write_text(json.dumps(data))
+    assert planner.entry().missing == ("training step shape",)
+    planner.steps.tables = {d: tuple((w, g * 1.1) for w, g in t) for d, t in STEPS.items()}  # within the hysteresis
+    result = planner.plan()
+    assert "replacing it" not in result.output and "timings added to the calibration of" in result.output
+    entry = planner.entry()
+    # the old probe dropped, the current one added at the cached speed (timed 120 while the steps timed 1.1x faster)
+    assert entry.step_gflops_by_width == first_steps and entry.step_probe_gflops == ((2, "w32 128x128 b2", 109.0),)

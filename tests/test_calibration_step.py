@@ -188,3 +188,10 @@ def test_calibrate_step_probes_times_each_probe_as_the_widths(monkeypatch: pytes
     assert [(k["widths"], k["patch"], k["batch"], k["placement"]) for k in seen] == [
         ((w,), patch, batch, "own_core") for w, patch, batch in S.STEP_PROBES[2]]
     assert S.calibrate_step_probes(dims=3) == ()
+
+
+def test_every_probe_is_at_a_timed_width_and_the_price_is_capped() -> None:
+    assert all(w in S.STEP_WIDTHS for probes in S.STEP_PROBES.values() for w, _, _ in probes)
+    slow = S.fit_step_shape_cost(2, tuple(WIDTHS_2D.items()), (("w32 128x128 b2", 0.5),))  # absurdly slow
+    for w, ratio in slow.parameters_per_gflop_by_width:  # never more than a reference step's time per parameter
+        assert slow.seconds_per_m_parameters <= (1 / WIDTHS_2D[w]) / ratio * 1.01
