@@ -109,6 +109,12 @@ class StepEstimate:
         data_bound: The workers are slower than the device (GPU only): it idles ``data_s - network_s`` a step.
         timed_step: ``network_s`` comes from the calibration's timed training steps (CPU), the augmentation
             worker beside them included.
+        parameter_s: The part of ``network_s`` charged for parameters beyond the timed reference network's
+            (:func:`parameter_charge_seconds`).
+
+    Example:
+        >>> StepEstimate(0.3, 0.0, 0.3, False, timed_step=True, parameter_s=0.05).describe().split("steps ")[1]
+        "(0.05 s of it for parameters beyond the reference's)"
     """
 
     network_s: float
@@ -116,11 +122,15 @@ class StepEstimate:
     seconds: float
     data_bound: bool
     timed_step: bool = False
+    parameter_s: float = 0.0
 
     def describe(self) -> str:
         """The parts, for the plan's notes, e.g. ``network 0.29 s + augmentation worker 0.06 s``."""
         if self.timed_step and self.data_s <= 0:
-            return f"network with its augmentation worker {self.network_s:.3g} s, from the timed training steps"
+            charge = (f" ({self.parameter_s:.2g} s of it for parameters beyond the reference's)"
+                      if self.parameter_s > 0 else "")
+            return (f"network with its augmentation worker {self.network_s:.3g} s, from the timed training "
+                    f"steps{charge}")
         if self.data_s <= 0:
             return f"network {self.network_s:.3g} s"
         if self.data_bound:
@@ -234,15 +244,35 @@ def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, 
                                     patch_size=tuple(patch), dims=dims) * batch
     timed = timed_step_gflops(device, net.features_per_stage[0], dims)
     if timed is not None:  # the real step: no overheads to add, they were timed
-        shape = device.step_shape_cost(dims)
-        excess = 0.0 if shape is None else shape.excess_seconds(
-            flops=flops, width=net.features_per_stage[0],
-            parameters=estimate_parameters(net, in_channels=in_channels, num_classes=num_classes, dims=dims))
+        excess = parameter_charge_seconds(net, batch=batch, dims=dims, in_channels=in_channels,
+                                          num_classes=num_classes, device=device, flops=flops)
         return flops / (timed * 1e9) + excess + STEP_LATENCY_S
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
         overhead /= CPU_2D_CONV_EFFICIENCY
     return overhead * flops / (device.gflops_at(net.features_per_stage[0], dims=dims) * 1e9) + STEP_LATENCY_S
+
+
+def parameter_charge_seconds(net: NetworkPlan, *, batch: int, dims: int, in_channels: int, num_classes: int,
+                             device: DeviceProfile, flops: float | None = None,
+                             patch: Sequence[int] | None = None) -> float:
+    """What a CPU step of ``net`` costs for parameters beyond the timed reference network's at its FLOPs
+    (``device.step_shape_costs``; 0 without them, on a GPU and for a network with fewer parameters per FLOP).
+
+    Args:
+        flops: The step's training FLOPs (the batch's); computed from ``patch`` when not given.
+    """
+    shape = device.step_shape_cost(dims) if device.kind == "cpu" else None
+    if shape is None:
+        return 0.0
+    if flops is None:
+        from automedseg.network import estimate_training_flops
+
+        flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
+                                        patch_size=tuple(patch or ()), dims=dims) * batch
+    return shape.excess_seconds(flops=flops, width=net.features_per_stage[0],
+                                parameters=estimate_parameters(net, in_channels=in_channels,
+                                                               num_classes=num_classes, dims=dims))
 
 
 def default_augmentation(patch: Sequence[int], dims: int) -> AugmentationPlan:
@@ -305,7 +335,9 @@ def estimate_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
         return StepEstimate(network, cpu_s, network + cpu_s, False)
     if device.kind == "cpu":
         if timed_step_gflops(device, net.features_per_stage[0], dims) is not None:  # the worker was timed with it
-            return StepEstimate(network, 0.0, network, False, timed_step=True)
+            charge = parameter_charge_seconds(net, batch=batch, dims=dims, in_channels=in_channels,
+                                              num_classes=num_classes, device=device, patch=patch)
+            return StepEstimate(network, 0.0, network, False, timed_step=True, parameter_s=charge)
         data = CPU_AUGMENT_SHARE * cpu_s
         return StepEstimate(network, data, network + data, False)
     data = cpu_s / workers

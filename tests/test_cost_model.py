@@ -417,3 +417,17 @@ def test_a_step_shape_cost_charges_the_parameters_beyond_the_reference(patch, ba
     kw3 = {**kw, "dims": 3, "batch": 2}
     assert M.network_step_seconds(net3, rounded3, device=device, **kw3) == M.network_step_seconds(
         net3, rounded3, device=TIMED, **kw3)
+
+
+def test_the_plan_note_names_the_parameter_charge(synthetic_fingerprint) -> None:
+    device = _profile(TIMED, step_shape_costs=(SHAPE_2D,))
+    net, rounded = _net(32, (128, 128), 2)
+    kw = {"batch": 2, "dims": 2, "in_channels": 1, "num_classes": 3}
+    est = M.estimate_step(net, rounded, device=device, **kw)
+    assert est.parameter_s == pytest.approx(M.parameter_charge_seconds(net, device=device, patch=rounded, **kw))
+    assert est.parameter_s > 0 and f"({est.parameter_s:.2g} s of it for parameters" in est.describe()
+    assert M.estimate_step(net, rounded, device=TIMED, **kw).parameter_s == 0.0
+    fp = synthetic_fingerprint([(1.0, 0.8, 0.8)] * 20, [(60, 128, 128)] * 20)
+    config = plan_dataset(fp, device=_profile(device, step_shape_costs=(dataclasses.replace(
+        SHAPE_2D, seconds_per_m_parameters=1e-4),)), time_budget_s=1200, configurations=["2d"]).configuration("2d")
+    assert "s of it for parameters beyond the reference's" in config.notes[-1]
