@@ -238,6 +238,13 @@ def timed_step_gflops(device: DeviceProfile, width: int, dims: int) -> float | N
 def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
                          num_classes: int, device: DeviceProfile) -> float:
     """The network's part of one training iteration on ``device`` (on a CPU with timed steps: with its worker)."""
+    return _network_step(net, patch, batch=batch, dims=dims, in_channels=in_channels, num_classes=num_classes,
+                         device=device)[0]
+
+
+def _network_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: int, in_channels: int,
+                  num_classes: int, device: DeviceProfile) -> tuple[float, float]:
+    """:func:`network_step_seconds` and the part of it charged for parameters (:func:`parameter_charge_seconds`)."""
     from automedseg.network import estimate_training_flops
 
     flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
@@ -246,11 +253,11 @@ def network_step_seconds(net: NetworkPlan, patch: Sequence[int], *, batch: int, 
     if timed is not None:  # the real step: no overheads to add, they were timed
         excess = parameter_charge_seconds(net, batch=batch, dims=dims, in_channels=in_channels,
                                           num_classes=num_classes, device=device, flops=flops)
-        return flops / (timed * 1e9) + excess + STEP_LATENCY_S
+        return flops / (timed * 1e9) + excess + STEP_LATENCY_S, excess
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
         overhead /= CPU_2D_CONV_EFFICIENCY
-    return overhead * flops / (device.gflops_at(net.features_per_stage[0], dims=dims) * 1e9) + STEP_LATENCY_S
+    return overhead * flops / (device.gflops_at(net.features_per_stage[0], dims=dims) * 1e9) + STEP_LATENCY_S, 0.0
 
 
 def parameter_charge_seconds(net: NetworkPlan, *, batch: int, dims: int, in_channels: int, num_classes: int,
@@ -326,8 +333,8 @@ def estimate_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
         augment_on_device: As the plan's ``training.augment_on_device`` (``None``: on CUDA).
         augmentation: The configuration's augmentation (default :func:`default_augmentation`).
     """
-    network = network_step_seconds(net, patch, batch=batch, dims=dims, in_channels=in_channels,
-                                   num_classes=num_classes, device=device)
+    network, charge = _network_step(net, patch, batch=batch, dims=dims, in_channels=in_channels,
+                                    num_classes=num_classes, device=device)
     cpu_s = data_cpu_seconds(patch, batch=batch, dims=dims, device=device, augmentation=augmentation,
                              on_device=augments_on_device(device, augment_on_device))
     workers = data_workers(device) if workers is None else workers
@@ -335,8 +342,6 @@ def estimate_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
         return StepEstimate(network, cpu_s, network + cpu_s, False)
     if device.kind == "cpu":
         if timed_step_gflops(device, net.features_per_stage[0], dims) is not None:  # the worker was timed with it
-            charge = parameter_charge_seconds(net, batch=batch, dims=dims, in_channels=in_channels,
-                                              num_classes=num_classes, device=device, patch=patch)
             return StepEstimate(network, 0.0, network, False, timed_step=True, parameter_s=charge)
         data = CPU_AUGMENT_SHARE * cpu_s
         return StepEstimate(network, data, network + data, False)
