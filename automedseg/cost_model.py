@@ -251,8 +251,8 @@ def _network_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
                                     patch_size=tuple(patch), dims=dims) * batch
     timed = timed_step_gflops(device, net.features_per_stage[0], dims)
     if timed is not None:  # the real step: no overheads to add, they were timed
-        excess = parameter_charge_seconds(net, batch=batch, dims=dims, in_channels=in_channels,
-                                          num_classes=num_classes, device=device, flops=flops)
+        excess = parameter_charge_seconds(net, flops=flops, dims=dims, in_channels=in_channels,
+                                          num_classes=num_classes, device=device)
         return flops / (timed * 1e9) + excess + STEP_LATENCY_S, excess
     overhead = CPU_STEP_OVERHEAD if device.kind == "cpu" else GPU_STEP_OVERHEAD
     if dims == 2 and device.kind == "cpu" and not device.gflops_by_width_2d:
@@ -260,23 +260,14 @@ def _network_step(net: NetworkPlan, patch: Sequence[int], *, batch: int, dims: i
     return overhead * flops / (device.gflops_at(net.features_per_stage[0], dims=dims) * 1e9) + STEP_LATENCY_S, 0.0
 
 
-def parameter_charge_seconds(net: NetworkPlan, *, batch: int, dims: int, in_channels: int, num_classes: int,
-                             device: DeviceProfile, flops: float | None = None,
-                             patch: Sequence[int] | None = None) -> float:
-    """What a CPU step of ``net`` costs for parameters beyond the timed reference network's at its FLOPs
-    (``device.step_shape_costs``; 0 without them, on a GPU and for a network with fewer parameters per FLOP).
-
-    Args:
-        flops: The step's training FLOPs (the batch's); computed from ``patch`` when not given.
-    """
+def parameter_charge_seconds(net: NetworkPlan, *, flops: float, dims: int, in_channels: int, num_classes: int,
+                             device: DeviceProfile) -> float:
+    """What a CPU step of ``net`` and ``flops`` training FLOPs (the batch's) costs for parameters beyond the timed
+    reference network's at those FLOPs (``device.step_shape_costs``; 0 without them, on a GPU and for a network
+    with fewer parameters per FLOP)."""
     shape = device.step_shape_cost(dims) if device.kind == "cpu" else None
     if shape is None:
         return 0.0
-    if flops is None:
-        from automedseg.network import estimate_training_flops
-
-        flops = estimate_training_flops(net, in_channels=in_channels, num_classes=num_classes,
-                                        patch_size=tuple(patch or ()), dims=dims) * batch
     return shape.excess_seconds(flops=flops, width=net.features_per_stage[0],
                                 parameters=estimate_parameters(net, in_channels=in_channels,
                                                                num_classes=num_classes, dims=dims))

@@ -424,7 +424,9 @@ def test_the_plan_note_names_the_parameter_charge(synthetic_fingerprint) -> None
     net, rounded = _net(32, (128, 128), 2)
     kw = {"batch": 2, "dims": 2, "in_channels": 1, "num_classes": 3}
     est = M.estimate_step(net, rounded, device=device, **kw)
-    assert est.parameter_s == pytest.approx(M.parameter_charge_seconds(net, device=device, patch=rounded, **kw))
+    flops = estimate_training_flops(net, in_channels=1, num_classes=3, patch_size=tuple(rounded), dims=2) * 2
+    assert est.parameter_s == pytest.approx(M.parameter_charge_seconds(net, flops=flops, device=device, dims=2,
+                                                                       in_channels=1, num_classes=3))
     assert est.parameter_s > 0 and f"({est.parameter_s:.2g} s of it for parameters" in est.describe()
     assert M.estimate_step(net, rounded, device=TIMED, **kw).parameter_s == 0.0
     fp = synthetic_fingerprint([(1.0, 0.8, 0.8)] * 20, [(60, 128, 128)] * 20)
