@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from automedseg.fused_norm import fusable, instance_norm_act
+
 NORM_EPS = 1e-5
 NEGATIVE_SLOPE = 1e-2
 #: Most groups of a ``group`` norm: the largest divisor of the width up to this (Wu & He's 32 is too many for
@@ -126,6 +128,21 @@ class ConvNormAct(nn.Sequential):
             if settings.dropout > 0:
                 layers.append(nn.Dropout(settings.dropout))
         super().__init__(*layers)
+        self.negative_slope = NEGATIVE_SLOPE if activation else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers in order; an affine InstanceNorm and its activation as one kernel where
+        :func:`automedseg.fused_norm.fusable` says the tensor allows (CPU, channels-last), same function."""
+        norm = self[1]
+        y = self[0](x)
+        if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.affine and fusable(y):
+            y = instance_norm_act(y, norm.weight, norm.bias, eps=norm.eps, negative_slope=self.negative_slope)
+            rest = list(self)[3:] if self.negative_slope is not None else []
+        else:
+            rest = list(self)[1:]
+        for layer in rest:
+            y = layer(y)
+        return y
 
 
 class ResidualBlock(nn.Module):

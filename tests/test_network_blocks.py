@@ -271,3 +271,43 @@ def test_the_new_families_export_to_onnx(arch: str) -> None:
     model = build_network(net, in_channels=len(plans.channel_names), num_classes=plans.num_classes, dims=config.dims)
     _, info = export_onnx(model, plans, dataclasses.replace(config, network=net), exporter="legacy")
     assert info["max_abs_difference"] < 1e-3
+
+
+@pytest.mark.parametrize(("dims", "activation", "dropout"), [(3, True, 0.0), (2, True, 0.0), (3, False, 0.0),
+                                                            (2, True, 0.3)])
+def test_conv_norm_act_fused_is_the_same_function(monkeypatch: pytest.MonkeyPatch, dims: int, activation: bool,
+                                                  dropout: float) -> None:
+    from automedseg import fused_norm, network_blocks
+    from automedseg.network_blocks import BlockSettings, ConvNormAct
+
+    if not fused_norm.fused_available():
+        pytest.skip("no C compiler for the fused kernel")
+    torch.manual_seed(0)
+    block = ConvNormAct(3, 5, (3,) * dims, (1,) * dims, settings=BlockSettings(dims, dropout=dropout),
+                        activation=activation)
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.uniform_(-1, 1)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    block = block.to(memory_format=fmt)
+    x = torch.randn(2, 3, *(6,) * dims).to(memory_format=fmt)
+    if dropout:  # the masks follow the memory layout, so compare with the deterministic function
+        y = block(x)
+        kept = y != 0
+        assert 0.1 < 1 - float(kept.float().mean()) < 0.5
+        block.eval()
+        assert torch.allclose(y[kept], block(x)[kept] / (1 - dropout), atol=1e-5)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(network_blocks, "fusable", lambda t: False)
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad.clone() for p in block.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    assert y1.is_contiguous(memory_format=fmt)
+    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(gx1, gx2, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(gp1, gp2))
+    assert [k for k, _ in block.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
