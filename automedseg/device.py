@@ -115,7 +115,8 @@ def channels_last_norms(model: torch.nn.Module) -> torch.nn.Module:
     Same function and parameters, but PyTorch's CPU GroupNorm keeps channels-last tensors channels-last while
     InstanceNorm converts them around every convolution: inference with nnU-Net's hippocampus network went
     from 0.81 to 0.49 s per batch of 8 on 2 cores (bf16), outputs equal to 1e-5. (Training keeps InstanceNorm:
-    GroupNorm's backward is slower there.)
+    GroupNorm's backward is slower there. Where :mod:`automedseg.fused_norm`'s kernel builds, inference uses it
+    instead: as fast in 3D, 1.3x faster in 2D.)
     """
     for name, child in list(model.named_children()):
         if isinstance(child, torch.nn.modules.instancenorm._InstanceNorm) and child.affine:

@@ -207,11 +207,11 @@ def _channels_last(ndim: int) -> torch.memory_format:
 
 def fusable(x: torch.Tensor) -> bool:
     """Whether :func:`instance_norm_act` runs ``x`` through the fused kernel."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _rows_view(x) is None:
-        return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
+        return False  # graphs (ONNX export, torch.compile) record PyTorch's own operators
     if torch.onnx.is_in_onnx_export():
+        return False
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _rows_view(x) is None:
         return False
     return x[0, 0].numel() > 1 and fused_available()
 

