@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from automedseg.allocator import retain_freed_memory
 from automedseg.calibration_timing import DATA_SEED, reference_config, synthetic_case
 from automedseg.cost_model import STEP_LATENCY_S, choose_worker_placement
 from automedseg.planning import network_for
@@ -182,6 +183,7 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
 
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
+    retain_freed_memory()  # as training does
     layout = placement_layout(placement, threads=threads)
     device = torch.device("cpu")
     configs = [reference_step_config(dims, w, patch=patch, batch=batch) for w in widths]

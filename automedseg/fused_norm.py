@@ -156,7 +156,7 @@ class _InstanceNormAct(torch.autograd.Function):
         s = x[0, 0].numel()
         bf16 = int(x.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
-        shift = x.reshape(n, c, -1)[:, :, 0].float().contiguous()
+        shift = x[(slice(None), slice(None)) + (0,) * (x.dim() - 2)].float().contiguous()  # a view, not a copy
         sum0 = torch.zeros(n, c, dtype=torch.float64)
         sum1 = torch.zeros(n, c, dtype=torch.float64)
         _check(lib.amseg_stats(_ptr(x), bf16, n, s, c, _ptr(shift), _ptr(sum0), _ptr(sum1), threads))

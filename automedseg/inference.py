@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from automedseg.allocator import retain_freed_memory
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.checkpoints import CheckpointError, load_checkpoint  # noqa: F401  (re-exported)
 from automedseg.device import channels_last_norms, memory_format, select_device
@@ -86,6 +87,7 @@ def load_fold(fold_dir: Path, *, device: torch.device, checkpoint: str | None = 
     model.deep_supervision = False
     model.to(device).eval()
     if device.type == "cpu":
+        retain_freed_memory()
         if not fused_available():  # the fused norm keeps channels-last itself, and is faster (2D: 1.3x)
             model = channels_last_norms(model)
         model = model.to(memory_format=memory_format(config.dims))

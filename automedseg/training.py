@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from automedseg.allocator import retain_freed_memory
 from automedseg.atomic import remove_stale_temp_files
 from automedseg.augmentation import make_training_loader, make_validation_loader
 from automedseg.class_sampling import class_weights_for, update_class_weights
@@ -142,6 +143,8 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, *, options: T
             raise InputError(f"fold {fold}: {ws.splits_path} has folds 0-{len(splits) - 1} (or use 'all')")
         train_ids, val_ids = list(splits[int(fold)].train), list(splits[int(fold)].val)
     device = select_device(options.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # large activations reused, not page-faulted in anew each step
     dist = Dist.start(device) if options.distributed else Dist()
     threads = options.threads or (plans.device.cpu_threads if plans.device.kind == "cpu" else None)
     layout = training_layout(config.training.worker_placement, device_type=device.type, threads=threads,
