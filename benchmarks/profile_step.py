@@ -6,8 +6,11 @@ deep-supervision loss, gradient clipping, the plan's optimizer) on the planner's
 fixed random batch (no data loading: the loader's cost is the calibration's business). Variants:
 
 * ``--optimizer-impl``: ``default`` (what the trainer uses), ``foreach`` or ``fused`` (AdamW's ``fused=True`` on CPU);
-* ``--norm-impl``: ``instance`` (the network as trained) or ``group`` (every InstanceNorm replaced by the
-  equivalent per-channel GroupNorm, :func:`automedseg.device.channels_last_norms`, which keeps channels-last);
+* ``--norm-impl``: ``instance`` (the network as trained: the fused kernel of :mod:`automedseg.fused_norm` where it
+  builds), ``pytorch`` (PyTorch's own instance norm and LeakyReLU, the kernel switched off) or ``group`` (every
+  InstanceNorm replaced by the equivalent per-channel GroupNorm, :func:`automedseg.device.channels_last_norms`);
+* ``--allocator``: ``retain`` (as training: :func:`automedseg.allocator.retain_freed_memory`) or ``glibc``
+  (its default: every large tensor mmap-ed afresh); the minor page faults per step are printed;
 * ``--compile``: ``torch.compile`` (inductor) of the model, compile time reported apart.
 
 Usage::
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import sys
 import time
@@ -75,19 +80,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--optimizer-impl", choices=("default", "foreach", "fused"), default="default")
-    parser.add_argument("--norm-impl", choices=("instance", "group"), default="instance")
+    parser.add_argument("--norm-impl", choices=("instance", "pytorch", "group"), default="instance")
+    parser.add_argument("--allocator", choices=("retain", "glibc"), default="retain")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     parser.add_argument("--no-profile", action="store_true", help="time the steps only")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.norm_impl == "pytorch":
+        os.environ["AUTOMEDSEG_FUSED_NORM"] = "0"  # before the kernel is first asked for
     import torch
 
+    from automedseg.allocator import retain_freed_memory
     from automedseg.network import estimate_training_flops
     from automedseg.training_step import train_step
 
     torch.set_num_threads(BENCH_THREADS)
     torch.manual_seed(0)
+    if args.allocator == "retain":
+        retain_freed_memory()
     config, model, optimizer, loss_fn, batch = build(args.dims, args.width, args.batch, args.optimizer_impl,
                                                          args.norm_impl, args.patch)
     compile_s = None
@@ -108,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         step()
     times = []
     prof = None
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     if args.no_profile:
         for _ in range(args.steps):
             t = time.perf_counter()
@@ -123,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - t)
     flops = estimate_training_flops(config.network, in_channels=1, num_classes=3, patch_size=config.patch_size,
                                     dims=args.dims) * args.batch
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / len(times)
     med = statistics.median(times)
     print(f"{args.dims}D width {args.width} batch {args.batch} patch {list(config.patch_size)} "
-          f"optimizer {args.optimizer_impl} norm {args.norm_impl} compile {args.compile}: median step {med:.4f} s "
-          f"(min {min(times):.4f}), {flops / med / 1e9:.0f} GFLOP/s (model), first step {first_s:.1f} s")
+          f"optimizer {args.optimizer_impl} norm {args.norm_impl} allocator {args.allocator} compile {args.compile}: "
+          f"median step {med:.4f} s (min {min(times):.4f}), {flops / med / 1e9:.0f} GFLOP/s (model), "
+          f"first step {first_s:.1f} s, {faults:.0f} minor page faults per step")
     top = []
     if prof is not None:
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -140,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         "calls_per_step": e.count / args.steps})
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "median_step_s": med, "steps_s": times, "compile_s": compile_s,
+                                         "median_step_s": med, "steps_s": times,
+                                         "page_faults_per_step": faults, "compile_s": compile_s,
                                          "model_gflops_per_s": flops / med / 1e9, "top": top,
                                          "machine": machine_info()}, indent=1))
     return 0

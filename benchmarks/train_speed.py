@@ -65,6 +65,42 @@ from _common import (  # noqa: E402
 CONFIGURATION = "3d_fullres"
 PLANS_IDENTIFIER = "nnUNetPlans"
 TARGET_SPEEDUP = 3.0  # issue #19 (was 2.5 before it)
+#: Issue #19's step targets as fractions of the same run's matrix-multiply peak: bf16 on a CPU with AMX, bf16 on
+#: AVX-512 BF16 without AMX, fp32 anywhere.
+PEAK_TARGET_AMX, PEAK_TARGET_AVX512_BF16, PEAK_TARGET_FP32 = 0.5, 0.7, 0.8
+
+
+def peak_targets(cpu_flags: set[str]) -> dict:
+    """The fractions of the matmul peak the bf16 and fp32 steps must reach on a CPU with these flags.
+
+    Example:
+        >>> peak_targets({"amx_bf16", "avx512_bf16"})["bf16"], peak_targets({"avx512_bf16"})["bf16"]
+        (0.5, 0.7)
+        >>> peak_targets({"avx2"})
+        {'bf16': None, 'bf16_kind': 'no native bf16', 'fp32': 0.8}
+    """
+    if "amx_bf16" in cpu_flags:
+        return {"bf16": PEAK_TARGET_AMX, "bf16_kind": "AMX", "fp32": PEAK_TARGET_FP32}
+    if "avx512_bf16" in cpu_flags:
+        return {"bf16": PEAK_TARGET_AVX512_BF16, "bf16_kind": "AVX-512 BF16 without AMX", "fp32": PEAK_TARGET_FP32}
+    return {"bf16": None, "bf16_kind": "no native bf16", "fp32": PEAK_TARGET_FP32}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _verdict(measured: float | None, target: float | None) -> str:
+    if measured is None or target is None:
+        return "n/a"
+    return "PASS" if measured >= target else "FAIL"
 WARMUP_STEPS = 2
 MAX_STEPS = 500
 MATMUL_SIZE = 2048
@@ -324,13 +360,16 @@ def measure_automedseg(
     import numpy as np
     import torch
 
+    from automedseg.allocator import retain_freed_memory
     from automedseg.device import cpu_supports_bf16, memory_format
+    from automedseg.fused_norm import fused_available
     from automedseg.network import build_network, count_parameters, output_shapes, output_strides
     from automedseg.plans import TrainingPlan
     from automedseg.training import DeepSupervisionLoss, train_step
 
     dims = len(patch_size)
     device = torch.device("cpu")
+    retained = retain_freed_memory()  # as train_fold does on a CPU
     tr = TrainingPlan(epochs=1, iterations_per_epoch=1)  # the plan defaults: lr, momentum, decay, clipping
     torch.manual_seed(SEED)
     # model, optimizer and loss exactly as train_fold builds them on a CPU
@@ -367,6 +406,8 @@ def measure_automedseg(
             "amp_requested": amp,
             "autocast_dtype": "bfloat16" if amp and cpu_supports_bf16() else "float32",
             "memory_format": str(mf),
+            "fused_norm": fused_available(),
+            "retained_memory": retained,
             "parameters": count_parameters(model),
             "patch_size": list(patch_size),
             "threads": torch.get_num_threads(),
@@ -519,6 +560,9 @@ def build_summary(figures: dict) -> str:
             f"{bf['achieved_gflops_conv_only']:.0f} GFLOP/s = {bf['fraction_of_matmul_peak_conv_only']:.2f} "
             "of the bf16 peak."
         )
+    if bf is not None and "fused_norm" in bf:
+        lines.append(f"automedseg's step kernels: fused instance norm + LeakyReLU {bf['fused_norm']}, freed memory "
+                     f"retained {bf['retained_memory']} (`automedseg.fused_norm`, `automedseg.allocator`).")
     lines += [
         "",
         md_table(
@@ -530,6 +574,11 @@ def build_summary(figures: dict) -> str:
                     "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL"),
                 ],
                 ["(info) automedseg fp32 vs nnU-Net", _fmt(t["speedup_fp32"], 2, "x"), ""],
+                [f"automedseg bf16 step >= {_fmt(t['peak_target_bf16'], 2)} of the bf16 matmul peak "
+                 f"({t['peak_target_bf16_kind']})", _fmt(t["peak_fraction_bf16"], 2),
+                 _verdict(t["peak_fraction_bf16"], t["peak_target_bf16"])],
+                [f"automedseg fp32 step >= {_fmt(t['peak_target_fp32'], 2)} of the fp32 matmul peak",
+                 _fmt(t["peak_fraction_fp32"], 2), _verdict(t["peak_fraction_fp32"], t["peak_target_fp32"])],
             ],
         ),
         "",
@@ -644,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     params_n = n["parameters"] if n else None
     speed_bf16 = round(runs["automedseg_bf16"]["samples_per_s"] / n["samples_per_s"], 3) if n else None
     speed_fp32 = round(runs["automedseg_fp32"]["samples_per_s"] / n["samples_per_s"], 3) if n else None
+    peak = peak_targets(cpu_flags())
     figures: dict = {
         "benchmark": "train_speed",
         "configuration": CONFIGURATION,
@@ -681,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_bf16": speed_bf16,
             "speedup_fp32": speed_fp32,
             "pass": None if speed_bf16 is None else speed_bf16 >= TARGET_SPEEDUP,
+            "peak_target_bf16": peak["bf16"],
+            "peak_target_bf16_kind": peak["bf16_kind"],
+            "peak_target_fp32": peak["fp32"],
+            "peak_fraction_bf16": runs["automedseg_bf16"].get("fraction_of_matmul_peak")
+            if runs["automedseg_bf16"]["autocast_dtype"] == "bfloat16" else None,
+            "peak_fraction_fp32": runs["automedseg_fp32"].get("fraction_of_matmul_peak"),
         },
     }
     summary = build_summary(figures)
