@@ -158,7 +158,7 @@ def _time_once(machine: _Machine) -> Calibration:
     data pipeline after it, by the CPU time of one thread
     (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
     """
-    from automedseg import calibration_step, calibration_timing, planning
+    from automedseg import calibration_step, calibration_timing, planning, training_step
 
     threads = machine.threads if machine.kind == "cpu" else None
     before, children, t0 = cpu_usage(), children_cpu_seconds(), time.perf_counter()
@@ -192,7 +192,8 @@ def _time_once(machine: _Machine) -> Calibration:
                        step_gflops_by_width_2d=tuple((int(w), float(g)) for w, g in steps[2]),
                        worker_placement=placement,
                        placement_step_seconds=tuple((str(p), float(v)) for p, v in placement_s),
-                       step_probe_gflops=probes)
+                       step_probe_gflops=probes,
+                       step_kernels=training_step.step_kernels() if machine.kind == "cpu" else None)
 
 
 def _best_of(a: Calibration, b: Calibration) -> Calibration:
@@ -218,10 +219,13 @@ def _best_of(a: Calibration, b: Calibration) -> Calibration:
 def _ratio(new: Calibration, old: Calibration) -> float:
     """The largest factor (>= 1) by which a throughput differs between two calibrations.
 
-    Throughputs the old calibration lacks (an older cache entry) are not compared; one the new lacks is an
-    infinite difference.
+    Throughputs the old calibration lacks (an older cache entry) are not compared, nor its training steps when
+    they ran on other kernels (:attr:`Calibration.step_kernels`: a faster step is no change of the machine); one
+    the new lacks is an infinite difference.
     """
     old_t, new_t = calibration_throughputs(old), calibration_throughputs(new)
+    if old.provenance.kind == "cpu" and old.step_kernels != new.step_kernels:
+        old_t = {k: v for k, v in old_t.items() if " step " not in k}
     if set(old_t) - set(new_t):
         return math.inf
     return max(max(new_t[k] / v, v / new_t[k]) for k, v in old_t.items())
@@ -229,6 +233,11 @@ def _ratio(new: Calibration, old: Calibration) -> float:
 
 def _completed(cached: Calibration, new: Calibration) -> Calibration:
     """A cached calibration with the parts it lacks (an older automedseg did not time them) taken from ``new``."""
+    if cached.provenance.kind == "cpu" and cached.step_kernels != new.step_kernels:
+        # the steps ran on other kernels then: every step figure (and the placement they were timed under) is new
+        cached = dataclasses.replace(cached, step_gflops_by_width=(), step_gflops_by_width_2d=(),
+                                     step_probe_gflops=(), worker_placement=None, placement_step_seconds=(),
+                                     step_kernels=new.step_kernels)
     if cached.worker_placement is None and new.worker_placement not in (None, "shared"):  # (steps timed as placed)
         cached = dataclasses.replace(cached, step_gflops_by_width=new.step_gflops_by_width,
                                      step_gflops_by_width_2d=new.step_gflops_by_width_2d,

@@ -46,6 +46,8 @@ class Calibration:
             timed (measured, not compared by the hysteresis: the step figures are).
         step_probe_gflops: ``(dims, probe name, GFLOP/s)`` of the training steps of
             :data:`automedseg.calibration_step.STEP_PROBES` (CPU only), timed as the widths' steps.
+        step_kernels: What the timed CPU steps ran on (:func:`automedseg.training_step.step_kernels`; ``None`` in
+            caches written before it was recorded and on CUDA): the steps are timed again when it changes.
     """
 
     provenance: CalibrationProvenance
@@ -60,6 +62,7 @@ class Calibration:
     worker_placement: str | None = None
     placement_step_seconds: tuple[tuple[str, float], ...] = ()
     step_probe_gflops: tuple[tuple[int, str, float], ...] = ()
+    step_kernels: str | None = None
 
     def __post_init__(self) -> None:
         if not self.gflops_by_width:
@@ -87,7 +90,8 @@ class Calibration:
                  "training step": self.provenance.kind != "cpu" or bool(
                      self.step_gflops_by_width and self.step_gflops_by_width_2d),
                  "thread placement": self.provenance.kind != "cpu" or self.worker_placement is not None,
-                 "training step shape": self.provenance.kind != "cpu" or probes_complete(self.step_probe_gflops)}
+                 "training step shape": self.provenance.kind != "cpu" or probes_complete(self.step_probe_gflops),
+                 "training step kernels": self.provenance.kind != "cpu" or self.step_kernels == _current_kernels()}
         return tuple(name for name, timed in parts.items() if not timed)
 
     @property
@@ -100,6 +104,12 @@ def probes_complete(probes: tuple[tuple[int, str, float], ...]) -> bool:
     """Every probe of :data:`automedseg.calibration_step.STEP_PROBES` has a timing (by its name: a probe changed
     since is missing)."""
     return _current_probes() <= {(d, name) for d, name, _ in probes}
+
+
+def _current_kernels() -> str:
+    from automedseg.training_step import step_kernels
+
+    return step_kernels()
 
 
 def _current_probes() -> set[tuple[int, str]]:

@@ -26,6 +26,21 @@ from automedseg.losses import DeepSupervisionLoss
 from automedseg.plans import TrainingPlan
 
 
+def step_kernels() -> str:
+    """What the CPU training step runs on besides PyTorch's own operators, e.g. ``fused norm, retained memory``.
+
+    The calibration stores it with its timed steps (:attr:`automedseg.calibration_cache.Calibration.step_kernels`)
+    and times them again when it changes: the fused norm (:mod:`automedseg.fused_norm`, where a C compiler
+    builds it) and the retained allocator (:mod:`automedseg.allocator`, glibc) each make the step faster.
+    """
+    from automedseg.allocator import retain_freed_memory
+    from automedseg.fused_norm import fused_available
+
+    norm = "fused norm" if fused_available() else "pytorch norm"
+    memory = "retained memory" if retain_freed_memory() else "system allocator"
+    return f"{norm}, {memory}"
+
+
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], training: TrainingPlan) -> torch.optim.Optimizer:
     """The plan's optimizer: SGD with Nesterov momentum (``sgd``) or AdamW (``adamw``), at its initial rate."""
     if training.optimizer == "sgd":

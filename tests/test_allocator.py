@@ -12,7 +12,8 @@ import pytest
 
 from automedseg.allocator import retain_freed_memory
 
-# Allocate, write and free a 64 MiB tensor 10 times, then 20 times more; print whether retaining is in effect and the page faults.
+# Allocate, write and free a 64 MiB tensor 10 times, then 20 times more; print whether retaining is in effect
+# and the page faults of the 20.
 _SCRIPT = """
 import json, resource, sys
 import torch

@@ -27,6 +27,7 @@ from automedseg.calibration import quantise_gflops, read_calibration_cache
 from automedseg.calibration_timing import DataThroughput
 from automedseg.cli import calibration_cache_path, main
 from automedseg.plans import Plans
+from automedseg.training_step import step_kernels
 
 # A +-5 % change moves some width to another value of the 2^(k/8) grid (half a step is 4.4 %), so quantisation
 # alone would change the plan and the hysteresis is what keeps it.
@@ -434,9 +435,11 @@ def _calibration(kind: str, **kw: object) -> C.Calibration:
 
 def test_only_a_cpu_calibration_needs_the_training_steps() -> None:
     assert _calibration("cuda").complete
-    assert _calibration("cpu").missing == ("training step", "thread placement", "training step shape")
+    assert _calibration("cpu").missing == ("training step", "thread placement", "training step shape",
+                                           "training step kernels")
     assert not _calibration("cpu", step_gflops_by_width=STEPS[3], worker_placement="shared").complete  # 3D, no 2D
-    steps = {"step_gflops_by_width": STEPS[3], "step_gflops_by_width_2d": STEPS[2], "worker_placement": "shared"}
+    steps = {"step_gflops_by_width": STEPS[3], "step_gflops_by_width_2d": STEPS[2], "worker_placement": "shared",
+             "step_kernels": step_kernels()}
     assert _calibration("cpu", **steps).missing == ("training step shape",)
     probes = tuple((d, i, g) for d, pairs in PROBES.items() for i, g in pairs)
     assert _calibration("cpu", **steps, step_probe_gflops=probes).complete
@@ -583,3 +586,29 @@ def test_an_entry_with_a_probe_of_an_older_automedseg_is_completed_not_replaced(
     entry = planner.entry()
     # the old probe dropped, the current one added at the cached speed (timed 120 while the steps timed 1.1x faster)
     assert entry.step_gflops_by_width == first_steps and entry.step_probe_gflops == ((2, "w32 128x128 b2", 109.0),)
+
+
+def test_steps_timed_on_other_kernels_are_timed_again_and_replaced(planner: Planner) -> None:
+    """A faster step (the fused norm, retained memory) is no change of the machine: the convolutions stay, the
+    steps and their placement are timed again and replace the old ones, even within the hysteresis."""
+    planner.plan()
+    first = planner.entry()
+    assert first.step_kernels == step_kernels()
+    data = json.loads(planner.cache.read_text())
+    for entry in data["calibrations"].values():
+        entry["step_kernels"] = "pytorch norm, system allocator"
+    planner.cache.write_text(json.dumps(data))
+    assert planner.entry().missing == ("training step kernels",)
+    planner.steps.tables = {d: tuple((w, g * 1.4) for w, g in t) for d, t in STEPS.items()}  # 40 % faster steps
+    planner.timing.tables = [_scaled(1.05)]  # the convolutions within the hysteresis
+    result = planner.plan()
+    assert "has no training step kernels timing" in result.output and "replacing it" not in result.output
+    entry = planner.entry()
+    assert entry.complete and entry.step_kernels == step_kernels() and entry.gflops_by_width == BASE
+    assert entry.step_gflops_by_width == planner.steps.tables[3]
+    assert entry.step_gflops_by_width_2d == planner.steps.tables[2]
+    assert entry.provenance.measured_at == first.provenance.measured_at
+    assert planner.placement.calls == 2
+    planner.timing.fail = True
+    planner.plan()  # complete now: reused
+    assert planner.steps.calls == 2

@@ -11,6 +11,7 @@ from automedseg import calibration_cache as CC
 from automedseg.calibration_step import STEP_PROBES, probe_name
 from automedseg.errors import InputError
 from automedseg.plans import CalibrationProvenance
+from automedseg.training_step import step_kernels
 
 PROVENANCE = CalibrationProvenance("cpu", "x", 2, "2.13", "bf16", "2026-12-01T00:00:00Z")
 PROBES = tuple((d, probe_name(*probe), 100.0) for d, probes in STEP_PROBES.items() for probe in probes)
@@ -20,7 +21,7 @@ def _entry(**kw: object) -> CC.Calibration:
     return CC.Calibration(PROVENANCE, 8.0, ((8, 100.0), (16, 200.0)), gflops_by_width_2d=((8, 50.0),),
                           window_voxels_per_s=1e8, augment_voxels_per_s=((2, 1e6), (3, 1e6)),
                           step_gflops_by_width=((8, 90.0),), step_gflops_by_width_2d=((8, 40.0),),
-                          worker_placement="shared", **kw)
+                          worker_placement="shared", **{"step_kernels": step_kernels(), **kw})
 
 
 def test_round_trip_and_a_missing_file_is_empty(tmp_path: Path) -> None:
@@ -56,3 +57,12 @@ def test_the_probes_complete_an_entry_and_must_be_positive() -> None:
         _entry(step_probe_gflops=((2, "a", 1.0), (2, "a", 2.0)))
     with pytest.raises(CC.PlanError, match="dims 2 or 3"):
         _entry(step_probe_gflops=((4, "a", 1.0),))
+
+
+@pytest.mark.parametrize(("kernels", "complete"), [
+    (step_kernels(), True), (None, False), ("pytorch norm, system allocator", False),
+])
+def test_steps_timed_on_other_kernels_are_missing(kernels: str | None, complete: bool) -> None:
+    entry = _entry(step_probe_gflops=PROBES, step_kernels=kernels)
+    assert entry.complete == complete
+    assert entry.missing == (() if complete else ("training step kernels",))

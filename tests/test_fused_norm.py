@@ -91,11 +91,20 @@ def test_falls_back_to_pytorch_when_not_fusable() -> None:
     assert torch.equal(instance_norm_act(x, w, b, eps=1e-5, negative_slope=0.01), _reference(x, w, b, 0.01))
 
 
-def test_not_used_while_tracing() -> None:
+class _NormAct(torch.nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return instance_norm_act(t, torch.ones(2), torch.zeros(2), eps=1e-5, negative_slope=0.01)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("graph", ["export", "trace"])  # the ONNX exporters' two ways in
+def test_graphs_record_pytorchs_operators(graph: str) -> None:
     x = _channels_last(torch.randn(1, 2, 3, 4, 5))
-    w, b = torch.ones(2), torch.zeros(2)
-    traced = torch.jit.trace(lambda t: instance_norm_act(t, w, b, eps=1e-5, negative_slope=0.01), (x,))
-    assert "instance_norm" in str(traced.graph)
+    if graph == "export":
+        text = str(torch.export.export(_NormAct(), (x,)).graph)
+    else:
+        text = str(torch.jit.trace(_NormAct(), (x,)).graph)
+    assert "instance_norm" in text and "permute" not in text
 
 
 @pytest.fixture
