@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
+from automedseg.allocator import release_freed_memory
 from automedseg.class_sampling import SharedClassWeights
 from automedseg.plans import AugmentationPlan
 from automedseg.thread_placement import pin_process
@@ -221,6 +222,7 @@ class PatchSampler(SlimDataLoaderBase):
         self._class_cases: dict[int, list[str]] | None = None
         self.rng = np.random.default_rng([self.seed, TAG_SAMPLER, 0])
         self.worker_niceness = 0
+        self.owner_pid = os.getpid()  # the process that made the loader (a worker is any other)
         self.worker_cpus: tuple[int, ...] | None = None  # cores a worker process pins itself to (thread_placement)
         self.class_weights = class_weights
 
@@ -232,6 +234,8 @@ class PatchSampler(SlimDataLoaderBase):
         """
         self.thread_id = int(thread_id)
         terminate_with_parent()
+        if os.getpid() != self.owner_pid:  # a forked worker: its peak need not stay resident (automedseg.allocator)
+            release_freed_memory()
         if self.worker_niceness > 0:  # in a worker process: yield the cores to the training threads first
             os.nice(self.worker_niceness)
         if self.worker_cpus:  # the worker's own core (automedseg.thread_placement, placement own_core)

@@ -364,7 +364,12 @@ def calibrate(machine: _Machine, *, cache_path: Path | None = None, recalibrate:
         chosen = _completed(chosen, new)
         log(f"calibration: the {_parts_text(missing, 'and')} timings added to the calibration of "
             f"{chosen.provenance.measured_at}")
-    if chosen is not cached and cache_path is not None:
+    changed = chosen is not cached
+    if chosen.provenance.kind == "cpu" and chosen.step_kernels != new.step_kernels:
+        # steps timed on other kernels, and this timing (under load) not believed: this plan does without them
+        chosen = dataclasses.replace(chosen, step_gflops_by_width=(), step_gflops_by_width_2d=(),
+                                     step_probe_gflops=(), worker_placement=None, placement_step_seconds=())
+    if changed and cache_path is not None:
         calibrations = {**cache.calibrations, key: chosen}
         write_calibration_cache(cache_path, CalibrationCache(dict(sorted(calibrations.items()))))
         log(f"calibration: cached in {cache_path}")

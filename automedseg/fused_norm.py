@@ -20,14 +20,15 @@ Example:
     >>> w, b = torch.ones(3), torch.zeros(3)
     >>> y = instance_norm_act(x, w, b, eps=1e-5, negative_slope=0.01)
     >>> ref = torch.nn.functional.leaky_relu(torch.nn.functional.instance_norm(x, weight=w, bias=b, eps=1e-5), 0.01)
-    >>> bool(torch.allclose(y, ref, atol=1e-4)), y.is_contiguous(memory_format=torch.channels_last_3d)
-    (True, True)
+    >>> bool(torch.allclose(y, ref, atol=1e-4))
+    True
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -73,10 +74,17 @@ def _compiler() -> str | None:
 
 
 def _compile(compiler: str, target: Path) -> bool:
-    """Compile :data:`SOURCE` into ``target`` atomically; False (nothing written) when the compiler fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    """Compile :data:`SOURCE` into ``target`` atomically; False (nothing written) when the compiler or the folder
+    fails."""
+    from automedseg.atomic import remove_stale_temp_files
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(target.parent)  # of a build that was killed
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError:
+        return False
     try:
         done = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
                               timeout=_COMPILE_TIMEOUT_S, check=False)
@@ -111,13 +119,13 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(CFLAGS), _cpu_signature()]).encode())
+        target = kernel_cache_dir() / f"fused_norm-{key.hexdigest()[:16]}.so"
+        with _build_lock:
+            if not target.exists() and not _compile(compiler, target):
+                return None
+    except (OSError, subprocess.SubprocessError):  # no compiler to ask, no source, no cache folder: PyTorch's norm
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(CFLAGS), _cpu_signature()]).encode())
-    target = kernel_cache_dir() / f"fused_norm-{key.hexdigest()[:16]}.so"
-    with _build_lock:
-        if not target.exists() and not _compile(compiler, target):
-            return None
     try:
         return _declare(ctypes.CDLL(str(target)))
     except OSError:
@@ -153,10 +161,10 @@ class _InstanceNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, slope: float):  # type: ignore[override]
         lib = _library()
         n, c = x.shape[:2]
-        s = x[0, 0].numel()
+        s = math.prod(x.shape[2:])
         bf16 = int(x.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
-        shift = x[(slice(None), slice(None)) + (0,) * (x.dim() - 2)].float().contiguous()  # a view, not a copy
+        shift = x[(slice(None), slice(None)) + (0,) * (x.dim() - 2)].float().contiguous()  # the first voxel
         sum0 = torch.zeros(n, c, dtype=torch.float64)
         sum1 = torch.zeros(n, c, dtype=torch.float64)
         _check(lib.amseg_stats(_ptr(x), bf16, n, s, c, _ptr(shift), _ptr(sum0), _ptr(sum1), threads))
@@ -178,7 +186,7 @@ class _InstanceNormAct(torch.autograd.Function):
         lib = _library()
         x, weight, mean, rstd, a, b = ctx.saved_tensors
         n, c = x.shape[:2]
-        s = x[0, 0].numel()
+        s = math.prod(x.shape[2:])
         bf16 = int(x.dtype == torch.bfloat16)
         threads = torch.get_num_threads()
         dy = dy.to(x.dtype)
@@ -205,15 +213,20 @@ def _channels_last(ndim: int) -> torch.memory_format:
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # (torch >= 2.3)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def fusable(x: torch.Tensor) -> bool:
     """Whether :func:`instance_norm_act` runs ``x`` through the fused kernel."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or _compiling():
         return False  # graphs (ONNX export, torch.compile) record PyTorch's own operators
     if torch.onnx.is_in_onnx_export():
         return False
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _rows_view(x) is None:
         return False
-    return x[0, 0].numel() > 1 and fused_available()
+    return x.numel() > 0 and math.prod(x.shape[2:]) > 1 and fused_available()
 
 
 def instance_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, eps: float,

@@ -135,8 +135,10 @@ class ConvNormAct(nn.Sequential):
         :func:`automedseg.fused_norm.fusable` says the tensor allows (CPU, channels-last), same function."""
         norm = self[1]
         y = self[0](x)
-        if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.affine and fusable(y):
-            y = instance_norm_act(y, norm.weight, norm.bias, eps=norm.eps, negative_slope=self.negative_slope)
+        if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.affine and \
+                not norm.track_running_stats and fusable(y):
+            slope = self[2].negative_slope if self.negative_slope is not None else None
+            y = instance_norm_act(y, norm.weight, norm.bias, eps=norm.eps, negative_slope=slope)
             rest = list(self)[3:] if self.negative_slope is not None else []
         else:
             rest = list(self)[1:]

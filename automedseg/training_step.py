@@ -33,11 +33,11 @@ def step_kernels() -> str:
     and times them again when it changes: the fused norm (:mod:`automedseg.fused_norm`, where a C compiler
     builds it) and the retained allocator (:mod:`automedseg.allocator`, glibc) each make the step faster.
     """
-    from automedseg.allocator import retain_freed_memory
+    from automedseg.allocator import can_retain
     from automedseg.fused_norm import fused_available
 
     norm = "fused norm" if fused_available() else "pytorch norm"
-    memory = "retained memory" if retain_freed_memory() else "system allocator"
+    memory = "retained memory" if can_retain() else "system allocator"
     return f"{norm}, {memory}"
 
 

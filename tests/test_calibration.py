@@ -289,7 +289,7 @@ def test_calibration_stores_2d_convolutions_and_the_data_pipeline(planner: Plann
     planner.plan()
     assert (planner.timing.calls, planner.timing.calls_2d, planner.data.calls) == (1, 1, 1)
     entry = planner.entry()
-    assert entry.complete and entry.gflops_by_width_2d == BASE_2D
+    assert entry.complete and entry.gflops_by_width_2d == BASE_2D, entry.missing
     assert (entry.window_voxels_per_s, entry.augment_voxels_per_s) == (DATA.window_voxels_per_s,
                                                                         DATA.augment_voxels_per_s)
     device = Plans.load(planner.work / "plans.json").device
@@ -596,7 +596,7 @@ def test_steps_timed_on_other_kernels_are_timed_again_and_replaced(planner: Plan
     assert first.step_kernels == step_kernels()
     data = json.loads(planner.cache.read_text())
     for entry in data["calibrations"].values():
-        entry["step_kernels"] = "pytorch norm, system allocator"
+        entry["step_kernels"] = "other kernels"
     planner.cache.write_text(json.dumps(data))
     assert planner.entry().missing == ("training step kernels",)
     planner.steps.tables = {d: tuple((w, g * 1.4) for w, g in t) for d, t in STEPS.items()}  # 40 % faster steps
@@ -612,3 +612,20 @@ def test_steps_timed_on_other_kernels_are_timed_again_and_replaced(planner: Plan
     planner.timing.fail = True
     planner.plan()  # complete now: reused
     assert planner.steps.calls == 2
+
+
+def test_steps_on_other_kernels_are_not_used_when_the_new_timing_is_under_load(planner: Planner,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    planner.plan()
+    data = json.loads(planner.cache.read_text())
+    for entry in data["calibrations"].values():
+        entry["step_kernels"] = "other kernels"
+    planner.cache.write_text(json.dumps(data))
+    cache_before = planner.cache.read_bytes()
+    monkeypatch.setattr(C, "cpu_usage", _cpu_share(0.5))
+    planner.plan()
+    assert planner.cache.read_bytes() == cache_before  # nothing believed, nothing written: timed again next time
+    device = Plans.load(planner.work / "plans.json").device
+    assert device.step_gflops_by_width is None and device.worker_placement is None
+    assert "from the timed training steps" not in Plans.load(planner.work / "plans.json").configuration(
+        "3d_fullres").notes[-1]
