@@ -14,6 +14,7 @@
 #include <string.h>
 
 #define FLUSH_BLOCKS 16 /* fp32 partial sums over at most this many blocks before they go into the doubles */
+#define MIN_ELEMENTS_PER_THREAD 32768 /* below, a thread costs more to start than its share takes */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = ((uint32_t)h) << 16;
@@ -170,7 +171,7 @@ static void *run_job(void *arg) {
 /* Runs `proto` over rows split among `threads`; the partial sums (stats, grad sums) are added into out0/out1. */
 static int run(Job proto, int threads, double *out0, double *out1) {
     int64_t rows = proto.n * proto.s, nc = proto.n * proto.c;
-    if (threads < 1) threads = 1;
+    if (threads < 1 || rows * proto.c < MIN_ELEMENTS_PER_THREAD * 2) threads = 1;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
     Job *jobs = calloc(threads, sizeof(Job));
     pthread_t *tid = calloc(threads, sizeof(pthread_t));

@@ -12,8 +12,11 @@ samples).
   first stage's features (the others double from it, capped at 16x).
 * Images, synthetic (preprocessed, normal noise): ``drive``, one DRIVE image (3 x 584 x 565: 24 tiles of
   192 x 256), and ``stack``, a 2D-planned volume of 48 slices of 192 x 160 (one tile a slice).
-* Variants: ``per-slice``, the implementation before the change (a copy of it lies below), and ``batched``,
-  :func:`~automedseg.inference.predict_preprocessed` now; ``--batches 8,16,...`` adds the batched path at those
+* Variants: ``per-slice, GroupNorm``, the implementation before the change (a copy of it lies below) with the
+  network as CPU inference used to set it up (every InstanceNorm as a per-channel GroupNorm), ``batched,
+  GroupNorm``, :func:`~automedseg.inference.predict_preprocessed` with that network, and ``batched``, both as
+  ``predict`` runs them now (:func:`~automedseg.inference.cpu_inference_model`: the fused norm kernel where it
+  builds); ``--batches 8,16,...`` adds the batched path at those
   forward batch sizes (the sweep behind :data:`~automedseg.inference.FORWARD_VOXELS_2D`). Both give the same
   logits (the largest difference is printed).
 * Each variant: one untimed warm-up, then ``--reps`` timed repetitions; the median is reported, in seconds
@@ -34,6 +37,7 @@ also the ``predict_speed_2d`` section of ``predict_speed.md`` beside them (kept 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import statistics
 import sys
@@ -156,7 +160,14 @@ def measure(*, image_names: Sequence[str], batches: Sequence[int], reps: int, th
     import torch
 
     from automedseg.device import channels_last_norms, cpu_supports_bf16, memory_format
-    from automedseg.inference import FORWARD_VOXELS_2D, MAX_FORWARD_BATCH, forward_batch_size, predict_preprocessed
+    from automedseg.fused_norm import fused_available
+    from automedseg.inference import (
+        FORWARD_VOXELS_2D,
+        MAX_FORWARD_BATCH,
+        cpu_inference_model,
+        forward_batch_size,
+        predict_preprocessed,
+    )
     from automedseg.network import build_network, count_parameters
 
     torch.set_num_threads(threads)
@@ -164,7 +175,8 @@ def measure(*, image_names: Sequence[str], batches: Sequence[int], reps: int, th
     torch.manual_seed(SEED)
     model = build_network(config.network, in_channels=CHANNELS, num_classes=CLASSES, dims=2)
     model.deep_supervision = False
-    model = channels_last_norms(model.eval()).to(memory_format=memory_format(2))
+    group_model = channels_last_norms(copy.deepcopy(model).eval()).to(memory_format=memory_format(2))
+    model = cpu_inference_model(model.eval(), dims=2)  # as `predict` loads it
     device = torch.device("cpu")
     kw = dict(device=device, num_classes=CLASSES, mirror_axes=(0, 1), amp=amp)
     default_batch = forward_batch_size(PATCH)
@@ -173,13 +185,14 @@ def measure(*, image_names: Sequence[str], batches: Sequence[int], reps: int, th
         "parameters": count_parameters(model), "threads": threads, "mirror_axes": [0, 1],
         "autocast": "bfloat16" if amp and cpu_supports_bf16() else "float32",
         "forward_voxels_2d": FORWARD_VOXELS_2D, "max_forward_batch": MAX_FORWARD_BATCH,
-        "default_forward_batch": default_batch, "images": {},
+        "default_forward_batch": default_batch, "fused_norm": fused_available(), "images": {},
     }
     data = images(slices=slices)
     for name in image_names:
         arr = data[name]
         variants: dict[str, Callable[[], np.ndarray]] = {
-            "per-slice": lambda a=arr: predict_per_slice(model, a, config, **kw),
+            "per-slice, GroupNorm": lambda a=arr: predict_per_slice(group_model, a, config, **kw),
+            f"batched ({default_batch}), GroupNorm": lambda a=arr: predict_preprocessed(group_model, a, config, **kw),
             f"batched ({default_batch})": lambda a=arr: predict_preprocessed(model, a, config, **kw),
         }
         for b in batches:
@@ -197,7 +210,7 @@ def measure(*, image_names: Sequence[str], batches: Sequence[int], reps: int, th
                 f"max |diff| {res['max_abs_diff_vs_per_slice']:.2e}, "
                 f"other processes {res['foreign_cpu']['foreign_cpu_fraction_of_one_core']:.2f} core")
             rows[label] = res
-        base, base_cpu = rows["per-slice"]["median_s"], rows["per-slice"]["median_cpu_s"]
+        base, base_cpu = rows["per-slice, GroupNorm"]["median_s"], rows["per-slice, GroupNorm"]["median_cpu_s"]
         for res in rows.values():
             res["speedup_vs_per_slice"] = round(base / res["median_s"], 3)
             res["cpu_speedup_vs_per_slice"] = round(base_cpu / res["median_cpu_s"], 3)

@@ -32,7 +32,10 @@ def _run(fn, x0: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, g: torch.Tens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 3), (3, 4, 9, 11), (1, 17, 33, 2)])
+@pytest.mark.parametrize("shape", [
+    (2, 5, 7, 6, 3), (3, 4, 9, 11), (1, 17, 33, 2), (2, 33, 5, 7),  # one thread (small); widths off the vector
+    (2, 24, 40, 40), (3, 8, 16, 24, 24),  # split over threads (>= 65,536 elements), samples across the split
+])
 @pytest.mark.parametrize("slope", [0.01, None])
 def test_matches_pytorch_in_value_and_gradient(dtype: torch.dtype, shape: tuple[int, ...],
                                                slope: float | None) -> None:
