@@ -217,9 +217,11 @@ def test_the_package_imports_the_api_lazily() -> None:
         automedseg.nothing  # noqa: B018
 
 
-def test_the_type_hints_are_shipped() -> None:
-    assert (ROOT / "automedseg" / "py.typed").is_file()
-    assert 'automedseg = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
+def test_the_type_hints_and_the_kernel_source_are_shipped() -> None:
+    tomllib = pytest.importorskip("tomllib")  # (Python >= 3.11)
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for name in ("py.typed", "fused_norm.c"):  # the fused norm is compiled from its source on the user's machine
+        assert (ROOT / "automedseg" / name).is_file() and name in shipped["automedseg"]
 
 
 def test_the_api_reference_builds_without_warnings(tmp_path: Path) -> None:
