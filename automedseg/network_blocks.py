@@ -128,20 +128,20 @@ class ConvNormAct(nn.Sequential):
             if settings.dropout > 0:
                 layers.append(nn.Dropout(settings.dropout))
         super().__init__(*layers)
-        self.negative_slope = NEGATIVE_SLOPE if activation else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layers in order; an affine InstanceNorm and its activation as one kernel where
         :func:`automedseg.fused_norm.fusable` says the tensor allows (CPU, channels-last), same function."""
-        norm = self[1]
-        y = self[0](x)
+        layers = list(self)
+        norm, act = layers[1], layers[2] if len(layers) > 2 else None
+        y = layers[0](x)
         if isinstance(norm, nn.modules.instancenorm._InstanceNorm) and norm.affine and \
                 not norm.track_running_stats and fusable(y):
-            slope = self[2].negative_slope if self.negative_slope is not None else None
-            y = instance_norm_act(y, norm.weight, norm.bias, eps=norm.eps, negative_slope=slope)
-            rest = list(self)[3:] if self.negative_slope is not None else []
+            y = instance_norm_act(y, norm.weight, norm.bias, eps=norm.eps,
+                                  negative_slope=None if act is None else act.negative_slope)
+            rest = layers[3:]  # the dropout, if any
         else:
-            rest = list(self)[1:]
+            rest = layers[1:]
         for layer in rest:
             y = layer(y)
         return y
