@@ -28,6 +28,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform
 from scipy.ndimage import map_coordinates
 
+from automedseg.label_resampling import resample_labels_linear
 from automedseg.plans import AugmentationPlan
 
 Stride = Sequence[int]
@@ -87,7 +88,9 @@ class RotateScaleCropTransform(AbstractTransform):
         elastic_alpha: Deformation magnitude range.
         elastic_sigma: Deformation smoothness range.
         order_data: Spline order for the image.
-        order_seg: 0 (nearest) or 1 (linear per-label indicators, argmax) for the labels.
+        order_seg: 0 (nearest) or 1 (linear per-label indicators, argmax) for the labels; integer labels at
+            order 1 take :func:`automedseg.label_resampling.resample_labels_linear` (the same labels, one pass
+            instead of one interpolation per label).
     """
 
     def __init__(
@@ -180,9 +183,12 @@ class RotateScaleCropTransform(AbstractTransform):
                     region = np.asarray(seg[(b, c, *box)])
                     if region.size == 0:
                         continue
-                    seg_out[b, c] = interpolate_img(
-                        region, coords, self.order_seg, "constant", cval=0, is_seg=True
-                    )
+                    if self.order_seg == 1 and region.dtype.kind in "iu":  # one pass, not one per label
+                        seg_out[b, c] = resample_labels_linear(region, coords, cval=0)
+                    else:
+                        seg_out[b, c] = interpolate_img(
+                            region, coords, self.order_seg, "constant", cval=0, is_seg=True
+                        )
         data_dict["data"] = data_out
         if seg is not None:
             data_dict["seg"] = seg_out

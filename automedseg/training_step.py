@@ -27,18 +27,21 @@ from automedseg.plans import TrainingPlan
 
 
 def step_kernels() -> str:
-    """What the CPU training step runs on besides PyTorch's own operators, e.g. ``fused norm, retained memory``.
+    """What the CPU training step runs on besides PyTorch's own operators, e.g. ``fused norm, retained memory,
+    one-pass labels``.
 
     The calibration stores it with its timed steps (:attr:`automedseg.calibration_cache.Calibration.step_kernels`)
     and times them again when it changes: the fused norm (:mod:`automedseg.fused_norm`, where a C compiler
-    builds it) and the retained allocator (:mod:`automedseg.allocator`, glibc) each make the step faster.
+    builds it) and the retained allocator (:mod:`automedseg.allocator`, glibc) each make the step faster, and the
+    augmentation worker that shares the cores with it resamples labels in one pass
+    (:mod:`automedseg.label_resampling`; always: it names the worker the steps were timed with).
     """
     from automedseg.allocator import can_retain
     from automedseg.fused_norm import fused_available
 
     norm = "fused norm" if fused_available() else "pytorch norm"
     memory = "retained memory" if can_retain() else "system allocator"
-    return f"{norm}, {memory}"
+    return f"{norm}, {memory}, one-pass labels"
 
 
 def make_optimizer(parameters: Iterable[torch.nn.Parameter], training: TrainingPlan) -> torch.optim.Optimizer:
