@@ -4,10 +4,10 @@ The planner's cost model (:mod:`automedseg.cost_model`) needs the training throu
 convolutions (:func:`automedseg.planning.calibrate_conv_gflops`), of one CPU data worker
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`: sampling windows and augmentation, voxels per
 second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training step with its data pipeline
-(:func:`automedseg.calibration_step.calibrate_step_gflops`, GFLOP/s per width, and the step of a deep 2D network
-that prices the parameters beyond the reference network's:
-:func:`~automedseg.calibration_step.calibrate_step_probes`), which is what it charges a CPU network with, timed
-with the augmentation worker where it runs faster: sharing the cores or on a core of its own
+(:func:`automedseg.calibration_step.calibrate_steps`: GFLOP/s per width, and the step of a deep 2D network
+that prices the parameters beyond the reference network's, all taking turns in rounds), which is what it charges
+a CPU network with, timed with the augmentation worker where it runs faster: sharing the cores or on a core of its
+own
 (:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner writes
 the choice into the plan). A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
@@ -153,8 +153,8 @@ def _time_once(machine: _Machine) -> Calibration:
     """One calibration timing, with the CPU share the process was granted meanwhile.
 
     The convolutions (3D, then 2D) and, on a CPU, the placements of the augmentation worker, then the training
-    steps (3D, then 2D, then the step shape probes; with their worker, as placed) are timed by wall clock in a
-    window judged for load; the
+    steps (3D and 2D and the step shape probes taking turns; with their workers, as placed) are timed by wall
+    clock in a window judged for load; the
     data pipeline after it, by the CPU time of one thread
     (:func:`automedseg.calibration_timing.calibrate_data_throughput`), which load barely changes.
     """
@@ -170,10 +170,9 @@ def _time_once(machine: _Machine) -> Calibration:
     placement, placement_s, probes = None, (), ()
     if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
         placement, placement_s = calibration_step.calibrate_placement(threads=threads)
-        steps = {d: calibration_step.calibrate_step_gflops(dims=d, threads=threads, placement=placement)
-                 for d in (3, 2)}
-        probes = tuple((d, str(name), float(g)) for d in (3, 2) for name, g in
-                       calibration_step.calibrate_step_probes(dims=d, threads=threads, placement=placement))
+        timed = calibration_step.calibrate_steps(threads=threads, placement=placement)
+        steps = {3: timed["3d"], 2: timed["2d"]}
+        probes = tuple((int(d), str(name), float(g)) for d, name, g in timed["probes"])
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()

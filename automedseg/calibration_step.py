@@ -3,8 +3,7 @@
 The planner's cost model (:mod:`automedseg.cost_model`) used to charge a CPU step as the analytic training FLOPs
 over the throughput of a lone convolution, times a fixed overhead for the rest (norms, loss, optimizer, the
 augmentation worker sharing the cores). That overhead was fitted on one CPU and missed another by 1.8x (issue
-#19). So the calibration also times the step itself (:func:`calibrate_step_gflops`), with everything training
-runs:
+#19). So the calibration also times the step itself (:func:`calibrate_steps`), with everything training runs:
 
 * the planner's network (:func:`automedseg.planning.network_for`) for a reference patch (:data:`STEP_REFERENCE_PATCH`,
   the size the planner picks for 3D and 2D configurations on a 2-core CPU) at each width of :data:`STEP_WIDTHS`,
@@ -17,16 +16,17 @@ runs:
   so its CPU time is taken from the step as it is in training.
 
 After :data:`STEP_WARMUP` untimed steps (kernel choice, the optimizer's state), steps are timed by wall clock for
-:data:`STEP_WINDOW_S` (at least :data:`STEP_MIN_STEPS`, the loader's waits included, as the trainer's
-``seconds_per_iteration``). The figure kept is a throughput: the network's training FLOPs
+:data:`STEP_WINDOW_S` per width (at least :data:`STEP_MIN_STEPS`, the loader's waits included, as the trainer's
+``seconds_per_iteration``), all of them (3D, 2D, probes) taking turns in :data:`STEP_ROUNDS` rounds
+(:func:`time_step_groups`), each keeping its median round. The figure kept is a throughput: the network's training FLOPs
 (:func:`~automedseg.network_cost.estimate_training_flops`) times the batch over the step's seconds less
 :data:`~automedseg.cost_model.STEP_LATENCY_S` (:func:`step_gflops`), so the cost model can charge another patch,
-batch or depth of the same width. About 25 s for the three widths in 3D and 2D on a 2-core CPU.
+batch or depth of the same width. About 30 s for the three widths in 3D and 2D and the probe on a 2-core CPU.
 
 A network of the same width can still run slower per FLOP than the reference one: more parameters per FLOP (a
-deep 2D U-Net on a small patch). So the network of :data:`STEP_PROBES` is timed too (:func:`calibrate_step_probes`,
-about 3 s more), and :func:`fit_step_shape_cost` prices the parameters beyond the reference's
-(:class:`~automedseg.plans.StepShapeCost`), which the cost model adds where the profile has it.
+deep 2D U-Net on a small patch). So the network of :data:`STEP_PROBES` is timed too (with the widths), and
+:func:`fit_step_shape_cost` prices the parameters beyond the reference's (:class:`~automedseg.plans.StepShapeCost`),
+which the cost model adds where the profile has it.
 
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
@@ -36,18 +36,22 @@ more on an idle 2-core CPU), :func:`automedseg.cost_model.choose_worker_placemen
 the one the plan trains with.
 
 Example:
-    >>> calibrate_step_gflops(dims=3, widths=(8, 16))  # doctest: +SKIP
-    ((8, 110.0), (16, 230.0))
+    >>> calibrate_steps(threads=2)  # doctest: +SKIP
+    {'3d': ((8, 110.0), (16, 230.0), (32, 320.0)), '2d': ((8, 60.0), (16, 150.0), (32, 250.0)),
+     'probes': ((2, 'w32 128x128 b2', 124.0),)}
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from automedseg.allocator import retain_freed_memory
 from automedseg.calibration_timing import DATA_SEED, reference_config, synthetic_case
@@ -64,9 +68,13 @@ STEP_REFERENCE_PATCH: dict[int, tuple[int, ...]] = {3: (40, 56, 40), 2: (224, 22
 STEP_BATCH = 2
 STEP_CLASSES = 3  # the synthetic case's labels (background and two classes, like hippocampus)
 STEP_WARMUP = 2  # untimed steps: the first picks kernels, the first optimizer step allocates its state
-# Timed wall seconds per width (and probe). 0.8 s timed two steps of the 2D width-32 step (0.9 s each with its
-# worker on a 2-core Xeon): one slow step moved its figure by a quarter.
-STEP_WINDOW_S = 1.5
+# Timed wall seconds per width (and probe), over all rounds. 0.8 s timed two steps of the 2D width-32 step (0.9 s
+# each with its worker on a 2-core Xeon): one slow step moved its figure by a quarter.
+STEP_WINDOW_S = 2.0
+# The steps take turns in rounds (time_step_groups) and keep their median round. On a shared 2-core Xeon VM
+# (2026-12-01) the machine's speed swung 350-840 GFLOP/s between 5-second blocks of a sustained bf16 matmul, and
+# the 3D width-8 step, timed in one 1.5 s window, read 62-115 GFLOP/s across seven timings within 20 minutes.
+STEP_ROUNDS = 4
 STEP_MIN_STEPS = 3
 STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
@@ -146,31 +154,51 @@ def reference_step_config(dims: int, width: int, *, patch: Sequence[int] | None 
                                batch_size=batch, network=net, training=training)
 
 
-def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
-                        placement: str = "shared", patch: Sequence[int] | None = None, batch: int = STEP_BATCH,
-                        warmup: int = STEP_WARMUP,
-                        window_s: float = STEP_WINDOW_S, min_steps: int = STEP_MIN_STEPS,
-                        max_steps: int = STEP_MAX_STEPS,
-                        clock: Callable[[], float] = time.perf_counter) -> tuple[StepTiming, ...]:
-    """Time real CPU training steps at each width, with the augmentation worker feeding them.
+@dataclass(frozen=True)
+class StepGroup:
+    """Training steps timed on one loader: one reference patch and batch, one or more widths.
 
-    One worker process (the real loader) serves every width: the networks of one patch share their deep
-    supervision strides, so their batches are alike. The process's torch threads and affinity are restored
-    afterwards.
-
-    Args:
+    Attributes:
         dims: 3 or 2.
         widths: Features of the first stage.
+        patch: Reference patch (``None``: :data:`STEP_REFERENCE_PATCH`; rounded as the planner rounds it).
+        batch: Samples per step.
+    """
+
+    dims: int
+    widths: tuple[int, ...] = STEP_WIDTHS
+    patch: tuple[int, ...] | None = None
+    batch: int = STEP_BATCH
+
+
+def time_step_groups(groups: Sequence[StepGroup], *, threads: int | None = None, placement: str = "shared",
+                     warmup: int = STEP_WARMUP, window_s: float = STEP_WINDOW_S, min_steps: int = STEP_MIN_STEPS,
+                     max_steps: int = STEP_MAX_STEPS, rounds: int = STEP_ROUNDS,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[tuple[StepTiming, ...], ...]:
+    """Time real CPU training steps of every group's widths, with an augmentation worker feeding each group.
+
+    One worker process (the real loader) serves each group: the networks of one patch share their deep
+    supervision strides, so their batches are alike. Every step takes turns in ``rounds`` rounds of ``window_s /
+    rounds`` (at least one step a round, ``min_steps`` and at most ``max_steps`` over the rounds), and each
+    step's figure is its median round: a burst of speed or of another tenant's load on a shared machine then
+    moves one round of every step, not one step's whole figure. Where a round moves on to another group, one
+    untimed step of it comes first (the previous group's worker refills its queue meanwhile). The process's torch
+    threads and affinity are restored afterwards.
+
+    Args:
+        groups: The steps, by loader.
         threads: Torch threads (default: leave as is; ``own_core``: all usable cores), as ``train --threads``.
         placement: ``shared`` or ``own_core`` (:func:`automedseg.thread_placement.placement_layout`; where no
             core can be spared, own_core runs as shared and the timings say so).
-        patch: Reference patch (default :data:`STEP_REFERENCE_PATCH`; rounded as the planner rounds it).
-        batch: Samples per step.
         warmup: Untimed steps per width.
-        window_s: Timed seconds per width.
-        min_steps: Timed steps at least.
-        max_steps: Timed steps at most.
+        window_s: Timed seconds per width (over all rounds).
+        min_steps: Timed steps at least (over all rounds).
+        max_steps: Timed steps at most (over all rounds).
+        rounds: Rounds the steps take turns in.
         clock: Wall clock.
+
+    Returns:
+        Per group, its widths' timings.
     """
     import torch
 
@@ -181,61 +209,126 @@ def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, t
     from automedseg.network_cost import output_strides
     from automedseg.training_step import make_optimizer, train_step
 
-    if dims not in (2, 3):
-        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    if any(g.dims not in (2, 3) for g in groups):
+        raise ValueError(f"dims must be 2 or 3, got {[g.dims for g in groups]}")
+    rounds = max(1, min(int(rounds), int(max_steps)))
     retain_freed_memory()  # as training does
     layout = placement_layout(placement, threads=threads)
     device = torch.device("cpu")
-    configs = [reference_step_config(dims, w, patch=patch, batch=batch) for w in widths]
-    strides = output_strides(configs[0].network)
-    out = []
+    configs = [[reference_step_config(g.dims, w, patch=g.patch, batch=g.batch) for w in g.widths] for g in groups]
+    per_round = [_round_steps(min_steps, rounds, r) for r in range(rounds)]
+    cap = [_round_steps(max_steps, rounds, r) for r in range(rounds)]
+    timed = [[[] for _ in group] for group in configs]  # seconds per step, per round
+    counts = [[0] * len(group) for group in configs]
     with tempfile.TemporaryDirectory(prefix="automedseg-step-") as tmp, torch.random.fork_rng(devices=[]), \
-            placed(layout):
-        synthetic_case(Path(tmp), dims)
-        with make_training_loader(tmp, ["case"], configs[0], deep_supervision_strides=strides,
-                                  worker_niceness=STEP_WORKER_NICENESS, worker_cpus=layout.worker_cpus) as loader:
-            for config in configs:
+            placed(layout), contextlib.ExitStack() as stack:
+        steps = []
+        for k, (group, group_configs) in enumerate(zip(groups, configs, strict=True)):
+            folder = Path(tmp) / f"group_{k}"
+            folder.mkdir()
+            synthetic_case(folder, group.dims)
+            strides = output_strides(group_configs[0].network)
+            loader = stack.enter_context(make_training_loader(
+                folder, ["case"], group_configs[0], deep_supervision_strides=strides,
+                worker_niceness=STEP_WORKER_NICENESS, worker_cpus=layout.worker_cpus))
+            group_steps = []
+            for config in group_configs:
                 if output_strides(config.network) != strides:  # pragma: no cover - network_for keeps the topology
                     raise AssertionError("the reference networks differ in their strides")
                 torch.manual_seed(DATA_SEED)
                 tr = config.training
-                model = build_network(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=dims)
-                model = model.to(memory_format=memory_format(dims)).train()
+                model = build_network(config.network, in_channels=1, num_classes=STEP_CLASSES, dims=group.dims)
+                model = model.to(memory_format=memory_format(group.dims)).train()
                 optimizer = make_optimizer(model.parameters(), tr)
                 loss_fn = DeepSupervisionLoss(len(strides), dice_weight=tr.dice_weight, ce_weight=tr.ce_weight,
                                               track_classes=True)
 
                 def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
-                         loss_fn: DeepSupervisionLoss = loss_fn, tr: TrainingPlan = tr) -> None:
+                         loss_fn: DeepSupervisionLoss = loss_fn, tr: TrainingPlan = tr, loader: object = loader,
+                         ) -> None:
                     train_step(model, next(loader), optimizer=optimizer, loss_fn=loss_fn, device=device,
                                grad_clip_norm=tr.grad_clip_norm)
 
                 for _ in range(warmup):
                     step()
-                n, t0 = 0, clock()
-                while n < min_steps or (n < max_steps and clock() - t0 < window_s):
-                    step()
-                    n += 1
-                seconds = max(clock() - t0, 1e-9) / n
-                flops = estimate_training_flops(config.network, in_channels=1, num_classes=STEP_CLASSES,
-                                                patch_size=config.patch_size, dims=dims) * config.batch_size
-                out.append(StepTiming(int(config.network.features_per_stage[0]), flops, seconds, n,
-                                      layout.placement))
+                group_steps.append(step)
+            steps.append(group_steps)
+        for r in range(rounds):
+            for k, group_steps in enumerate(steps):
+                if len(steps) > 1:
+                    group_steps[0]()
+                for i, step in enumerate(group_steps):
+                    n, t0 = 0, clock()
+                    while n < per_round[r] or (n < cap[r] and clock() - t0 < window_s / rounds):
+                        step()
+                        n += 1
+                    timed[k][i].append(max(clock() - t0, 1e-9) / n)
+                    counts[k][i] += n
+    out = []
+    for group, group_configs, seconds, n in zip(groups, configs, timed, counts, strict=True):
+        out.append(tuple(
+            StepTiming(int(c.network.features_per_stage[0]),
+                       estimate_training_flops(c.network, in_channels=1, num_classes=STEP_CLASSES,
+                                               patch_size=c.patch_size, dims=group.dims) * c.batch_size,
+                       float(np.median(sec)), count, layout.placement)
+            for c, sec, count in zip(group_configs, seconds, n, strict=True)))
     return tuple(out)
 
 
-def calibrate_step_gflops(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
-                          placement: str = "shared") -> tuple[tuple[int, float], ...]:
-    """``(width, GFLOP/s)`` of real CPU training steps (:func:`time_training_steps`, :func:`step_gflops`).
+def time_training_steps(*, dims: int = 3, widths: Sequence[int] = STEP_WIDTHS, threads: int | None = None,
+                        placement: str = "shared", patch: Sequence[int] | None = None, batch: int = STEP_BATCH,
+                        **kw: object) -> tuple[StepTiming, ...]:
+    """Time real CPU training steps at each width of one reference patch (:func:`time_step_groups`, one group).
+
+    Further keywords (``warmup``, ``window_s``, ``min_steps``, ``max_steps``, ``rounds``, ``clock``) go to
+    :func:`time_step_groups`.
 
     Args:
         dims: 3 or 2.
         widths: Features of the first stage.
+        threads: Torch threads, as ``train --threads``.
+        placement: ``shared`` or ``own_core``.
+        patch: Reference patch (default :data:`STEP_REFERENCE_PATCH`).
+        batch: Samples per step.
+    """
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    group = StepGroup(dims, tuple(int(w) for w in widths), None if patch is None else tuple(int(v) for v in patch),
+                      batch)
+    return time_step_groups([group], threads=threads, placement=placement, **kw)[0]  # type: ignore[arg-type]
+
+
+def _round_steps(total: int, rounds: int, r: int) -> int:
+    """Round ``r``'s share of ``total`` steps split over ``rounds`` (at least one; the first rounds take the rest).
+
+    Example:
+        >>> [_round_steps(5, 3, r) for r in range(3)], [_round_steps(2, 3, r) for r in range(3)]
+        ([2, 2, 1], [1, 1, 1])
+    """
+    return max(1, total // rounds + (1 if r < total % rounds else 0))
+
+
+def calibrate_steps(*, threads: int | None = None, placement: str = "shared"
+                    ) -> dict[str, tuple[tuple[int, float], ...] | tuple[tuple[int, str, float], ...]]:
+    """The calibration's CPU training steps, all taking turns (:func:`time_step_groups`): the 3D and 2D
+    reference steps per width and the :data:`STEP_PROBES`.
+
+    Args:
         threads: Torch threads (default: leave as is).
         placement: Where the augmentation worker runs (``shared``, ``own_core``).
+
+    Returns:
+        ``{"3d": ((width, GFLOP/s), ...), "2d": (...), "probes": ((dims, probe name, GFLOP/s), ...)}``
+        (:func:`step_gflops`, :func:`probe_name`).
     """
-    timings = time_training_steps(dims=dims, widths=widths, threads=threads, placement=placement)
-    return tuple((t.width, t.gflops) for t in timings)
+    probes = [(d, probe) for d in (3, 2) for probe in STEP_PROBES[d]]
+    groups = [StepGroup(3), StepGroup(2),
+              *(StepGroup(d, (width,), tuple(patch), batch) for d, (width, patch, batch) in probes)]
+    timed = time_step_groups(groups, threads=threads, placement=placement)
+    return {"3d": tuple((t.width, t.gflops) for t in timed[0]),
+            "2d": tuple((t.width, t.gflops) for t in timed[1]),
+            "probes": tuple((d, probe_name(*probe), t.gflops) for (d, probe), (t,) in zip(probes, timed[2:],
+                                                                                            strict=True))}
 
 
 def time_placements(*, threads: int | None = None, dims: int = 3, width: int = PLACEMENT_WIDTH,
@@ -286,22 +379,6 @@ def probe_name(width: int, patch: Sequence[int], batch: int) -> str:
         'w32 128x128 b2'
     """
     return f"w{width} {'x'.join(str(int(v)) for v in patch)} b{batch}"
-
-
-def calibrate_step_probes(*, dims: int = 2, threads: int | None = None,
-                          placement: str = "shared") -> tuple[tuple[str, float], ...]:
-    """``(probe name, GFLOP/s)`` of real CPU training steps of the :data:`STEP_PROBES` networks (as the widths').
-
-    Example:
-        >>> calibrate_step_probes(dims=3)  # no 3D probes
-        ()
-    """
-    out = []
-    for width, patch, batch in STEP_PROBES[dims]:
-        (timing,) = time_training_steps(dims=dims, widths=(width,), threads=threads, placement=placement,
-                                        patch=patch, batch=batch)
-        out.append((probe_name(width, patch, batch), timing.gflops))
-    return tuple(out)
 
 
 def fit_step_shape_cost(dims: int, step_gflops_by_width: Sequence[tuple[int, float]],

@@ -164,7 +164,7 @@ class DeviceProfile:
 
     The data figures come from :func:`automedseg.calibration_timing.calibrate_data_throughput` (absent: the
     cost model takes the data pipeline as free), the step figures from
-    :func:`automedseg.calibration_step.calibrate_step_gflops` (absent: the cost model charges the convolution
+    :func:`automedseg.calibration_step.calibrate_steps` (absent: the cost model charges the convolution
     figures with fixed overheads). The fields from ``gflops_by_width_2d`` on are newer than the first plans:
     absent (``null``) they are left out of ``plans.json``, so older plans load and save unchanged.
     """

@@ -31,6 +31,8 @@ from automedseg.training_options import FoldResult
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0))  # a calibration, so no test times this machine
+STEPS = {"3d": ((8, 100.0), (16, 220.0), (32, 300.0)), "2d": ((8, 100.0), (16, 220.0), (32, 300.0)),
+         "probes": ((2, "w32 128x128 b2", 120.0),)}  # the calibration's timed training steps
 FAST = dict(epochs=1, iterations_per_epoch=2, workers=0, threads=1, device="cpu")  # as the session's demo fold
 
 
@@ -62,10 +64,8 @@ def test_the_readme_example_runs(write_nnunet_dataset, tmp_path: Path,  # noqa: 
     code = _set(code, "dataset, work = ", f"dataset, work = {str(dataset)!r}, {str(tmp_path / 'work')!r}")
     code = _set(code, "quick = ", f"quick = dict(validate=False, **{FAST!r})")
     monkeypatch.setattr(planning, "calibrate_conv_gflops", lambda **_: TABLE)
-    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
+    monkeypatch.setattr(calibration_step, "calibrate_steps", lambda **_: STEPS)
     monkeypatch.setattr(calibration_step, "calibrate_placement", lambda **_: ("shared", (("shared", 0.3),)))
-    monkeypatch.setattr(calibration_step, "calibrate_step_probes",
-                        lambda *, dims, **_: (("w32 128x128 b2", 120.0),) if dims == 2 else ())
     monkeypatch.setenv("AUTOMEDSEG_CALIBRATION", str(tmp_path / "calibration.json"))
     namespace: dict = {}
     exec(compile(code, "README.md (api-example)", "exec"), namespace)  # noqa: S102 - the README's own example

@@ -3,7 +3,7 @@ taken under load is not believed.
 
 The convolution timing (:func:`automedseg.planning.calibrate_conv_gflops`, 3D and 2D), the data pipeline's
 (:func:`automedseg.calibration_timing.calibrate_data_throughput`), the training steps'
-(:func:`automedseg.calibration_step.calibrate_step_gflops`), the placement's
+(:func:`automedseg.calibration_step.calibrate_steps`), the placement's
 (:func:`automedseg.calibration_step.calibrate_placement`) and the CPU-time accounting
 (:func:`automedseg.calibration.cpu_usage`) are replaced by fakes, so every case is instant and exact; ``plan``
 runs through the CLI with the cache file in ``tmp_path`` (``AUTOMEDSEG_CALIBRATION``).
@@ -105,6 +105,12 @@ class FakePlacement:
         return self.result
 
 
+def fake_steps(planner: Planner, **kw: object) -> dict:
+    """Stands in for ``calibration_step.calibrate_steps``: the planner's fake 3D and 2D step tables and probes."""
+    return {"3d": planner.steps(dims=3, **kw), "2d": planner.steps(dims=2, **kw),
+            "probes": tuple((d, name, g) for d in (3, 2) for name, g in planner.probes[d])}
+
+
 def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:
     """A fake :func:`cpu_usage` under which each timing gets exactly ``share`` of the CPU it asks for."""
     state = [0.0, 0.0]
@@ -151,11 +157,10 @@ def planner(demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     timing, data, steps, placement = FakeTiming(), FakeData(), FakeSteps(), FakePlacement()
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", data)
-    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", steps)
     monkeypatch.setattr(calibration_step, "calibrate_placement", placement)
     monkeypatch.setattr(C, "cpu_usage", _cpu_share(1.0))
     planner = Planner(demo_dataset, tmp_path / "work", cache, timing, data, steps, placement)
-    monkeypatch.setattr(calibration_step, "calibrate_step_probes", lambda *, dims, **_: planner.probes[dims])
+    monkeypatch.setattr(calibration_step, "calibrate_steps", lambda **kw: fake_steps(planner, **kw))
     return planner
 
 

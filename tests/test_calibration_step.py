@@ -41,7 +41,8 @@ def test_the_reference_step_is_the_planners_network(dims: int) -> None:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_real_steps_on_a_tiny_network(dims: int) -> None:
     timings = S.time_training_steps(dims=dims, widths=(4, 8), threads=1, patch=TINY[dims], warmup=1, window_s=0.0)
-    assert [t.width for t in timings] == [4, 8] and all(t.steps == S.STEP_MIN_STEPS for t in timings)
+    least = max(S.STEP_MIN_STEPS, S.STEP_ROUNDS)  # at least one step a round
+    assert [t.width for t in timings] == [4, 8] and all(t.steps == least for t in timings)
     for t in timings:
         config = S.reference_step_config(dims, t.width, patch=TINY[dims])
         assert t.flops == estimate_training_flops(config.network, in_channels=1, num_classes=S.STEP_CLASSES,
@@ -53,25 +54,42 @@ def test_the_timing_window() -> None:
     # Each reading of the clock advances it 0.1 s: steps are timed until the window of 0.35 s has passed.
     clock = itertools.count(0.0, 0.1).__next__
     (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=0.35,
-                                      min_steps=2, clock=clock)
+                                      min_steps=2, rounds=1, clock=clock)
     assert timing.steps == 5 and timing.seconds == pytest.approx(0.1)
     (capped,) = S.time_training_steps(dims=2, widths=(4,), threads=1, patch=TINY[2], warmup=0, window_s=10.0,
-                                      max_steps=3, clock=itertools.count(0.0, 0.1).__next__)
+                                      max_steps=3, rounds=1, clock=itertools.count(0.0, 0.1).__next__)
     assert capped.steps == 3
 
 
-def test_calibrate_step_gflops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_widths_take_turns_and_keep_their_median_round() -> None:
+    # Three rounds of two widths, one step each (window 0): the clock is read when a window opens, when it is
+    # checked after the step, and when it closes. The second round of width 4 is slow (a burst of another
+    # tenant's load): its median round ignores it.
+    seconds = [0.1, 0.2, 5.0, 0.2, 0.1, 0.2]  # round 1: width 4, width 8; round 2; round 3
+    ticks = iter([t for s in seconds for t in (0.0, s, s)])
+    four, eight = S.time_training_steps(dims=2, widths=(4, 8), threads=1, patch=TINY[2], warmup=0, window_s=0.0,
+                                        min_steps=3, rounds=3, clock=ticks.__next__)
+    assert (four.seconds, eight.seconds) == (pytest.approx(0.1), pytest.approx(0.2))
+    assert four.steps == eight.steps == 3
+
+
+def test_calibrate_steps_times_the_widths_and_the_probes_together(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
-    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
-        seen.update(kw)
-        return (S.StepTiming(8, 15.7e9, 0.16, 5), S.StepTiming(16, 6e10, 0.25 + STEP_LATENCY_S, 3))
+    def fake(groups: list[S.StepGroup], **kw: object) -> tuple[tuple[S.StepTiming, ...], ...]:
+        seen.update(kw, groups=list(groups))
+        def timing(w: int) -> S.StepTiming:
+            return S.StepTiming(w, 15.7e9, 0.16, 5) if w == 8 else S.StepTiming(w, 6e10, 0.25 + STEP_LATENCY_S, 3)
 
-    monkeypatch.setattr(S, "time_training_steps", fake)
-    assert S.calibrate_step_gflops(dims=2, widths=(8, 16), threads=2) == ((8, 105.0), (16, 240.0))
-    assert seen == {"dims": 2, "widths": (8, 16), "threads": 2, "placement": "shared"}
-    S.calibrate_step_gflops(dims=3, threads=2, placement="own_core")
-    assert seen["placement"] == "own_core"
+        return tuple(tuple(timing(w) for w in g.widths) for g in groups)
+
+    monkeypatch.setattr(S, "time_step_groups", fake)
+    timed = S.calibrate_steps(threads=2, placement="own_core")
+    assert timed["3d"] == timed["2d"] == ((8, 105.0), (16, 240.0), (32, 240.0))
+    assert timed["probes"] == tuple((2, S.probe_name(*p), 240.0) for p in S.STEP_PROBES[2])
+    assert seen["groups"] == [S.StepGroup(3), S.StepGroup(2), *(S.StepGroup(2, (w,), patch, batch)
+                                                                for w, patch, batch in S.STEP_PROBES[2])]
+    assert (seen["threads"], seen["placement"]) == (2, "own_core")
 
 
 def test_time_training_steps_rejects_other_dims() -> None:
@@ -103,7 +121,7 @@ def test_own_core_steps_run_pinned_and_leave_the_process_as_it_was() -> None:
 def test_a_single_thread_cannot_spare_a_core() -> None:
     (timing,) = S.time_training_steps(dims=2, widths=(4,), threads=1, placement="own_core", patch=TINY[2],
                                       warmup=0, window_s=0.0)
-    assert timing.placement == "shared" and timing.steps == S.STEP_MIN_STEPS
+    assert timing.placement == "shared" and timing.steps == max(S.STEP_MIN_STEPS, S.STEP_ROUNDS)
 
 
 @pytest.mark.parametrize(("layouts", "seconds", "expected"), [
@@ -175,19 +193,14 @@ def test_no_probe_no_cost_and_a_faster_probe_costs_nothing() -> None:
     assert S.fit_step_shape_cost(2, widths, (("w32 128x128 b2", 900.0),)).seconds_per_m_parameters == 0.0
 
 
-def test_calibrate_step_probes_times_each_probe_as_the_widths(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-
-    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
-        seen.append(kw)
-        return (S.StepTiming(kw["widths"][0], 4e10, 0.21, 5),)
-
-    monkeypatch.setattr(S, "time_training_steps", fake)
-    assert S.calibrate_step_probes(dims=2, threads=2, placement="own_core") == tuple(
-        (S.probe_name(*probe), 200.0) for probe in S.STEP_PROBES[2])
-    assert [(k["widths"], k["patch"], k["batch"], k["placement"]) for k in seen] == [
-        ((w,), patch, batch, "own_core") for w, patch, batch in S.STEP_PROBES[2]]
-    assert S.calibrate_step_probes(dims=3) == ()
+def test_groups_take_turns_on_their_own_loaders() -> None:
+    # A 3D and a 2D group, two rounds: each group's figure is its own (its own network and loader).
+    three, two = S.time_step_groups([S.StepGroup(3, (4,), TINY[3]), S.StepGroup(2, (4, 8), TINY[2], 1)], threads=1,
+                                    warmup=0, window_s=0.0, min_steps=2, rounds=2)
+    assert [t.width for t in three] == [4] and [t.width for t in two] == [4, 8]
+    assert all(t.steps == 2 and t.seconds > 0 for t in (*three, *two))
+    assert two[0].flops == estimate_training_flops(S.reference_step_config(2, 4, patch=TINY[2]).network, in_channels=1,
+                                                   num_classes=S.STEP_CLASSES, patch_size=TINY[2], dims=2)
 
 
 def test_every_probe_is_at_a_timed_width_and_the_price_is_capped() -> None:

@@ -16,6 +16,8 @@ from automedseg.pipeline import run_demo
 
 torch.set_num_threads(1)
 TABLE = ((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0))
+STEPS = {"3d": ((8, 100.0), (16, 220.0), (32, 300.0)), "2d": ((8, 100.0), (16, 220.0), (32, 300.0)),
+         "probes": ((2, "w32 128x128 b2", 120.0),)}  # the calibration's timed training steps
 
 
 def _hashes(folder: Path, pattern: str) -> dict[str, str]:
@@ -33,10 +35,8 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
     monkeypatch.setattr(planning, "calibrate_conv_gflops", timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput",
                         lambda **_: DataThroughput(2e8, ((2, 6e6), (3, 5.5e6))))
-    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", lambda **_: ((8, 100.0), (16, 220.0), (32, 300.0)))
+    monkeypatch.setattr(calibration_step, "calibrate_steps", lambda **_: STEPS)
     monkeypatch.setattr(calibration_step, "calibrate_placement", lambda **_: ("shared", (("shared", 0.3),)))
-    monkeypatch.setattr(calibration_step, "calibrate_step_probes",
-                        lambda *, dims, **_: (("w32 128x128 b2", 120.0),) if dims == 2 else ())
     options = dict(n_cases=5, n_test=1, time_budget_s=8.0, jobs=1, threads=1,
                    calibration_cache=tmp_path / "calibration.json", progress=False)
     first_log: list[str] = []
@@ -52,9 +52,8 @@ def test_demo_twice_replans_nothing_and_retrains_nothing(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(planning, "calibrate_conv_gflops", no_timing)
     monkeypatch.setattr(calibration_timing, "calibrate_data_throughput", no_timing)
-    monkeypatch.setattr(calibration_step, "calibrate_step_gflops", no_timing)
+    monkeypatch.setattr(calibration_step, "calibrate_steps", no_timing)
     monkeypatch.setattr(calibration_step, "calibrate_placement", no_timing)
-    monkeypatch.setattr(calibration_step, "calibrate_step_probes", no_timing)
     second_log: list[str] = []
     second = run_demo(tmp_path, log=second_log.append, **options)
     text = "\n".join(second_log)
