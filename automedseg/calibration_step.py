@@ -80,6 +80,10 @@ STEP_MAX_STEPS = 20
 STEP_WORKER_NICENESS = 10  # as the trainer's workers on a CPU (training._run_epochs)
 PLACEMENT_WIDTH = 16  # the placements are compared on the 3D step at this width (the middle of STEP_WIDTHS)
 PLACEMENT_WINDOW_S = 1.0  # timed wall seconds per placement
+# Rounds the placements take turns in (shared, own_core, own_core, shared). Timed once each, one after the other,
+# the placement flipped between calibrations minutes apart on a shared 2-core Xeon VM (2026-12-01: own_core 0.236 vs
+# shared 0.314 s, then 0.303 vs 0.336, 0.420 vs 0.393, 0.434 vs 0.307).
+PLACEMENT_ROUNDS = 2
 # (width, patch, batch) of the networks timed beside the reference ones so the cost model can tell what a step
 # costs per parameter beyond the reference network's (fit_step_shape_cost). 2D: a deep network on a small patch (6
 # stages to 512 features on 128x128, 20.6 M parameters, as the width-32 reference on 224x224 but with a third of
@@ -332,21 +336,31 @@ def calibrate_steps(*, threads: int | None = None, placement: str = "shared"
 
 
 def time_placements(*, threads: int | None = None, dims: int = 3, width: int = PLACEMENT_WIDTH,
-                    window_s: float = PLACEMENT_WINDOW_S, **kw: object) -> tuple[tuple[str, float], ...]:
+                    window_s: float = PLACEMENT_WINDOW_S, rounds: int = PLACEMENT_ROUNDS,
+                    **kw: object) -> tuple[tuple[str, float], ...]:
     """``(placement, seconds per step)`` of the training step at ``width`` under each placement this machine allows.
 
-    ``own_core`` is left out where no core can be spared (one usable core, one thread, no affinity). Further
-    keywords go to :func:`time_training_steps` (``patch``, ``warmup``, ``clock``, ...).
+    The placements take turns in ``rounds`` rounds, the order reversed every other round (shared, own_core,
+    own_core, shared: a trend in the machine's speed favours neither), ``window_s / rounds`` each; a placement's
+    figure is the median of its rounds. ``own_core`` is left out where no core can be spared (one usable core,
+    one thread, no affinity). Further keywords go to :func:`time_training_steps` (``patch``, ``warmup``,
+    ``clock``, ...).
 
     Args:
         threads: Torch threads, as ``train --threads`` (:mod:`automedseg.thread_placement`).
         dims: 3 or 2.
         width: Features of the first stage.
-        window_s: Timed wall seconds per placement.
+        window_s: Timed wall seconds per placement (over all rounds).
+        rounds: Rounds the placements take turns in.
     """
     names = [p for p in WORKER_PLACEMENTS if placement_layout(p, threads=threads).placement == p]
-    return tuple((p, time_training_steps(dims=dims, widths=(width,), threads=threads, placement=p,
-                                         window_s=window_s, **kw)[0].seconds) for p in names)  # type: ignore[arg-type]
+    seconds: dict[str, list[float]] = {p: [] for p in names}
+    for r in range(max(1, rounds)):
+        for p in names if r % 2 == 0 else names[::-1]:
+            (timing,) = time_training_steps(dims=dims, widths=(width,), threads=threads, placement=p,
+                                            window_s=window_s / max(1, rounds), **kw)  # type: ignore[arg-type]
+            seconds[p].append(timing.seconds)
+    return tuple((p, float(np.median(seconds[p]))) for p in names)
 
 
 def calibrate_placement(*, threads: int | None = None) -> tuple[str, tuple[tuple[str, float], ...]]:

@@ -141,8 +141,28 @@ def test_calibrate_placement_times_the_reference_step_under_each_placement(
     monkeypatch.setattr(S, "time_training_steps", fake)
     monkeypatch.setattr(S, "placement_layout", lambda p, **_: thread_placement.PlacementLayout(applied[p]))
     assert S.calibrate_placement(threads=2) == expected
+    rounds = S.PLACEMENT_ROUNDS
     assert all((c["dims"], c["widths"], c["threads"], c["window_s"]) == (3, (S.PLACEMENT_WIDTH,), 2,
-                                                                         S.PLACEMENT_WINDOW_S) for c in calls)
+                                                                         S.PLACEMENT_WINDOW_S / rounds) for c in calls)
+    timed = [str(c["placement"]) for c in calls]
+    assert timed == (["shared", "own_core", "own_core", "shared"] * rounds)[:2 * rounds] if len(expected[1]) == 2 \
+        else timed == ["shared"] * rounds
+
+
+def test_the_placements_take_turns_and_keep_their_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Four rounds, shared / own_core in ABBA order: own_core's one slow round (a burst of load) is outvoted.
+    times = iter([0.30, 0.28, 0.90, 0.31, 0.30, 0.28, 0.27, 0.31])  # shared, own, own, shared, shared, own, own, ..
+    order = []
+
+    def fake(**kw: object) -> tuple[S.StepTiming, ...]:
+        order.append(kw["placement"])
+        return (S.StepTiming(16, 1e9, next(times), 3, str(kw["placement"])),)
+
+    monkeypatch.setattr(S, "time_training_steps", fake)
+    monkeypatch.setattr(S, "placement_layout", lambda p, **_: thread_placement.PlacementLayout(p))
+    seconds = dict(S.time_placements(threads=2, rounds=4))
+    assert order == ["shared", "own_core", "own_core", "shared"] * 2
+    assert seconds == {"shared": pytest.approx(0.305), "own_core": pytest.approx(0.28)}
 
 
 # --- the step's shape: parameters beyond the reference network's ------------------------------------------
