@@ -171,8 +171,8 @@ def _time_once(machine: _Machine) -> Calibration:
     if machine.kind == "cpu":  # (a GPU step is the network's or the workers', both calibrated apart)
         placement, placement_s = calibration_step.calibrate_placement(threads=threads)
         timed = calibration_step.calibrate_steps(threads=threads, placement=placement)
-        steps = {3: timed["3d"], 2: timed["2d"]}
-        probes = tuple((int(d), str(name), float(g)) for d, name, g in timed["probes"])
+        steps = {3: timed.steps_3d, 2: timed.steps_2d}
+        probes = tuple((int(d), str(name), float(g)) for d, name, g in timed.probes)
     wall, after = time.perf_counter() - t0, cpu_usage()
     children = children_cpu_seconds() - children
     data = calibration_timing.calibrate_data_throughput()

@@ -30,15 +30,16 @@ which the cost model adds where the profile has it.
 
 Where the augmentation worker runs (:mod:`automedseg.thread_placement`: sharing all cores with the training
 threads, or on a core of its own) is chosen here too (:func:`calibrate_placement`): the 3D step at
-:data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each; an estimated 5 s
-more on an idle 2-core CPU), :func:`automedseg.cost_model.choose_worker_placement` picks ``own_core`` only when it is
+:data:`PLACEMENT_WIDTH` is timed under both placements (:data:`PLACEMENT_WINDOW_S` each, in
+:data:`PLACEMENT_ROUNDS` rounds; about 7 s more on an idle 2-core CPU),
+:func:`automedseg.cost_model.choose_worker_placement` picks ``own_core`` only when it is
 :data:`~automedseg.cost_model.PLACEMENT_MARGIN` faster, and the widths are then timed under the chosen placement,
 the one the plan trains with.
 
 Example:
     >>> calibrate_steps(threads=2)  # doctest: +SKIP
-    {'3d': ((8, 110.0), (16, 230.0), (32, 320.0)), '2d': ((8, 60.0), (16, 150.0), (32, 250.0)),
-     'probes': ((2, 'w32 128x128 b2', 124.0),)}
+    CalibratedSteps(steps_3d=((8, 110.0), (16, 230.0), (32, 320.0)), steps_2d=((8, 60.0), (16, 150.0), (32, 250.0)),
+                    probes=((2, 'w32 128x128 b2', 124.0),))
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -186,7 +188,11 @@ def time_step_groups(groups: Sequence[StepGroup], *, threads: int | None = None,
     rounds`` (at least one step a round, ``min_steps`` and at most ``max_steps`` over the rounds), and each
     step's figure is its median round: a burst of speed or of another tenant's load on a shared machine then
     moves one round of every step, not one step's whole figure. Where a round moves on to another group, one
-    untimed step of it comes first (the previous group's worker refills its queue meanwhile). The process's torch
+    untimed step of it comes first: the previous group's worker refills its queue (two batches) meanwhile, which
+    the first timed step of the group may still share the cores with, as the group's prefetched batches spare
+    it its own worker's first batch (in training each batch's worker time falls beside some step). Every group's
+    networks, optimizers and worker stay alive until the end (:func:`calibrate_steps`' seven networks: 55 M
+    parameters, 0.8 GiB of weights, gradients and AdamW state at 16 bytes a parameter). The process's torch
     threads and affinity are restored afterwards.
 
     Args:
@@ -248,8 +254,8 @@ def time_step_groups(groups: Sequence[StepGroup], *, threads: int | None = None,
                                               track_classes=True)
 
                 def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
-                         loss_fn: DeepSupervisionLoss = loss_fn, tr: TrainingPlan = tr, loader: object = loader,
-                         ) -> None:
+                         loss_fn: DeepSupervisionLoss = loss_fn, tr: TrainingPlan = tr,
+                         loader: Iterator[dict[str, Any]] = loader) -> None:
                     train_step(model, next(loader), optimizer=optimizer, loss_fn=loss_fn, device=device,
                                grad_clip_norm=tr.grad_clip_norm)
 
@@ -312,27 +318,35 @@ def _round_steps(total: int, rounds: int, r: int) -> int:
     return max(1, total // rounds + (1 if r < total % rounds else 0))
 
 
-def calibrate_steps(*, threads: int | None = None, placement: str = "shared"
-                    ) -> dict[str, tuple[tuple[int, float], ...] | tuple[tuple[int, str, float], ...]]:
+class CalibratedSteps(NamedTuple):
+    """The calibration's CPU training steps (:func:`calibrate_steps`).
+
+    Attributes:
+        steps_3d: ``(width, GFLOP/s)`` of the 3D reference steps (:func:`step_gflops`).
+        steps_2d: The same for 2D.
+        probes: ``(dims, probe name, GFLOP/s)`` of the :data:`STEP_PROBES` (:func:`probe_name`).
+    """
+
+    steps_3d: tuple[tuple[int, float], ...]
+    steps_2d: tuple[tuple[int, float], ...]
+    probes: tuple[tuple[int, str, float], ...]
+
+
+def calibrate_steps(*, threads: int | None = None, placement: str = "shared") -> CalibratedSteps:
     """The calibration's CPU training steps, all taking turns (:func:`time_step_groups`): the 3D and 2D
     reference steps per width and the :data:`STEP_PROBES`.
 
     Args:
         threads: Torch threads (default: leave as is).
         placement: Where the augmentation worker runs (``shared``, ``own_core``).
-
-    Returns:
-        ``{"3d": ((width, GFLOP/s), ...), "2d": (...), "probes": ((dims, probe name, GFLOP/s), ...)}``
-        (:func:`step_gflops`, :func:`probe_name`).
     """
     probes = [(d, probe) for d in (3, 2) for probe in STEP_PROBES[d]]
     groups = [StepGroup(3), StepGroup(2),
               *(StepGroup(d, (width,), tuple(patch), batch) for d, (width, patch, batch) in probes)]
     timed = time_step_groups(groups, threads=threads, placement=placement)
-    return {"3d": tuple((t.width, t.gflops) for t in timed[0]),
-            "2d": tuple((t.width, t.gflops) for t in timed[1]),
-            "probes": tuple((d, probe_name(*probe), t.gflops) for (d, probe), (t,) in zip(probes, timed[2:],
-                                                                                            strict=True))}
+    return CalibratedSteps(tuple((t.width, t.gflops) for t in timed[0]), tuple((t.width, t.gflops) for t in timed[1]),
+                           tuple((d, probe_name(*probe), t.gflops)
+                                 for (d, probe), (t,) in zip(probes, timed[2:], strict=True)))
 
 
 def time_placements(*, threads: int | None = None, dims: int = 3, width: int = PLACEMENT_WIDTH,
@@ -358,7 +372,7 @@ def time_placements(*, threads: int | None = None, dims: int = 3, width: int = P
     for r in range(max(1, rounds)):
         for p in names if r % 2 == 0 else names[::-1]:
             (timing,) = time_training_steps(dims=dims, widths=(width,), threads=threads, placement=p,
-                                            window_s=window_s / max(1, rounds), **kw)  # type: ignore[arg-type]
+                                            window_s=window_s / max(1, rounds), rounds=1, **kw)
             seconds[p].append(timing.seconds)
     return tuple((p, float(np.median(seconds[p]))) for p in names)
 

@@ -32,24 +32,25 @@ CHUNK_POINTS = 16384  # points resampled at a time: their corners' labels and we
 def _present_labels(labels: np.ndarray) -> np.ndarray:
     """The sorted distinct values of an integer array (a count over its range where that range is small)."""
     low, high = int(labels.min()), int(labels.max())
-    if high - low < 1 << 16:
+    if high - low < 1 << 16 and labels.dtype != np.uint64:  # (bincount takes no uint64)
         counts = np.bincount((labels.reshape(-1) - np.int64(low)) if low else labels.reshape(-1), minlength=1)
         return (np.flatnonzero(counts) + low).astype(labels.dtype)
     return np.unique(labels)
 
 
 def _corner_labels_and_weights(flat: np.ndarray, shape: tuple[int, ...], coords: np.ndarray,
-                               ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
-    """Per corner of each point (last axis fastest): its label and weight; the nearest neighbour's label; inside.
+                               ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per corner of each point (last axis fastest): its label and weight; and the nearest neighbour's label.
+
+    Points outside ``[0, n - 1]`` on any axis (scipy's ``mode="constant"``: no interpolation beyond the edges) get
+    weight 0 at every corner. The weights are scipy's: per axis ``1 - t`` and ``1 - (1 - t)`` (not ``t``, which can
+    differ from it in the last bit and so turn an exact tie into a near one), and a corner's weight is the product
+    of its axes' weights, first axis first (as scipy multiplies them).
 
     Args:
         flat: The label map, C order, flattened.
         shape: Its shape.
         coords: ``(D, n)`` points.
-
-    Points outside ``[0, n - 1]`` on any axis (scipy's ``mode="constant"``: no interpolation beyond the edges) get
-    weight 0 at every corner. A corner's weight is the product of its axes' weights, first axis first (as scipy
-    multiplies them).
     """
     dims = len(shape)
     index_dtype = np.int32 if flat.size < 2**31 else np.intp
@@ -64,26 +65,26 @@ def _corner_labels_and_weights(flat: np.ndarray, shape: tuple[int, ...], coords:
         x = np.where(inside, coords[d], 0.0)  # (points outside keep valid indices; their weights are 0)
         x0 = np.floor(x)
         i0 = x0.astype(index_dtype)
-        t = x - x0
         base += i0 * strides[d]
         step.append((i0 < shape[d] - 1).astype(index_dtype) * strides[d])
-        nearest += np.minimum(np.floor(x + 0.5).astype(index_dtype), shape[d] - 1) * strides[d]
-        low = 1.0 - t
+        nearest += np.floor(x + 0.5).astype(index_dtype) * strides[d]  # (x <= n - 1: rounds to n - 1 at most)
+        low = 1.0 - (x - x0)
+        high = 1.0 - low
         if d == 0:
             low[~inside] = 0.0
-            t[~inside] = 0.0
-        axis_weights.append((low, t))
+            high[~inside] = 0.0
+        axis_weights.append((low, high))
     indices, weights = [base, base + step[0]], list(axis_weights[0])
     for d in range(1, dims):  # the corners of axes 0..d, the last axis fastest
         indices = [j for i in indices for j in (i, i + step[d])]
         weights = [w * a for w in weights for a in axis_weights[d]]
-    return [flat[i] for i in indices], weights, flat[nearest], inside
+    return [flat[i] for i in indices], weights, flat[nearest]
 
 
 def _resample_points(flat: np.ndarray, shape: tuple[int, ...], coords: np.ndarray, present: np.ndarray,
-                     cval: int) -> np.ndarray:
-    """:func:`resample_labels_linear` of ``(D, n)`` points."""
-    corner_labels, corner_weights, nearest_labels, _ = _corner_labels_and_weights(flat, shape, coords)
+                     fill: np.ndarray) -> np.ndarray:
+    """:func:`resample_labels_linear` of ``(D, n)`` points (``fill``: ``cval`` in the labels' dtype)."""
+    corner_labels, corner_weights, nearest_labels = _corner_labels_and_weights(flat, shape, coords)
     n = nearest_labels.size
     best = np.zeros(n)
     win = np.full(n, present[0], dtype=flat.dtype)
@@ -105,7 +106,7 @@ def _resample_points(flat: np.ndarray, shape: tuple[int, ...], coords: np.ndarra
         np.copyto(win, value, where=better)
         np.maximum(best, score, out=best)
     np.copyto(win, nearest_labels, where=nn_top)
-    win[best <= 0] = cval
+    win[best <= 0] = fill
     return win
 
 
@@ -119,7 +120,8 @@ def resample_labels_linear(labels: np.ndarray, coords: np.ndarray, *, cval: int 
     Args:
         labels: Integer label map, ``D`` axes.
         coords: ``(D, *out_shape)`` sampling coordinates in voxels of ``labels``.
-        cval: Label of the points outside the input.
+        cval: Label of the points outside the input (cast to the labels' dtype through a float, as
+            batchgenerators casts it).
 
     Returns:
         The labels at ``coords``, shape ``out_shape``, dtype of ``labels``.
@@ -137,16 +139,17 @@ def resample_labels_linear(labels: np.ndarray, coords: np.ndarray, *, cval: int 
     """
     if coords.shape[0] != labels.ndim:
         raise ValueError(f"coords has {coords.shape[0]} rows for a label map of {labels.ndim} axes")
-    if labels.dtype.kind not in "iub":
+    if labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     out_shape = coords.shape[1:]
+    fill = np.array(cval, dtype=float).astype(labels.dtype)
     if labels.size == 0:
-        return np.full(out_shape, cval, dtype=labels.dtype)
+        return np.full(out_shape, fill, dtype=labels.dtype)
     flat = np.ascontiguousarray(labels).reshape(-1)
     points = coords.reshape(labels.ndim, -1)
     present = _present_labels(flat)
     out = np.empty(points.shape[1], dtype=labels.dtype)
     for start in range(0, points.shape[1], CHUNK_POINTS):
         chunk = np.ascontiguousarray(points[:, start:start + CHUNK_POINTS], dtype=np.float64)
-        out[start:start + chunk.shape[1]] = _resample_points(flat, labels.shape, chunk, present, cval)
+        out[start:start + chunk.shape[1]] = _resample_points(flat, labels.shape, chunk, present, fill)
     return out.reshape(out_shape)

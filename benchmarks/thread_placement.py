@@ -137,7 +137,7 @@ def measure(*, dims: Sequence[int], widths: Sequence[int], window_s: float, repe
                 with ForeignCpu() as foreign:
                     timings = time_training_steps(dims=d, widths=tuple(widths), threads=threads, placement=placement,
                                                   patch=(patches or {}).get(d), warmup=warmup, window_s=window_s,
-                                                  max_steps=MAX_STEPS)
+                                                  max_steps=MAX_STEPS, rounds=1)  # (one window: as measured)
                 for t in timings:
                     row = rows.setdefault((d, t.width, placement), {
                         "dims": d, "width": t.width, "placement": placement, "applied": t.placement,

@@ -31,8 +31,8 @@ from automedseg.training_options import FoldResult
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0))  # a calibration, so no test times this machine
-STEPS = {"3d": ((8, 100.0), (16, 220.0), (32, 300.0)), "2d": ((8, 100.0), (16, 220.0), (32, 300.0)),
-         "probes": ((2, "w32 128x128 b2", 120.0),)}  # the calibration's timed training steps
+WIDTHS = ((8, 100.0), (16, 220.0), (32, 300.0))
+STEPS = calibration_step.CalibratedSteps(WIDTHS, WIDTHS, ((2, "w32 128x128 b2", 120.0),))  # the timed training steps
 FAST = dict(epochs=1, iterations_per_epoch=2, workers=0, threads=1, device="cpu")  # as the session's demo fold
 
 

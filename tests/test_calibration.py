@@ -105,10 +105,10 @@ class FakePlacement:
         return self.result
 
 
-def fake_steps(planner: Planner, **kw: object) -> dict:
+def fake_steps(planner: Planner, **kw: object) -> calibration_step.CalibratedSteps:
     """Stands in for ``calibration_step.calibrate_steps``: the planner's fake 3D and 2D step tables and probes."""
-    return {"3d": planner.steps(dims=3, **kw), "2d": planner.steps(dims=2, **kw),
-            "probes": tuple((d, name, g) for d in (3, 2) for name, g in planner.probes[d])}
+    return calibration_step.CalibratedSteps(planner.steps(dims=3, **kw), planner.steps(dims=2, **kw),
+                                            tuple((d, name, g) for d in (3, 2) for name, g in planner.probes[d]))
 
 
 def _cpu_share(share: float) -> Callable[[], tuple[float, float]]:

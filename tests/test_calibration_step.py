@@ -85,8 +85,8 @@ def test_calibrate_steps_times_the_widths_and_the_probes_together(monkeypatch: p
 
     monkeypatch.setattr(S, "time_step_groups", fake)
     timed = S.calibrate_steps(threads=2, placement="own_core")
-    assert timed["3d"] == timed["2d"] == ((8, 105.0), (16, 240.0), (32, 240.0))
-    assert timed["probes"] == tuple((2, S.probe_name(*p), 240.0) for p in S.STEP_PROBES[2])
+    assert timed.steps_3d == timed.steps_2d == ((8, 105.0), (16, 240.0), (32, 240.0))
+    assert timed.probes == tuple((2, S.probe_name(*p), 240.0) for p in S.STEP_PROBES[2])
     assert seen["groups"] == [S.StepGroup(3), S.StepGroup(2), *(S.StepGroup(2, (w,), patch, batch)
                                                                 for w, patch, batch in S.STEP_PROBES[2])]
     assert (seen["threads"], seen["placement"]) == (2, "own_core")

@@ -16,8 +16,8 @@ from automedseg.pipeline import run_demo
 
 torch.set_num_threads(1)
 TABLE = ((8, 210.0), (16, 610.0), (32, 1000.0), (64, 1400.0))
-STEPS = {"3d": ((8, 100.0), (16, 220.0), (32, 300.0)), "2d": ((8, 100.0), (16, 220.0), (32, 300.0)),
-         "probes": ((2, "w32 128x128 b2", 120.0),)}  # the calibration's timed training steps
+WIDTHS = ((8, 100.0), (16, 220.0), (32, 300.0))
+STEPS = calibration_step.CalibratedSteps(WIDTHS, WIDTHS, ((2, "w32 128x128 b2", 120.0),))  # the timed training steps
 
 
 def _hashes(folder: Path, pattern: str) -> dict[str, str]:

@@ -17,12 +17,15 @@ from automedseg.label_resampling import CHUNK_POINTS, resample_labels_linear
 
 
 def _labels(rng: np.random.Generator, shape: tuple[int, ...], n_labels: int, *, blocky: bool,
-            dtype: type) -> np.ndarray:
-    """Random labels; ``blocky``: 2-voxel blocks, so half-voxel shifts give exact ties."""
+            dtype: type, values: tuple[int, ...] | None = None) -> np.ndarray:
+    """Random labels (``values``, default ``0..n_labels - 1``); ``blocky``: 2-voxel blocks, where half-voxel shifts
+    give exact ties."""
+    table = np.array(values if values is not None else range(n_labels))
     if not blocky:
-        return rng.integers(0, n_labels, shape).astype(dtype)
+        return table[rng.integers(0, n_labels, shape)].astype(dtype)
     coarse = rng.integers(0, n_labels, tuple(s // 2 + 1 for s in shape))
-    return np.kron(coarse, np.ones((2,) * len(shape), dtype=np.int64))[tuple(slice(0, s) for s in shape)].astype(dtype)
+    index = np.kron(coarse, np.ones((2,) * len(shape), dtype=np.int64))[tuple(slice(0, s) for s in shape)]
+    return table[index].astype(dtype)
 
 
 def _coords(rng: np.random.Generator, kind: str, out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> np.ndarray:
@@ -36,23 +39,29 @@ def _coords(rng: np.random.Generator, kind: str, out_shape: tuple[int, ...], in_
         coords = coords + 0.5
     elif kind == "zoom_2x":
         coords = scale_coords(coords, 0.5)
-    centre = np.array(in_shape) / 2 - 0.5 + rng.uniform(-4, 4)  # part of the grid leaves the input
+    # part of the grid leaves the input; a whole-voxel shift keeps the half and quarter voxels of the tie kinds
+    shift = rng.uniform(-4, 4) if kind in ("rotate", "scale") else float(rng.integers(-4, 5))
+    centre = np.floor(np.array(in_shape) / 2) + shift
     return coords + centre.reshape(-1, *([1] * len(out_shape)))
 
 
 @pytest.mark.parametrize("kind", ["rotate", "scale", "half_shift", "zoom_2x"])
-@pytest.mark.parametrize(("dims", "n_labels", "blocky", "dtype"), [
-    (3, 8, False, np.int8),
-    (3, 3, True, np.int8),
-    (3, 1, False, np.uint8),
-    (2, 5, True, np.int16),
-    (2, 2, False, np.int32),
+@pytest.mark.parametrize(("dims", "n_labels", "blocky", "dtype", "values"), [
+    (3, 8, False, np.int8, None),
+    (3, 3, True, np.int8, None),
+    (3, 1, False, np.uint8, None),
+    (2, 5, True, np.int16, None),
+    (2, 2, False, np.int32, None),
+    (2, 4, True, np.int16, (-3, -1, 0, 7)),  # negative labels
+    (3, 3, True, np.int32, (0, 5, 70000)),  # a range too wide to count
+    (2, 3, True, np.uint64, (0, 2, 9)),
 ])
-def test_equals_batchgenerators(kind: str, dims: int, n_labels: int, blocky: bool, dtype: type) -> None:
+def test_equals_batchgenerators(kind: str, dims: int, n_labels: int, blocky: bool, dtype: type,
+                                values: tuple[int, ...] | None) -> None:
     rng = np.random.default_rng(dims * 100 + n_labels)
     for _ in range(3):
         in_shape = tuple(int(v) for v in rng.integers(5, 24, dims))
-        labels = _labels(rng, in_shape, n_labels, blocky=blocky, dtype=dtype)
+        labels = _labels(rng, in_shape, n_labels, blocky=blocky, dtype=dtype, values=values)
         coords = _coords(rng, kind, tuple(int(v) for v in rng.integers(4, 20, dims)), in_shape)
         expected = interpolate_img(labels, coords, 1, "constant", cval=0, is_seg=True)
         got = resample_labels_linear(labels, coords)
@@ -76,12 +85,30 @@ def test_more_points_than_a_chunk() -> None:
     ((1.0, 1.0), 5),  # on the last voxel: inside
     ((-0.01, 0.0), -1),  # just outside: cval, as scipy's constant mode
     ((0.0, 1.01), -1),
+    ((0.49999999999999994, 0.0), 5),  # scipy's weights: 1 - t and 1 - (1 - t) are both 0.5 here, a tie
 ])
 def test_points(point: tuple[float, float], expected: int) -> None:
     labels = np.array([[3, 3], [5, 5]], dtype=np.int16)
     coords = np.array(point, dtype=float).reshape(2, 1)
     assert resample_labels_linear(labels, coords, cval=-1)[0] == expected
     assert interpolate_img(labels, coords, 1, "constant", cval=-1, is_seg=True)[0] == expected
+
+
+def test_three_labels_where_the_nearest_neighbour_lost() -> None:
+    # At the centre of a 2x2x2 block, 1 and 2 each hold three corners and tie above 3 (two corners); the nearest
+    # neighbour (rounding half up: the last corner) is a 3, which lost: the smallest tied label, 1, wins.
+    labels = np.array([[[3, 1], [1, 1]], [[2, 2], [2, 3]]], dtype=np.int8)
+    coords = np.full((3, 1), 0.5)
+    assert resample_labels_linear(labels, coords)[0] == 1
+    assert interpolate_img(labels, coords, 1, "constant", cval=0, is_seg=True)[0] == 1
+
+
+def test_cval_is_cast_as_batchgenerators_casts_it() -> None:
+    labels = np.array([[1, 1], [2, 2]], dtype=np.uint8)
+    coords = np.array([[-1.0], [0.0]])
+    with np.errstate(invalid="ignore"):
+        expected = interpolate_img(labels, coords, 1, "constant", cval=-1, is_seg=True)
+        np.testing.assert_array_equal(resample_labels_linear(labels, coords, cval=-1), expected)
 
 
 def test_empty_and_bad_input() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import doctest
 import json
 from pathlib import Path
 
@@ -18,10 +17,6 @@ from automedseg.plans import AugmentationPlan
 @pytest.fixture
 def bench(benchmark_module):
     return benchmark_module("worker_speed")
-
-
-def test_doctests(bench) -> None:
-    assert doctest.testmod(bench).failed == 0
 
 
 def test_the_variant_is_restored_and_checked(bench) -> None:
