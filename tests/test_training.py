@@ -383,14 +383,18 @@ def test_a_budgeted_run_ends_in_the_last_5_percent_of_its_budget(planned: tuple[
     """A plan that over- or under-estimates the step is refitted (extended or shortened) to fill its budget."""
     _, ws = planned
     budget_s = 30.0
+    plans = Plans.load(ws.plans_path)
+    config = plans.configuration("3d_fullres")
+    # a plan that under-estimates what fits: 3 epochs (the run takes about 1.5 s an epoch here), so that the refit
+    # is certain whatever this machine's speed against the plan's calibration
+    short = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=3))
     t0 = time.perf_counter()
-    result = train_fold(ws, "3d_fullres", 1, options=TrainOptions(
+    result = train_fold(ws, "3d_fullres", 1, plans=plans.with_configuration(short), options=TrainOptions(
         time_budget_s=budget_s, iterations_per_epoch=4, num_workers=0, threads=1, progress=False, device="cpu",
         restart=True), log=print)
     wall = time.perf_counter() - t0
-    planned = Plans.load(ws.plans_path).configuration("3d_fullres").training.epochs
     assert result.validation is not None and result.validation["mean_dice"] is not None
-    assert result.epochs_run != planned  # refitted (here: extended) to the measured epochs
+    assert result.epochs_run > 3  # refitted (extended) to the measured epochs
     assert 0.95 * budget_s <= wall <= 1.02 * budget_s, (wall, result.epochs_run)
 
 
