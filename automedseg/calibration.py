@@ -7,9 +7,8 @@ second of the worker's CPU time) and, on a CPU, of a real 3D and 2D training ste
 (:func:`automedseg.calibration_step.calibrate_steps`: GFLOP/s per width, and the step of a deep 2D network
 that prices the parameters beyond the reference network's, all taking turns in rounds), which is what it charges
 a CPU network with, timed with the augmentation worker where it runs faster: sharing the cores or on a core of its
-own
-(:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner writes
-the choice into the plan). A timing is noisy (about +-10 % between runs on an idle
+own (:func:`automedseg.calibration_step.calibrate_placement`, the choice and both timings cached; the planner
+writes the choice into the plan). A timing is noisy (about +-10 % between runs on an idle
 machine), too low while another process uses the CPU, and the planner's decisions sit on thresholds: a plan
 made from a fresh timing every time flips between runs. So:
 
