@@ -70,7 +70,9 @@ the rule plan's per-fold budget. The first worker records the trial budget in th
 Storage and resuming: by default an SQLite file ``<work>/search/search.db``; any Optuna RDB URL
 (``postgresql://user:password@host/db``, ``mysql+pymysql://...``) lets workers on several machines
 share one study. Trials report a heartbeat; a trial whose worker died (killed, machine lost) is marked
-FAIL once its heartbeat is stale and re-queued with the same parameters; a trial stopped by Ctrl-C is
+FAIL once its heartbeat is stale (or, killed before its first heartbeat, once the same grace has passed:
+:func:`~automedseg.search_study.fail_orphaned_trials`) and re-queued with the same parameters; a trial stopped
+by Ctrl-C is
 marked FAIL and re-queued the next time a worker starts. Each worker runs trials until the study holds
 ``n_trials`` finished (complete or pruned) trials, so running the same command again continues.
 
@@ -134,6 +136,7 @@ from automedseg.search_study import (
     best_trial,
     default_storage_url,
     default_study_name,
+    fail_orphaned_trials,
     make_pruner,
     make_sampler,
     make_storage,
@@ -333,6 +336,7 @@ def run_search(ws: Workspace, configuration: str, *, n_trials: int, time_budget_
     while True:
         with quiet_optuna():
             optuna.storages.fail_stale_trials(study)
+            fail_orphaned_trials(study, grace_s=3 * heartbeat_interval_s)
             retried = retry_interrupted(study, max_retry)
         if retried:
             log(f"search: re-queued {retried} interrupted trial(s)")

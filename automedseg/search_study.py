@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import time
@@ -141,6 +142,33 @@ def retry_interrupted(study: Any, max_retry: int) -> int:
             before = len(study.get_trials(deepcopy=False))
             callback(study, t)
             n += len(study.get_trials(deepcopy=False)) - before
+    return n
+
+
+def fail_orphaned_trials(study: Any, *, grace_s: float, now: datetime.datetime | None = None) -> int:
+    """Fail (as interrupted, so :func:`retry_interrupted` re-queues them) the RUNNING trials that no worker started.
+
+    A worker killed between taking a trial and its first heartbeat leaves the trial RUNNING with no heartbeat,
+    which Optuna's stale-trial check passes over: every other worker would wait for it for ever. A trial counts as
+    started once :func:`automedseg.search_trial.run_trial` has marked it (user attribute ``started``: its own
+    number; a re-queued trial's copy of its predecessor's mark names the predecessor). Returns how many were failed.
+
+    Args:
+        study: The study.
+        grace_s: Seconds a trial may run unmarked (its start as the storage recorded it).
+        now: The time to judge by (default: now, the clock trials are stamped with).
+    """
+    from optuna.trial import TrialState
+
+    now = now or datetime.datetime.now()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("started") == t.number or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > grace_s:
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
     return n
 
 

@@ -112,6 +112,7 @@ def run_trial(trial: Any, *, ws: Workspace, plans: Plans, base: ConfigurationPla
     from automedseg.training import TrainOptions, train_fold
 
     trial.set_user_attr("worker", worker)
+    trial.set_user_attr("started", trial.number)  # (search_study.fail_orphaned_trials: a worker has it)
     trial.set_user_attr("interrupted", False)
     params = {p.name: p.suggest(trial) for p in space}
     name = f"{base.name}_trial{trial.number}"

@@ -496,6 +496,33 @@ def test_two_workers_share_one_study(search_planned: tuple[Path, Workspace], sto
     assert time.time() - t0 < 300
 
 
+def test_a_trial_whose_worker_died_before_starting_it_is_requeued() -> None:
+    """A worker killed between taking a trial and its first heartbeat leaves it RUNNING without one (Optuna's stale
+    check passes over it): past the grace it is failed as interrupted and re-queued; a started trial is left."""
+    import datetime
+
+    from automedseg.search_study import fail_orphaned_trials, retry_interrupted
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.25})
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})  # taken, never started
+    started = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    started.set_user_attr("started", started.number)
+    now = datetime.datetime.now()
+    assert fail_orphaned_trials(study, grace_s=30.0, now=now) == 0  # within the grace: it may still start
+    assert fail_orphaned_trials(study, grace_s=30.0, now=now + datetime.timedelta(seconds=31)) == 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {orphan.number: TrialState.FAIL, started.number: TrialState.RUNNING}
+    assert retry_interrupted(study, max_retry=3) == 1
+    requeued = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.params for t in requeued] == [{"x": 0.25}]
+    # its copy of a predecessor's mark does not count as started
+    study._storage.set_trial_user_attr(requeued[0]._trial_id, "started", orphan.number)
+    again = study.ask()
+    assert again.number == requeued[0].number
+    assert fail_orphaned_trials(study, grace_s=30.0, now=now + datetime.timedelta(seconds=62)) == 1
+
+
 @pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL server: set AUTOMEDSEG_TEST_POSTGRES (.ci/run starts one)")
 def test_killing_one_postgres_worker_keeps_the_others_results(search_planned: tuple[Path, Workspace]) -> None:
     _, ws = search_planned
