@@ -158,6 +158,7 @@ def fail_orphaned_trials(study: Any, *, grace_s: float, now: datetime.datetime |
         grace_s: Seconds a trial may run unmarked (its start as the storage recorded it).
         now: The time to judge by (default: now, the clock trials are stamped with).
     """
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     now = now or datetime.datetime.now()
@@ -166,8 +167,11 @@ def fail_orphaned_trials(study: Any, *, grace_s: float, now: datetime.datetime |
         if t.user_attrs.get("started") == t.number or t.datetime_start is None:
             continue
         if (now - t.datetime_start).total_seconds() > grace_s:
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another worker failed it first (or it just finished)
+                continue
             n += 1
     return n
 

@@ -522,6 +522,11 @@ def test_a_trial_whose_worker_died_before_starting_it_is_requeued() -> None:
     again = study.ask()
     assert again.number == requeued[0].number
     assert fail_orphaned_trials(study, grace_s=30.0, now=now + datetime.timedelta(seconds=62)) == 1
+    # two workers racing for one orphan: the one that comes second finds it failed already and goes on
+    stale = [t for t in study.get_trials() if t.number == again.number]
+    stale[0].state = TrialState.RUNNING  # the racer's view, read before the other worker failed it
+    study.get_trials = lambda **_: stale
+    assert fail_orphaned_trials(study, grace_s=30.0, now=now + datetime.timedelta(seconds=62)) == 0
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="no PostgreSQL server: set AUTOMEDSEG_TEST_POSTGRES (.ci/run starts one)")
